@@ -1,0 +1,3 @@
+"""bigearthnet-tf: BigEarthNet archives to TFRecords, and multi-label classifiers trained on them."""
+
+__version__ = "0.1.0"

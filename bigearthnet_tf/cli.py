@@ -1,0 +1,168 @@
+"""The `bigearthnet` command: each subcommand parses its arguments and calls one library function.
+
+Library modules are imported inside each command so that `bigearthnet --help` and the data commands
+start without loading TensorFlow. A `UserError` becomes one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bigearthnet_tf.errors import UserError
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.prepare import prepare
+
+    prepare(
+        root=args.root_folder,
+        out=args.out_folder,
+        split_files=args.splits,
+        official_splits=args.official,
+        record_format=args.format,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        exclude_snow_cloud=args.exclude_snow_cloud,
+        include_snow_cloud=args.include_snow_cloud,
+        skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
+        version=args.version,
+        s1_root=args.s1_root,
+    )
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    root = write_synthetic_archive(
+        args.out, patches=args.patches, seed=args.seed, version=args.version, with_s1=args.s1
+    )
+    print(f"synthetic BigEarthNet v{args.version} archive written to {root}")
+
+
+def _examples(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.examples import example_archive
+
+    paths = example_archive(args.out)
+    print(f"Sentinel-2 example patches: {paths.s2}\nSentinel-1 example patches: {paths.s1}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.config import load_config
+    from bigearthnet_tf.train import train
+
+    train(load_config(args.config, purpose="train"))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.config import load_config
+    from bigearthnet_tf.evaluate import evaluate
+
+    evaluate(load_config(args.config, purpose="evaluate"))
+
+
+def _models(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.models import print_model_table
+
+    print_model_table(label_type=args.label_type, as_json=args.json)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.demo import run_demo
+
+    run_demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigearthnet",
+        description="Prepare BigEarthNet archives and train, evaluate and apply classifiers on them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = commands.add_parser("prepare", help="convert an archive into TFRecord files")
+    add_prepare_arguments(prep)
+    prep.set_defaults(run=_prepare)
+
+    synth = commands.add_parser("synth", help="write a learnable synthetic archive in the real layout")
+    synth.add_argument("--out", type=Path, required=True, help="folder to create")
+    synth.add_argument("--patches", type=int, default=600, help="number of patches (default 600)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    synth.add_argument("--version", type=int, choices=(1, 2), default=1, help="archive layout version")
+    synth.add_argument("--s1", action="store_true", help="also write the matching Sentinel-1 patches")
+    synth.set_defaults(run=_synth)
+
+    examples = commands.add_parser("examples", help="extract the six real example patches")
+    examples.add_argument("--out", type=Path, default=None, help="folder (default: the user cache)")
+    examples.set_defaults(run=_examples)
+
+    for name, run, help_text in (
+        ("train", _train, "train a model from a JSON config (as the 2019 train.py)"),
+        ("evaluate", _evaluate, "evaluate a model from a JSON config (as the 2019 eval.py)"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("config", type=Path, help="JSON configuration file")
+        command.set_defaults(run=run)
+
+    models = commands.add_parser("models", help="list the registered models and their sizes")
+    models.add_argument("--label-type", default="BigEarthNet-19", help="original or BigEarthNet-19")
+    models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    models.set_defaults(run=_models)
+
+    demo = commands.add_parser("demo", help="synthesise, prepare, train and evaluate end to end")
+    demo.add_argument("--out", type=Path, default=None, help="output folder (default: a new one here)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `prepare`; the 2019 prep_splits.py flags keep their names."""
+    parser.add_argument("-r", "--root_folder", "--root", type=Path, required=True, help="archive root")
+    parser.add_argument("-o", "--out_folder", "--out", type=Path, required=True, help="output folder")
+    splits = parser.add_mutually_exclusive_group(required=True)
+    splits.add_argument(
+        "-n", "--splits", nargs="+", type=Path, help="split CSV files; each file's base name names its split"
+    )
+    splits.add_argument(
+        "--official", action="store_true", help="use the official splits (v1: bigearthnet-common; v2: parquet)"
+    )
+    parser.add_argument("--format", choices=("default", "legacy"), default="default", help="record format")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--shard-size", type=int, default=None, help="patches per shard (default format)")
+    parser.add_argument(
+        "--exclude-snow-cloud",
+        action="store_true",
+        help="drop patches on the seasonal-snow and cloud/shadow lists from user CSVs",
+    )
+    parser.add_argument(
+        "--include-snow-cloud", action="store_true", help="v2: keep the snow/cloud/shadow patches"
+    )
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable patches and report them")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--version", type=int, choices=(1, 2), default=None, help="archive version (auto)")
+    parser.add_argument("--s1-root", type=Path, default=None, help="Sentinel-1 archive root (adds VV, VH)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `bigearthnet` console command."""
+    argv = sys.argv[1:] if argv is None else argv
+    # `--splits official` is the documented spelling; argparse sees it as a flag.
+    if "official" in argv and ("--splits" in argv or "-n" in argv):
+        at = argv.index("official")
+        if argv[at - 1] in ("--splits", "-n"):
+            argv = [*argv[: at - 1], "--official", *argv[at + 1 :]]
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(error.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: real example patches, small seeded synthetic archives, and prepared records.
+
+Everything is session-scoped and written under pytest's temporary folder, so each artefact is
+made once per run and tests never touch the user's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow; run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def example_paths(tmp_path_factory):
+    """The six real S2 patches (and their S1 twins) of bigearthnet-common, extracted once."""
+    from bigearthnet_tf.examples import example_archive
+
+    return example_archive(tmp_path_factory.mktemp("examples"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_v1(tmp_path_factory):
+    """A small seeded v1 synthetic archive with split CSVs (see bigearthnet_tf.synth)."""
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    return write_synthetic_archive(tmp_path_factory.mktemp("synth_v1"), patches=48, seed=7, version=1)

@@ -1,0 +1,8 @@
+"""Train a model from a JSON config (the 2019 train.py command line)."""
+
+import sys
+
+from bigearthnet_tf.cli import main
+
+if __name__ == "__main__":
+    main(["train", *sys.argv[1:]])
