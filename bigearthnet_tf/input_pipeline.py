@@ -1,0 +1,805 @@
+"""TFRecords (our default format, our legacy format, and files written by the 2019 scripts) -> batches.
+
+Pure functions do one thing each and work eagerly as well as inside ``Dataset.map``:
+
+- :func:`list_files` expands globs and folders; :func:`detect_format` peeks at the first record of each
+  file and checks up front that it has the keys the chosen label type, modality and options need.
+- :func:`feature_spec`, :func:`decode_bands`, :func:`decode_labels` and :func:`parse_batch` turn a
+  *batch* of serialized ``tf.train.Example`` into ``(inputs, labels)``: one ``tf.io.parse_example`` per
+  batch (parsing batched records is several times faster than one ``parse_single_example`` per record),
+  then ``decode_raw`` + ``reshape`` per resolution group for the default format, or reshape + stack of the
+  2019 per-band int64 lists into the same groups for the legacy format.
+
+:func:`make_dataset` assembles them in a fixed order (see its body): list files, shard (distribution),
+then per epoch: shuffle file order, interleave-read with per-file verification, shard by record, shuffle
+records; then repeat epochs, skip (resume), batch, parse/decode, prefetch.
+
+Output: ``inputs`` is exactly the model input dict of the modality (``bands_10m`` (120, 120, 4),
+``bands_20m`` (60, 60, 6), ``bands_60m`` (20, 20, 2) for S2; ``bands_s1`` (120, 120, 2) = VV, VH for S1;
+all four for MM), raw values as float32; ``labels`` is float32 multi-hot (batch, classes).
+``with_names=True`` adds ``inputs["patch_name"]`` (a string tensor, aligned with the labels).
+
+Shuffle memory
+--------------
+The 2019 code shuffled 130,000 serialized records (about 20 GB for Sentinel-2). Here the record shuffle
+buffer holds serialized records too (the smallest form: decoded float32 is 2-4 times larger), but its
+size is capped: ``effective = min(shuffle_buffer, shuffle_memory_mb / record size)`` (record size is
+measured on the first record of the files), see :func:`effective_shuffle_buffer`. The buffer never holds
+more than one epoch of one pipeline, because records are shuffled before epochs are repeated. The capped
+buffer is logged at INFO level when it is smaller than the one asked for. Randomness lost to the cap is
+recovered at file level: the file order is shuffled again every epoch and records are interleaved from
+up to ``cycle_length`` files at a time, so with the sharded default format a batch mixes patches from
+across the whole split. A single big file (the 2019 layout) only gets the record buffer: raise
+``shuffle_memory_mb`` or re-prepare in the sharded default format for a better shuffle.
+
+Determinism and resuming
+------------------------
+Each epoch's file order (``tf.random.experimental.stateless_shuffle``) and record shuffle seed are derived
+from ``(seed, epoch)``, so the order of epoch ``e`` does not depend on the epochs before it; the record
+shuffle uses ``Dataset.shuffle``'s op seed, so a global ``tf.random.set_seed`` (if any) must also match.
+To resume mid-training, build the dataset again with ``skip_batches=n`` (the number of batches already
+consumed by this pipeline, e.g. the iteration counter): whole epochs before the resume point are not
+read at all (their size comes from :func:`count_records`), and the records of the partial epoch are read
+but not parsed. The continuation is identical to the uninterrupted stream from batch ``n`` on. (``ds.skip
+(n)`` gives the same batches, but reads and parses everything before them.)
+
+Corrupt files
+-------------
+Every file is read through a check that the bytes of the records delivered add up to the file's size.
+TensorFlow stops reading a file at its first bad CRC or truncated record and raises a ``DataLossError``
+that does not say which file; here the read is made to end quietly at that point and the check then fails
+naming the file. By default that is an error (``tf.errors.InvalidArgumentError`` raised while iterating;
+wrap the loop in :func:`corrupt_files_as_user_errors` to turn it into a one-line :class:`UserError`).
+With ``skip_corrupt=True`` the unreadable rest of the file is skipped, a warning line names the file and
+the number of records skipped (counted with a framing scan made up front), and an optional
+:class:`CorruptRecordCounter` adds them up. Records after a bad one in the same file are skipped too:
+TensorFlow's reader cannot resynchronise inside a file.
+
+Distribution
+------------
+With ``input_context`` (``tf.distribute.InputContext``, as given to ``distribute_datasets_from_function``)
+``batch_size`` stays the global batch and each pipeline batches its per-replica share. Pipelines shard by
+file when there are enough files (:func:`shard_policy`), otherwise they all read every file and keep every
+n-th record of the same seeded order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import logging
+import os
+import re
+import struct
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import google_crc32c
+import tensorflow as tf
+
+from bigearthnet_tf import constants
+from bigearthnet_tf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FORMAT = "default"
+LEGACY_FORMAT = "legacy"  # our legacy output and the files of the 2019 / 2021 scripts
+
+MODALITIES = ("S2", "S1", "MM")
+S2_INPUT_KEYS = ("bands_10m", "bands_20m", "bands_60m")
+S1_INPUT_KEY = "bands_s1"
+MODEL_INPUT_KEYS = {"S2": S2_INPUT_KEYS, "S1": (S1_INPUT_KEY,), "MM": (*S2_INPUT_KEYS, S1_INPUT_KEY)}
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+# Bands of each default-format group, with the group's side length and dtype of the raw bytes.
+S2_GROUPS: Mapping[str, tuple[tuple[str, ...], int]] = {
+    "bands_10m": (constants.BANDS_10M, constants.GROUP_SIZES["10m"]),
+    "bands_20m": (constants.BANDS_20M, constants.GROUP_SIZES["20m"]),
+    "bands_60m": (constants.BANDS_60M, constants.GROUP_SIZES["60m"]),
+}
+
+DEFAULT_SHUFFLE_MEMORY_MB = 1024  # cap of the record shuffle buffer; about 6,500 default-format S2 records
+DEFAULT_CYCLE_LENGTH = 16  # files read at once: mixes files, bounds open files and read buffers
+READ_BUFFER_BYTES = 1 << 20  # per open file; records are ~160 KB, so this saves syscalls
+TFRECORD_OVERHEAD_BYTES = 16  # per record: uint64 length, masked CRC of it, masked CRC of the data
+MIN_FILES_PER_PIPELINE = 4  # below this, sharding by file leaves pipelines badly unbalanced
+
+_CORRUPT_TAG = "corrupt or truncated TFRecord file:"
+_CORRUPT_PATTERN = re.compile(
+    r"\[" + re.escape(_CORRUPT_TAG) + r"\] \[(?P<path>.*?)\] \[readable bytes:\] \[(?P<read>\d+)\] "
+    r"\[of\] \[(?P<size>\d+)\]"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: listing, framing, format detection
+# --------------------------------------------------------------------------------------------------
+
+
+def list_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Expand globs and folders (``<dir>/*.tfrecord``) into a sorted list of distinct files.
+
+    Sorting makes the list, and so sharding and the seeded order, independent of the file system.
+    """
+    entries = [files] if isinstance(files, str | os.PathLike) else list(files)
+    if not entries:
+        raise UserError("no TFRecord files given")
+    found: set[str] = set()
+    for entry in entries:
+        entry = os.fspath(entry)
+        if os.path.isdir(entry):
+            matches = glob.glob(os.path.join(glob.escape(entry), "*.tfrecord"))
+            if not matches:
+                raise UserError(f"folder {entry} holds no *.tfrecord files")
+        elif glob.has_magic(entry):
+            matches = [path for path in glob.glob(entry) if os.path.isfile(path)]
+            if not matches:
+                raise UserError(f"no TFRecord files match {entry!r}")
+        elif os.path.isfile(entry):
+            matches = [entry]
+        else:
+            raise UserError(f"TFRecord file {entry} does not exist")
+        found.update(matches)
+    return sorted(found)
+
+
+def _masked_crc(data: bytes) -> int:
+    """The TFRecord checksum: CRC32C, rotated and offset so that CRCs of CRCs stay well distributed."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _frames(path: str, with_data: bool) -> Iterator[tuple[int, bytes | None]]:
+    """Yield ``(offset, data or None)`` per record; raise ValueError where the framing breaks.
+
+    Without data only the 12-byte headers are read and the payload is seeked over, which makes counting
+    records cheap; the payload CRC is then not checked (``TFRecordDataset`` checks it while training).
+    """
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        offset = 0
+        while offset < size:
+            header = stream.read(12)
+            if len(header) < 12:
+                raise ValueError(f"truncated record header at byte {offset}")
+            (length,) = struct.unpack("<Q", header[:8])
+            if _masked_crc(header[:8]) != struct.unpack("<I", header[8:])[0]:
+                raise ValueError(f"bad length checksum at byte {offset}")
+            end = offset + 12 + length + 4
+            if end > size:
+                raise ValueError(f"truncated record at byte {offset}")
+            data = None
+            if with_data:
+                data = stream.read(length)
+                (data_crc,) = struct.unpack("<I", stream.read(4))
+                if _masked_crc(data) != data_crc:
+                    raise ValueError(f"bad data checksum in the record at byte {offset}")
+            else:
+                stream.seek(end)
+            yield offset, data
+            offset = end
+
+
+def _count_file(path: str, skip_corrupt: bool) -> int:
+    count = 0
+    try:
+        for _ in _frames(path, with_data=False):
+            count += 1
+    except ValueError as error:
+        if not skip_corrupt:
+            raise UserError(f"corrupt or truncated TFRecord file {path}: {error}") from None
+        count += 1  # the broken frame itself; what follows it cannot be framed
+    return count
+
+
+def count_records(
+    files: str | os.PathLike | Sequence[str | os.PathLike], *, skip_corrupt: bool = False
+) -> int:
+    """Number of records in the files, from a scan of the record headers (no payload is read).
+
+    Broken framing (truncation, bad length checksum) raises a :class:`UserError` naming the file; with
+    ``skip_corrupt`` the records up to and including the broken one are counted instead.
+    """
+    return sum(_count_file(path, skip_corrupt) for path in list_files(files))
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """What the first records of a set of files hold (see :func:`detect_format`)."""
+
+    kind: str  # DEFAULT_FORMAT or LEGACY_FORMAT
+    label_types: frozenset[str]  # label types whose multi-hot key every file has
+    modalities: frozenset[str]  # "S2" and/or "S1": the pixel keys every file has
+    name_key: str | None  # "patch_name", or "patch_name_s2" in 2021 multimodal files
+    record_bytes: int  # largest first record seen, to size the shuffle buffer
+    files: tuple[str, ...]  # the files examined
+
+
+def _first_example(path: str, skip_corrupt: bool) -> tf.train.Example | None:
+    try:
+        first = next(_frames(path, with_data=True), None)
+    except ValueError as error:
+        if skip_corrupt:
+            return None
+        raise UserError(f"corrupt or truncated TFRecord file {path}: {error}") from None
+    if first is None:
+        return None  # an empty file (a shard that received no patch) is fine
+    try:
+        return tf.train.Example.FromString(first[1])
+    except Exception as error:  # protobuf's DecodeError; the exact type depends on the backend
+        raise UserError(f"{path}: the first record is not a tf.train.Example ({error})") from None
+
+
+def _list_length(feature: tf.train.Feature) -> tuple[str | None, int]:
+    kind = feature.WhichOneof("kind")
+    if kind is None:
+        return None, 0
+    return kind, len(getattr(feature, kind).value)
+
+
+def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> RecordFormat:
+    """Classify one record and check the shapes of what it holds, so mistakes surface before training."""
+    features = example.features.feature
+
+    def check(key: str, kind: str, length: int) -> bool:
+        if key not in features:
+            return False
+        found_kind, found_length = _list_length(features[key])
+        if found_kind != kind or found_length != length:
+            raise UserError(
+                f"{path}: key {key!r} holds {found_length} x {found_kind}, expected {length} x {kind}"
+            )
+        return True
+
+    def check_bytes(key: str, nbytes: int) -> bool:
+        if not check(key, "bytes_list", 1):
+            return False
+        if len(features[key].bytes_list.value[0]) != nbytes:
+            raise UserError(
+                f"{path}: key {key!r} holds {len(features[key].bytes_list.value[0])} bytes, expected {nbytes}"
+            )
+        return True
+
+    modalities = set()
+    if "format_version" in features:
+        kind = DEFAULT_FORMAT
+        check("format_version", "int64_list", 1)
+        version = features["format_version"].int64_list.value[0]
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise UserError(
+                f"{path}: format_version {version} is not supported by this version of bigearthnet-tf "
+                f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); upgrade it or re-prepare"
+            )
+        present = [check_bytes(key, len(bands) * size * size * 2) for key, (bands, size) in S2_GROUPS.items()]
+        if all(present):
+            modalities.add("S2")
+        size = constants.PATCH_SIZE
+        if check_bytes(S1_INPUT_KEY, size * size * len(constants.S1_BAND_NAMES) * 4):
+            modalities.add("S1")
+    elif any(name in features for name in (*constants.S2_BAND_NAMES, *constants.S1_BAND_NAMES)):
+        kind = LEGACY_FORMAT
+        present = [check(band.name, "int64_list", band.size * band.size) for band in constants.S2_BANDS]
+        if all(present):
+            modalities.add("S2")
+        size = constants.PATCH_SIZE
+        present = [check(name, "float_list", size * size) for name in constants.S1_BAND_NAMES]
+        if all(present):
+            modalities.add("S1")
+    else:
+        raise UserError(
+            f"{path}: not a BigEarthNet record (neither format_version nor per-band keys such as B02); "
+            f"keys: {', '.join(sorted(features)) or 'none'}"
+        )
+    label_types = {
+        label_type
+        for label_type, names in constants.LABEL_TYPES.items()
+        if check(f"{label_type}_labels_multi_hot", "int64_list", len(names))
+    }
+    name_key = next((key for key in ("patch_name", "patch_name_s2") if key in features), None)
+    return RecordFormat(kind, frozenset(label_types), frozenset(modalities), name_key, record_bytes, (path,))
+
+
+def _missing_label_message(label_type: str, path: str, present: frozenset[str]) -> str:
+    key = f"{label_type}_labels_multi_hot"
+    has = ", ".join(f"{name}_labels_multi_hot" for name in sorted(present)) or "no label set"
+    if label_type == constants.ORIGINAL:
+        hint = (
+            "a BigEarthNet v2 or BigEarthNet-19 file? v2 has no 43-class labels; "
+            f"use label_type {constants.BIGEARTHNET_19!r}"
+        )
+    else:
+        hint = f"a 2019 file written for the 43 original labels? use label_type {constants.ORIGINAL!r}"
+    return f"label_type {label_type!r} needs {key}, which {path} does not have (it has {has}; {hint})"
+
+
+def _missing_modality_message(modality: str, needs: str, path: str, kind: str) -> str:
+    if needs == "S1":
+        keys = S1_INPUT_KEY if kind == DEFAULT_FORMAT else "VV and VH"
+        hint = "prepared without Sentinel-1 (--s1-root)? use modality 'S2'"
+    else:
+        keys = ", ".join(S2_INPUT_KEYS) if kind == DEFAULT_FORMAT else "B01 ... B12"
+        hint = "a Sentinel-1-only file? use modality 'S1'"
+    return f"modality {modality!r} needs {keys}, which {path} does not have ({hint})"
+
+
+def check_modality(modality: str) -> str:
+    """Return ``modality`` if it is one of ``MODALITIES``, else raise a UserError listing them."""
+    if modality not in MODALITIES:
+        raise UserError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    return modality
+
+
+def detect_format(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    label_type: str | None = None,
+    modality: str | None = None,
+    *,
+    with_names: bool = False,
+    skip_corrupt: bool = False,
+) -> RecordFormat:
+    """Peek at the first record of every file: format, label sets, modalities; check requirements.
+
+    Given ``label_type``, ``modality`` or ``with_names``, every file must have the keys they need, or a
+    :class:`UserError` names the first file that lacks them and says what it has. All files must be of
+    one format. Empty files are ignored; a file whose first record is unreadable is an error unless
+    ``skip_corrupt``.
+    """
+    if label_type is not None:
+        constants.class_names(label_type)  # raises a UserError listing the label types
+    if modality is not None:
+        check_modality(modality)
+    paths = list_files(files)
+    formats: list[RecordFormat] = []
+    for path in paths:
+        example = _first_example(path, skip_corrupt)
+        if example is None:
+            continue
+        found = _file_format(path, example, example.ByteSize())
+        if formats and found.kind != formats[0].kind:
+            raise UserError(
+                f"{path} is in the {found.kind} format but {formats[0].files[0]} is in the "
+                f"{formats[0].kind} format; use files of one format together"
+            )
+        if label_type is not None and label_type not in found.label_types:
+            raise UserError(_missing_label_message(label_type, path, found.label_types))
+        if modality is not None:
+            for needs in ("S2", "S1"):
+                if modality in (needs, "MM") and needs not in found.modalities:
+                    raise UserError(_missing_modality_message(modality, needs, path, found.kind))
+        if with_names and found.name_key is None:
+            raise UserError(f"with_names needs patch_name, which {path} does not have")
+        formats.append(found)
+    if not formats:
+        raise UserError(f"no readable records in {', '.join(paths)}")
+    name_keys = {found.name_key for found in formats}
+    return RecordFormat(
+        kind=formats[0].kind,
+        label_types=frozenset.intersection(*(found.label_types for found in formats)),
+        modalities=frozenset.intersection(*(found.modalities for found in formats)),
+        name_key=name_keys.pop() if len(name_keys) == 1 else None,
+        record_bytes=max(found.record_bytes for found in formats),
+        files=tuple(paths),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing and decoding (pure; eager or inside Dataset.map)
+# --------------------------------------------------------------------------------------------------
+
+
+def _label_key(label_type: str) -> str:
+    return f"{label_type}_labels_multi_hot"
+
+
+def feature_spec(
+    kind: str, label_type: str | None, modality: str = "S2", name_key: str | None = None
+) -> dict[str, tf.io.FixedLenFeature]:
+    """The ``tf.io.parse_example`` spec: only the keys that this label type and modality need.
+
+    Asking for nothing else is what lets 2019 files with a single label set, and v2 files without the
+    43-class labels, be read for the label type they do have.
+    """
+    check_modality(modality)
+    spec: dict[str, tf.io.FixedLenFeature] = {}
+    wants_s2, wants_s1 = modality in ("S2", "MM"), modality in ("S1", "MM")
+    if kind == DEFAULT_FORMAT:
+        keys = (*(S2_INPUT_KEYS if wants_s2 else ()), *((S1_INPUT_KEY,) if wants_s1 else ()))
+        spec.update({key: tf.io.FixedLenFeature([], tf.string) for key in keys})
+    elif kind == LEGACY_FORMAT:
+        if wants_s2:
+            spec.update(
+                {
+                    band.name: tf.io.FixedLenFeature([band.size * band.size], tf.int64)
+                    for band in constants.S2_BANDS
+                }
+            )
+        if wants_s1:
+            size = constants.PATCH_SIZE
+            spec.update(
+                {name: tf.io.FixedLenFeature([size * size], tf.float32) for name in constants.S1_BAND_NAMES}
+            )
+    else:
+        raise ValueError(f"unknown record format {kind!r}")
+    if label_type is not None:
+        spec[_label_key(label_type)] = tf.io.FixedLenFeature(
+            [len(constants.class_names(label_type))], tf.int64
+        )
+    if name_key is not None:
+        spec[name_key] = tf.io.FixedLenFeature([], tf.string)
+    return spec
+
+
+def _decode_group(raw: tf.Tensor, dtype: tf.DType, size: int, channels: int) -> tf.Tensor:
+    """Raw little-endian bytes of a batch -> (batch, size, size, channels) float32."""
+    values = tf.io.decode_raw(raw, dtype, little_endian=True)
+    return tf.cast(tf.reshape(values, [-1, size, size, channels]), tf.float32)
+
+
+def _stack_bands(features: Mapping[str, tf.Tensor], names: Sequence[str], size: int) -> tf.Tensor:
+    """Per-band flat lists of a batch -> (batch, size, size, len(names)) float32, in ``names`` order."""
+    # Cast before stacking: int64 is twice the size of float32, and the stack copies.
+    planes = [tf.reshape(tf.cast(features[name], tf.float32), [-1, size, size]) for name in names]
+    return tf.stack(planes, axis=-1)
+
+
+def decode_bands(features: Mapping[str, tf.Tensor], kind: str, modality: str = "S2") -> dict[str, tf.Tensor]:
+    """Parsed features of a batch -> the model input dict of the modality, float32, channels last."""
+    check_modality(modality)
+    inputs: dict[str, tf.Tensor] = {}
+    if modality in ("S2", "MM"):
+        for key, (bands, size) in S2_GROUPS.items():
+            if kind == DEFAULT_FORMAT:
+                inputs[key] = _decode_group(features[key], tf.uint16, size, len(bands))
+            else:
+                inputs[key] = _stack_bands(features, bands, size)
+    if modality in ("S1", "MM"):
+        size, names = constants.PATCH_SIZE, constants.S1_BAND_NAMES
+        if kind == DEFAULT_FORMAT:
+            inputs[S1_INPUT_KEY] = _decode_group(features[S1_INPUT_KEY], tf.float32, size, len(names))
+        else:
+            inputs[S1_INPUT_KEY] = _stack_bands(features, names, size)
+    return inputs
+
+
+def decode_labels(features: Mapping[str, tf.Tensor], label_type: str) -> tf.Tensor:
+    """The int64 multi-hot of ``label_type`` -> float32 (batch, classes), the dtype the loss takes."""
+    return tf.cast(features[_label_key(label_type)], tf.float32)
+
+
+def parse_batch(
+    serialized: tf.Tensor,
+    *,
+    kind: str,
+    label_type: str | None,
+    modality: str = "S2",
+    name_key: str | None = None,
+) -> tuple[dict[str, tf.Tensor], tf.Tensor] | dict[str, tf.Tensor]:
+    """A batch (vector) of serialized Examples -> ``(inputs, labels)``, or ``inputs`` without a label type.
+
+    With ``name_key``, ``inputs["patch_name"]`` holds the patch names (read from ``name_key``).
+    """
+    features = tf.io.parse_example(serialized, feature_spec(kind, label_type, modality, name_key))
+    inputs = decode_bands(features, kind, modality)
+    if name_key is not None:
+        inputs["patch_name"] = features[name_key]
+    if label_type is None:
+        return inputs
+    return inputs, decode_labels(features, label_type)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading with per-file verification
+# --------------------------------------------------------------------------------------------------
+
+
+class CorruptRecordCounter:
+    """Totals of records and file passes skipped by ``skip_corrupt``, updated while the data is read.
+
+    Create it outside any ``tf.distribute`` strategy scope (its variables live on the host). A corrupt
+    file is counted once per pass over it, so once per epoch.
+    """
+
+    def __init__(self) -> None:
+        with tf.device("/cpu:0"):
+            self.records = tf.Variable(0, dtype=tf.int64, trainable=False, name="corrupt_records_skipped")
+            self.files = tf.Variable(0, dtype=tf.int64, trainable=False, name="corrupt_file_passes")
+
+    def result(self) -> dict[str, int]:
+        """``{"records": ..., "files": ...}`` as Python ints."""
+        return {"records": int(self.records.numpy()), "files": int(self.files.numpy())}
+
+
+def _verified_records(
+    path: tf.Tensor,
+    size: tf.Tensor,
+    framed_records: tf.Tensor,
+    *,
+    skip_corrupt: bool,
+    counter: CorruptRecordCounter | None,
+) -> tf.data.Dataset:
+    """The serialized records of one file; fails naming the file (or skips, counted) if it is unreadable.
+
+    ``ignore_errors`` makes the reader end the file quietly at a bad CRC or truncated record; an
+    end-of-file marker then compares the bytes delivered with the file size, which is the only way to learn
+    which file was bad (the reader's own DataLossError does not say).
+    """
+    records = tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES).ignore_errors()
+    records = records.map(lambda record: (record, tf.constant(False)))
+    records = records.concatenate(tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True))))
+
+    def account(state, element):
+        record, is_end = element
+        read_bytes, read_records = state
+        nbytes = tf.cast(tf.strings.length(record), tf.int64) + TFRECORD_OVERHEAD_BYTES
+        state = (
+            read_bytes + tf.where(is_end, tf.constant(0, tf.int64), nbytes),
+            read_records + tf.where(is_end, tf.constant(0, tf.int64), tf.constant(1, tf.int64)),
+        )
+        return state, (record, is_end, *state)
+
+    records = records.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), account)
+
+    def keep(record, is_end, read_bytes, read_records):
+        complete = tf.logical_or(tf.logical_not(is_end), tf.equal(read_bytes, size))
+        if not skip_corrupt:
+            check = tf.debugging.Assert(
+                complete, [_CORRUPT_TAG, path, "readable bytes:", read_bytes, "of", size]
+            )
+        else:
+
+            def report():
+                skipped = tf.maximum(framed_records - read_records, 1)
+                ops = [
+                    tf.print(
+                        "warning: skipped",
+                        skipped,
+                        "unreadable record(s) of corrupt or truncated TFRecord file",
+                        path,
+                        "(readable bytes:",
+                        read_bytes,
+                        "of",
+                        size,
+                        ")",
+                        output_stream=sys.stderr,
+                    )
+                ]
+                if counter is not None:
+                    ops += [counter.records.assign_add(skipped), counter.files.assign_add(1)]
+                with tf.control_dependencies(ops):
+                    return tf.constant(True)
+
+            check = tf.cond(complete, lambda: tf.constant(True), report)
+        with tf.control_dependencies([check]):
+            return tf.logical_not(is_end)
+
+    return records.filter(keep).map(lambda record, *_: record)
+
+
+@contextlib.contextmanager
+def corrupt_files_as_user_errors() -> Iterator[None]:
+    """Turn the failed file check of :func:`make_dataset` (and a bare DataLossError) into a UserError.
+
+    Wrap the loop that iterates the dataset (``model.fit``, an evaluation loop) in it.
+    """
+    try:
+        yield
+    except tf.errors.OpError as error:
+        match = _CORRUPT_PATTERN.search(error.message or "")
+        if match:
+            raise UserError(
+                f"corrupt or truncated TFRecord file {match['path']}: only the first {match['read']} of its "
+                f"{match['size']} bytes hold readable records (bad checksum or truncated); re-create "
+                "the file or skip its unreadable records with skip_corrupt"
+            ) from None
+        if isinstance(error, tf.errors.DataLossError):
+            raise UserError(f"unreadable TFRecord data: {error.message.splitlines()[0]}") from None
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Assembly
+# --------------------------------------------------------------------------------------------------
+
+
+def shard_policy(num_files: int, num_pipelines: int) -> str:
+    """How ``num_pipelines`` input pipelines split ``num_files`` files: ``none``, ``file`` or ``record``.
+
+    By file when the files divide evenly or there are at least ``MIN_FILES_PER_PIPELINE`` per pipeline
+    (each pipeline then reads only its files; prepared shards hold equal patch counts, so the load is
+    balanced); otherwise by record: every pipeline reads every file in the same seeded order and keeps
+    every ``num_pipelines``-th record, which is balanced to one record at the cost of reading more.
+    """
+    if num_pipelines <= 1:
+        return "none"
+    if num_files >= num_pipelines and (
+        num_files % num_pipelines == 0 or num_files >= num_pipelines * MIN_FILES_PER_PIPELINE
+    ):
+        return "file"
+    return "record"
+
+
+def effective_shuffle_buffer(shuffle_buffer: int, record_bytes: int, shuffle_memory_mb: float) -> int:
+    """The record shuffle buffer actually used: the one asked for, capped by the memory budget.
+
+    The buffer holds serialized records, so it needs about ``buffer * record_bytes`` bytes; the 2019
+    buffer of 130,000 would hold ~20 GB. (A buffer larger than an epoch costs nothing extra: it only fills
+    up to the epoch's records, since records are shuffled before epochs are repeated.)
+    """
+    if shuffle_buffer <= 0:
+        return 0
+    fits = int(shuffle_memory_mb * 2**20) // max(record_bytes, 1)
+    return max(1, min(shuffle_buffer, fits))
+
+
+def resume_position(skip_batches: int, batch_size: int, epoch_records: int) -> tuple[int, int]:
+    """``(first epoch to read, records of that epoch to skip)`` after ``skip_batches`` batches.
+
+    Batches are cut after epochs are repeated, so they span epoch boundaries and every batch before the
+    last one is full: ``skip_batches * batch_size`` records were consumed.
+    """
+    consumed = skip_batches * batch_size
+    if epoch_records <= 0:
+        return 0, 0
+    return consumed // epoch_records, consumed % epoch_records
+
+
+def _check_positive(name: str, value: int | None, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def make_dataset(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    label_type: str | None,
+    batch_size: int,
+    *,
+    modality: str = "S2",
+    shuffle_buffer: int = 0,
+    epochs: int | None = 1,
+    seed: int = 42,
+    drop_remainder: bool = False,
+    with_names: bool = False,
+    skip_corrupt: bool = False,
+    corrupt_counter: CorruptRecordCounter | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    skip_batches: int = 0,
+    shuffle_memory_mb: float = DEFAULT_SHUFFLE_MEMORY_MB,
+    cycle_length: int = DEFAULT_CYCLE_LENGTH,
+) -> tf.data.Dataset:
+    """Batched ``(inputs, labels)`` from TFRecord files of any of our formats or the 2019 scripts.
+
+    Args:
+        files: file paths, globs or folders (``<dir>/*.tfrecord``).
+        label_type: ``original`` or ``BigEarthNet-19``; ``None`` yields ``inputs`` alone (prediction).
+        batch_size: the global batch; with ``input_context``, this pipeline batches its per-replica share.
+        modality: ``S2``, ``S1`` or ``MM``; decides the keys of ``inputs``.
+        shuffle_buffer: records to shuffle over (0: no shuffle, files and records in a fixed order);
+            capped by ``shuffle_memory_mb``, see the module docstring.
+        epochs: passes over the data; ``None`` repeats forever.
+        seed: seeds file order and record shuffle of every epoch.
+        drop_remainder: drop the last, smaller batch.
+        with_names: add ``inputs["patch_name"]``.
+        skip_corrupt: skip (and count) unreadable records instead of failing on them.
+        corrupt_counter: with ``skip_corrupt``, adds up the skipped records.
+        input_context: from ``tf.distribute``; shards by file or by record (:func:`shard_policy`).
+        skip_batches: resume after that many batches of this pipeline (module docstring).
+        shuffle_memory_mb: memory budget of the record shuffle buffer.
+        cycle_length: files read at the same time.
+
+    Iterate inside :func:`corrupt_files_as_user_errors` to get a corrupt file as a UserError.
+    """
+    check_modality(modality)
+    _check_positive("batch_size", batch_size, 1)
+    _check_positive("epochs", epochs, 1, allow_none=True)
+    _check_positive("shuffle_buffer", shuffle_buffer, 0)
+    _check_positive("skip_batches", skip_batches, 0)
+    _check_positive("cycle_length", cycle_length, 1)
+
+    # 1. List the files and check, before any reading, that they hold what was asked for.
+    paths = list_files(files)
+    record_format = detect_format(
+        paths, label_type, modality, with_names=with_names, skip_corrupt=skip_corrupt
+    )
+
+    # 2. Shard for distribution. File sharding happens here, on the sorted list, so that the
+    #    pipelines' subsets are disjoint; record sharding happens after reading (step 5).
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    local_batch = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    policy = shard_policy(len(paths), num_pipelines)
+    if policy == "file":
+        paths = paths[pipeline_id::num_pipelines]
+
+    sizes = [os.path.getsize(path) for path in paths]
+    # Framed record counts are needed only to report skipped records and to jump whole epochs on resume;
+    # the header scan costs one small read per record, so it is skipped otherwise.
+    counted = skip_corrupt or skip_batches > 0
+    framed = [_count_file(path, skip_corrupt) if counted else 0 for path in paths]
+    epoch_records = sum(framed)
+    if policy == "record":
+        epoch_records = max(0, (epoch_records - pipeline_id + num_pipelines - 1) // num_pipelines)
+
+    buffer = effective_shuffle_buffer(shuffle_buffer, record_format.record_bytes, shuffle_memory_mb)
+    if buffer < shuffle_buffer:
+        logger.info(
+            "shuffle buffer: %d records asked, %d used (%.0f MiB budget at %.0f KiB per record; "
+            "file order is reshuffled every epoch and %d files are interleaved)",
+            shuffle_buffer,
+            buffer,
+            shuffle_memory_mb,
+            record_format.record_bytes / 1024,
+            min(len(paths), cycle_length),
+        )
+    logger.info(
+        "input pipeline: %d %s-format file(s), shard %s (%d of %d), batch %d, shuffle buffer %d",
+        len(paths),
+        record_format.kind,
+        policy,
+        pipeline_id,
+        num_pipelines,
+        local_batch,
+        buffer,
+    )
+
+    paths_t = tf.constant(paths, tf.string)
+    sizes_t = tf.constant(sizes, tf.int64)
+    framed_t = tf.constant(framed, tf.int64)
+    read_file = functools.partial(_verified_records, skip_corrupt=skip_corrupt, counter=corrupt_counter)
+
+    def epoch_records_dataset(epoch: tf.Tensor) -> tf.data.Dataset:
+        """One epoch of serialized records, its order a function of (seed, epoch) only."""
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.range(len(paths))
+        # 3. Shuffle the file order, afresh each epoch (stateless: epoch e needs no epochs before it).
+        if buffer:
+            order = tf.random.experimental.stateless_shuffle(order, seed=epoch_seed)
+        file_list = tf.data.Dataset.from_tensor_slices(
+            (tf.gather(paths_t, order), tf.gather(sizes_t, order), tf.gather(framed_t, order))
+        )
+        # 4. Read: interleave records of several files (mixing them before the buffer), each file
+        #    verified so that a corrupt one is named. deterministic=True keeps seeded runs repeatable.
+        records = file_list.interleave(
+            read_file,
+            cycle_length=max(1, min(len(paths), cycle_length)),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        # 5. Shard by record when there are too few files; all pipelines see the same order.
+        if policy == "record":
+            records = records.shard(num_pipelines, pipeline_id)
+        # 6. Shuffle serialized records (the smallest form) within the capped buffer.
+        if buffer:
+            records = records.shuffle(buffer, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+        return records
+
+    # 7. Repeat epochs, starting at the resume point; 8. skip the consumed part of the first epoch
+    #    (read but not parsed).
+    start_epoch, skip_records = resume_position(skip_batches, local_batch, epoch_records)
+    epoch_ids = (
+        tf.data.Dataset.counter(start_epoch) if epochs is None else tf.data.Dataset.range(start_epoch, epochs)
+    )
+    records = epoch_ids.flat_map(epoch_records_dataset)
+    if skip_records:
+        records = records.skip(skip_records)
+    # 9. Batch, then 10. parse and decode whole batches (one parse_example per batch).
+    batches = records.batch(local_batch, drop_remainder=drop_remainder)
+    parse = functools.partial(
+        parse_batch,
+        kind=record_format.kind,
+        label_type=label_type,
+        modality=modality,
+        name_key=record_format.name_key if with_names else None,
+    )
+    batches = batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if input_context is not None:
+        # We shard ourselves; stop tf.distribute from sharding the already-sharded pipeline again.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        batches = batches.with_options(options)
+    # 11. Prefetch, so decoding overlaps the training step.
+    return batches.prefetch(tf.data.AUTOTUNE)
