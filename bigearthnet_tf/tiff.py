@@ -14,6 +14,7 @@ so synthetic archives exercise the same reading path as real ones.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Sequence
@@ -140,11 +141,20 @@ def _parse_simple_tiff(data: bytearray, shape: tuple[int, int], dtype: np.dtype)
         raise _Unsupported  # several pages: let tifffile decide what the first series is
 
     tags: dict[int, tuple[int, ...]] = {}
-    fields = struct.unpack_from(order + "HHI4s" * entry_count, data, ifd_offset + 2)
-    for i in range(0, 4 * entry_count, 4):
-        tag, field_type, count, raw = fields[i : i + 4]
-        if tag in _WANTED_TAGS:
-            tags[tag] = _tag_values(data, order, field_type, count, raw)
+    # Each entry's value field is read as one unsigned 32-bit number: a single SHORT or LONG (all
+    # but the strip arrays in practice) is then decoded with integer arithmetic, no more unpacking.
+    fields = _entry_struct(order, entry_count).unpack_from(data, ifd_offset + 2)
+    little = order == "<"
+    field_iter = iter(fields)
+    for tag, field_type, count, value in zip(field_iter, field_iter, field_iter, field_iter, strict=True):
+        if tag not in _WANTED_TAGS:
+            continue
+        if count == 1 and field_type == 3:
+            tags[tag] = ((value & 0xFFFF) if little else (value >> 16),)
+        elif count == 1 and field_type == 4:
+            tags[tag] = (value,)
+        else:
+            tags[tag] = _tag_values(data, order, field_type, count, value)
 
     if _TILE_WIDTH in tags or _TILE_OFFSETS in tags:
         raise _Unsupported
@@ -224,18 +234,22 @@ _WANTED_TAGS = frozenset(
 )
 
 
-def _tag_values(data: bytearray, order: str, field_type: int, count: int, raw: bytes) -> tuple[int, ...]:
-    """The integer values of one IFD entry: inline when they fit in 4 bytes, else at an offset."""
+def _tag_values(data: bytearray, order: str, field_type: int, count: int, value: int) -> tuple[int, ...]:
+    """The integer values of one IFD entry: inline when they fit in 4 bytes, else at offset `value`."""
     try:
         code, width = _FIELD_TYPES[field_type]
     except KeyError:
         raise _Unsupported from None
     if count * width <= 4:
-        return struct.unpack_from(f"{order}{count}{code}", raw)
-    (offset,) = struct.unpack_from(order + "I", raw)
-    if offset + count * width > len(data):
-        raise TiffError(f"truncated file: tag values at byte {offset} run past byte {len(data)}")
-    return struct.unpack_from(f"{order}{count}{code}", data, offset)
+        return struct.unpack_from(f"{order}{count}{code}", struct.pack(order + "I", value))
+    if value + count * width > len(data):
+        raise TiffError(f"truncated file: tag values at byte {value} run past byte {len(data)}")
+    return struct.unpack_from(f"{order}{count}{code}", data, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _entry_struct(order: str, entry_count: int) -> struct.Struct:
+    return struct.Struct(order + "HHII" * entry_count)
 
 
 def _read_with_tifffile(path: str | os.PathLike) -> np.ndarray:

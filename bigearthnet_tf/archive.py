@@ -1,0 +1,615 @@
+"""BigEarthNet archives on disk: layouts (v1, v2; Sentinel-2 and Sentinel-1), split lists, `read_patch`.
+
+Layouts:
+
+- v1 Sentinel-2: `BigEarthNet-v1.0/<name>/<name>_<BAND>.tif` (12 bands) + `<name>_labels_metadata.json`
+  (43-class labels). The root given to us may be `BigEarthNet-v1.0` itself or its parent.
+- v1 Sentinel-1: `BigEarthNet-S1-v1.0/<s1>/<s1>_VV.tif`, `_VH.tif` + a JSON naming its
+  `corresponding_s2_patch`.
+- v2 (reBEN): `BigEarthNet-S2/<product>/<patch_id>/<patch_id>_<BAND>.tif`, where the product is the
+  patch_id minus its last two `_`-parts; labels (19 classes only), splits and the Sentinel-1 name come
+  from `metadata.parquet` (and `metadata_for_patches_with_snow_cloud_or_shadow.parquet`);
+  `BigEarthNet-S1/<s1 product>/<s1_name>/<s1_name>_{VV,VH}.tif` with the S1 product being the
+  s1_name minus its last three `_`-parts (tile, column, row). The root holds the parquet files.
+
+Reading is on the hot path of `prepare` (13 files per patch, hundreds of thousands of patches), so
+`read_patch` builds paths as strings, reads each raster with one system call (`tiff.read_band`) and
+parses JSON with `json.loads`; everything that needs a scan (v2 metadata, the S1 pairing) is done once
+per process and cached. Patch names are never parsed for dates: some real names lost the hour's
+leading zero (`S2B_MSIL2A_20170924T93020_69_24`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import importlib.resources
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bigearthnet_tf.constants import (
+    BANDS_BY_NAME,
+    BIGEARTHNET_19_LABELS,
+    ORIGINAL_LABELS,
+    PATCH_SIZE,
+    S1_BAND_NAMES,
+    S2_BAND_NAMES,
+    original_to_19,
+)
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.tiff import TiffError, read_band
+
+__all__ = [
+    "Patch",
+    "BadPatchError",
+    "Archive",
+    "open_archive",
+    "detect_version",
+    "read_patch",
+    "missing_patches",
+    "read_split_csv",
+    "split_name",
+    "find_split",
+    "official_v1_splits",
+    "snow_cloud_v1",
+    "official_v2_splits",
+    "snow_cloud_v2",
+    "s1_pairs_v1",
+    "v2_product",
+    "v2_s1_product",
+    "check_patch_name",
+]
+
+V1_S2_FOLDER = "BigEarthNet-v1.0"
+V1_S1_FOLDER = "BigEarthNet-S1-v1.0"
+V2_S2_FOLDER = "BigEarthNet-S2"
+V2_S1_FOLDER = "BigEarthNet-S1"
+V2_METADATA = "metadata.parquet"
+V2_SNOW_CLOUD_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
+V2_COLUMNS = (
+    "patch_id",
+    "labels",
+    "split",
+    "country",
+    "s1_name",
+    "s2v1_name",
+    "contains_seasonal_snow",
+    "contains_cloud_or_shadow",
+)
+V1_METADATA_SUFFIX = "_labels_metadata.json"
+
+# v1 split lists and exclusion lists shipped as resources of bigearthnet-common.
+_LIST_PACKAGE = "bigearthnet_common"
+_V1_SPLIT_FILES = {"train": "train.csv.bz2", "val": "val.csv.bz2", "test": "test.csv.bz2"}
+_V1_SNOW_FILE = "patches_with_seasonal_snow.csv.bz2"
+_V1_CLOUD_FILE = "patches_with_cloud_and_shadow.csv.bz2"
+_V1_S1_S2_TABLE = "s1_s2_name_country_season.csv.bz2"
+
+# The validation split is `val` in v1 file names and `validation` in the v2 parquet.
+SPLIT_ALIASES: Mapping[str, str] = {"val": "validation", "validation": "val"}
+
+# Pairing S1 to S2 by reading every S1 JSON costs ~15 us per folder; past this many folders the
+# official table of bigearthnet-common (2 s to load) is cheaper for the names it knows.
+_S1_JSON_SCAN_LIMIT = 50_000
+
+_ORIGINAL_SET = frozenset(ORIGINAL_LABELS)
+_INDEX_19 = {name: index for index, name in enumerate(BIGEARTHNET_19_LABELS)}
+# (band name, expected shape) in archive order; computed once because read_patch runs per patch.
+_S2_SHAPES = tuple((name, (BANDS_BY_NAME[name].size,) * 2) for name in S2_BAND_NAMES)
+_S1_SHAPE = (PATCH_SIZE, PATCH_SIZE)
+_UINT16 = np.dtype(np.uint16)
+_FLOAT32 = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One patch: S2 bands at native size (uint16), labels in both nomenclatures, optional S1 bands."""
+
+    name: str
+    bands: dict[str, np.ndarray]
+    labels_43: tuple[str, ...] | None
+    labels_19: tuple[str, ...]
+    s1_name: str | None = None
+    s1_bands: dict[str, np.ndarray] | None = None
+
+
+class BadPatchError(UserError):
+    """A patch that cannot be read; the message is `patch <name>: <file>: <reason>`."""
+
+    def __init__(self, patch: str, file: str, reason: str) -> None:
+        super().__init__(f"patch {patch}: {file}: {reason}")
+        self.patch = patch
+        self.file = file
+        self.reason = reason
+
+    def __reduce__(self):
+        # Workers of `prepare` raise this in another process; the default pickling would call
+        # __init__ with the message alone and fail.
+        return (type(self), (self.patch, self.file, self.reason))
+
+
+def check_patch_name(name: str) -> str:
+    """Return `name` if it is a plain folder name; raise UserError if it could leave the archive."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or (os.sep != "/" and os.sep in name)
+        or name != name.strip()
+    ):
+        raise UserError(
+            f"invalid patch name {name!r}: expected a patch folder name "
+            "(no path separators, '..' or surrounding spaces)"
+        )
+    return name
+
+
+def v2_product(patch_id: str) -> str:
+    """The v2 S2 product folder of a patch_id: the patch_id minus its last two `_`-parts."""
+    parts = patch_id.rsplit("_", 2)
+    if len(parts) != 3 or not parts[0]:
+        raise UserError(f"invalid v2 patch_id {patch_id!r}: expected <product>_<column>_<row>")
+    return parts[0]
+
+
+def v2_s1_product(s1_name: str) -> str:
+    """The v2 S1 product folder of an s1_name: the name minus its last three `_`-parts (tile, column, row)."""
+    parts = s1_name.rsplit("_", 3)
+    if len(parts) != 4 or not parts[0]:
+        raise UserError(f"invalid v2 s1_name {s1_name!r}: expected <product>_<tile>_<column>_<row>")
+    return parts[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Archive layout
+
+
+def detect_version(root: str | os.PathLike) -> int:
+    """1 or 2, from what lies in `root`; UserError naming the folder if it is neither."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"archive root {root} does not exist or is not a folder")
+    if (root / V2_METADATA).is_file() or (root / V2_S2_FOLDER).is_dir():
+        return 2
+    if root.name == V2_S2_FOLDER and (root.parent / V2_METADATA).is_file():
+        return 2
+    if (root / V1_S2_FOLDER).is_dir():
+        return 1
+    # A folder of v1 patch folders (the real archive under another name, the example patches):
+    # look at the first few entries only, since the real archive has 590,326 of them.
+    with os.scandir(root) as entries:
+        for count, entry in enumerate(entries):
+            if count >= 32:
+                break
+            if entry.is_dir() and os.path.isfile(os.path.join(entry.path, entry.name + V1_METADATA_SUFFIX)):
+                return 1
+    raise UserError(
+        f"{root} is not a BigEarthNet archive: expected {V1_S2_FOLDER}/ or patch folders with "
+        f"*{V1_METADATA_SUFFIX} (v1), or {V2_METADATA} and {V2_S2_FOLDER}/ (v2)"
+    )
+
+
+@dataclass(frozen=True)
+class Archive:
+    """Where an archive's patches are; `read_patch` reads one. Cheap to pickle (paths only)."""
+
+    version: int
+    root: str  # v1: the folder holding the patch folders; v2: the folder holding metadata.parquet
+    s2_dir: str  # v1: same as root; v2: root/BigEarthNet-S2
+    s1_dir: str | None = None  # folder holding the S1 patch folders (v1) or S1 product folders (v2)
+
+    def patch_folder(self, name: str) -> str:
+        """The folder of S2 patch `name` (a string path; no check that it exists)."""
+        check_patch_name(name)
+        if self.version == 1:
+            return os.path.join(self.s2_dir, name)
+        return os.path.join(self.s2_dir, v2_product(name), name)
+
+    def read_patch(self, name: str) -> Patch:
+        """Read one patch (and its S1 twin when the archive has an S1 folder); BadPatchError if unusable."""
+        folder = self.patch_folder(name)
+        if self.version == 1:
+            labels_43, labels_19 = _read_v1_labels(folder, name)
+        else:
+            labels_43 = None
+            labels_19 = self._v2_labels(name)
+        bands = _read_s2_bands(folder, name)
+        if self.s1_dir is None:
+            return Patch(name, bands, labels_43, labels_19)
+        s1_name = self.s1_name(name)
+        s1_bands = _read_s1_bands(self._s1_folder(s1_name), name, s1_name)
+        return Patch(name, bands, labels_43, labels_19, s1_name, s1_bands)
+
+    def missing_patches(self, names: Iterable[str]) -> list[str]:
+        """The names among `names` that have no S2 patch folder, in the order given."""
+        return [name for name in names if not os.path.isdir(self.patch_folder(name))]
+
+    def s1_name(self, name: str) -> str:
+        """The Sentinel-1 patch paired with S2 patch `name`; BadPatchError if there is none."""
+        if self.s1_dir is None:
+            raise UserError("this archive was opened without a Sentinel-1 folder")
+        if self.version == 1:
+            s1_name = s1_pairs_v1(self.s1_dir).get(name)
+            where = self.s1_dir
+        else:
+            s1_name = _v2_metadata(self.root).get(name, (None, None))[1]
+            where = V2_METADATA
+        if not s1_name:
+            raise BadPatchError(name, where, "no Sentinel-1 patch is paired with this patch")
+        return s1_name
+
+    def official_splits(self, include_snow_cloud: bool = False) -> dict[str, list[str]]:
+        """The official split lists: bigearthnet-common's for v1, the parquet's for v2."""
+        if self.version == 1:
+            return official_v1_splits()
+        return official_v2_splits(self.root, include_snow_cloud=include_snow_cloud)
+
+    def snow_cloud(self) -> frozenset[str]:
+        """The names of patches with seasonal snow, clouds or cloud shadows."""
+        return snow_cloud_v1() if self.version == 1 else snow_cloud_v2(self.root)
+
+    def _s1_folder(self, s1_name: str) -> str:
+        if self.version == 1:
+            return os.path.join(self.s1_dir, s1_name)
+        return os.path.join(self.s1_dir, v2_s1_product(s1_name), s1_name)
+
+    def _v2_labels(self, name: str) -> tuple[str, ...]:
+        entry = _v2_metadata(self.root).get(name)
+        if entry is None:
+            raise BadPatchError(name, V2_METADATA, "patch is not listed in the archive's metadata")
+        labels = entry[0]
+        unknown = [label for label in labels if label not in _INDEX_19]
+        if unknown:
+            raise BadPatchError(
+                name, V2_METADATA, f"unknown label {unknown[0]!r} (not one of the 19 BigEarthNet-19 labels)"
+            )
+        return tuple(sorted(set(labels), key=_INDEX_19.__getitem__))
+
+
+def open_archive(
+    root: str | os.PathLike, *, version: int | None = None, s1_root: str | os.PathLike | None = None
+) -> Archive:
+    """Locate an archive's folders (version detected unless given); UserError if they are not there."""
+    root_path = Path(root)
+    if version is None:
+        version = detect_version(root_path)
+    elif version not in (1, 2):
+        raise UserError(f"unknown archive version {version!r}; expected 1 or 2")
+    elif not root_path.is_dir():
+        raise UserError(f"archive root {root_path} does not exist or is not a folder")
+
+    if version == 1:
+        s2_dir = root_path / V1_S2_FOLDER if (root_path / V1_S2_FOLDER).is_dir() else root_path
+        top = s2_dir
+        s1_folder_name = V1_S1_FOLDER
+    else:
+        top = root_path.parent if root_path.name == V2_S2_FOLDER else root_path
+        s2_dir = top / V2_S2_FOLDER
+        if not (top / V2_METADATA).is_file():
+            raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_METADATA} is missing")
+        if not s2_dir.is_dir():
+            raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_S2_FOLDER}/ is missing")
+        s1_folder_name = V2_S1_FOLDER
+
+    s1_dir = None
+    if s1_root is not None:
+        s1_path = Path(s1_root)
+        if not s1_path.is_dir():
+            raise UserError(f"Sentinel-1 root {s1_path} does not exist or is not a folder")
+        s1_dir = str(s1_path / s1_folder_name if (s1_path / s1_folder_name).is_dir() else s1_path)
+    return Archive(version=version, root=str(top), s2_dir=str(s2_dir), s1_dir=s1_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_archive(root: str, version: int | None, s1_root: str | None) -> Archive:
+    return open_archive(root, version=version, s1_root=s1_root)
+
+
+def read_patch(
+    root: str | os.PathLike,
+    name: str,
+    *,
+    version: int | None = None,
+    s1_root: str | os.PathLike | None = None,
+) -> Patch:
+    """Read patch `name` of the archive at `root` (see `Archive.read_patch`); layout looked up once."""
+    archive = _cached_archive(os.fspath(root), version, None if s1_root is None else os.fspath(s1_root))
+    return archive.read_patch(name)
+
+
+def missing_patches(
+    root: str | os.PathLike, names: Iterable[str], *, version: int | None = None
+) -> list[str]:
+    """The names among `names` with no S2 patch folder in the archive at `root`, in the order given."""
+    return _cached_archive(os.fspath(root), version, None).missing_patches(names)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one patch
+
+
+def _read_v1_labels(folder: str, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    file_name = name + V1_METADATA_SUFFIX
+    try:
+        with open(os.path.join(folder, file_name), "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        if not os.path.isdir(folder):
+            raise BadPatchError(name, folder, "no such patch folder") from None
+        raise BadPatchError(name, file_name, "missing metadata file") from None
+    except OSError as error:
+        raise BadPatchError(name, file_name, f"cannot read: {error.strerror}") from None
+    try:
+        metadata = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadPatchError(name, file_name, f"malformed JSON: {error}") from None
+    if not isinstance(metadata, dict) or "labels" not in metadata:
+        raise BadPatchError(name, file_name, "no 'labels' key")
+    labels = metadata["labels"]
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise BadPatchError(name, file_name, "'labels' is not a list of label names")
+    for label in labels:
+        if label not in _ORIGINAL_SET:
+            raise BadPatchError(
+                name, file_name, f"unknown label {label!r} (not one of the 43 BigEarthNet labels)"
+            )
+    # Kept in the archive's order (the 43-class order in the real archive), as the 2019 records did.
+    labels_43 = tuple(labels)
+    return labels_43, original_to_19(labels_43)
+
+
+def _read_s2_bands(folder: str, name: str) -> dict[str, np.ndarray]:
+    prefix = os.path.join(folder, name + "_")
+    bands = {}
+    for band, shape in _S2_SHAPES:
+        bands[band] = _read_raster(prefix + band + ".tif", shape, _UINT16, name, folder)
+    return bands
+
+
+def _read_s1_bands(folder: str, name: str, s1_name: str) -> dict[str, np.ndarray]:
+    prefix = os.path.join(folder, s1_name + "_")
+    return {
+        band: _read_raster(prefix + band + ".tif", _S1_SHAPE, _FLOAT32, name, folder)
+        for band in S1_BAND_NAMES
+    }
+
+
+def _read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, folder: str) -> np.ndarray:
+    try:
+        return read_band(path, shape, dtype)
+    except TiffError as error:
+        raise BadPatchError(name, os.path.basename(path), error.reason) from None
+    except FileNotFoundError:
+        if not os.path.isdir(folder):
+            raise BadPatchError(name, folder, "no such patch folder") from None
+        raise BadPatchError(name, os.path.basename(path), "missing band file") from None
+    except OSError as error:
+        raise BadPatchError(name, os.path.basename(path), f"cannot read: {error.strerror}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Split lists
+
+
+def split_name(path: str | os.PathLike) -> str:
+    """The split a list file names: its base name without extension (`train.csv` -> `train`)."""
+    base = Path(path).name
+    if base.endswith(".bz2"):
+        base = base[: -len(".bz2")]
+    return Path(base).stem
+
+
+def find_split(name: str, available: Iterable[str]) -> str:
+    """The member of `available` called `name`, treating `val` and `validation` as one split."""
+    available = list(available)
+    if name in available:
+        return name
+    alias = SPLIT_ALIASES.get(name)
+    if alias in available:
+        return alias
+    raise UserError(f"no split {name!r}; available: {', '.join(available) or 'none'}")
+
+
+def read_split_csv(path: str | os.PathLike) -> list[str]:
+    """Patch names of a split list: one per line (first comma field), CRLF and blank lines tolerated."""
+    path = Path(path)
+    try:
+        raw = bz2.decompress(path.read_bytes()) if path.suffix == ".bz2" else path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"split file {path} does not exist") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"split file {path} cannot be read: {error}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM appears when the list was saved by a spreadsheet
+    except UnicodeDecodeError as error:
+        raise UserError(f"split file {path} is not UTF-8 text: {error}") from None
+    names: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.split(",", 1)[0].strip()
+        if not name:
+            continue
+        try:
+            check_patch_name(name)
+        except UserError as error:
+            raise UserError(f"{path}: line {number}: {error}") from None
+        if name in first_line:
+            raise UserError(
+                f"{path}: line {number}: patch {name} is listed twice (first on line {first_line[name]})"
+            )
+        first_line[name] = number
+        names.append(name)
+    return names
+
+
+def _package_list(file_name: str) -> tuple[str, ...]:
+    resource = importlib.resources.files(_LIST_PACKAGE) / file_name
+    return tuple(bz2.decompress(resource.read_bytes()).decode("ascii").split())
+
+
+@functools.cache
+def _official_v1_split_tuples() -> dict[str, tuple[str, ...]]:
+    return {split: _package_list(file_name) for split, file_name in _V1_SPLIT_FILES.items()}
+
+
+def official_v1_splits() -> dict[str, list[str]]:
+    """The official v1 splits `train`, `val`, `test` (269,695 / 123,723 / 125,866 patch names)."""
+    return {split: list(names) for split, names in _official_v1_split_tuples().items()}
+
+
+@functools.cache
+def snow_cloud_v1() -> frozenset[str]:
+    """v1 patches with seasonal snow (61,707) or clouds and cloud shadows (9,280)."""
+    return frozenset(_package_list(_V1_SNOW_FILE)) | frozenset(_package_list(_V1_CLOUD_FILE))
+
+
+# --------------------------------------------------------------------------------------------
+# Sentinel-1 pairing (v1)
+
+
+@functools.cache
+def _official_s1_to_s2() -> dict[str, str]:
+    resource = importlib.resources.files(_LIST_PACKAGE) / _V1_S1_S2_TABLE
+    lines = bz2.decompress(resource.read_bytes()).decode("ascii").splitlines()
+    pairs = {}
+    for line in lines[1:]:  # header: s1_name,s2_name,country,season
+        s1_name, s2_name, _ = line.split(",", 2)
+        pairs[s1_name] = s2_name
+    return pairs
+
+
+@functools.lru_cache(maxsize=4)
+def s1_pairs_v1(s1_dir: str | os.PathLike) -> dict[str, str]:
+    """S2 patch name -> S1 patch name for the S1 folders in `s1_dir`, from their JSON metadata."""
+    s1_dir = os.fspath(s1_dir)
+    try:
+        s1_names = [entry.name for entry in os.scandir(s1_dir) if entry.is_dir()]
+    except OSError as error:
+        raise UserError(f"Sentinel-1 folder {s1_dir} cannot be listed: {error.strerror}") from None
+    # The real archive's 590,326 pairs are in bigearthnet-common's table; reading that many JSON
+    # files would take much longer. Folders the table does not know (synthetic archives) are read.
+    known = _official_s1_to_s2() if len(s1_names) > _S1_JSON_SCAN_LIMIT else {}
+    pairs: dict[str, str] = {}
+    for s1_name in s1_names:
+        s2_name = known.get(s1_name) or _corresponding_s2(s1_dir, s1_name)
+        if s2_name is not None:
+            pairs[s2_name] = s1_name
+    return pairs
+
+
+def _corresponding_s2(s1_dir: str, s1_name: str) -> str | None:
+    file_name = s1_name + V1_METADATA_SUFFIX
+    try:
+        with open(os.path.join(s1_dir, s1_name, file_name), "rb") as handle:
+            metadata = json.loads(handle.read())
+    except FileNotFoundError:
+        return None  # not an S1 patch folder
+    except (OSError, ValueError) as error:
+        raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: unreadable metadata ({error})") from None
+    s2_name = metadata.get("corresponding_s2_patch") if isinstance(metadata, dict) else None
+    if not isinstance(s2_name, str) or not s2_name:
+        raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: no 'corresponding_s2_patch' key")
+    return s2_name
+
+
+# --------------------------------------------------------------------------------------------
+# v2 metadata
+
+
+def _read_parquet(path: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq  # imported here: v1 never needs pyarrow
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise UserError(f"{path} cannot be read as parquet: {error}") from None
+    missing = [column for column in V2_COLUMNS if column not in table.column_names]
+    if missing:
+        raise UserError(f"{path} has no column {missing[0]!r}; expected the columns {', '.join(V2_COLUMNS)}")
+    return {column: table.column(column).to_pylist() for column in V2_COLUMNS}
+
+
+@functools.lru_cache(maxsize=4)
+def _v2_tables(root: str) -> tuple[dict[str, list], dict[str, list] | None]:
+    main = _read_parquet(Path(root) / V2_METADATA)
+    flagged_path = Path(root) / V2_SNOW_CLOUD_METADATA
+    flagged = _read_parquet(flagged_path) if flagged_path.is_file() else None
+    return main, flagged
+
+
+@functools.lru_cache(maxsize=4)
+def _v2_metadata(root: str) -> dict[str, tuple[list[str], str | None]]:
+    """patch_id -> (19-class labels, s1_name), over both parquet files."""
+    entries = {}
+    for table in _v2_tables(root):
+        if table is None:
+            continue
+        for patch_id, labels, s1_name in zip(
+            table["patch_id"], table["labels"], table["s1_name"], strict=True
+        ):
+            entries[patch_id] = (labels or [], s1_name)
+    return entries
+
+
+def official_v2_splits(root: str | os.PathLike, include_snow_cloud: bool = False) -> dict[str, list[str]]:
+    """Splits `train`, `validation`, `test` of a v2 archive from its parquet files (snow/cloud left out)."""
+    top = Path(root)
+    if top.name == V2_S2_FOLDER and not (top / V2_METADATA).is_file():
+        top = top.parent
+    if not (top / V2_METADATA).is_file():
+        raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_METADATA} is missing")
+    main, flagged = _v2_tables(str(top))
+    tables = [main]
+    if include_snow_cloud:
+        if flagged is None:
+            raise UserError(
+                f"{top / V2_SNOW_CLOUD_METADATA} is missing; it lists the snow/cloud/shadow patches"
+            )
+        tables.append(flagged)
+    splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for table in tables:
+        rows = zip(
+            table["patch_id"],
+            table["split"],
+            table["contains_seasonal_snow"],
+            table["contains_cloud_or_shadow"],
+            strict=True,
+        )
+        for patch_id, split, snow, cloud in rows:
+            if (snow or cloud) and not include_snow_cloud:
+                continue
+            split = "validation" if split == "val" else split
+            if split not in splits:
+                raise UserError(
+                    f"{top}: patch {patch_id} has split {split!r}; expected train, validation or test"
+                )
+            splits[split].append(patch_id)
+    return splits
+
+
+def snow_cloud_v2(root: str | os.PathLike) -> frozenset[str]:
+    """v2 patch_ids flagged with seasonal snow, clouds or cloud shadows (in either parquet file)."""
+    top = Path(root)
+    if top.name == V2_S2_FOLDER and not (top / V2_METADATA).is_file():
+        top = top.parent
+    flagged_names = set()
+    for table in _v2_tables(str(top)):
+        if table is None:
+            continue
+        for patch_id, snow, cloud in zip(
+            table["patch_id"], table["contains_seasonal_snow"], table["contains_cloud_or_shadow"], strict=True
+        ):
+            if snow or cloud:
+                flagged_names.add(patch_id)
+    main, flagged = _v2_tables(str(top))
+    if flagged is not None:
+        flagged_names.update(flagged["patch_id"])
+    return frozenset(flagged_names)
