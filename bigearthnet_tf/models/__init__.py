@@ -1,0 +1,77 @@
+"""Model registry and architectures; band selection, resampling and standardisation are model layers.
+
+Public API::
+
+    build_model(name, num_classes, modality="S2", statistics=None) -> keras.Model   # logits
+    model_names() -> tuple[str, ...]
+    register_model(name)                        # decorator for builder(num_classes, modality, statistics)
+    load_model_plugin(path_or_module) -> tuple[str, ...]
+    parameter_count(model) -> int
+    print_model_table(label_type, as_json)      # `bigearthnet models`
+    input_keys(model) -> tuple[str, ...]        # which raw-band inputs to feed
+    model_statistics(model) -> {band: (mean, std)}
+
+Registered: ResNet50, ResNet101, ResNet152, VGG16, VGG19, K-BranchCNN (2019 TF-Slim-faithful) and their
+tiny twins ResNet-Tiny, VGG-Tiny, K-BranchCNN-Tiny (same code, far fewer filters) for tests and the demo.
+
+Every model takes a dict of raw band values at native resolution (float32, channels last; see
+`preprocessing`), accepts modality S2, S1 or MM, and outputs logits (batch, num_classes): apply a
+sigmoid for probabilities and train with `from_logits=True`. Saved `.keras` files load with
+`safe_mode=True` once this package is imported (its custom layers are registered serialisable).
+
+User models: entry points in the group `bigearthnet_tf.models`, or the environment variable
+`BIGEARTHNET_TF_MODEL_PLUGINS` (see `registry`); a 2019-style `dnn_model(nb_class)` works there.
+"""
+
+from bigearthnet_tf.models import kbranch, resnet, vgg  # noqa: F401  (registers the built-in models)
+from bigearthnet_tf.models.preprocessing import (
+    DEFAULT_STATISTICS,
+    INPUTS,
+    MODALITIES,
+    STACKED_CHANNELS,
+    BandStandardization,
+    input_keys,
+    model_statistics,
+    resolve_statistics,
+)
+from bigearthnet_tf.models.registry import (
+    ENTRY_POINT_GROUP,
+    PLUGIN_ENV,
+    ModelSpec,
+    build_model,
+    get_model_spec,
+    load_model_plugin,
+    model_names,
+    refresh_model_plugins,
+    register_model,
+)
+from bigearthnet_tf.models.summary import (
+    model_table,
+    parameter_count,
+    print_model_table,
+    trainable_parameter_count,
+)
+
+__all__ = [
+    "DEFAULT_STATISTICS",
+    "ENTRY_POINT_GROUP",
+    "INPUTS",
+    "MODALITIES",
+    "PLUGIN_ENV",
+    "STACKED_CHANNELS",
+    "BandStandardization",
+    "ModelSpec",
+    "build_model",
+    "get_model_spec",
+    "input_keys",
+    "load_model_plugin",
+    "model_names",
+    "model_statistics",
+    "model_table",
+    "parameter_count",
+    "print_model_table",
+    "refresh_model_plugins",
+    "register_model",
+    "resolve_statistics",
+    "trainable_parameter_count",
+]

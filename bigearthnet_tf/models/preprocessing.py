@@ -1,0 +1,242 @@
+"""The first layers of every model: raw bands in, standardised channels in the 2019 order out.
+
+Decision (issue 3): the input pipeline only decodes; band selection, reordering, bicubic upsampling and
+standardisation are model layers. A saved model therefore takes raw band values at native resolution,
+the accelerator does the arithmetic, and the statistics a model was trained with travel inside it
+(as layer *config*, not weights, so they never count as parameters and are never trained).
+
+Model inputs (a dict, float32, channels last; see docs/ARCHITECTURE.md "Model inputs"):
+
+| key | shape | channels |
+|---|---|---|
+| `bands_10m` | (120, 120, 4) | B02, B03, B04, B08 |
+| `bands_20m` | (60, 60, 6) | B05, B06, B07, B8A, B11, B12 |
+| `bands_60m` | (20, 20, 2) | B01, B09 |
+| `bands_s1` | (120, 120, 2) | VV, VH |
+
+A model declares only the inputs it uses (ResNet/VGG on S2 do not read `bands_60m`); `input_keys(model)`
+tells a consumer which keys to feed.
+
+Order of operations, as in 2019: standardise each band on its raw values, then upsample the 20 m bands.
+(The 2019 pipeline standardised in `tf.data` and upsampled in the graph.) Bicubic interpolation is affine
+with weights summing to one, so the order changes results only by float rounding.
+
+Upsampling uses `keras.ops.image.resize(..., "bicubic")` (half-pixel centres, Keys a=-0.5: the TF2
+`tf.image.resize` bicubic). The TF1 `tf.image.resize_bicubic` of 2019 used corner-aligned sampling and
+a=-0.75, so values differ slightly from the 2019 graph; 2019 weights still see the same band order,
+resolution and scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import keras
+from keras import ops
+
+from bigearthnet_tf.constants import (
+    BANDS_10M,
+    BANDS_20M,
+    BANDS_60M,
+    GROUP_SIZES,
+    PATCH_SIZE,
+    RGB_NIR_SWIR_BANDS,
+    S1_BAND_NAMES,
+    S1_BANDS,
+    S2_BANDS,
+)
+from bigearthnet_tf.errors import ConfigError
+
+S2 = "S2"
+S1 = "S1"
+MM = "MM"
+MODALITIES: tuple[str, ...] = (S2, S1, MM)
+
+# Input key -> (side in pixels, channel names in the stored order).
+INPUTS = MappingProxyType(
+    {
+        "bands_10m": (GROUP_SIZES["10m"], BANDS_10M),
+        "bands_20m": (GROUP_SIZES["20m"], BANDS_20M),
+        "bands_60m": (GROUP_SIZES["60m"], BANDS_60M),
+        "bands_s1": (PATCH_SIZE, S1_BAND_NAMES),
+    }
+)
+
+# The 2019 10 m channel order (B04, B03, B02, B08: red, green, blue, NIR), used by every model.
+BANDS_10M_2019_ORDER: tuple[str, ...] = RGB_NIR_SWIR_BANDS[: len(BANDS_10M)]
+
+# Channels of the single 120x120 image that ResNet and VGG see, per modality (MM: S2 then VV, VH,
+# as the 2021 multimodal code did).
+STACKED_CHANNELS = MappingProxyType(
+    {S2: RGB_NIR_SWIR_BANDS, S1: S1_BAND_NAMES, MM: (*RGB_NIR_SWIR_BANDS, *S1_BAND_NAMES)}
+)
+
+# Band name -> (mean, std) on raw values: BigEarthNet v1 S2 statistics and the 2021 S1 statistics.
+DEFAULT_STATISTICS = MappingProxyType({band.name: (band.mean, band.std) for band in (*S2_BANDS, *S1_BANDS)})
+
+Statistics = Mapping[str, tuple[float, float]]
+
+
+def check_modality(modality: str) -> str:
+    """Return `modality` if known, else raise ConfigError naming it and the accepted values."""
+    if modality not in MODALITIES:
+        raise ConfigError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    return modality
+
+
+def resolve_statistics(statistics: Statistics | None = None) -> dict[str, tuple[float, float]]:
+    """The default statistics with `statistics` (band name -> (mean, std)) laid over them, validated."""
+    resolved = dict(DEFAULT_STATISTICS)
+    for band, value in (statistics or {}).items():
+        if band not in DEFAULT_STATISTICS:
+            raise ConfigError(
+                f"statistics: unknown band {band!r}; expected some of {', '.join(DEFAULT_STATISTICS)}"
+            )
+        try:
+            mean, std = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"statistics: band {band}: expected (mean, std), got {value!r}") from None
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ConfigError(
+                f"statistics: band {band}: mean must be finite and std finite and > 0, got {value!r}"
+            )
+        resolved[band] = (mean, std)
+    return resolved
+
+
+@keras.saving.register_keras_serializable(package="bigearthnet_tf")
+class BandStandardization(keras.layers.Layer):
+    """Pick channels by band name (reordering them) and standardise each: `(x - mean) / std`.
+
+    `input_bands` names the channels of the input in their stored order, `output_bands` the channels to
+    emit; `mean` and `std` belong to `output_bands`. They are plain config values, so the statistics
+    are saved with the model but are neither weights nor trainable.
+    """
+
+    def __init__(
+        self,
+        input_bands: Sequence[str],
+        output_bands: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        **kwargs,
+    ) -> None:
+        # Raw values reach ~2e4: half precision would lose whole units before standardising.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.input_bands = tuple(input_bands)
+        self.output_bands = tuple(output_bands)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        missing = [band for band in self.output_bands if band not in self.input_bands]
+        if missing:
+            raise ValueError(f"output bands {missing} are not among the input bands {self.input_bands}")
+        if not len(self.mean) == len(self.std) == len(self.output_bands):
+            raise ValueError("mean and std need one value per output band")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+        self._indices = tuple(self.input_bands.index(band) for band in self.output_bands)
+
+    def build(self, input_shape) -> None:
+        if input_shape[-1] != len(self.input_bands):
+            raise ValueError(
+                f"{self.name}: expected {len(self.input_bands)} channels {self.input_bands}, "
+                f"got shape {tuple(input_shape)}"
+            )
+
+    def call(self, bands):
+        if self._indices != tuple(range(len(self.input_bands))):
+            bands = ops.take(bands, list(self._indices), axis=-1)
+        mean = ops.convert_to_tensor(self.mean, dtype=self.compute_dtype)
+        std = ops.convert_to_tensor(self.std, dtype=self.compute_dtype)
+        return (bands - mean) / std
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], len(self.output_bands))
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "input_bands": list(self.input_bands),
+            "output_bands": list(self.output_bands),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def raw_inputs(keys: Sequence[str]) -> dict[str, keras.KerasTensor]:
+    """Keras inputs for the given keys of `INPUTS`, named by their key."""
+    inputs = {}
+    for key in keys:
+        side, bands = INPUTS[key]
+        inputs[key] = keras.Input(shape=(side, side, len(bands)), dtype="float32", name=key)
+    return inputs
+
+
+def standardized(
+    inputs: Mapping[str, keras.KerasTensor],
+    key: str,
+    output_bands: Sequence[str],
+    statistics: Statistics,
+    name: str | None = None,
+) -> keras.KerasTensor:
+    """The bands `output_bands` of input `key`, in that order, standardised with `statistics`."""
+    layer = BandStandardization(
+        input_bands=INPUTS[key][1],
+        output_bands=output_bands,
+        mean=[statistics[band][0] for band in output_bands],
+        std=[statistics[band][1] for band in output_bands],
+        name=name or f"standardize_{key}",
+    )
+    return layer(inputs[key])
+
+
+def upsample(image: keras.KerasTensor, size: int = PATCH_SIZE, name: str | None = None) -> keras.KerasTensor:
+    """Bicubic resampling to `size` x `size` (keras.ops.image.resize, no antialiasing)."""
+    return keras.layers.Resizing(size, size, interpolation="bicubic", dtype="float32", name=name)(image)
+
+
+def stacked_input_keys(modality: str) -> tuple[str, ...]:
+    """Input keys a single-image model (ResNet, VGG, wrapped plug-ins) reads for `modality`."""
+    check_modality(modality)
+    keys = {S2: ("bands_10m", "bands_20m"), S1: ("bands_s1",)}
+    return keys[S2] + keys[S1] if modality == MM else keys[modality]
+
+
+def stacked_image(
+    inputs: Mapping[str, keras.KerasTensor], modality: str, statistics: Statistics
+) -> keras.KerasTensor:
+    """One standardised 120x120 image in `STACKED_CHANNELS[modality]` order (S2: 10 channels)."""
+    parts = []
+    if modality in (S2, MM):
+        parts.append(standardized(inputs, "bands_10m", BANDS_10M_2019_ORDER, statistics))
+        bands_20m = standardized(inputs, "bands_20m", BANDS_20M, statistics)
+        parts.append(upsample(bands_20m, name="upsample_bands_20m"))
+    if modality in (S1, MM):
+        parts.append(standardized(inputs, "bands_s1", S1_BAND_NAMES, statistics))
+    if len(parts) == 1:
+        return parts[0]
+    return keras.layers.Concatenate(axis=-1, dtype="float32", name="stack_bands")(parts)
+
+
+def input_keys(model: keras.Model) -> tuple[str, ...]:
+    """The input keys a built model reads (feed only these to avoid Keras' structure warning)."""
+    return tuple(tensor.name for tensor in model.inputs)
+
+
+def model_statistics(model: keras.Model) -> dict[str, tuple[float, float]]:
+    """Band name -> (mean, std) as held by the model's standardisation layers."""
+    statistics = {}
+    for layer in _all_layers(model):
+        if isinstance(layer, BandStandardization):
+            statistics.update(zip(layer.output_bands, zip(layer.mean, layer.std, strict=True), strict=True))
+    return statistics
+
+
+def _all_layers(layer: keras.layers.Layer):
+    """`layer` and every layer nested in it (models wrapped in models included)."""
+    yield layer
+    for sublayer in getattr(layer, "layers", ()):
+        yield from _all_layers(sublayer)

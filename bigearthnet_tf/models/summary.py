@@ -1,0 +1,81 @@
+"""Parameter counts and the `bigearthnet models` table."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import sys
+from typing import TextIO
+
+import keras
+
+from bigearthnet_tf.constants import class_names
+from bigearthnet_tf.models.preprocessing import S2, input_keys
+from bigearthnet_tf.models.registry import build_model, get_model_spec, model_names
+
+
+def parameter_count(model: keras.Model) -> int:
+    """All weights of the network, trainable and not (batch-norm moving statistics included).
+
+    Input preprocessing holds its statistics as config, not weights, so it adds nothing; random-seed
+    state and optimizer slots are not weights and are not counted.
+    """
+    return sum(math.prod(weight.shape) for weight in model.weights)
+
+
+def trainable_parameter_count(model: keras.Model) -> int:
+    """Trainable weights only (batch-norm moving statistics excluded)."""
+    return sum(math.prod(weight.shape) for weight in model.trainable_weights)
+
+
+def model_table(label_type: str = "BigEarthNet-19", modality: str = S2) -> list[dict]:
+    """One row per registered model, built for `label_type`'s class count: name, parameters, inputs."""
+    classes = len(class_names(label_type))
+    rows = []
+    for name in model_names():
+        model = build_model(name, classes, modality=modality)
+        rows.append(
+            {
+                "name": name,
+                "parameters": parameter_count(model),
+                "trainable_parameters": trainable_parameter_count(model),
+                "classes": classes,
+                "label_type": label_type,
+                "modality": modality,
+                "input_keys": list(input_keys(model)),
+                "origin": get_model_spec(name).origin,
+            }
+        )
+        del model
+        gc.collect()  # VGG's fc6 alone is 400 MB; do not hold every model at once
+    return rows
+
+
+def print_model_table(
+    label_type: str = "BigEarthNet-19", as_json: bool = False, file: TextIO | None = None
+) -> None:
+    """Print the registered models with their parameter counts (a rich table, or JSON with `as_json`)."""
+    rows = model_table(label_type)
+    out = file or sys.stdout
+    if as_json:
+        print(json.dumps(rows, indent=2), file=out)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Models for {label_type} ({rows[0]['classes'] if rows else 0} classes, S2 input)")
+    table.add_column("name")
+    table.add_column("parameters", justify="right")
+    table.add_column("trainable", justify="right")
+    table.add_column("inputs")
+    table.add_column("origin")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            f"{row['parameters']:,}",
+            f"{row['trainable_parameters']:,}",
+            ", ".join(row["input_keys"]),
+            row["origin"],
+        )
+    Console(file=out).print(table)
