@@ -411,11 +411,20 @@ def dnn_model(nb_class):
 
 DECORATOR_PLUGIN = """
 import keras
-from bigearthnet_tf.models import build_model, register_model
+from bigearthnet_tf.models import STACKED_CHANNELS, build_model, register_model
 
 @register_model("WideTinyResNet")
 def build(num_classes, modality="S2", statistics=None):
+    # returns a model that already reads the raw-band dict: used as is
     return build_model("ResNet-Tiny", num_classes, modality=modality, statistics=statistics)
+
+
+@register_model("SingleImageNet")
+def build_single_image(num_classes, modality="S2", statistics=None):
+    # a network on the stacked image (how modern backbones plug in): the registry adds preprocessing
+    channels = len(STACKED_CHANNELS[modality])
+    layers = [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(num_classes)]
+    return keras.Sequential([keras.Input((120, 120, channels)), *layers])
 """
 
 
@@ -436,11 +445,16 @@ def test_legacy_dnn_model_plugin_via_environment(isolated_registry, tmp_path, mo
 def test_decorator_plugin_via_function(isolated_registry, tmp_path):
     plugin = tmp_path / "my_models.py"
     plugin.write_text(DECORATOR_PLUGIN)
-    assert load_model_plugin(plugin) == ("WideTinyResNet",)
-    assert load_model_plugin(plugin) == ("WideTinyResNet",)  # idempotent
+    assert load_model_plugin(plugin) == ("WideTinyResNet", "SingleImageNet")
+    assert load_model_plugin(plugin) == ("WideTinyResNet", "SingleImageNet")  # idempotent
     model = build_model("WideTinyResNet", 43, modality="S1")
     assert model.output.shape == (None, 43) and input_keys(model) == ("bands_s1",)
     assert registry.get_model_spec("WideTinyResNet").origin == f"plugin {plugin.resolve()}"
+    custom = {"VH": (-18.0, 4.0)}
+    model = build_model("SingleImageNet", 19, modality="MM", statistics=custom)
+    assert input_keys(model) == ("bands_10m", "bands_20m", "bands_s1")
+    assert model_statistics(model)["VH"] == (-18.0, 4.0)
+    assert model(raw_bands(input_keys(model)), training=False).shape == (2, 19)
 
 
 def test_entry_point_plugin(isolated_registry, tmp_path, monkeypatch):

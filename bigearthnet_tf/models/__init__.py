@@ -21,6 +21,18 @@ sigmoid for probabilities and train with `from_logits=True`. Saved `.keras` file
 
 User models: entry points in the group `bigearthnet_tf.models`, or the environment variable
 `BIGEARTHNET_TF_MODEL_PLUGINS` (see `registry`); a 2019-style `dnn_model(nb_class)` works there.
+A builder may return a network on one 120x120 image with `len(STACKED_CHANNELS[modality])` channels;
+the registry then adds the raw-band preprocessing in front of it. That is how modern backbones fit any
+modality, e.g.::
+
+    @register_model("ConvNeXt-Tiny")
+    def convnext_tiny(num_classes, modality="S2", statistics=None):
+        channels = len(STACKED_CHANNELS[modality])
+        backbone = keras.applications.ConvNeXtTiny(
+            include_top=False, weights=None, input_shape=(120, 120, channels), pooling="avg",
+            include_preprocessing=False,
+        )
+        return keras.Sequential([backbone, keras.layers.Dense(num_classes)])
 """
 
 from bigearthnet_tf.models import kbranch, resnet, vgg  # noqa: F401  (registers the built-in models)

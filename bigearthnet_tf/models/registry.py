@@ -148,6 +148,8 @@ def load_model_plugin(source: str | os.PathLike) -> tuple[str, ...]:
     if key in _loaded_plugins:
         return _loaded_plugins[key]
     origin = f"plugin {key}"
+    if origin in _origins:  # the plug-in asked the registry for names while being imported
+        return ()
     before = set(_registry)
     _origins.append(origin)
     try:
@@ -176,9 +178,12 @@ def _add(spec: ModelSpec) -> None:
     if not isinstance(spec.name, str) or not spec.name.strip() or "/" in spec.name:
         raise UserError(f"{spec.origin}: invalid model name {spec.name!r} (a non-empty string without '/')")
     existing = _registry.get(spec.name)
-    if existing is not None:
-        if existing.origin == spec.origin and existing.builder is spec.builder:
+    if existing is not None and existing.origin == spec.origin:
+        if existing.builder is None:  # an entry point's module registering its own builder on load
+            _registry[spec.name] = ModelSpec(spec.name, spec.origin, spec.builder, existing.entry_point)
+        if existing.builder in (None, spec.builder):
             return
+    if existing is not None:
         raise UserError(f"{spec.origin}: model name {spec.name!r} is already registered by {existing.origin}")
     _registry[spec.name] = spec
 
@@ -203,10 +208,13 @@ def _discover() -> None:
 def _load_builder(spec: ModelSpec) -> ModelBuilder:
     if spec.builder is not None:
         return spec.builder
+    _origins.append(spec.origin)  # registrations made while importing belong to the entry point
     try:
         target = spec.entry_point.load()
     except Exception as error:
         raise UserError(f"{spec.origin}: cannot load it: {type(error).__name__}: {error}") from error
+    finally:
+        _origins.pop()
     if isinstance(target, ModuleType):
         target = getattr(target, LEGACY_BUILDER_NAME, None)
     if not callable(target):

@@ -12,7 +12,7 @@ import keras
 
 from bigearthnet_tf.constants import class_names
 from bigearthnet_tf.models.preprocessing import S2, input_keys
-from bigearthnet_tf.models.registry import build_model, get_model_spec, model_names
+from bigearthnet_tf.models.registry import BUILTIN_ORIGIN, build_model, get_model_spec, model_names
 
 
 def parameter_count(model: keras.Model) -> int:
@@ -64,18 +64,24 @@ def print_model_table(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Models for {label_type} ({rows[0]['classes'] if rows else 0} classes, S2 input)")
-    table.add_column("name")
-    table.add_column("parameters", justify="right")
-    table.add_column("trainable", justify="right")
+    classes = rows[0]["classes"] if rows else len(class_names(label_type))
+    table = Table(title=f"Models for {label_type} ({classes} classes, S2 input)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("parameters", justify="right", no_wrap=True)
+    table.add_column("trainable", justify="right", no_wrap=True)
     table.add_column("inputs")
-    table.add_column("origin")
+    show_origin = any(row["origin"] != BUILTIN_ORIGIN for row in rows)
+    if show_origin:
+        table.add_column("origin")
     for row in rows:
-        table.add_row(
+        cells = [
             row["name"],
             f"{row['parameters']:,}",
             f"{row['trainable_parameters']:,}",
-            ", ".join(row["input_keys"]),
-            row["origin"],
-        )
+            " ".join(key.removeprefix("bands_") for key in row["input_keys"]),
+        ]
+        table.add_row(*cells, *([row["origin"]] if show_origin else []))
     Console(file=out).print(table)
+    print(
+        "parameters: every weight, batch-norm moving statistics included (preprocessing has none)", file=out
+    )
