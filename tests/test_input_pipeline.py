@@ -220,6 +220,14 @@ def test_modalities_give_the_model_keys_and_never_swap_vv_and_vh(tmp_path, kind)
     assert np.all(inputs["bands_s1"][..., 1] == VH_VALUE)
 
 
+def test_without_label_type_only_inputs_are_yielded(sharded_set):
+    folder, names = sharded_set
+    batches = list(ip.make_dataset(folder, None, 8, with_names=True).as_numpy_iterator())
+    assert all(isinstance(batch, dict) for batch in batches)
+    assert set(batches[0]) == {*ip.S2_INPUT_KEYS, "patch_name"}
+    assert sorted(n.decode() for batch in batches for n in batch["patch_name"]) == sorted(names)
+
+
 def test_2021_multimodal_files_name_patches_by_patch_name_s2(tmp_path, patches):
     records = [legacy_example(p, s1=True, multimodal_names=True) for p in patches[:3]]
     path = write_records(tmp_path / "mm.tfrecord", records)
@@ -453,6 +461,15 @@ def test_skip_corrupt_skips_and_counts(sharded_set, tmp_path):
     assert len(delivered) == 2 * 17
     assert names[8] not in delivered and names[9] not in delivered and names[7] in delivered
     assert counter.result() == {"records": 4, "files": 2}  # two records per epoch, one file per epoch
+
+
+def test_skip_corrupt_counts_a_truncated_file(sharded_set, tmp_path):
+    folder, _ = sharded_set
+    cut = _corrupt_copy(ip.list_files(folder)[0], tmp_path / "cut.tfrecord", record=4, truncate=True)
+    counter = ip.CorruptRecordCounter()
+    ds = ip.make_dataset(cut, BEN19, 3, skip_corrupt=True, corrupt_counter=counter)
+    assert sum(len(labels) for _, labels in ds.as_numpy_iterator()) == 4
+    assert counter.result() == {"records": 1, "files": 1}
 
 
 def test_corrupt_first_record_is_caught_before_reading(sharded_set, tmp_path):
