@@ -1,0 +1,319 @@
+"""`tf.train.Example` encoding and TFRecord framing, written without TensorFlow.
+
+Preparation runs in worker processes that must start in milliseconds, so this module encodes the
+protobuf wire format by hand with numpy and frames records with `google-crc32c`. What it writes is
+byte-for-byte a valid serialized `tf.train.Example`; the tests parse it back with TensorFlow.
+
+Wire format used (proto3, field numbers from tensorflow/core/example/{example,feature}.proto)::
+
+    Example  { Features features = 1; }
+    Features { map<string, Feature> feature = 1; }      # each entry: { string key = 1; Feature value = 2; }
+    Feature  { oneof { BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3; } }
+    BytesList { repeated bytes value = 1; }
+    FloatList { repeated float value = 1 [packed]; }     # little-endian float32
+    Int64List { repeated int64 value = 1 [packed]; }     # varints
+
+Two schemas are written (see docs/ARCHITECTURE.md): the default one (`format_version` 1, raw
+little-endian pixel bytes grouped by resolution) and the legacy 2019 one (one int64 list per band).
+Features are written in a fixed order, so the same patch always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import google_crc32c
+import numpy as np
+
+from bigearthnet_tf.constants import (
+    BANDS_10M,
+    BANDS_20M,
+    BANDS_60M,
+    BIGEARTHNET_19_LABELS,
+    ORIGINAL_LABELS,
+    S1_BAND_NAMES,
+    S2_BAND_NAMES,
+)
+
+if TYPE_CHECKING:
+    from bigearthnet_tf.archive import Patch
+
+# Version of the default schema, stored in every record under `format_version`.
+FORMAT_VERSION = 1
+
+# Feature keys shared by both schemas (the 2019 names).
+PATCH_NAME = "patch_name"
+ORIGINAL_LABELS_KEY = "original_labels"
+ORIGINAL_MULTI_HOT_KEY = "original_labels_multi_hot"
+BIGEARTHNET_19_LABELS_KEY = "BigEarthNet-19_labels"
+BIGEARTHNET_19_MULTI_HOT_KEY = "BigEarthNet-19_labels_multi_hot"
+# Default schema only.
+FORMAT_VERSION_KEY = "format_version"
+BANDS_S1_KEY = "bands_s1"
+PATCH_NAME_S1 = "patch_name_s1"
+# Legacy multimodal (2021) schema only.
+PATCH_NAME_S2 = "patch_name_s2"
+
+# Default-schema pixel groups: feature key -> band names, channels last in this order.
+DEFAULT_BAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "bands_10m": BANDS_10M,
+    "bands_20m": BANDS_20M,
+    "bands_60m": BANDS_60M,
+}
+
+# Wire types and the tags of the messages above.
+_WIRE_LENGTH_DELIMITED = 2
+_TAG_FIELD_1 = bytes([1 << 3 | _WIRE_LENGTH_DELIMITED])  # Features in Example, map entry, key, values
+_TAG_FIELD_2 = bytes([2 << 3 | _WIRE_LENGTH_DELIMITED])  # map entry value; float_list in Feature
+_TAG_FIELD_3 = bytes([3 << 3 | _WIRE_LENGTH_DELIMITED])  # int64_list in Feature
+
+_LABEL_INDEX_43 = {name: index for index, name in enumerate(ORIGINAL_LABELS)}
+_LABEL_INDEX_19 = {name: index for index, name in enumerate(BIGEARTHNET_19_LABELS)}
+
+# TFRecord framing: uint64 length, masked crc32c(length), data, masked crc32c(data).
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+_CRC_MASK_DELTA = 0xA282EAD8
+
+# Values below these take one and two varint bytes.
+_ONE_BYTE_LIMIT = 1 << 7
+_TWO_BYTE_LIMIT = 1 << 14
+
+
+# --- protobuf primitives -------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    """One non-negative integer as a protobuf varint (lengths and single values)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def varints(values: np.ndarray | Sequence[int]) -> bytes:
+    """Integers as concatenated protobuf int64 varints, vectorised (no per-value Python loop).
+
+    Pixels (unsigned, at most 16 bits) take fast paths: all below 2**7 is one byte each; all in
+    [2**7, 2**14) is two bytes each by arithmetic; a mix of one- and two-byte values keeps each value's
+    second byte only where needed. Anything else goes through `_varints_columns`.
+    """
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0:
+        return b""
+    if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
+        low, high = int(flat.min()), int(flat.max())
+        if high < _ONE_BYTE_LIMIT:
+            return flat.astype(np.uint8).tobytes()
+        if high < _TWO_BYTE_LIMIT:
+            pixels = flat.astype(np.uint16)
+            # Little-endian uint16 whose first byte is the low 7 bits with the continuation bit set
+            # and whose second byte is the remaining 7 bits.
+            pairs = ((pixels & 0x7F) | 0x80 | ((pixels >> 7) << 8)).astype("<u2")
+            if low >= _ONE_BYTE_LIMIT:
+                return pairs.tobytes()
+            two_bytes = pixels >= _ONE_BYTE_LIMIT
+            pairs[~two_bytes] = pixels[~two_bytes]  # one-byte values: no continuation bit
+            keep = np.empty((flat.size, 2), dtype=bool)
+            keep[:, 0] = True
+            keep[:, 1] = two_bytes
+            return pairs.view(np.uint8)[keep.reshape(-1)].tobytes()
+        return _varints_columns(flat.astype(np.uint32))
+    return _varints_columns(flat.astype(np.int64).view(np.uint64))
+
+
+def _varints_columns(work: np.ndarray) -> bytes:
+    """Varints of non-negative uint32, or int64 viewed as uint64 (negatives take 10 bytes).
+
+    Each value is cut into 7-bit groups, one column per group; a value uses as many columns as its
+    highest non-zero group needs, all but its last with the continuation bit. Row-major boolean
+    selection then yields the bytes in order.
+    """
+    groups = max(1, (int(work.max()).bit_length() + 6) // 7)
+    shifts = np.arange(groups, dtype=work.dtype) * work.dtype.type(7)
+    columns = ((work[:, None] >> shifts) & work.dtype.type(0x7F)).astype(np.uint8)
+    # Bytes per value: 1 + the number of thresholds 2**7, 2**14, ... that it reaches.
+    lengths = np.ones(work.shape, dtype=np.uint8)
+    for group in range(1, groups):
+        lengths += work >= work.dtype.type(1 << (7 * group))
+    column_index = np.arange(groups, dtype=np.uint8)
+    columns |= (column_index < lengths[:, None] - 1).astype(np.uint8) << 7
+    return columns[column_index < lengths[:, None]].tobytes()
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, varint length, payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+def bytes_feature(values: Iterable[bytes | str]) -> bytes:
+    """A serialized `Feature` holding a `BytesList` (str values are UTF-8 encoded)."""
+    parts = []
+    for value in values:
+        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        parts.append(_field(_TAG_FIELD_1, data))
+    return _field(_TAG_FIELD_1, b"".join(parts))
+
+
+def float_feature(values: np.ndarray) -> bytes:
+    """A serialized `Feature` holding a packed `FloatList` (row-major float32)."""
+    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    packed = _field(_TAG_FIELD_1, data) if data else b""
+    return _field(_TAG_FIELD_2, packed)
+
+
+def int64_feature(values: np.ndarray | Sequence[int]) -> bytes:
+    """A serialized `Feature` holding a packed `Int64List` (row-major)."""
+    data = varints(np.asarray(values))
+    packed = _field(_TAG_FIELD_1, data) if data else b""
+    return _field(_TAG_FIELD_3, packed)
+
+
+def encode_example(features: Iterable[tuple[str, bytes]]) -> bytes:
+    """A serialized `Example` from (key, serialized Feature) pairs, written in the given order."""
+    entries = [
+        _field(_TAG_FIELD_1, _field(_TAG_FIELD_1, key.encode("utf-8")) + _field(_TAG_FIELD_2, feature))
+        for key, feature in features
+    ]
+    return _field(_TAG_FIELD_1, b"".join(entries))
+
+
+# --- the two schemas -----------------------------------------------------------------------------
+
+
+def multi_hot(names: Iterable[str], classes: Sequence[str]) -> np.ndarray:
+    """A 0/1 int64 vector over `classes` with a 1 for each name; an unknown name raises ValueError."""
+    if classes is ORIGINAL_LABELS:
+        index = _LABEL_INDEX_43
+    elif classes is BIGEARTHNET_19_LABELS:
+        index = _LABEL_INDEX_19
+    else:
+        index = {name: i for i, name in enumerate(classes)}
+    vector = np.zeros(len(classes), dtype=np.int64)
+    for name in names:
+        try:
+            vector[index[name]] = 1
+        except KeyError:
+            raise ValueError(f"unknown label {name!r}; not one of the {len(classes)} classes") from None
+    return vector
+
+
+def _label_features(patch: Patch) -> list[tuple[str, bytes]]:
+    """Both label key pairs (the 43-class pair only when the patch has 43-class labels, i.e. v1)."""
+    features = []
+    if patch.labels_43 is not None:
+        features.append((ORIGINAL_LABELS_KEY, bytes_feature(patch.labels_43)))
+        features.append((ORIGINAL_MULTI_HOT_KEY, int64_feature(multi_hot(patch.labels_43, ORIGINAL_LABELS))))
+    features.append((BIGEARTHNET_19_LABELS_KEY, bytes_feature(patch.labels_19)))
+    features.append(
+        (BIGEARTHNET_19_MULTI_HOT_KEY, int64_feature(multi_hot(patch.labels_19, BIGEARTHNET_19_LABELS)))
+    )
+    return features
+
+
+def _stack_raw(arrays: Sequence[np.ndarray], dtype: str) -> bytes:
+    """Arrays of one shape stacked channels last, as raw bytes of the given little-endian dtype."""
+    first = arrays[0]
+    stacked = np.empty((*first.shape, len(arrays)), dtype=dtype)
+    for channel, array in enumerate(arrays):
+        stacked[..., channel] = array
+    return stacked.tobytes()
+
+
+def encode_default(patch: Patch) -> bytes:
+    """The patch as a serialized `tf.train.Example` in the default schema (`format_version` 1).
+
+    Keys, in this order: `format_version`, `patch_name`, `bands_10m`, `bands_20m`, `bands_60m`
+    (uint16 little-endian, channels last in constants.BANDS_10M/20M/60M order), `original_labels`,
+    `original_labels_multi_hot` (v1 only), `BigEarthNet-19_labels`, `BigEarthNet-19_labels_multi_hot`,
+    then with Sentinel-1 `bands_s1` (float32 little-endian (120, 120, 2): VV, VH) and `patch_name_s1`.
+    """
+    features = [
+        (FORMAT_VERSION_KEY, int64_feature([FORMAT_VERSION])),
+        (PATCH_NAME, bytes_feature([patch.name])),
+    ]
+    for key, band_names in DEFAULT_BAND_GROUPS.items():
+        raw = _stack_raw([patch.bands[name] for name in band_names], "<u2")
+        features.append((key, bytes_feature([raw])))
+    features.extend(_label_features(patch))
+    if patch.s1_bands is not None:
+        raw = _stack_raw([patch.s1_bands[name] for name in S1_BAND_NAMES], "<f4")
+        features.append((BANDS_S1_KEY, bytes_feature([raw])))
+        features.append((PATCH_NAME_S1, bytes_feature([patch.s1_name or ""])))
+    return encode_example(features)
+
+
+def encode_legacy(patch: Patch) -> bytes:
+    """The patch as a serialized `tf.train.Example` in the exact 2019 schema of prep_splits.py.
+
+    Keys: `B01` ... `B12` (int64 lists, row-major, native size), both label key pairs (the
+    `original_*` pair only for v1 patches), `patch_name`; with Sentinel-1 the 2021 multimodal keys
+    `VV`, `VH` (float lists of 14,400), `patch_name_s1` and `patch_name_s2` are added (`patch_name`
+    stays, holding the S2 name, so 2019 readers keep working).
+    """
+    features = [(name, int64_feature(patch.bands[name])) for name in S2_BAND_NAMES]
+    features.extend(_label_features(patch))
+    features.append((PATCH_NAME, bytes_feature([patch.name])))
+    if patch.s1_bands is not None:
+        features.extend((name, float_feature(patch.s1_bands[name])) for name in S1_BAND_NAMES)
+        features.append((PATCH_NAME_S1, bytes_feature([patch.s1_name or ""])))
+        features.append((PATCH_NAME_S2, bytes_feature([patch.name])))
+    return encode_example(features)
+
+
+ENCODERS = {"default": encode_default, "legacy": encode_legacy}
+
+
+# --- TFRecord framing ----------------------------------------------------------------------------
+
+
+def masked_crc32c(data: bytes) -> int:
+    """The CRC-32C of `data`, masked as TFRecord files store it."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame(record: bytes) -> bytes:
+    """One record with its TFRecord framing: length, masked CRC of length, data, masked CRC of data."""
+    length = _LENGTH.pack(len(record))
+    return length + _CRC.pack(masked_crc32c(length)) + record + _CRC.pack(masked_crc32c(record))
+
+
+class RecordWriter:
+    """Appends framed records to a binary file (a TFRecord file without compression).
+
+    Use as a context manager; `count` is the number of records written so far.
+    """
+
+    def __init__(self, path: str | Path, *, append: bool = False, buffer_size: int = 1 << 20) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self._file: IO[bytes] = open(self.path, "ab" if append else "wb", buffering=buffer_size)  # noqa: SIM115
+
+    def write(self, record: bytes) -> None:
+        """Frame and append one serialized record."""
+        self._file.write(frame(record))
+        self.count += 1
+
+    def flush(self, *, sync: bool = False) -> None:
+        """Flush buffered bytes to the OS, and to the disk with `sync=True`."""
+        self._file.flush()
+        if sync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
