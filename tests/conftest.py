@@ -40,3 +40,23 @@ def synthetic_v1(tmp_path_factory):
     from bigearthnet_tf.synth import write_synthetic_archive
 
     return write_synthetic_archive(tmp_path_factory.mktemp("synth_v1"), patches=48, seed=7, version=1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_v1_s1(tmp_path_factory):
+    """A small seeded v1 synthetic archive with its Sentinel-1 twins (BigEarthNet-S1-v1.0) and split CSVs."""
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    return write_synthetic_archive(
+        tmp_path_factory.mktemp("synth_v1_s1"), patches=24, seed=5, version=1, with_s1=True
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_v2(tmp_path_factory):
+    """A small seeded v2 synthetic archive with Sentinel-1 (BigEarthNet-S2, -S1 and both parquet files)."""
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    return write_synthetic_archive(
+        tmp_path_factory.mktemp("synth_v2"), patches=48, seed=11, version=2, with_s1=True
+    )

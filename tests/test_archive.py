@@ -1,4 +1,4 @@
-"""Reading archives: v1 Sentinel-2 patches, bad patches, split lists, exclusion lists."""
+"""Reading archives: v1 and v2, Sentinel-2 and Sentinel-1, bad patches, split and exclusion lists."""
 
 from __future__ import annotations
 
@@ -18,14 +18,18 @@ from bigearthnet_tf.archive import (
     find_split,
     missing_patches,
     official_v1_splits,
+    official_v2_splits,
     open_archive,
     read_patch,
     read_split_csv,
+    s1_pairs_v1,
     snow_cloud_v1,
+    snow_cloud_v2,
     split_name,
 )
 from bigearthnet_tf.constants import BANDS_BY_NAME, S2_BAND_NAMES
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.tiff import write_geotiff
 
 HOUR_BUG = "S2B_MSIL2A_20170924T93020_69_24"
 ONE = "S2A_MSIL2A_20170613T101031_87_48"
@@ -295,3 +299,273 @@ def test_official_v1_splits_and_exclusion_lists():
     assert excluded.isdisjoint(splits["train"]) and excluded.isdisjoint(splits["test"])
     splits["train"].clear()  # callers get their own lists
     assert len(official_v1_splits()["train"]) == 269_695
+
+
+# --------------------------------------------------------------------------------------------
+# Sentinel-1 (v1): the real example patches
+
+
+def test_real_s1_patches_pair_with_their_s2_patches_and_read_pixel_identical(example_paths):
+    archive = open_archive(example_paths.s2, s1_root=example_paths.s1)
+    assert archive.s1_dir == str(example_paths.s1)
+    for s1_folder in sorted(example_paths.s1.iterdir()):
+        s1_name = s1_folder.name
+        metadata = json.loads((s1_folder / f"{s1_name}_labels_metadata.json").read_text())
+        assert "lly" in metadata["coordinates"]  # the real files' key typo; pairing does not mind
+        s2_name = metadata["corresponding_s2_patch"]
+        patch = archive.read_patch(s2_name)
+        assert patch.name == s2_name and patch.s1_name == s1_name
+        assert list(patch.s1_bands) == ["VV", "VH"]
+        for band in ("VV", "VH"):
+            expected = tifffile.imread(s1_folder / f"{s1_name}_{band}.tif")
+            assert patch.s1_bands[band].dtype == np.float32
+            np.testing.assert_array_equal(patch.s1_bands[band], expected)
+        assert not np.array_equal(patch.s1_bands["VV"], patch.s1_bands["VH"])
+        assert patch.labels_43 == tuple(metadata["labels"])  # S1 and S2 JSON agree on labels
+
+
+def test_s1_pairing_from_the_official_table_agrees_with_the_json_files(example_paths, monkeypatch):
+    from bigearthnet_tf import archive as archive_module
+
+    from_json = dict(s1_pairs_v1(str(example_paths.s1)))
+    assert len(from_json) == 6
+    archive_module.s1_pairs_v1.cache_clear()
+    monkeypatch.setattr(archive_module, "_S1_JSON_SCAN_LIMIT", 0)  # as for the full 590,326 folders
+    monkeypatch.setattr(archive_module, "_corresponding_s2", _refuse_json)
+    try:
+        assert archive_module.s1_pairs_v1(str(example_paths.s1)) == from_json
+    finally:
+        archive_module.s1_pairs_v1.cache_clear()
+
+
+def _refuse_json(s1_dir, s1_name):
+    raise AssertionError(f"read the JSON of {s1_name} although the official table knows it")
+
+
+def _constant_s1_archive(tmp_path, example_paths, vv_value, vh_value, s1_json=None):
+    """A v1 S2 archive of one real patch and an S1 twin whose VV and VH are constants."""
+    s2_root = tmp_path / "BigEarthNet-v1.0"
+    shutil.copytree(example_paths.s2 / ONE, s2_root / ONE)
+    s1_name = "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_87_48"
+    folder = tmp_path / "BigEarthNet-S1-v1.0" / s1_name
+    folder.mkdir(parents=True)
+    for band, value in (("VV", vv_value), ("VH", vh_value)):
+        write_geotiff(
+            folder / f"{s1_name}_{band}.tif",
+            np.full((120, 120), value, np.float32),
+            ulx=404400,
+            uly=5342400,
+            pixel_size=10,
+            epsg=32633,
+        )
+    metadata = s1_json or {"coordinates": {"ulx": 404400, "uly": 5342400, "lrx": 405600, "lry": 5341200}}
+    metadata = {**metadata, "corresponding_s2_patch": ONE}
+    (folder / f"{s1_name}_labels_metadata.json").write_text(json.dumps(metadata))
+    return s2_root, tmp_path / "BigEarthNet-S1-v1.0", s1_name
+
+
+@pytest.mark.parametrize("corner_key", ["lry", "lly"])
+def test_vv_and_vh_are_never_swapped_v1(tmp_path, example_paths, corner_key):
+    s1_json = {"coordinates": {"ulx": 404400, "uly": 5342400, "lrx": 405600, corner_key: 5341200}}
+    s2_root, s1_root, s1_name = _constant_s1_archive(tmp_path, example_paths, -7.25, -21.5, s1_json)
+    # The S1 root may be BigEarthNet-S1-v1.0 itself or its parent.
+    for given in (s1_root, s1_root.parent):
+        patch = open_archive(s2_root, s1_root=given).read_patch(ONE)
+        assert patch.s1_name == s1_name
+        assert np.all(patch.s1_bands["VV"] == np.float32(-7.25))
+        assert np.all(patch.s1_bands["VH"] == np.float32(-21.5))
+
+
+def test_missing_s1_band_and_missing_pairing_are_bad_patches(tmp_path, example_paths):
+    s2_root, s1_root, s1_name = _constant_s1_archive(tmp_path, example_paths, -7.0, -20.0)
+    (s1_root / s1_name / f"{s1_name}_VH.tif").unlink()
+    archive = open_archive(s2_root, s1_root=s1_root)
+    with pytest.raises(BadPatchError) as caught:
+        archive.read_patch(ONE)
+    assert str(caught.value) == f"patch {ONE}: {s1_name}_VH.tif: missing band file"
+    other = "S2A_MSIL2A_20170613T101031_1_2"
+    shutil.copytree(s2_root / ONE, s2_root / other)
+    for path in (s2_root / other).iterdir():
+        path.rename(path.with_name(path.name.replace(ONE, other)))
+    with pytest.raises(BadPatchError) as caught:
+        archive.read_patch(other)
+    assert str(caught.value) == f"patch {other}: {s1_root}: no Sentinel-1 patch is paired with this patch"
+
+
+def test_s1_json_without_pairing_key_is_reported(tmp_path, example_paths):
+    s2_root, s1_root, s1_name = _constant_s1_archive(tmp_path, example_paths, -7.0, -20.0)
+    (s1_root / s1_name / f"{s1_name}_labels_metadata.json").write_text('{"labels": []}')
+    with pytest.raises(UserError, match=rf"Sentinel-1 patch {s1_name}: .*: no 'corresponding_s2_patch' key"):
+        open_archive(s2_root, s1_root=s1_root).read_patch(ONE)
+
+
+# --------------------------------------------------------------------------------------------
+# v2 (reBEN)
+
+
+def _write_v2_metadata(root, rows, file_name="metadata.parquet"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        "patch_id": pa.string(),
+        "labels": pa.list_(pa.string()),
+        "split": pa.string(),
+        "country": pa.string(),
+        "s1_name": pa.string(),
+        "s2v1_name": pa.string(),
+        "contains_seasonal_snow": pa.bool_(),
+        "contains_cloud_or_shadow": pa.bool_(),
+    }
+    defaults = {"country": "Austria", "s2v1_name": "x", "contains_seasonal_snow": False}
+    full = [{**defaults, "contains_cloud_or_shadow": False, **row} for row in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=pa.schema(list(columns.items()))), root / file_name)
+
+
+V2_ID = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_87_48"
+V2_S1 = "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_87_48"
+
+
+@pytest.fixture
+def tiny_v2(tmp_path, example_paths):
+    """A v2 archive of one real patch (renamed to a v2 patch_id) with constant VV/VH."""
+    folder = tmp_path / "BigEarthNet-S2" / "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP" / V2_ID
+    folder.mkdir(parents=True)
+    for band in S2_BAND_NAMES:
+        shutil.copy(example_paths.s2 / ONE / f"{ONE}_{band}.tif", folder / f"{V2_ID}_{band}.tif")
+    s1_folder = tmp_path / "BigEarthNet-S1" / "S1A_IW_GRDH_1SDV_20170613T165043" / V2_S1
+    s1_folder.mkdir(parents=True)
+    for band, value in (("VV", -3.5), ("VH", -30.0)):
+        write_geotiff(
+            s1_folder / f"{V2_S1}_{band}.tif",
+            np.full((120, 120), value, np.float32),
+            ulx=404400,
+            uly=5342400,
+            pixel_size=10,
+            epsg=32633,
+        )
+    rows = [
+        # Labels deliberately out of 19-class order: the reader restores it.
+        {"patch_id": V2_ID, "labels": ["Pastures", "Arable land"], "split": "train", "s1_name": V2_S1},
+        {
+            "patch_id": "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_1",
+            "labels": ["Pastures"],
+            "split": "test",
+        },
+        {"patch_id": "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_2", "labels": [], "split": "validation"},
+        {
+            "patch_id": "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_3",
+            "labels": ["Volcanoes"],
+            "split": "train",
+        },
+    ]
+    _write_v2_metadata(tmp_path, rows)
+    flagged = [
+        {
+            "patch_id": "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_2_2",
+            "labels": ["Coniferous forest"],
+            "split": "validation",
+            "contains_seasonal_snow": True,
+        }
+    ]
+    _write_v2_metadata(tmp_path, flagged, "metadata_for_patches_with_snow_cloud_or_shadow.parquet")
+    return tmp_path
+
+
+def test_v2_patch_reads_with_19_labels_only_and_unswapped_s1(tiny_v2, example_paths):
+    assert detect_version(tiny_v2) == 2
+    assert detect_version(tiny_v2 / "BigEarthNet-S2") == 2
+    for root in (tiny_v2, tiny_v2 / "BigEarthNet-S2"):
+        archive = open_archive(root, s1_root=tiny_v2)
+        assert archive == Archive(
+            2, str(tiny_v2), str(tiny_v2 / "BigEarthNet-S2"), str(tiny_v2 / "BigEarthNet-S1")
+        )
+        patch = archive.read_patch(V2_ID)
+        assert patch.labels_43 is None
+        assert patch.labels_19 == ("Arable land", "Pastures")
+        assert patch.s1_name == V2_S1
+        assert np.all(patch.s1_bands["VV"] == np.float32(-3.5)) and np.all(
+            patch.s1_bands["VH"] == np.float32(-30)
+        )
+        for band in S2_BAND_NAMES:
+            np.testing.assert_array_equal(
+                patch.bands[band], tifffile.imread(example_paths.s2 / ONE / f"{ONE}_{band}.tif")
+            )
+
+
+def test_v2_bad_patches(tiny_v2):
+    archive = open_archive(tiny_v2)
+    with pytest.raises(BadPatchError) as caught:
+        archive.read_patch("S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_3")
+    assert caught.value.file == "metadata.parquet"
+    assert caught.value.reason == "unknown label 'Volcanoes' (not one of the 19 BigEarthNet-19 labels)"
+    with pytest.raises(
+        BadPatchError, match=r"_9_9: metadata.parquet: patch is not listed in the archive's metadata"
+    ):
+        archive.read_patch("S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_9_9")
+    folder = tiny_v2 / "BigEarthNet-S2" / "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP"
+    with pytest.raises(BadPatchError) as caught:
+        archive.read_patch("S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_1")
+    assert caught.value.reason == "no such patch folder"
+    assert caught.value.file == str(folder / "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_1")
+    assert archive.missing_patches([V2_ID, "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_1"]) == [
+        "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_1_1"
+    ]
+    with pytest.raises(UserError, match=r"invalid v2 patch_id 'nounderscores'"):
+        archive.read_patch("nounderscores")
+
+
+def test_official_v2_splits_leave_out_snow_and_cloud_unless_asked(tiny_v2):
+    prefix = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_"
+    assert official_v2_splits(tiny_v2) == {
+        "train": [V2_ID, prefix + "1_3"],
+        "validation": [prefix + "1_2"],
+        "test": [prefix + "1_1"],
+    }
+    with_flagged = official_v2_splits(tiny_v2, include_snow_cloud=True)
+    assert with_flagged["validation"] == [prefix + "1_2", prefix + "2_2"]
+    assert snow_cloud_v2(tiny_v2) == frozenset({prefix + "2_2"})
+    assert open_archive(tiny_v2).official_splits() == official_v2_splits(tiny_v2)
+    assert open_archive(tiny_v2).snow_cloud() == snow_cloud_v2(tiny_v2)
+
+
+def test_v2_archive_without_metadata_is_rejected(tmp_path):
+    (tmp_path / "BigEarthNet-S2").mkdir()
+    with pytest.raises(UserError, match=r"is not a BigEarthNet v2 archive: metadata.parquet is missing"):
+        open_archive(tmp_path)
+
+
+def test_v2_metadata_with_a_missing_column_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "BigEarthNet-S2").mkdir()
+    pq.write_table(pa.table({"patch_id": ["a_1_1"], "labels": [["Pastures"]]}), tmp_path / "metadata.parquet")
+    with pytest.raises(
+        UserError, match=r"metadata.parquet has no column 'split'; expected the columns patch_id"
+    ):
+        official_v2_splits(tmp_path)
+
+
+def test_v1_archive_knows_its_official_lists(one_patch_archive):
+    archive = open_archive(one_patch_archive)
+    assert archive.snow_cloud() is snow_cloud_v1()
+    assert len(archive.official_splits()["val"]) == 123_723
+
+
+def test_read_speed_of_real_patches(example_paths):
+    """Not a timed assertion: reports the patches/s read_patch reaches on the example patches."""
+    import time
+
+    archive = open_archive(example_paths.s2)
+    names = sorted(p.name for p in example_paths.s2.iterdir())
+    for name in names:  # warm the page cache
+        archive.read_patch(name)
+    start = time.perf_counter()
+    rounds = 20
+    for _ in range(rounds):
+        for name in names:
+            archive.read_patch(name)
+    rate = rounds * len(names) / (time.perf_counter() - start)
+    print(f"read_patch: {rate:,.0f} patches/s on one core")
+    assert rate > 0
