@@ -21,10 +21,14 @@ Order of operations, as in 2019: standardise each band on its raw values, then u
 (The 2019 pipeline standardised in `tf.data` and upsampled in the graph.) Bicubic interpolation is affine
 with weights summing to one, so the order changes results only by float rounding.
 
-Upsampling uses `keras.ops.image.resize(..., "bicubic")` (half-pixel centres, Keys a=-0.5: the TF2
-`tf.image.resize` bicubic). The TF1 `tf.image.resize_bicubic` of 2019 used corner-aligned sampling and
-a=-0.75, so values differ slightly from the 2019 graph; 2019 weights still see the same band order,
-resolution and scale.
+Upsampling is bicubic exactly as TF2 `tf.image.resize(..., "bicubic")` (and `keras.ops.image.resize`)
+compute it: half-pixel centres, Keys' cubic with a = -0.5, taps outside the image dropped and the rest
+renormalised. It is written as two small fixed matrix products (`BicubicResize`) rather than a call to
+`keras.ops.image.resize`, because TensorFlow's resize kernels (ResizeBicubic, ScaleAndTranslate) have no
+XLA implementation and Keras compiles with XLA by default on a GPU (`jit_compile="auto"`): a model holding
+them fails to train there. Matrix products compile everywhere and cost nothing on an accelerator.
+The TF1 `tf.image.resize_bicubic` of 2019 sampled without half-pixel centres and with a = -0.75, so values
+differ slightly from the 2019 graph; 2019 weights still see the same band order, resolution and scale.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import keras
+import numpy as np
 from keras import ops
 
 from bigearthnet_tf.constants import (
@@ -166,6 +171,75 @@ class BandStandardization(keras.layers.Layer):
         }
 
 
+KEYS_CUBIC_A = -0.5  # TF2 / JAX bicubic; the TF1 legacy kernel used -0.75
+KERNEL_TABLE_SIZE = 1024  # TF samples the cubic kernel at multiples of 1/1024 of a pixel
+
+
+def _keys_cubic(distance: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel at the given distances (in input pixels)."""
+    t = np.abs(distance)
+    a = KEYS_CUBIC_A
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 weights of 1-D bicubic resampling, as `tf.image.resize` bicubic.
+
+    Output pixel o samples input position (o + 0.5) * in/out - 0.5 (computed in float32, as TF does)
+    from its four nearest input pixels, with the fractional offset rounded to TF's 1/1024 kernel table
+    (exact for the 2x upsampling of the 20 m bands); taps outside the image get no weight and the
+    remaining weights are renormalised to sum to 1.
+    """
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    scale = np.float32(in_size) / np.float32(out_size)
+    for out_index in range(out_size):
+        position = (np.float32(out_index) + np.float32(0.5)) * scale - np.float32(0.5)
+        start = int(np.floor(position))
+        offset = np.rint((position - start) * KERNEL_TABLE_SIZE) / KERNEL_TABLE_SIZE
+        taps = np.arange(start - 1, start + 3)
+        inside = (taps >= 0) & (taps < in_size)
+        distances = offset - np.arange(-1, 3)
+        weights[out_index, taps[inside]] = _keys_cubic(distances[inside])
+        weights[out_index] /= weights[out_index].sum()
+    return weights.astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="bigearthnet_tf")
+class BicubicResize(keras.layers.Layer):
+    """Bicubic resampling of (batch, height, width, channels) images to a fixed size, XLA-compilable.
+
+    Equal (to float rounding) to `tf.image.resize(images, size, "bicubic")`, computed as one matrix
+    product along the rows and one along the columns; the matrices derive from the sizes alone, so
+    they are neither weights nor config.
+    """
+
+    def __init__(self, height: int, width: int, **kwargs) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.height = int(height)
+        self.width = int(width)
+
+    def build(self, input_shape) -> None:
+        if input_shape[1] is None or input_shape[2] is None:
+            raise ValueError(f"{self.name}: needs a static input height and width, got {tuple(input_shape)}")
+        self._rows = bicubic_resize_matrix(input_shape[1], self.height)
+        self._columns = bicubic_resize_matrix(input_shape[2], self.width)
+
+    def call(self, images):
+        rows = ops.convert_to_tensor(self._rows, dtype=self.compute_dtype)
+        columns = ops.convert_to_tensor(self._columns, dtype=self.compute_dtype)
+        images = ops.einsum("oh,bhwc->bowc", rows, images)
+        return ops.einsum("pw,bowc->bopc", columns, images)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.height, self.width, input_shape[3])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
 def raw_inputs(keys: Sequence[str]) -> dict[str, keras.KerasTensor]:
     """Keras inputs for the given keys of `INPUTS`, named by their key."""
     inputs = {}
@@ -194,8 +268,8 @@ def standardized(
 
 
 def upsample(image: keras.KerasTensor, size: int = PATCH_SIZE, name: str | None = None) -> keras.KerasTensor:
-    """Bicubic resampling to `size` x `size` (keras.ops.image.resize, no antialiasing)."""
-    return keras.layers.Resizing(size, size, interpolation="bicubic", dtype="float32", name=name)(image)
+    """Bicubic resampling to `size` x `size`, as `tf.image.resize` bicubic without antialiasing."""
+    return BicubicResize(size, size, name=name)(image)
 
 
 def stacked_input_keys(modality: str) -> tuple[str, ...]:
