@@ -240,7 +240,8 @@ class Archive:
             s1_name = s1_pairs_v1(self.s1_dir).get(name)
             where = self.s1_dir
         else:
-            s1_name = _v2_metadata(self.root).get(name, (None, None))[1]
+            entry = _v2_metadata(self.root).get(name)
+            s1_name = None if entry is None else entry[1]
             where = V2_METADATA
         if not s1_name:
             raise BadPatchError(name, where, "no Sentinel-1 patch is paired with this patch")
@@ -524,49 +525,81 @@ def _corresponding_s2(s1_dir: str, s1_name: str) -> str | None:
 # v2 metadata
 
 
-def _read_parquet(path: Path) -> dict[str, list]:
+def _read_parquet(path: Path, columns: tuple[str, ...]):
+    """Some columns of a metadata parquet file as a pyarrow Table; UserError naming a missing column."""
     import pyarrow.parquet as pq  # imported here: v1 never needs pyarrow
 
     try:
-        table = pq.read_table(path)
+        names = pq.read_schema(path).names
+        missing = [column for column in V2_COLUMNS if column not in names]
+        if missing:
+            raise UserError(
+                f"{path} has no column {missing[0]!r}; expected the columns {', '.join(V2_COLUMNS)}"
+            )
+        return pq.read_table(path, columns=list(columns))
+    except UserError:
+        raise
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UserError(f"{path} cannot be read as parquet: {error}") from None
-    missing = [column for column in V2_COLUMNS if column not in table.column_names]
-    if missing:
-        raise UserError(f"{path} has no column {missing[0]!r}; expected the columns {', '.join(V2_COLUMNS)}")
-    return {column: table.column(column).to_pylist() for column in V2_COLUMNS}
 
 
-@functools.lru_cache(maxsize=4)
-def _v2_tables(root: str) -> tuple[dict[str, list], dict[str, list] | None]:
-    main = _read_parquet(Path(root) / V2_METADATA)
+def _v2_tables(root: str, columns: tuple[str, ...]) -> tuple:
+    """(metadata.parquet, the snow/cloud/shadow parquet or None), these columns only."""
+    # Not cached: the split lists are asked for once per run, and the whole tables of the real
+    # archive would stay in memory in every worker process.
+    main = _read_parquet(Path(root) / V2_METADATA, columns)
     flagged_path = Path(root) / V2_SNOW_CLOUD_METADATA
-    flagged = _read_parquet(flagged_path) if flagged_path.is_file() else None
+    flagged = _read_parquet(flagged_path, columns) if flagged_path.is_file() else None
     return main, flagged
 
 
+@dataclass(frozen=True)
+class _V2Metadata:
+    """Per-patch lookups over both parquet files, kept columnar: for the 549,488 v2 patches, Python
+    lists of every column would take ~570 MB in each worker process; this takes about a third."""
+
+    rows: dict[str, int]  # patch_id -> row in the concatenation of the tables
+    labels: object  # pyarrow ChunkedArray of lists of 19-class names
+    s1_names: object  # pyarrow ChunkedArray of strings
+
+    def get(self, patch_id: str) -> tuple[list[str], str | None] | None:
+        row = self.rows.get(patch_id)
+        if row is None:
+            return None
+        return self.labels[row].as_py() or [], self.s1_names[row].as_py()
+
+
 @functools.lru_cache(maxsize=4)
-def _v2_metadata(root: str) -> dict[str, tuple[list[str], str | None]]:
-    """patch_id -> (19-class labels, s1_name), over both parquet files."""
-    entries = {}
-    for table in _v2_tables(root):
-        if table is None:
-            continue
-        for patch_id, labels, s1_name in zip(
-            table["patch_id"], table["labels"], table["s1_name"], strict=True
-        ):
-            entries[patch_id] = (labels or [], s1_name)
-    return entries
+def _v2_metadata(root: str) -> _V2Metadata:
+    import pyarrow as pa
+
+    tables = [table for table in _v2_tables(root, ("patch_id", "labels", "s1_name")) if table is not None]
+    patch_ids = [name for table in tables for name in table.column("patch_id").to_pylist()]
+    return _V2Metadata(
+        rows={name: row for row, name in enumerate(patch_ids)},
+        labels=pa.chunked_array([chunk for t in tables for chunk in t.column("labels").chunks]),
+        s1_names=pa.chunked_array([chunk for t in tables for chunk in t.column("s1_name").chunks]),
+    )
 
 
-def official_v2_splits(root: str | os.PathLike, include_snow_cloud: bool = False) -> dict[str, list[str]]:
-    """Splits `train`, `validation`, `test` of a v2 archive from its parquet files (snow/cloud left out)."""
+def _columns(table, *names: str) -> list[list]:
+    return [table.column(name).to_pylist() for name in names]
+
+
+def _v2_top(root: str | os.PathLike) -> Path:
     top = Path(root)
     if top.name == V2_S2_FOLDER and not (top / V2_METADATA).is_file():
         top = top.parent
     if not (top / V2_METADATA).is_file():
         raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_METADATA} is missing")
-    main, flagged = _v2_tables(str(top))
+    return top
+
+
+def official_v2_splits(root: str | os.PathLike, include_snow_cloud: bool = False) -> dict[str, list[str]]:
+    """Splits `train`, `validation`, `test` of a v2 archive from its parquet files (snow/cloud left out)."""
+    top = _v2_top(root)
+    flags = ("contains_seasonal_snow", "contains_cloud_or_shadow")
+    main, flagged = _v2_tables(str(top), ("patch_id", "split", *flags))
     tables = [main]
     if include_snow_cloud:
         if flagged is None:
@@ -576,14 +609,7 @@ def official_v2_splits(root: str | os.PathLike, include_snow_cloud: bool = False
         tables.append(flagged)
     splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
     for table in tables:
-        rows = zip(
-            table["patch_id"],
-            table["split"],
-            table["contains_seasonal_snow"],
-            table["contains_cloud_or_shadow"],
-            strict=True,
-        )
-        for patch_id, split, snow, cloud in rows:
+        for patch_id, split, snow, cloud in zip(*_columns(table, "patch_id", "split", *flags), strict=True):
             if (snow or cloud) and not include_snow_cloud:
                 continue
             split = "validation" if split == "val" else split
@@ -596,20 +622,15 @@ def official_v2_splits(root: str | os.PathLike, include_snow_cloud: bool = False
 
 
 def snow_cloud_v2(root: str | os.PathLike) -> frozenset[str]:
-    """v2 patch_ids flagged with seasonal snow, clouds or cloud shadows (in either parquet file)."""
-    top = Path(root)
-    if top.name == V2_S2_FOLDER and not (top / V2_METADATA).is_file():
-        top = top.parent
-    flagged_names = set()
-    for table in _v2_tables(str(top)):
+    """v2 patch_ids with seasonal snow, clouds or cloud shadows (flagged or listed in the parquet files)."""
+    columns = ("patch_id", "contains_seasonal_snow", "contains_cloud_or_shadow")
+    main, flagged = _v2_tables(str(_v2_top(root)), columns)
+    names: set[str] = set()
+    for table in (main, flagged):
         if table is None:
             continue
-        for patch_id, snow, cloud in zip(
-            table["patch_id"], table["contains_seasonal_snow"], table["contains_cloud_or_shadow"], strict=True
-        ):
-            if snow or cloud:
-                flagged_names.add(patch_id)
-    main, flagged = _v2_tables(str(top))
+        rows = zip(*_columns(table, *columns), strict=True)
+        names.update(patch_id for patch_id, snow, cloud in rows if snow or cloud)
     if flagged is not None:
-        flagged_names.update(flagged["patch_id"])
-    return frozenset(flagged_names)
+        names.update(flagged.column("patch_id").to_pylist())
+    return frozenset(names)
