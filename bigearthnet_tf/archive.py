@@ -245,6 +245,10 @@ class Archive:
             where = V2_METADATA
         if not s1_name:
             raise BadPatchError(name, where, "no Sentinel-1 patch is paired with this patch")
+        try:
+            check_patch_name(s1_name)  # it becomes a path: metadata must not lead out of the S1 folder
+        except UserError:
+            raise BadPatchError(name, where, f"invalid Sentinel-1 patch name {s1_name!r}") from None
         return s1_name
 
     def official_splits(self, include_snow_cloud: bool = False) -> dict[str, list[str]]:

@@ -515,6 +515,15 @@ def test_v2_bad_patches(tiny_v2):
         archive.read_patch("nounderscores")
 
 
+def test_s1_name_from_metadata_cannot_leave_the_s1_folder(tiny_v2):
+    _write_v2_metadata(
+        tiny_v2, [{"patch_id": V2_ID, "labels": ["Pastures"], "split": "train", "s1_name": "../../x"}]
+    )
+    with pytest.raises(BadPatchError) as caught:
+        open_archive(tiny_v2, s1_root=tiny_v2).read_patch(V2_ID)
+    assert str(caught.value) == f"patch {V2_ID}: metadata.parquet: invalid Sentinel-1 patch name '../../x'"
+
+
 def test_official_v2_splits_leave_out_snow_and_cloud_unless_asked(tiny_v2):
     prefix = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_"
     assert official_v2_splits(tiny_v2) == {
