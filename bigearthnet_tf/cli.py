@@ -69,6 +69,14 @@ def _models(args: argparse.Namespace) -> None:
     print_model_table(label_type=args.label_type, as_json=args.json)
 
 
+def _stats(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.stats import format_statistics_table, write_band_statistics
+
+    stats = write_band_statistics(args.files, args.out, modality=args.modality, overwrite=args.overwrite)
+    print(format_statistics_table(stats))
+    print(f"written to {args.out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from bigearthnet_tf.demo import run_demo
 
@@ -110,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--label-type", default="BigEarthNet-19", help="original or BigEarthNet-19")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     models.set_defaults(run=_models)
+
+    stats = commands.add_parser("stats", help="per-band mean and std of prepared records, as a JSON file")
+    stats.add_argument("files", nargs="+", help="TFRecord files, globs or folders (e.g. a split's shards)")
+    stats.add_argument("--out", type=Path, required=True, help="statistics file to write (.json)")
+    stats.add_argument(
+        "--modality", choices=("S2", "S1", "MM"), default=None, help="bands (default: all the files hold)"
+    )
+    stats.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
+    stats.set_defaults(run=_stats)
 
     demo = commands.add_parser("demo", help="synthesise, prepare, train and evaluate end to end")
     demo.add_argument("--out", type=Path, default=None, help="output folder (default: a new one here)")
