@@ -1,0 +1,884 @@
+"""Archive -> TFRecords: parallel over all cores, deterministic, atomic, resumable, `--skip-bad`.
+
+`prepare(...)` (the `bigearthnet prepare` and `prep_splits.py` command) reads the patches named by
+split lists and writes one `tf.train.Example` per patch (`records.py`), in list order.
+
+Output layout in `out`:
+
+- default format: `<split>-<i:05d>-of-<n:05d>.tfrecord`, shard `i` holding patches
+  `[i * shard_size, (i + 1) * shard_size)` of the split's list (bad patches left out with `skip_bad`);
+  the shard count depends only on the list and `shard_size`, never on `workers`, so a restarted run
+  finds the same shards. A split always has at least one shard (an empty list gives one empty file).
+- legacy format: exactly one `<split>.tfrecord` per split in the 2019 schema. Workers write parts of
+  `LEGACY_PART_SIZE` patches; the parts are concatenated in order when a split is complete.
+- `dataset.json`, the manifest (written last; its presence means the set is complete)::
+
+      format               "default" | "legacy"
+      format_version       1 (the `format_version` in each default record) | null (legacy)
+      archive_version      1 | 2
+      modalities           ["S2"] | ["S2", "S1"]
+      bands                record key -> band names stored there, channels last
+                           (default: bands_10m/20m/60m[, bands_s1]; legacy: B01 ... B12[, VV, VH])
+      shapes               record key -> array shape ([120, 120, 4], ...; legacy [20, 20], ...)
+      label_types          ["original", "BigEarthNet-19"] (v1) | ["BigEarthNet-19"] (v2)
+      labels               label type -> class names in index order (the multi-hot order)
+      shard_size           patches per shard (default format) | null (legacy)
+      splits               split -> {"files": [...], "patches": written, "skipped": count}
+      patches, skipped     totals
+      skipped_report       "skipped.csv" with skip_bad, else null
+      created_by           "bigearthnet-tf <version>"
+
+- `skipped.csv` (only with `skip_bad`): header `split,patch,file,reason`, one row per skipped patch.
+
+Atomicity and restarts: everything is first written under `out/.prepare-work/` (temporary names
+carry the writer's pid) and renamed into place when complete. `job.json` there fingerprints the job
+(archive, lists, format, shard size, S1, skip_bad) and `journal.jsonl` records each finished shard or
+part. A run killed at any moment and started again with the same arguments keeps the finished shards
+the journal vouches for, deletes temporary files, and redoes the rest; the work folder is removed when
+the manifest is written. Existing outputs that do not belong to such an unfinished job are never
+replaced unless `overwrite=True` (then the old files of these splits are deleted first).
+
+Bad input (missing band file, wrong raster size, unreadable or truncated TIFF, malformed JSON,
+unknown label, listed patch with no folder): by default the run stops with `archive.BadPatchError`
+(`patch <name>: <file>: <reason>`) and leaves no TFRecord file of this job behind; with `skip_bad` such
+patches are left out, listed in `skipped.csv` and counted in the manifest.
+
+Workers are started with the `forkserver` method: the parent may have imported TensorFlow (tests,
+the demo), and workers need only numpy, the TIFF reader and this module, so they start in
+milliseconds and never touch TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigearthnet_tf import __version__
+from bigearthnet_tf.archive import (
+    SPLIT_ALIASES,
+    Archive,
+    BadPatchError,
+    open_archive,
+    read_split_csv,
+    split_name,
+)
+from bigearthnet_tf.constants import (
+    BANDS_BY_NAME,
+    BIGEARTHNET_19,
+    BIGEARTHNET_19_LABELS,
+    GROUP_SIZES,
+    ORIGINAL,
+    ORIGINAL_LABELS,
+    PATCH_SIZE,
+    RESOLUTION_GROUPS,
+    S1_BAND_NAMES,
+    S2_BAND_NAMES,
+)
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.records import FORMAT_VERSION, SERIALIZERS, RecordWriter
+
+__all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "MANIFEST_NAME"]
+
+# ~80 MB per shard in the default format (about 160 kB per S2 record): large enough for efficient
+# sequential reads, small enough that a few thousand patches still spread over all cores.
+DEFAULT_SHARD_SIZE = 512
+# Patches per worker task in the legacy format (parts are concatenated into one file per split).
+LEGACY_PART_SIZE = 256
+FORMATS = tuple(SERIALIZERS)
+
+MANIFEST_NAME = "dataset.json"
+SKIPPED_REPORT_NAME = "skipped.csv"
+WORK_DIR_NAME = ".prepare-work"
+_JOB_FILE = "job.json"
+_JOURNAL_FILE = "journal.jsonl"
+_TFRECORD_SUFFIX = ".tfrecord"
+_TEMP_SUFFIX = ".tmp"
+_SHARD_GLOB = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]" + _TFRECORD_SUFFIX
+_PROGRESS_POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class SkippedPatch:
+    """A patch left out with `skip_bad`: which one, which file, what is wrong."""
+
+    split: str
+    patch: str
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What `prepare` wrote: files and patch counts per split, skipped patches, time taken."""
+
+    out: Path
+    record_format: str
+    files: dict[str, tuple[str, ...]]
+    patches: dict[str, int]
+    skipped: tuple[SkippedPatch, ...]
+    seconds: float
+    resumed_patches: int = 0
+
+    @property
+    def total_patches(self) -> int:
+        """Patches written over all splits."""
+        return sum(self.patches.values())
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One worker task: a shard (default format) or a part of a split (legacy), written in list order."""
+
+    split: str
+    index: int
+    file_name: str  # final name: a shard in `out`, or a part in the work folder
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _UnitResult:
+    file_name: str
+    written: int
+    size: int
+    skipped: tuple[tuple[str, str, str], ...]  # (patch, file, reason)
+    error: tuple[str, str, str] | None = None  # the first bad patch when not skipping
+
+
+@dataclass
+class _Plan:
+    out: Path
+    work_dir: Path
+    record_format: str
+    shard_size: int | None
+    archive: Archive
+    splits: dict[str, list[str]]
+    units: list[_Unit]
+    # Final files in `out` per split, in order.
+    files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def _shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}{_TFRECORD_SUFFIX}"
+
+
+def _part_name(split: str, index: int) -> str:
+    return f"{split}.part-{index:05d}"
+
+
+def _chunks(names: Sequence[str], size: int) -> list[tuple[str, ...]]:
+    """`names` cut into consecutive chunks of `size`; at least one (possibly empty) chunk."""
+    count = max(1, math.ceil(len(names) / size))
+    return [tuple(names[i * size : (i + 1) * size]) for i in range(count)]
+
+
+def _plan_units(plan: _Plan) -> None:
+    for split, names in plan.splits.items():
+        if plan.record_format == "default":
+            chunks = _chunks(names, plan.shard_size)
+            shard_names = [_shard_name(split, i, len(chunks)) for i in range(len(chunks))]
+            plan.units.extend(_Unit(split, i, shard_names[i], chunk) for i, chunk in enumerate(chunks))
+            plan.files[split] = tuple(shard_names)
+        else:
+            chunks = _chunks(names, LEGACY_PART_SIZE)
+            plan.units.extend(_Unit(split, i, _part_name(split, i), chunk) for i, chunk in enumerate(chunks))
+            plan.files[split] = (split + _TFRECORD_SUFFIX,)
+
+
+def _fingerprint(plan: _Plan, skip_bad: bool) -> str:
+    """A digest of everything that decides the output bytes; a restart resumes only when it matches."""
+    job = {
+        "format": plan.record_format,
+        "format_version": FORMAT_VERSION,
+        "shard_size": plan.shard_size,
+        "legacy_part_size": LEGACY_PART_SIZE,
+        "archive": [plan.archive.version, os.path.realpath(plan.archive.s2_dir)],
+        "s1": None if plan.archive.s1_dir is None else os.path.realpath(plan.archive.s1_dir),
+        "skip_bad": skip_bad,
+        "splits": plan.splits,
+        "created_by": __version__,
+    }
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _missing_patches(archive: Archive, names: Sequence[str]) -> list[str]:
+    """The names without a patch folder, in order. v1 lists its one folder of patch folders once
+    (a stat per name costs seconds over the 519,284 official names); v2 asks the archive."""
+    if archive.version != 1:
+        return archive.missing_patches(names)
+    with os.scandir(archive.s2_dir) as entries:
+        present = {entry.name for entry in entries if entry.is_dir()}
+    return [name for name in names if name not in present]
+
+
+def _resolve_splits(
+    archive: Archive,
+    split_files: Sequence[str | os.PathLike] | None,
+    official_splits: bool,
+    exclude_snow_cloud: bool,
+    include_snow_cloud: bool,
+    skip_bad: bool,
+    say: Callable[[str], None],
+) -> tuple[dict[str, list[str]], list[SkippedPatch]]:
+    """Split name -> patch names in list order, and the listed patches that have no folder (skip_bad)."""
+    if include_snow_cloud and (archive.version != 2 or not official_splits):
+        raise UserError(
+            "--include-snow-cloud applies to the official v2 splits only (the v1 lists and user CSVs "
+            "are taken as given; use --exclude-snow-cloud to drop flagged patches from CSVs)"
+        )
+    if official_splits and split_files:
+        raise UserError("give either split files or the official splits, not both")
+    if official_splits:
+        if exclude_snow_cloud:
+            raise UserError(
+                "--exclude-snow-cloud applies to split CSVs; the official splits already leave out snow/cloud"
+            )
+        splits = archive.official_splits(include_snow_cloud=include_snow_cloud)
+        listed = sum(len(names) for names in splits.values())
+        missing = set(_missing_patches(archive, [name for names in splits.values() for name in names]))
+        if len(missing) == listed:
+            raise UserError(
+                f"none of the {listed:,} patches of the official v{archive.version} splits is in "
+                f"{archive.s2_dir}; is this the right archive root?"
+            )
+        if missing:
+            # A partial archive (the example patches, a download in progress) is a normal use of the
+            # official lists, so their absent patches are not errors: report the count and go on.
+            splits = {split: [n for n in names if n not in missing] for split, names in splits.items()}
+            say(
+                f"official v{archive.version} splits: {listed - len(missing):,} of {listed:,} listed patches "
+                f"are in {archive.s2_dir}; preparing those"
+            )
+        return splits, []
+
+    if not split_files:
+        raise UserError("no split files given; pass CSV files (-n train.csv val.csv test.csv) or --official")
+    splits: dict[str, list[str]] = {}
+    sources: dict[str, Path] = {}
+    for split_file in split_files:
+        path = Path(split_file)
+        split = split_name(path)
+        for other in (split, SPLIT_ALIASES.get(split)):
+            if other in sources:
+                raise UserError(f"{path} and {sources[other]} both name split {split!r}")
+        sources[split] = path
+        splits[split] = read_split_csv(path)
+    if exclude_snow_cloud:
+        flagged = archive.snow_cloud()
+        for split, names in splits.items():
+            kept = [name for name in names if name not in flagged]
+            if len(kept) != len(names):
+                say(f"{split}: left out {len(names) - len(kept):,} snow/cloud/shadow patches")
+            splits[split] = kept
+
+    skipped: list[SkippedPatch] = []
+    for split, names in splits.items():
+        missing = _missing_patches(archive, names)
+        if not missing:
+            continue
+        if not skip_bad:
+            raise BadPatchError(
+                missing[0],
+                archive.patch_folder(missing[0]),
+                f"listed in {sources[split]} but no such patch folder",
+            )
+        gone = set(missing)
+        splits[split] = [name for name in names if name not in gone]
+        skipped.extend(
+            SkippedPatch(
+                split,
+                name,
+                archive.patch_folder(name),
+                f"listed in {sources[split]} but no such patch folder",
+            )
+            for name in missing
+        )
+    return splits, skipped
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+# Set in each worker by `_init_worker` (or in the parent for in-process runs).
+_archive: Archive | None = None
+_record_format = "default"
+_skip_bad = False
+_work_dir = ""
+_out = ""
+_on_patch: Callable[[], None] = lambda: None  # noqa: E731
+
+
+def _init_worker(
+    archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str, counter
+) -> None:
+    """Worker set-up: remember the job and count patches in a shared counter for the progress bar."""
+    import signal
+
+    # The parent handles Ctrl-C and terminates the pool; workers must not die mid-write on their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _configure(archive, record_format, skip_bad, work_dir, out)
+
+    def count_patch() -> None:
+        with counter.get_lock():
+            counter.value += 1
+
+    global _on_patch
+    _on_patch = count_patch
+
+
+def _configure(archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str) -> None:
+    global _archive, _record_format, _skip_bad, _work_dir, _out
+    _archive, _record_format, _skip_bad, _work_dir, _out = archive, record_format, skip_bad, work_dir, out
+
+
+def _write_unit(unit: _Unit) -> _UnitResult:
+    """Read, encode and write one unit to a temporary file, then rename it to its final name."""
+    serialize = SERIALIZERS[_record_format]
+    temporary = os.path.join(_work_dir, f"{unit.file_name}.{os.getpid()}{_TEMP_SUFFIX}")
+    final_dir = _out if _record_format == "default" else _work_dir
+    skipped: list[tuple[str, str, str]] = []
+    with RecordWriter(temporary) as writer:
+        for name in unit.names:
+            try:
+                record = serialize(_archive.read_patch(name))
+            except BadPatchError as error:
+                if not _skip_bad:
+                    writer.close()
+                    os.unlink(temporary)
+                    return _UnitResult(unit.file_name, 0, 0, (), (error.patch, error.file, error.reason))
+                skipped.append((error.patch, error.file, error.reason))
+            else:
+                writer.write(record)
+            _on_patch()
+        writer.flush(sync=True)
+        written = writer.count
+    size = os.path.getsize(temporary)
+    os.replace(temporary, os.path.join(final_dir, unit.file_name))
+    return _UnitResult(unit.file_name, written, size, tuple(skipped))
+
+
+# --- the job folder: fingerprint, journal, clean-up ------------------------------------------------
+
+
+def _read_journal(work_dir: Path) -> dict[str, dict]:
+    """Finished files recorded by an earlier run of the same job (a torn last line is ignored)."""
+    entries: dict[str, dict] = {}
+    try:
+        text = (work_dir / _JOURNAL_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return entries
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        entries[entry["file"]] = entry
+    return entries
+
+
+def _journal_append(work_dir: Path, entry: dict) -> None:
+    with open(work_dir / _JOURNAL_FILE, "a", encoding="utf-8") as journal:
+        journal.write(json.dumps(entry) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+
+
+def _write_atomically(path: Path, text: str, work_dir: Path) -> None:
+    temporary = work_dir / f"{path.name}.{os.getpid()}{_TEMP_SUFFIX}"
+    with open(temporary, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _remove_temporaries(work_dir: Path) -> None:
+    for entry in os.scandir(work_dir):
+        if entry.name.endswith(_TEMP_SUFFIX):
+            os.unlink(entry.path)
+
+
+def _final_paths(plan: _Plan) -> list[Path]:
+    return [plan.out / name for names in plan.files.values() for name in names]
+
+
+def _stale_outputs(plan: _Plan) -> list[Path]:
+    """Files in `out` that this job would replace or that would mix with it (other shard counts)."""
+    found = [plan.out / MANIFEST_NAME, plan.out / SKIPPED_REPORT_NAME, *_final_paths(plan)]
+    for split in plan.splits:
+        found.append(plan.out / (split + _TFRECORD_SUFFIX))
+        found.extend(plan.out.glob(glob.escape(split) + _SHARD_GLOB))
+    unique = dict.fromkeys(path for path in found if path.exists())
+    return list(unique)
+
+
+def _discard_job(plan: _Plan) -> None:
+    """Remove every file of this job: temporaries, parts, and the shards it has renamed into place."""
+    for path in _final_paths(plan):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+
+
+def _start_or_resume(plan: _Plan, overwrite: bool, say: Callable[[str], None]) -> dict[str, dict]:
+    """Make the work folder ready; return the journal entries of files finished by an earlier run."""
+    job_file = plan.work_dir / _JOB_FILE
+    try:
+        previous = json.loads(job_file.read_text(encoding="utf-8")).get("fingerprint")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        previous = None
+
+    if previous == plan.fingerprint:
+        _remove_temporaries(plan.work_dir)
+        journal = _read_journal(plan.work_dir)
+        done = {}
+        parts = {unit.file_name for unit in plan.units} if plan.record_format == "legacy" else set()
+        for name, entry in journal.items():
+            path = (plan.work_dir if name in parts else plan.out) / name
+            if path.exists() and path.stat().st_size == entry["bytes"]:
+                done[name] = entry
+        # Parts that the journal does not vouch for are redone.
+        for entry in os.scandir(plan.work_dir):
+            if entry.name in parts and entry.name not in done:
+                os.unlink(entry.path)
+        if done:
+            say(f"resuming an unfinished run in {plan.out}: {len(done)} finished file(s) kept")
+        return done
+
+    if plan.work_dir.exists():
+        if not overwrite:
+            raise UserError(
+                f"{plan.work_dir} holds an unfinished preparation with other arguments; rerun that "
+                "command to finish it, or pass --overwrite to discard it"
+            )
+        shutil.rmtree(plan.work_dir)
+    stale = _stale_outputs(plan)
+    if stale and not overwrite:
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
+    for path in stale:
+        path.unlink()
+    plan.work_dir.mkdir(parents=True)
+    _write_atomically(job_file, json.dumps({"fingerprint": plan.fingerprint}) + "\n", plan.work_dir)
+    return {}
+
+
+def _concatenate(parts: Sequence[Path], destination: Path, work_dir: Path) -> int:
+    """Concatenate part files into `destination` atomically; returns its size."""
+    temporary = work_dir / f"{destination.name}.{os.getpid()}{_TEMP_SUFFIX}"
+    with open(temporary, "wb") as target:
+        for part in parts:
+            with open(part, "rb") as source:
+                remaining = os.fstat(source.fileno()).st_size
+                try:
+                    while remaining > 0:
+                        copied = os.copy_file_range(source.fileno(), target.fileno(), remaining)
+                        if copied == 0:
+                            break
+                        remaining -= copied
+                except OSError:  # file systems without copy_file_range
+                    source.seek(0)
+                    target.seek(0, io.SEEK_END)
+                    shutil.copyfileobj(source, target, 1 << 20)
+                    remaining = 0
+        target.flush()
+        os.fsync(target.fileno())
+        size = target.tell()
+    os.replace(temporary, destination)
+    return size
+
+
+# --- manifest, report, summary -------------------------------------------------------------------
+
+
+def _manifest(plan: _Plan, patches: dict[str, int], skipped: dict[str, int], skip_bad: bool) -> dict:
+    with_s1 = plan.archive.s1_dir is not None
+    if plan.record_format == "default":
+        bands = {f"bands_{group}": list(names) for group, names in RESOLUTION_GROUPS.items()}
+        shapes = {
+            f"bands_{group}": [GROUP_SIZES[group], GROUP_SIZES[group], len(names)]
+            for group, names in RESOLUTION_GROUPS.items()
+        }
+        if with_s1:
+            bands["bands_s1"] = list(S1_BAND_NAMES)
+            shapes["bands_s1"] = [PATCH_SIZE, PATCH_SIZE, len(S1_BAND_NAMES)]
+    else:
+        bands = {name: [name] for name in S2_BAND_NAMES}
+        shapes = {name: [BANDS_BY_NAME[name].size] * 2 for name in S2_BAND_NAMES}
+        if with_s1:
+            bands.update({name: [name] for name in S1_BAND_NAMES})
+            shapes.update({name: [PATCH_SIZE, PATCH_SIZE] for name in S1_BAND_NAMES})
+    label_types = [ORIGINAL, BIGEARTHNET_19] if plan.archive.version == 1 else [BIGEARTHNET_19]
+    labels = {ORIGINAL: list(ORIGINAL_LABELS), BIGEARTHNET_19: list(BIGEARTHNET_19_LABELS)}
+    return {
+        "format": plan.record_format,
+        "format_version": FORMAT_VERSION if plan.record_format == "default" else None,
+        "archive_version": plan.archive.version,
+        "modalities": ["S2", "S1"] if with_s1 else ["S2"],
+        "bands": bands,
+        "shapes": shapes,
+        "label_types": label_types,
+        "labels": {label_type: labels[label_type] for label_type in label_types},
+        "shard_size": plan.shard_size,
+        "splits": {
+            split: {"files": list(plan.files[split]), "patches": patches[split], "skipped": skipped[split]}
+            for split in plan.splits
+        },
+        "patches": sum(patches.values()),
+        "skipped": sum(skipped.values()),
+        "skipped_report": SKIPPED_REPORT_NAME if skip_bad else None,
+        "created_by": f"bigearthnet-tf {__version__}",
+    }
+
+
+def _skipped_report(skipped: Sequence[SkippedPatch]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["split", "patch", "file", "reason"])
+    writer.writerows((item.split, item.patch, item.file, item.reason) for item in skipped)
+    return buffer.getvalue()
+
+
+def _print_summary(summary: PrepareSummary, console) -> None:
+    rate = summary.total_patches / summary.seconds if summary.seconds > 0 else 0.0
+    lines = [
+        f"prepared {summary.total_patches:,} patches ({summary.record_format} format) in "
+        f"{summary.seconds:.1f} s, {rate:,.0f} patches/s -> {summary.out}"
+    ]
+    skipped_by_split: dict[str, int] = {}
+    for item in summary.skipped:
+        skipped_by_split[item.split] = skipped_by_split.get(item.split, 0) + 1
+    for split, count in summary.patches.items():
+        files = len(summary.files[split])
+        lines.append(
+            f"  {split}: {count:,} patches in {files} file{'s' if files != 1 else ''}"
+            + (f", {skipped_by_split[split]:,} skipped" if split in skipped_by_split else "")
+        )
+    lines.append(
+        f"  skipped: {len(summary.skipped):,}"
+        + (f" (see {summary.out / SKIPPED_REPORT_NAME})" if summary.skipped else "")
+    )
+    if summary.resumed_patches:
+        lines.append(f"  resumed: {summary.resumed_patches:,} patches were already done by an earlier run")
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def _progress_bar(console):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class PatchRateColumn(ProgressColumn):
+        """Patches per second, smoothed by rich over the last seconds."""
+
+        def render(self, task) -> Text:
+            # Average over this run (patches done by an earlier run do not count).
+            done = task.completed - task.fields.get("resumed", 0)
+            if not task.elapsed or done <= 0:
+                return Text("-- patches/s", style="progress.data.speed")
+            return Text(f"{done / task.elapsed:,.0f} patches/s", style="progress.data.speed")
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        PatchRateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """How worker processes start: `fork` when that is safe, else a `forkserver` started right away.
+
+    Forking copies this process in milliseconds, which is safe while it runs no other thread and
+    has not loaded TensorFlow (whose threads and locks a fork must not copy): the command line case.
+    Otherwise (tests, the demo, notebooks) workers come from a fork server, a fresh interpreter that
+    imports only this module; it is started here so that its imports overlap the planning.
+    """
+    if (
+        "fork" in multiprocessing.get_all_start_methods()
+        and "tensorflow" not in sys.modules
+        and threading.active_count() == 1
+    ):
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    # `__main__` stays first as in multiprocessing's default, so workers do not re-import the script.
+    context.set_forkserver_preload(["__main__", __name__])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return context
+
+
+class _Workers:
+    """Runs units in worker processes (or in this process for one worker), yielding results as they end."""
+
+    def __init__(
+        self,
+        units: list[_Unit],
+        workers: int,
+        context: multiprocessing.context.BaseContext | None,
+        settings: tuple,
+    ) -> None:
+        self._units = units
+        self._pool = None
+        if context is not None and workers > 1 and len(units) > 1:
+            self._counter = context.Value("q", 0)
+            self._pool = context.Pool(
+                min(workers, len(units)), initializer=_init_worker, initargs=(*settings, self._counter)
+            )
+        else:
+            _configure(*settings)
+
+    def results(self, advance: Callable[[int], None]) -> Iterator[_UnitResult]:
+        """Run every unit; `advance(n)` is called as patches get done."""
+        global _on_patch
+        if self._pool is None:
+            _on_patch = lambda: advance(1)  # noqa: E731
+            try:
+                for unit in self._units:
+                    yield _write_unit(unit)
+            finally:
+                _on_patch = lambda: None  # noqa: E731
+            return
+        seen = 0
+        results = self._pool.imap_unordered(_write_unit, self._units)
+        while True:
+            try:
+                result = results.next(timeout=_PROGRESS_POLL_SECONDS)
+            except multiprocessing.TimeoutError:
+                result = None
+            except StopIteration:
+                break
+            current = self._counter.value
+            advance(current - seen)
+            seen = current
+            if result is not None:
+                yield result
+
+    def close(self) -> None:
+        """Stop the workers (at once: on success they are idle, on failure their work is discarded)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+
+def prepare(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    split_files: Sequence[str | os.PathLike] | None = None,
+    official_splits: bool = False,
+    record_format: str = "default",
+    workers: int | None = None,
+    shard_size: int | None = None,
+    exclude_snow_cloud: bool = False,
+    include_snow_cloud: bool = False,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    version: int | None = None,
+    s1_root: str | os.PathLike | None = None,
+    *,
+    show_progress: bool = True,
+) -> PrepareSummary:
+    """Convert the patches of the given splits into TFRecord files in `out` (see the module docstring).
+
+    Args:
+        root: archive root (v1: the folder of patch folders or its parent; v2: the folder holding
+            metadata.parquet).
+        out: output folder, created if needed.
+        split_files: split lists (CSV, one patch name per line); each file's base name names its
+            split (`val` and `validation` are the same split and may not both be given).
+        official_splits: use the official splits instead. v1: bigearthnet-common's train/val/test
+            lists, restricted to the patches present under `root` (a partial archive is normal
+            here, so absent patches are counted and reported, not errors; none present is an
+            error). v2: the parquet's train/validation/test.
+        record_format: "default" (raw pixel bytes, sharded) or "legacy" (the 2019 schema).
+        workers: worker processes; default: all usable cores. 1 runs in this process.
+        shard_size: patches per shard in the default format (default `DEFAULT_SHARD_SIZE`).
+        exclude_snow_cloud: drop patches on the snow and cloud/shadow lists from split CSVs.
+        include_snow_cloud: v2 official splits: keep the flagged patches.
+        skip_bad: leave out unreadable patches and list them in `skipped.csv` instead of stopping.
+        overwrite: replace existing outputs of these splits.
+        version: archive version 1 or 2; detected when None.
+        s1_root: Sentinel-1 archive root; adds VV and VH to every record.
+        show_progress: print the progress bar and the summary.
+
+    Raises:
+        BadPatchError: a patch cannot be read (and `skip_bad` is False); no record file is left.
+        UserError: bad arguments, existing outputs without `overwrite`.
+    """
+    started = time.perf_counter()
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=not show_progress, highlight=False)
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    if record_format not in FORMATS:
+        raise UserError(f"unknown record format {record_format!r}; expected one of {', '.join(FORMATS)}")
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if shard_size is not None and record_format != "default":
+        raise UserError("--shard-size applies to the default format only; legacy writes one file per split")
+    shard_size = DEFAULT_SHARD_SIZE if shard_size is None and record_format == "default" else shard_size
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+
+    context = _worker_context() if workers > 1 else None
+    archive = open_archive(root, version=version, s1_root=s1_root)
+    splits, missing = _resolve_splits(
+        archive, split_files, official_splits, exclude_snow_cloud, include_snow_cloud, skip_bad, say
+    )
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise UserError(f"output folder {out_path} exists and is not a folder")
+    out_path.mkdir(parents=True, exist_ok=True)
+    plan = _Plan(out_path, out_path / WORK_DIR_NAME, record_format, shard_size, archive, splits, [])
+    _plan_units(plan)
+    plan.fingerprint = _fingerprint(plan, skip_bad)
+    done = _start_or_resume(plan, overwrite, say)
+
+    skipped: dict[str, list[SkippedPatch]] = {split: [] for split in splits}
+    for item in missing:
+        skipped[item.split].append(item)
+    written = {split: 0 for split in splits}
+    unit_split = {unit.file_name: unit.split for unit in plan.units}
+    parts_left = {split: 0 for split in splits}
+    part_entries: dict[str, dict[str, dict]] = {split: {} for split in splits}
+
+    def record_result(split: str, entry: dict) -> None:
+        written[split] += entry["patches"]
+        skipped[split].extend(SkippedPatch(split, *item) for item in entry["skipped"])
+
+    # What an earlier run of this job finished stays; legacy splits whose file is done need no parts.
+    finished_splits = (
+        {split for split in splits if plan.files[split][0] in done} if record_format == "legacy" else set()
+    )
+    pending: list[_Unit] = []
+    resumed = 0
+    for split in finished_splits:
+        record_result(split, done[plan.files[split][0]])
+        resumed += done[plan.files[split][0]]["patches"] + len(done[plan.files[split][0]]["skipped"])
+    for unit in plan.units:
+        if unit.split in finished_splits:
+            continue
+        if unit.file_name in done:
+            entry = done[unit.file_name]
+            resumed += len(unit.names)
+            if record_format == "legacy":
+                part_entries[unit.split][unit.file_name] = entry
+            else:
+                record_result(unit.split, entry)
+        else:
+            pending.append(unit)
+            if record_format == "legacy":
+                parts_left[unit.split] += 1
+    # Largest first, so the last tasks are short and no core waits long at the end.
+    pending.sort(key=lambda unit: -len(unit.names))
+
+    def finish_legacy_split(split: str) -> None:
+        units = [unit for unit in plan.units if unit.split == split]
+        entries = [part_entries[split][unit.file_name] for unit in units]
+        destination = plan.out / plan.files[split][0]
+        size = _concatenate([plan.work_dir / unit.file_name for unit in units], destination, plan.work_dir)
+        entry = {
+            "file": destination.name,
+            "bytes": size,
+            "patches": sum(e["patches"] for e in entries),
+            "skipped": [item for e in entries for item in e["skipped"]],
+        }
+        _journal_append(plan.work_dir, entry)
+        record_result(split, entry)
+        for unit in units:
+            (plan.work_dir / unit.file_name).unlink()
+
+    for split in splits:
+        if record_format == "legacy" and split not in finished_splits and parts_left[split] == 0:
+            finish_legacy_split(split)
+
+    total = sum(len(unit.names) for unit in plan.units)
+    progress = _progress_bar(console)
+    task = progress.add_task("preparing", total=total, completed=resumed, resumed=resumed)
+    # Workers start before the progress bar's refresh thread, so a fork copies no running thread.
+    settings = (plan.archive, plan.record_format, skip_bad, str(plan.work_dir), str(plan.out))
+    try:
+        # closing(): on an error the workers are stopped before this job's files are removed.
+        with contextlib.closing(_Workers(pending, workers, context, settings)) as runner, progress:
+            for result in runner.results(lambda n: progress.advance(task, n)):
+                if result.error is not None:
+                    raise BadPatchError(*result.error)
+                entry = {
+                    "file": result.file_name,
+                    "bytes": result.size,
+                    "patches": result.written,
+                    "skipped": [list(item) for item in result.skipped],
+                }
+                _journal_append(plan.work_dir, entry)
+                split = unit_split[result.file_name]
+                if record_format == "default":
+                    record_result(split, entry)
+                else:
+                    part_entries[split][result.file_name] = entry
+                    parts_left[split] -= 1
+                    if parts_left[split] == 0:
+                        finish_legacy_split(split)
+            progress.update(task, completed=total)
+    except BadPatchError:
+        _discard_job(plan)
+        raise
+    except BaseException:
+        # Interrupted or failed for another reason: finished files stay for a restart.
+        if plan.work_dir.exists():
+            _remove_temporaries(plan.work_dir)
+        raise
+
+    all_skipped = [item for split in splits for item in skipped[split]]
+    if skip_bad:
+        _write_atomically(plan.out / SKIPPED_REPORT_NAME, _skipped_report(all_skipped), plan.work_dir)
+    manifest = _manifest(plan, written, {split: len(skipped[split]) for split in splits}, skip_bad)
+    _write_atomically(plan.out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", plan.work_dir)
+    shutil.rmtree(plan.work_dir)
+
+    summary = PrepareSummary(
+        out=plan.out,
+        record_format=record_format,
+        files=dict(plan.files),
+        patches=written,
+        skipped=tuple(all_skipped),
+        seconds=time.perf_counter() - started,
+        resumed_patches=resumed,
+    )
+    if show_progress:
+        _print_summary(summary, Console(file=sys.stdout, highlight=False))
+    return summary
