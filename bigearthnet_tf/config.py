@@ -1,0 +1,631 @@
+"""The JSON configuration of `train.py` / `eval.py` as one typed, validated, frozen dataclass.
+
+Every key of the 2019 README keeps its 2019 meaning; new keys have defaults that reproduce the 2019
+behaviour. `load_config(path, purpose)` reads a file, checks every key and returns a `Config`; a mistake
+raises `ConfigError` (exit code 2 on the command line) with one line naming the file, the key and the
+value at fault.
+
+2019 keys
+---------
+| key | type | default | meaning |
+|---|---|---|---|
+| `model_name` | str | train: required | a name in the model registry (`bigearthnet models`) |
+| `label_type` | str | train: required | `original` (43 classes) or `BigEarthNet-19` |
+| `batch_size` | int | required | the global batch (all replicas together) |
+| `nb_epoch` | int | train: required | passes over the training files |
+| `learning_rate` | float | train: required | (initial) learning rate of Adam |
+| `out_dir` | path | required | logs, checkpoints (`out_dir/models/iteration-<N>`) and results |
+| `save_checkpoint_after_iteration` | int | 0 | no periodic checkpoint before this iteration |
+| `save_checkpoint_per_iteration` | int | none | a checkpoint when `N % value == 0` (none: final only) |
+| `tr_tf_record_files` | files | train: required | training TFRecords |
+| `val_tf_record_files` | files | none | validation TFRecords (validated every epoch when given) |
+| `test_tf_record_files` | files | evaluate: required | test TFRecords |
+| `fine_tune` | bool | false | start training from `model_file` |
+| `model_file` | str | evaluate: required | a checkpoint base name, e.g. `out/models/iteration-600` |
+| `shuffle_buffer_size` | int | 130000 | records shuffled (memory-capped by the input pipeline) |
+| `training_size` | int | none | size of the training set: progress total, checked against the files |
+| `test_size` | int | none | size of the test set: progress total, checked against the files |
+| `modality` | str | `S2` | `S2`, `S1` (VV, VH) or `MM` (S2 then S1) |
+
+New keys
+--------
+| key | type | default | meaning |
+|---|---|---|---|
+| `seed` | int | 42 | seeds Python, NumPy, TensorFlow, Keras and the data order |
+| `distribution` | str | `auto` | `auto`, `mirrored`, `multi_worker` (`TF_CONFIG`) or `none` |
+| `resume` | str | `never` | `auto`: continue from the newest complete checkpoint in `out_dir/models` |
+| `mixed_precision` | bool | false | bfloat16 compute on CPU, float16 with loss scaling on GPU |
+| `jit_compile` | bool | false | compile the training step with XLA |
+| `statistics_file` | path | none | JSON of per-band mean/std overriding the v1 statistics |
+| `skip_corrupt_records` | bool | false | skip (and count) unreadable records instead of failing |
+| `threshold` | float | 0.5 | probability at which a class counts as predicted (metrics) |
+| `optimizer` | str | `adam` | `adam` (2019) or `adamw` |
+| `weight_decay` | float | 0.0 | decoupled weight decay (`adamw` only) |
+| `lr_schedule` | str | `constant` | `constant` (2019) or `cosine` (decay to 0 over the run) |
+| `warmup_iterations` | int | 0 | linear warm-up from 0 to `learning_rate` over this many iterations |
+| `augmentation` | bool | false | random flips and 90-degree rotations of the training patches |
+| `early_stopping_patience` | int | none | stop after this many validations without a better macro AP |
+
+Paths
+-----
+The 2019 configs held paths relative to the working directory, and that still comes first: a relative
+input path (record files, `model_file`, `statistics_file`) is looked up in the working directory and,
+when nothing is there, in the config file's folder, so a config shipped next to its data also works.
+`out_dir` (an output) is relative to the working directory. File lists take one string or a list; each
+entry is a file, a glob (`prepared/train-*.tfrecord`) or a folder (its `*.tfrecord` files). The lists a
+purpose needs are expanded at load time into sorted absolute paths; an entry matching nothing is an
+error. The saved config holds these resolved paths, so a run can be repeated from anywhere.
+
+Keys the purpose does not use are still type-checked (one file serves `train.py` and `eval.py`, as in
+2019) but their files are not looked up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from bigearthnet_tf.constants import LABEL_TYPES
+from bigearthnet_tf.errors import ConfigError
+
+TRAIN = "train"
+EVALUATE = "evaluate"
+PURPOSES: tuple[str, ...] = (TRAIN, EVALUATE)
+
+MODALITIES: tuple[str, ...] = ("S2", "S1", "MM")
+DISTRIBUTIONS: tuple[str, ...] = ("auto", "mirrored", "multi_worker", "none")
+RESUME_MODES: tuple[str, ...] = ("never", "auto")
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+DEFAULT_SEED = 42  # the 2019 SEED
+DEFAULT_SHUFFLE_BUFFER = 130_000  # what every 2019 config used
+DEFAULT_THRESHOLD = 0.5
+RECORD_SUFFIX = ".tfrecord"  # what a folder entry of a file list expands to
+
+SAVED_CONFIG_NAMES = MappingProxyType({TRAIN: "config.json", EVALUATE: "eval_config.json"})
+
+# Names people plausibly write for a key, where difflib's spelling distance would not find it.
+KEY_HINTS = MappingProxyType(
+    {
+        "pretrained_model_path": "model_file",  # the 2019 README's name for model_file in one sentence
+        "epochs": "nb_epoch",
+        "lr": "learning_rate",
+        "model": "model_name",
+        "labels": "label_type",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration; field names are the JSON keys (see the module docstring)."""
+
+    # The 2019 keys.
+    batch_size: int
+    out_dir: Path
+    model_name: str | None = None  # required to train; evaluation takes it from the checkpoint
+    label_type: str | None = None  # idem
+    nb_epoch: int | None = None  # required to train
+    learning_rate: float | None = None  # required to train
+    save_checkpoint_after_iteration: int = 0
+    save_checkpoint_per_iteration: int | None = None
+    tr_tf_record_files: tuple[str, ...] = ()
+    val_tf_record_files: tuple[str, ...] = ()
+    test_tf_record_files: tuple[str, ...] = ()
+    fine_tune: bool = False
+    model_file: str | None = None
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER
+    training_size: int | None = None
+    test_size: int | None = None
+    modality: str = "S2"
+    # New keys.
+    seed: int = DEFAULT_SEED
+    distribution: str = "auto"
+    resume: str = "never"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    statistics_file: Path | None = None
+    skip_corrupt_records: bool = False
+    threshold: float = DEFAULT_THRESHOLD
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_iterations: int = 0
+    augmentation: bool = False
+    early_stopping_patience: int | None = None
+    # Where the config came from; not keys.
+    purpose: str = dataclasses.field(default=TRAIN, compare=False)
+    source: Path | None = dataclasses.field(default=None, compare=False)
+    statistics: Mapping[str, tuple[float, float]] | None = dataclasses.field(default=None, compare=False)
+    given_keys: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)  # set in the file
+
+    def given(self, key: str) -> bool:
+        """True when the file set `key` (to a non-null value), as opposed to it taking its default."""
+        return key in self.given_keys
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys as JSON values (paths as strings); `load_config` reads this back unchanged."""
+        values = {}
+        for name in KEY_NAMES:
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            values[name] = value
+        return values
+
+    @property
+    def saved_config_path(self) -> Path:
+        """Where the resolved config of this purpose is saved: `out_dir/config.json` for training."""
+        return self.out_dir / SAVED_CONFIG_NAMES[self.purpose]
+
+
+_NOT_A_KEY = {"purpose", "source", "statistics", "given_keys"}
+KEY_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name not in _NOT_A_KEY)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-key rules
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How one key is checked: its kind, bounds or choices, and for which purposes it is required."""
+
+    kind: str  # "int", "float", "bool", "str", "choice", "files", "input_path", "output_path", "model"
+    required_for: tuple[str, ...] = ()
+    minimum: float | None = None
+    exclusive_minimum: bool = False
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+_RULES: Mapping[str, _Rule] = MappingProxyType(
+    {
+        "model_name": _Rule("model", required_for=(TRAIN,)),
+        "label_type": _Rule("choice", required_for=(TRAIN,), choices=tuple(LABEL_TYPES)),
+        "batch_size": _Rule("int", required_for=(TRAIN, EVALUATE), minimum=1),
+        "nb_epoch": _Rule("int", required_for=(TRAIN,), minimum=1),
+        "learning_rate": _Rule("float", required_for=(TRAIN,), minimum=0, exclusive_minimum=True),
+        "out_dir": _Rule("output_path", required_for=(TRAIN, EVALUATE)),
+        "save_checkpoint_after_iteration": _Rule("int", minimum=0),
+        "save_checkpoint_per_iteration": _Rule("int", minimum=1),
+        "tr_tf_record_files": _Rule("files", required_for=(TRAIN,)),
+        "val_tf_record_files": _Rule("files"),
+        "test_tf_record_files": _Rule("files", required_for=(EVALUATE,)),
+        "fine_tune": _Rule("bool"),
+        "model_file": _Rule("str", required_for=(EVALUATE,)),
+        "shuffle_buffer_size": _Rule("int", minimum=0),
+        "training_size": _Rule("int", minimum=1),
+        "test_size": _Rule("int", minimum=1),
+        "modality": _Rule("choice", choices=MODALITIES),
+        "seed": _Rule("int", minimum=0),
+        "distribution": _Rule("choice", choices=DISTRIBUTIONS),
+        "resume": _Rule("choice", choices=RESUME_MODES),
+        "mixed_precision": _Rule("bool"),
+        "jit_compile": _Rule("bool"),
+        "statistics_file": _Rule("input_path"),
+        "skip_corrupt_records": _Rule("bool"),
+        "threshold": _Rule("float", minimum=0, exclusive_minimum=True, maximum=1),
+        "optimizer": _Rule("choice", choices=OPTIMIZERS),
+        "weight_decay": _Rule("float", minimum=0),
+        "lr_schedule": _Rule("choice", choices=LR_SCHEDULES),
+        "warmup_iterations": _Rule("int", minimum=0),
+        "augmentation": _Rule("bool"),
+        "early_stopping_patience": _Rule("int", minimum=1),
+    }
+)
+assert set(_RULES) == set(KEY_NAMES), "every Config key needs a rule"
+
+# Which file lists each purpose reads (and therefore resolves at load time).
+_FILES_READ = MappingProxyType(
+    {TRAIN: ("tr_tf_record_files", "val_tf_record_files"), EVALUATE: ("test_tf_record_files",)}
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], purpose: str = TRAIN) -> Config:
+    """Read, check and resolve the JSON config at `path` for `purpose` (`train` or `evaluate`)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+    source = Path(path)
+    raw = _read_json_object(source)
+    return config_from_dict(raw, purpose, source=source)
+
+
+def config_from_dict(raw: Mapping[str, Any], purpose: str = TRAIN, source: Path | None = None) -> Config:
+    """Check and resolve a config given as a dict (as read from JSON); see `load_config`."""
+    where = str(source) if source is not None else "config"
+    checker = _Checker(where, purpose, source.parent if source is not None else None)
+    _reject_unknown_keys(raw, where)
+    values: dict[str, Any] = {}
+    for name, rule in _RULES.items():
+        value = raw.get(name)
+        # JSON null means "not given", so a 2019 config may carry "model_file": null or "".
+        given = value is not None and not (rule.kind in ("str", "input_path") and value == "")
+        if not given:
+            if purpose in rule.required_for:
+                raise ConfigError(f"{where}: missing key {name!r} (required to {purpose})")
+            continue
+        values[name] = checker.check(name, rule, value)
+
+    _check_combinations(values, where, purpose)
+    for name in _FILES_READ[purpose]:
+        if name in values:
+            values[name] = checker.resolve_files(name, values[name])
+    if "model_file" in values and (purpose == EVALUATE or values.get("fine_tune")):
+        values["model_file"] = checker.resolve_model_file(values["model_file"])
+    statistics = None
+    if "statistics_file" in values:
+        values["statistics_file"] = checker.resolve_input_path("statistics_file", values["statistics_file"])
+        statistics = MappingProxyType(read_statistics_file(values["statistics_file"]))
+    return Config(
+        **values, purpose=purpose, source=source, statistics=statistics, given_keys=frozenset(values)
+    )
+
+
+def save_config(config: Config, path: str | os.PathLike[str] | None = None) -> Path:
+    """Write the resolved config (default: `config.saved_config_path`) atomically; return the path.
+
+    An existing file with the same content is left alone. A different one belongs to an earlier run in
+    the same `out_dir`: it is kept, renamed to `<name>.<n>.json` (n = 1, 2, ...), so the history of
+    what was run there is never lost.
+    """
+    target = Path(path) if path is not None else config.saved_config_path
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        try:
+            previous = target.read_text(encoding="utf-8")
+        except OSError:
+            previous = None
+        if previous == text:
+            return target
+        index = 1
+        while (kept := target.with_name(f"{target.stem}.{index}{target.suffix}")).exists():
+            index += 1
+        os.replace(target, kept)
+    write_text_atomically(target, text)
+    return target
+
+
+def read_statistics_file(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
+    """Band name -> (mean, std) from a statistics JSON file.
+
+    Accepted shapes: `{"B02": [mean, std], ...}`, `{"B02": {"mean": m, "std": s}, ...}`, or either of
+    them under a top-level `"statistics"` or `"bands"` key (other top-level keys, such as a count or
+    the split, are then ignored). Bands not named keep the BigEarthNet v1 / 2021 S1 statistics.
+    """
+    from bigearthnet_tf.models.preprocessing import DEFAULT_STATISTICS
+
+    path = Path(path)
+    document = _read_json_object(path)
+    for wrapper in ("statistics", "bands"):
+        if isinstance(document.get(wrapper), dict):
+            document = document[wrapper]
+            break
+    statistics: dict[str, tuple[float, float]] = {}
+    for band, value in document.items():
+        if band not in DEFAULT_STATISTICS:
+            known = ", ".join(DEFAULT_STATISTICS)
+            raise ConfigError(f"{path}: unknown band {band!r}; expected some of {known}")
+        if isinstance(value, dict):
+            value = (value.get("mean"), value.get("std"))
+        if not isinstance(value, list | tuple) or len(value) != 2 or not all(_is_number(v) for v in value):
+            raise ConfigError(f"{path}: band {band}: expected [mean, std] or {{mean, std}}, got {value!r}")
+        mean, std = float(value[0]), float(value[1])
+        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            raise ConfigError(
+                f"{path}: band {band}: mean must be finite and std finite and > 0, got {value!r}"
+            )
+        statistics[band] = (mean, std)
+    if not statistics:
+        raise ConfigError(f"{path}: no band statistics found")
+    return statistics
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
+
+    Readers see the old file or the new one, never a partial one, even if the process dies mid-write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        make_readable(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_readable(path: str | os.PathLike[str]) -> None:
+    """Give a file from `tempfile.mkstemp` (mode 0600) the permissions a plain `open` would: 0666 - umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and checking
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; anything else (missing, not JSON, NaN, duplicate keys) is a ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a UTF-8 text (JSON) file") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
+
+    def no_constants(name: str) -> None:
+        # Python's json accepts NaN and Infinity, which are not JSON and would slip into a learning rate.
+        raise ConfigError(f"{path}: {name} is not a JSON number")
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConfigError(f"{path}: key {key!r} appears twice")
+            seen[key] = value
+        return seen
+
+    try:
+        document = json.loads(text, parse_constant=no_constants, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{path}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON: nested too deeply") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a JSON object {{...}}, got {_json_type(document)}")
+    return document
+
+
+def _reject_unknown_keys(raw: Mapping[str, Any], where: str) -> None:
+    for key in raw:
+        if key in _RULES:
+            continue
+        hint = KEY_HINTS.get(str(key).lower()) or next(
+            iter(difflib.get_close_matches(str(key), KEY_NAMES, n=1, cutoff=0.6)), None
+        )
+        suggestion = f" (did you mean {hint!r}?)" if hint else ""
+        raise ConfigError(f"{where}: unknown key {key!r}{suggestion}")
+
+
+def _check_combinations(values: Mapping[str, Any], where: str, purpose: str) -> None:
+    """Rules that involve more than one key."""
+    if purpose == TRAIN and values.get("fine_tune") and "model_file" not in values:
+        raise ConfigError(f"{where}: missing key 'model_file' (required when fine_tune is true)")
+    if values.get("weight_decay", 0.0) > 0 and values.get("optimizer", "adam") != "adamw":
+        raise ConfigError(
+            f'{where}: key \'weight_decay\': {values["weight_decay"]!r} needs "optimizer": "adamw" '
+            "(the 2019 Adam had no weight decay)"
+        )
+    if purpose == TRAIN and "early_stopping_patience" in values and "val_tf_record_files" not in values:
+        raise ConfigError(
+            f"{where}: key 'early_stopping_patience': {values['early_stopping_patience']!r} needs "
+            "val_tf_record_files (it watches the validation macro average precision)"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in JSON, shortened for a one-line message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _Checker:
+    """Checks values of keys for one config file; messages name the file, the key and the value."""
+
+    def __init__(self, where: str, purpose: str, config_dir: Path | None) -> None:
+        self.where = where
+        self.purpose = purpose
+        self.config_dir = config_dir
+
+    def fail(self, name: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{self.where}: key {name!r}: expected {expected}, got {_show(value)}")
+
+    def check(self, name: str, rule: _Rule, value: Any) -> Any:
+        checks: Mapping[str, Callable[[str, _Rule, Any], Any]] = {
+            "int": self._int,
+            "float": self._float,
+            "bool": self._bool,
+            "str": self._str,
+            "choice": self._choice,
+            "files": self._files,
+            "input_path": self._str,
+            "output_path": self._output_path,
+            "model": self._model,
+        }
+        return checks[rule.kind](name, rule, value)
+
+    def _bounds(self, name: str, rule: _Rule, value: float, kind: str) -> None:
+        low_ok = rule.minimum is None or (
+            value > rule.minimum if rule.exclusive_minimum else value >= rule.minimum
+        )
+        high_ok = rule.maximum is None or value <= rule.maximum
+        if low_ok and high_ok:
+            return
+        parts = []
+        if rule.minimum is not None:
+            parts.append(f"{'>' if rule.exclusive_minimum else '>='} {rule.minimum:g}")
+        if rule.maximum is not None:
+            parts.append(f"<= {rule.maximum:g}")
+        raise self.fail(name, value, f"{kind} {' and '.join(parts)}")
+
+    def _int(self, name: str, rule: _Rule, value: Any) -> int:
+        # bool is a subclass of int in Python; `"batch_size": true` must not mean 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, value, f"an integer, not {_json_type(value)}")
+        self._bounds(name, rule, value, "an integer")
+        return value
+
+    def _float(self, name: str, rule: _Rule, value: Any) -> float:
+        if not _is_number(value):
+            raise self.fail(name, value, f"a number, not {_json_type(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise self.fail(name, value, "a finite number")
+        self._bounds(name, rule, value, "a number")
+        return value
+
+    def _bool(self, name: str, rule: _Rule, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(name, value, f"true or false, not {_json_type(value)}")
+        return value
+
+    def _str(self, name: str, rule: _Rule, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.fail(name, value, f"a string, not {_json_type(value)}")
+        return value
+
+    def _choice(self, name: str, rule: _Rule, value: Any) -> str:
+        if not isinstance(value, str) or value not in rule.choices:
+            close = difflib.get_close_matches(str(value), rule.choices, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close and isinstance(value, str) else ""
+            accepted = " | ".join(rule.choices)
+            raise ConfigError(
+                f"{self.where}: key {name!r}: unknown value {_show(value)}{hint}; expected {accepted}"
+            )
+        return value
+
+    def _files(self, name: str, rule: _Rule, value: Any) -> tuple[str, ...]:
+        entries = [value] if isinstance(value, str) else value
+        if not isinstance(entries, list) or not all(isinstance(entry, str) and entry for entry in entries):
+            raise self.fail(name, value, "a file name, glob or folder, or a list of them")
+        if not entries:
+            raise self.fail(name, value, "at least one file")
+        return tuple(entries)
+
+    def _output_path(self, name: str, rule: _Rule, value: Any) -> Path:
+        text = self._str(name, rule, value)
+        if not text.strip():
+            raise self.fail(name, value, "a folder path")
+        return Path(os.path.expanduser(text)).absolute()
+
+    def _model(self, name: str, rule: _Rule, value: Any) -> str:
+        text = self._str(name, rule, value)
+        # Only ever a key into the registry: a config never makes the program import a module.
+        from bigearthnet_tf.models import get_model_spec
+
+        try:
+            get_model_spec(text)
+        except ConfigError as error:
+            raise ConfigError(f"{self.where}: key 'model_name': {error}") from None
+        return text
+
+    # --- paths -----------------------------------------------------------------------------------
+
+    def _bases(self) -> list[Path]:
+        """Folders a relative input path is looked up in, in order: working directory, config folder."""
+        bases = [Path.cwd()]
+        if self.config_dir is not None and self.config_dir.absolute() != bases[0]:
+            bases.append(self.config_dir.absolute())
+        return bases
+
+    def _looked_in(self, entry: str) -> str:
+        if os.path.isabs(entry):
+            return ""
+        return " (looked in " + " and ".join(str(base) for base in self._bases()) + ")"
+
+    def resolve_files(self, name: str, entries: tuple[str, ...]) -> tuple[str, ...]:
+        """Sorted, distinct absolute paths of the files that the entries name."""
+        found: set[str] = set()
+        for entry in entries:
+            matches = self._expand(os.path.expanduser(entry))
+            if not matches:
+                what = "no file matches" if glob.has_magic(entry) else "no such file or folder"
+                raise ConfigError(f"{self.where}: key {name!r}: {what}: {entry!r}{self._looked_in(entry)}")
+            found.update(matches)
+        return tuple(sorted(found))
+
+    def _expand(self, entry: str) -> list[str]:
+        candidates = [Path(entry)] if os.path.isabs(entry) else [base / entry for base in self._bases()]
+        for candidate in candidates:
+            text = str(candidate)
+            if glob.has_magic(entry):
+                matches = [path for path in glob.glob(text) if os.path.isfile(path)]
+            elif candidate.is_dir():
+                matches = glob.glob(os.path.join(glob.escape(text), "*" + RECORD_SUFFIX))
+                if not matches:
+                    raise ConfigError(f"{self.where}: folder {text} holds no *{RECORD_SUFFIX} files")
+            elif candidate.is_file():
+                matches = [text]
+            else:
+                matches = []
+            if matches:
+                return [os.path.abspath(path) for path in matches]
+        return []
+
+    def resolve_input_path(self, name: str, value: str) -> Path:
+        entry = os.path.expanduser(value)
+        candidates = [Path(entry)] if os.path.isabs(entry) else [base / entry for base in self._bases()]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate.absolute()
+        raise ConfigError(f"{self.where}: key {name!r}: no such file: {value!r}{self._looked_in(entry)}")
+
+    def resolve_model_file(self, value: str) -> str:
+        """The checkpoint base name (or `.keras` file) as an absolute path, if any of its files exist."""
+        entry = os.path.expanduser(value)
+        candidates = [Path(entry)] if os.path.isabs(entry) else [base / entry for base in self._bases()]
+        for candidate in candidates:
+            if candidate.is_file() or any(candidate.parent.glob(glob.escape(candidate.name) + ".*")):
+                return str(candidate.absolute())
+        raise ConfigError(
+            f"{self.where}: key 'model_file': no checkpoint {value!r} (expected files such as "
+            f"{Path(value).name}.json and {Path(value).name}.weights.h5){self._looked_in(entry)}"
+        )
