@@ -1,0 +1,584 @@
+"""Checkpoints that carry their meaning: atomic save, verified load, newest-complete lookup.
+
+Layout (as in 2019, `out_dir/models/iteration-<N>` is the base name that `model_file` takes; the files
+add extensions to it)::
+
+    out_dir/models/iteration-600.weights.h5   model weights (Keras `save_weights`)
+    out_dir/models/iteration-600.state.npz    optimizer variables and dropout RNG states (NumPy, no pickle)
+    out_dir/models/iteration-600.json         metadata: written LAST, it marks the checkpoint complete
+    out_dir/models/best.*                     the same three files for the best validation macro AP
+
+Metadata keys (`iteration-<N>.json`)::
+
+    format, format_version        "bigearthnet-tf-checkpoint", 1
+    kind                          "iteration" or "best"
+    model_name, label_type, modality, num_classes
+    class_names                   in index order (never sorted)
+    input_keys                    the raw-band inputs the model reads, e.g. ["bands_10m", "bands_20m"]
+    band_order                    input key -> band names in channel order
+    statistics                    band -> [mean, std] held by the model's standardisation layers
+    iteration                     iterations done (training resumes at iteration + 1)
+    data_position                 batches_consumed, epoch, batch_in_epoch, epoch_records, batch_size
+    validation                    the validation metrics (macro/micro AP, ...) of a `best` checkpoint
+    training                      model-selection state: best macro AP so far, its iteration, and
+                                  validations since (so early stopping survives a resume)
+    optimizer                     optimizer class and number of saved variables (null without state)
+    config                        the resolved training config
+    versions                      bigearthnet_tf, tensorflow, keras, numpy, python
+    files                         role -> {name, bytes, sha256} of the other files
+    created                       UTC time (ISO 8601)
+
+Every file is written to a temporary name in the same folder and moved into place with `os.replace`;
+an existing metadata file of the same base name is removed first, so at every instant the base name
+either has a metadata file whose sizes and checksums match its files, or none. A checkpoint is
+complete only then, and `latest_complete_checkpoint` and `load_checkpoint` accept nothing else.
+
+Loading never runs code from the checkpoint: the model is rebuilt through the registry from the
+metadata and the weights are read into it. A `.keras` file given as `model_file` (an exported model)
+is opened with Keras safe mode.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bigearthnet_tf.config import make_readable
+from bigearthnet_tf.constants import LABEL_TYPES
+from bigearthnet_tf.errors import UserError
+
+FORMAT = "bigearthnet-tf-checkpoint"
+FORMAT_VERSION = 1
+
+WEIGHTS_SUFFIX = ".weights.h5"  # Keras requires this ending for save_weights / load_weights
+STATE_SUFFIX = ".state.npz"
+METADATA_SUFFIX = ".json"
+KERAS_SUFFIX = ".keras"
+
+MODELS_DIR = "models"
+ITERATION_PREFIX = "iteration-"
+BEST_NAME = "best"
+KIND_ITERATION = "iteration"
+KIND_BEST = "best"
+
+_ITERATION_PATTERN = re.compile(r"iteration-(\d+)$")
+_HASH_CHUNK = 1 << 20
+# Optimizer variables that the config, not the checkpoint, decides (a fine-tune may change the rate).
+_CONFIG_OWNED_OPTIMIZER_VARIABLES = ("learning_rate",)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the training input stream stands after `batches_consumed` batches."""
+
+    batches_consumed: int
+    batch_size: int
+    epoch_records: int  # records per epoch of the training files (0 when unknown)
+
+    @property
+    def epoch(self) -> int:
+        """0-based epoch that the next record comes from."""
+        return self.batches_consumed * self.batch_size // self.epoch_records if self.epoch_records else 0
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Batches of the current epoch already consumed (batches may straddle epochs)."""
+        if not self.epoch_records:
+            return self.batches_consumed
+        return (self.batches_consumed * self.batch_size % self.epoch_records) // self.batch_size
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "batches_consumed": self.batches_consumed,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_records": self.epoch_records,
+            "batch_size": self.batch_size,
+        }
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What `load_checkpoint` returns: unpack as `model, state, meta = load_checkpoint(base)`."""
+
+    model: Any  # keras.Model
+    state: dict[str, np.ndarray] | None  # `optimizer/<i>` and `rng/<i>` arrays; None without a state file
+    meta: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------------
+
+
+def models_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """`out_dir/models`, where training writes its checkpoints."""
+    return Path(out_dir) / MODELS_DIR
+
+
+def checkpoint_base(directory: str | os.PathLike[str], iteration: int) -> Path:
+    """The base name `directory/iteration-<N>`."""
+    return Path(directory) / f"{ITERATION_PREFIX}{iteration}"
+
+
+def iteration_of(base: str | os.PathLike[str]) -> int | None:
+    """N when the base name ends in `iteration-<N>` (the 2019 rule for resuming), else None."""
+    match = _ITERATION_PATTERN.search(Path(base).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_files(base: str | os.PathLike[str]) -> dict[str, Path]:
+    """Role -> path of the files of a checkpoint base name."""
+    base = Path(base)
+    return {
+        "weights": base.with_name(base.name + WEIGHTS_SUFFIX),
+        "state": base.with_name(base.name + STATE_SUFFIX),
+        "metadata": base.with_name(base.name + METADATA_SUFFIX),
+    }
+
+
+def should_save(iteration: int, per_iteration: int | None, after_iteration: int) -> bool:
+    """The 2019 rule: save at N when N % per_iteration == 0 and N >= after_iteration."""
+    return per_iteration is not None and iteration % per_iteration == 0 and iteration >= after_iteration
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    base: str | os.PathLike[str],
+    model,
+    *,
+    model_name: str,
+    label_type: str,
+    modality: str,
+    iteration: int,
+    optimizer=None,
+    data_position: DataPosition | None = None,
+    config: Mapping[str, Any] | None = None,
+    validation: Mapping[str, float] | None = None,
+    training: Mapping[str, Any] | None = None,
+    kind: str = KIND_ITERATION,
+) -> Path:
+    """Write the checkpoint `base` (weights, optional optimizer/RNG state, then metadata); return base.
+
+    Each file is replaced atomically and the metadata, which lists sizes and SHA-256 of the others,
+    comes last, so a crash at any moment leaves either the complete new checkpoint or no metadata.
+    """
+    from bigearthnet_tf.models import INPUTS, input_keys, model_statistics
+
+    base = Path(base)
+    files = checkpoint_files(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    class_names = _class_names(label_type)
+
+    # The old marker goes first: from here until the new one lands, this base name is incomplete.
+    files["metadata"].unlink(missing_ok=True)
+    _replace_with(files["weights"], lambda temporary: model.save_weights(temporary))
+    written = {"weights": files["weights"]}
+    optimizer_meta = None
+    if optimizer is not None:
+        state = training_state(model, optimizer)
+        _replace_with(files["state"], lambda temporary: _write_npz(temporary, state))
+        written["state"] = files["state"]
+        optimizer_meta = {
+            "class": type(_inner_optimizer(optimizer)).__name__,
+            "variables": sum(1 for key in state if key.startswith("optimizer/")),
+        }
+    else:
+        files["state"].unlink(missing_ok=True)
+
+    keys = input_keys(model)
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model_name": model_name,
+        "label_type": label_type,
+        "modality": modality,
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "input_keys": list(keys),
+        "band_order": {key: list(INPUTS[key][1]) for key in keys if key in INPUTS},
+        "statistics": {band: list(value) for band, value in model_statistics(model).items()},
+        "iteration": int(iteration),
+        "data_position": data_position.to_dict() if data_position is not None else None,
+        "validation": dict(validation) if validation is not None else None,
+        "training": dict(training) if training is not None else None,
+        "optimizer": optimizer_meta,
+        "config": dict(config) if config is not None else None,
+        "versions": library_versions(),
+        "files": {role: _describe(path) for role, path in written.items()},
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(metadata, indent=2, allow_nan=False) + "\n"
+    _replace_with(files["metadata"], lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+    _fsync_directory(base.parent)
+    return base
+
+
+def training_state(model, optimizer) -> dict[str, np.ndarray]:
+    """The optimizer's variables and the model's RNG states, in their (deterministic) creation order.
+
+    The learning rate is left out: the config decides it. RNG states are the dropout seed generators
+    (variables of the model that are not weights); saving them makes a resumed run draw the same
+    dropout masks as an uninterrupted one.
+    """
+    state: dict[str, np.ndarray] = {}
+    for index, variable in enumerate(_optimizer_variables(optimizer)):
+        state[f"optimizer/{index:05d}"] = np.asarray(variable.numpy())
+    for index, variable in enumerate(_rng_variables(model)):
+        state[f"rng/{index:05d}"] = np.asarray(variable.numpy())
+    return state
+
+
+def restore_training_state(
+    model, optimizer, state: Mapping[str, np.ndarray], where: str = "checkpoint"
+) -> None:
+    """Assign a `training_state` back; the optimizer is built for the model's trainable variables first.
+
+    A state saved for another model or optimizer (different count or shapes) raises a UserError.
+    """
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    groups = {
+        "optimizer": _optimizer_variables(optimizer),
+        "rng": _rng_variables(model),
+    }
+    for group, variables in groups.items():
+        saved = sorted(key for key in state if key.startswith(group + "/"))
+        if len(saved) != len(variables):
+            raise UserError(
+                f"{where}: its {group} state has {len(saved)} variables but this run's has "
+                f"{len(variables)}; was it written with another model, optimizer or mixed_precision setting?"
+            )
+        for key, variable in zip(saved, variables, strict=True):
+            value = state[key]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise UserError(
+                    f"{where}: {group} variable {variable.path} has shape {tuple(variable.shape)} "
+                    f"here but {tuple(value.shape)} in the checkpoint"
+                )
+            variable.assign(value.astype(variable.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
+    """The metadata of a complete checkpoint; a missing, foreign or damaged one raises UserError.
+
+    With `verify`, the size and SHA-256 of each listed file must match.
+    """
+    base = Path(base)
+    path = checkpoint_files(base)["metadata"]
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(
+            f"checkpoint {base}: {path.name} not found (the checkpoint does not exist or was not "
+            "completely written)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"checkpoint {base}: {path.name} is unreadable: {error}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise UserError(f"checkpoint {base}: {path.name} is not bigearthnet-tf checkpoint metadata")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {base}: format version {metadata.get('format_version')!r}; this version of "
+            f"bigearthnet-tf reads {FORMAT_VERSION}"
+        )
+    if verify:
+        for role, described in metadata.get("files", {}).items():
+            problem = _check_file(base.with_name(described["name"]), described)
+            if problem:
+                raise UserError(
+                    f"checkpoint {base}: {role} file {problem}; the checkpoint is incomplete or damaged"
+                )
+    return metadata
+
+
+def is_complete(base: str | os.PathLike[str]) -> bool:
+    """True when the checkpoint has its metadata and every file matches its size and checksum."""
+    try:
+        read_metadata(base, verify=True)
+    except UserError:
+        return False
+    return True
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(iteration, base) of every `iteration-<N>` base name with a metadata file, by iteration."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.glob(f"{ITERATION_PREFIX}*{METADATA_SUFFIX}"):
+        base = path.with_name(path.name[: -len(METADATA_SUFFIX)])
+        iteration = iteration_of(base)
+        if iteration is not None:
+            found.append((iteration, base))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The `iteration-<N>` base name with the highest N that is complete (verified); None if none is.
+
+    A half-written checkpoint (no metadata, or files whose size or checksum differ) is skipped.
+    """
+    for _, base in reversed(list_checkpoints(directory)):
+        if is_complete(base):
+            return base
+    return None
+
+
+def load_checkpoint(
+    base: str | os.PathLike[str],
+    *,
+    label_type: str | None = None,
+    modality: str | None = None,
+    model_name: str | None = None,
+    statistics: Mapping[str, tuple[float, float]] | None = None,
+) -> LoadedCheckpoint:
+    """Rebuild the model of checkpoint `base` through the registry and read its weights and state.
+
+    The requested `label_type`, `modality`, `model_name` and `statistics`, when given, must agree with
+    the checkpoint, and its class names and band orders with this library's: otherwise a UserError
+    explains the difference instead of silently mixing up classes or bands. A `.keras` file (an exported
+    model) is opened with Keras safe mode; it has no state and minimal metadata.
+    """
+    base = Path(base)
+    if base.suffix == KERAS_SUFFIX and base.is_file():
+        return _load_keras_file(base, label_type=label_type, modality=modality)
+    from bigearthnet_tf.models import build_model
+
+    meta = read_metadata(base, verify=True)
+    _check_meaning(base, meta, label_type=label_type, modality=modality, model_name=model_name)
+    saved_statistics = {band: tuple(value) for band, value in meta.get("statistics", {}).items()}
+    if statistics is not None:
+        differ = sorted(
+            band
+            for band, value in statistics.items()
+            if band in saved_statistics and not np.allclose(saved_statistics[band], value, rtol=1e-9)
+        )
+        if differ:
+            raise UserError(
+                f"checkpoint {base}: its normalisation statistics differ from the statistics_file for "
+                f"{', '.join(differ)}; a model must see the statistics it was trained with"
+            )
+    model = build_model(meta["model_name"], meta["num_classes"], meta["modality"], saved_statistics)
+    weights = base.with_name(meta["files"]["weights"]["name"])
+    try:
+        model.load_weights(str(weights))
+    except (ValueError, KeyError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"checkpoint {base}: its weights do not fit model {meta['model_name']!r}: {first_line}"
+        ) from None
+    state = None
+    if "state" in meta["files"]:
+        with np.load(base.with_name(meta["files"]["state"]["name"]), allow_pickle=False) as archive:
+            state = {key: archive[key] for key in archive.files}
+    return LoadedCheckpoint(model, state, meta)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide what a checkpoint means and how it reads back."""
+    import importlib.metadata
+
+    import keras
+    import tensorflow as tf
+
+    try:
+        ours = importlib.metadata.version("bigearthnet-tf")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {
+        "bigearthnet_tf": ours,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _class_names(label_type: str) -> tuple[str, ...]:
+    try:
+        return LABEL_TYPES[label_type]
+    except KeyError:
+        raise UserError(
+            f"unknown label_type {label_type!r}; expected one of {', '.join(LABEL_TYPES)}"
+        ) from None
+
+
+def _check_meaning(
+    base: Path,
+    meta: Mapping[str, Any],
+    *,
+    label_type: str | None,
+    modality: str | None,
+    model_name: str | None,
+) -> None:
+    """Refuse a checkpoint whose classes, bands, modality or model disagree with what is asked."""
+    from bigearthnet_tf.models import INPUTS
+
+    saved_type = meta.get("label_type")
+    if saved_type not in LABEL_TYPES:
+        raise UserError(f"checkpoint {base}: unknown label_type {saved_type!r} in its metadata")
+    if list(meta.get("class_names", [])) != list(LABEL_TYPES[saved_type]):
+        raise UserError(
+            f"checkpoint {base}: its class names are not the {saved_type} classes in index order; "
+            "refusing to read its outputs with the wrong classes"
+        )
+    if label_type is not None and label_type != saved_type:
+        raise UserError(
+            f"checkpoint {base} was trained for label_type {saved_type!r} ({len(LABEL_TYPES[saved_type])} "
+            f"classes) but the config asks for {label_type!r} ({len(LABEL_TYPES[label_type])} classes)"
+        )
+    if modality is not None and modality != meta.get("modality"):
+        raise UserError(
+            f"checkpoint {base} was trained on modality {meta.get('modality')!r} but the config asks "
+            f"for {modality!r}"
+        )
+    if model_name is not None and model_name != meta.get("model_name"):
+        raise UserError(
+            f"checkpoint {base} holds model {meta.get('model_name')!r} but the config names {model_name!r}"
+        )
+    for key, bands in meta.get("band_order", {}).items():
+        if key not in INPUTS or list(INPUTS[key][1]) != list(bands):
+            expected = list(INPUTS[key][1]) if key in INPUTS else "no such input"
+            raise UserError(
+                f"checkpoint {base}: input {key!r} has bands {bands} but this version reads {expected}; "
+                "refusing to feed the model the wrong bands"
+            )
+
+
+def _load_keras_file(path: Path, *, label_type: str | None, modality: str | None) -> LoadedCheckpoint:
+    """An exported `.keras` model, opened in safe mode (no arbitrary code), with what can be checked."""
+    import keras
+
+    import bigearthnet_tf.models  # noqa: F401  (registers the custom layers safe mode may deserialize)
+    from bigearthnet_tf.models import input_keys
+
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a bad or unsafe file
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model file {path}: cannot be loaded in safe mode: {first_line}") from None
+    num_classes = int(model.outputs[0].shape[-1])
+    if label_type is None:
+        matches = [name for name, classes in LABEL_TYPES.items() if len(classes) == num_classes]
+        if len(matches) != 1:
+            raise UserError(f"model file {path}: {num_classes} outputs match no label type; set label_type")
+        label_type = matches[0]
+    if len(LABEL_TYPES[label_type]) != num_classes:
+        raise UserError(
+            f"model file {path} outputs {num_classes} classes but label_type {label_type!r} has "
+            f"{len(LABEL_TYPES[label_type])}"
+        )
+    meta = {
+        "format": "keras",
+        "model_name": model.name,
+        "label_type": label_type,
+        "class_names": list(LABEL_TYPES[label_type]),
+        "num_classes": num_classes,
+        "modality": modality,
+        "input_keys": list(input_keys(model)),
+        "iteration": None,
+    }
+    return LoadedCheckpoint(model, None, meta)
+
+
+def _inner_optimizer(optimizer):
+    """The optimizer that owns the slots (a LossScaleOptimizer wraps one)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _optimizer_variables(optimizer) -> list:
+    return [v for v in optimizer.variables if v.name not in _CONFIG_OWNED_OPTIMIZER_VARIABLES]
+
+
+def _rng_variables(model) -> list:
+    weights = {id(variable) for variable in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _replace_with(target: Path, write) -> None:
+    """Call `write(temporary_path)`, fsync the result, then move it onto `target` atomically."""
+    # The temporary name keeps the target's suffixes: Keras insists on `.weights.h5`.
+    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(WEIGHTS_SUFFIX) else target.suffix
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(handle)
+    try:
+        os.unlink(temporary)  # some writers (h5py) refuse to open an existing empty file
+        write(temporary)
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        make_readable(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    # Via an open file: np.savez would append ".npz" to a name that lacks it.
+    with open(path, "wb") as stream:
+        np.savez(stream, **arrays)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable (POSIX); harmless where directories cannot be opened."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _check_file(path: Path, described: Mapping[str, Any]) -> str | None:
+    """None when `path` matches its description, else what is wrong."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size != described.get("bytes"):
+        return f"{path.name} has {size} bytes, expected {described.get('bytes')}"
+    if _sha256(path) != described.get("sha256"):
+        return f"{path.name} does not match its SHA-256"
+    return None
