@@ -64,6 +64,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -638,7 +640,12 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 
 
 class _Workers:
-    """Runs units in worker processes (or in this process for one worker), yielding results as they end."""
+    """Runs units in worker processes (or in this process for one worker), yielding results as they end.
+
+    All units are submitted at construction, so the processes exist before the progress bar starts
+    its refresh thread (a fork then copies no running thread). A worker that dies (killed, out of
+    memory) turns into a UserError instead of a wait without end.
+    """
 
     def __init__(
         self,
@@ -648,19 +655,24 @@ class _Workers:
         settings: tuple,
     ) -> None:
         self._units = units
-        self._pool = None
+        self._executor: ProcessPoolExecutor | None = None
+        self._futures: set[Future] = set()
         if context is not None and workers > 1 and len(units) > 1:
             self._counter = context.Value("q", 0)
-            self._pool = context.Pool(
-                min(workers, len(units)), initializer=_init_worker, initargs=(*settings, self._counter)
+            self._executor = ProcessPoolExecutor(
+                max_workers=min(workers, len(units)),
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(*settings, self._counter),
             )
+            self._futures = {self._executor.submit(_write_unit, unit) for unit in units}
         else:
             _configure(*settings)
 
     def results(self, advance: Callable[[int], None]) -> Iterator[_UnitResult]:
         """Run every unit; `advance(n)` is called as patches get done."""
         global _on_patch
-        if self._pool is None:
+        if self._executor is None:
             _on_patch = lambda: advance(1)  # noqa: E731
             try:
                 for unit in self._units:
@@ -669,26 +681,40 @@ class _Workers:
                 _on_patch = lambda: None  # noqa: E731
             return
         seen = 0
-        results = self._pool.imap_unordered(_write_unit, self._units)
-        while True:
-            try:
-                result = results.next(timeout=_PROGRESS_POLL_SECONDS)
-            except multiprocessing.TimeoutError:
-                result = None
-            except StopIteration:
-                break
+        pending = self._futures
+        while pending:
+            done, pending = wait(pending, timeout=_PROGRESS_POLL_SECONDS, return_when=FIRST_COMPLETED)
             current = self._counter.value
             advance(current - seen)
             seen = current
-            if result is not None:
+            # Results first, so that units finished alongside a failure are still recorded.
+            for future in sorted(done, key=lambda future: future.exception() is not None):
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise UserError(
+                        "a worker process died unexpectedly (killed, or out of memory?); finished files "
+                        "are kept: run the same command again to resume"
+                    ) from None
                 yield result
+        self._executor.shutdown(wait=True)
+        self._executor = None
 
     def close(self) -> None:
-        """Stop the workers (at once: on success they are idle, on failure their work is discarded)."""
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        """Stop unfinished work at once: workers are terminated, not waited for."""
+        if self._executor is None:
+            return
+        # ProcessPoolExecutor cannot terminate its workers before Python 3.14; its process table
+        # is private, hence the getattr.
+        processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join()
+        self._executor.shutdown(wait=True)
+        self._executor = None
 
 
 def prepare(

@@ -173,6 +173,15 @@ def assert_matches_archive(records: list[dict], archive: Path, names: list[str])
         ]
 
 
+def journaled_files(out: Path) -> list[str]:
+    """Files an unfinished run has recorded as finished (its journal may end in a torn line)."""
+    try:
+        lines = (out / WORK_DIR_NAME / prepare_module._JOURNAL_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["file"] for line in lines if line.endswith("}")]
+
+
 def run_cli_expecting_error(argv: list[str], capsys) -> str:
     """Run the command line, expect exit code 1, return its one-line error message."""
     with pytest.raises(SystemExit) as raised:
@@ -503,13 +512,12 @@ def test_restart_after_sigkill(archive, tmp_path, example_names):
     )
     try:
         deadline = time.monotonic() + 60
-        while len(list(out.glob("train-*.tfrecord"))) < 4 or not list(
-            (out / WORK_DIR_NAME).glob("val-00000*.tmp")
-        ):
+        train_shards = {f"train-0000{i}-of-00004.tfrecord" for i in range(4)}
+        blocked_shard = out / WORK_DIR_NAME
+        while not train_shards <= set(journaled_files(out)) or not list(blocked_shard.glob("val-00000*.tmp")):
             assert process.poll() is None, "prepare ended although a patch cannot be read"
             assert time.monotonic() < deadline, "prepare did not reach the blocked patch"
             time.sleep(0.05)
-        time.sleep(0.2)  # let the other worker finish the last val shard and the parent journal it
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     finally:
@@ -519,14 +527,58 @@ def test_restart_after_sigkill(archive, tmp_path, example_names):
 
     assert not (out / MANIFEST_NAME).exists()
     assert list((out / WORK_DIR_NAME).glob("*.tmp"))  # the blocked shard's temporary file
-    finished = {path.name: path.stat().st_ino for path in out.glob("train-*.tfrecord")}
+    finished = {name: (out / name).stat().st_ino for name in journaled_files(out)}
+    assert train_shards <= set(finished)
     band.unlink()
     band.write_bytes(real_band)
 
     summary = run(archive, out, shard_size=1, workers=2)
-    assert summary.resumed_patches >= 4
+    assert summary.resumed_patches == len(finished)
     assert {name: (out / name).stat().st_ino for name in finished} == finished
     assert not (out / WORK_DIR_NAME).exists()
+    reference = tmp_path / "reference"
+    run(archive, reference, shard_size=1)
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
+def test_a_killed_worker_fails_the_run_and_keeps_finished_shards(archive, tmp_path, example_names):
+    """A worker killed mid-run (as the out-of-memory killer would) ends the run with a clear error."""
+    import multiprocessing
+    import threading
+
+    blocked = example_names[4]
+    band = archive / blocked / f"{blocked}_B08.tif"
+    real_band = band.read_bytes()
+    band.unlink()
+    os.mkfifo(band)  # the worker reading it blocks until killed
+    out = tmp_path / "out"
+
+    def kill_blocked_worker() -> None:
+        deadline = time.monotonic() + 60
+        while not list((out / WORK_DIR_NAME).glob("val-00000*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = int(next((out / WORK_DIR_NAME).glob("val-00000*.tmp")).name.rsplit(".", 2)[-2])
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_blocked_worker)
+    killer.start()
+    try:
+        with pytest.raises(UserError, match="worker process died unexpectedly.*run the same command again"):
+            run(archive, out, shard_size=1, workers=2)
+    finally:
+        killer.join()
+    assert multiprocessing.active_children() == []
+    # The first worker finished train shards 0 and 2 before it took the blocked val shard.
+    finished = {name: (out / name).stat().st_ino for name in journaled_files(out)}
+    assert {"train-00000-of-00004.tfrecord", "train-00002-of-00004.tfrecord"} <= set(finished)
+    assert "val-00000-of-00002.tfrecord" not in finished
+    assert not list((out / WORK_DIR_NAME).glob("*.tmp"))
+
+    band.unlink()
+    band.write_bytes(real_band)
+    summary = run(archive, out, shard_size=1, workers=2)
+    assert summary.resumed_patches == len(finished)
+    assert {name: (out / name).stat().st_ino for name in finished} == finished
     reference = tmp_path / "reference"
     run(archive, reference, shard_size=1)
     assert folder_bytes(out) == folder_bytes(reference)
