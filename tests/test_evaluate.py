@@ -1,0 +1,250 @@
+"""Evaluation: eval_result.json (every 2019 metric, numbers, no NaN), predictions.csv, the chart, and the
+errors a user can make (wrong label type, corrupt files), on a checkpoint written without training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bigearthnet_tf import checkpoints
+from bigearthnet_tf.archive import Patch
+from bigearthnet_tf.cli import main
+from bigearthnet_tf.config import config_from_dict
+from bigearthnet_tf.constants import (
+    BANDS_10M,
+    BANDS_20M,
+    BANDS_60M,
+    BIGEARTHNET_19_LABELS,
+    LABEL_TYPES,
+    ORIGINAL_LABELS,
+    S2_BANDS,
+    original_to_19,
+)
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.evaluate import evaluate, sigmoid
+from bigearthnet_tf.metrics import compute_metrics
+from bigearthnet_tf.records import RecordWriter, encode_default
+
+MODEL = "K-BranchCNN-Tiny"
+TEST_PATCHES = 12
+BATCH = 5  # batches of 5, 5 and 2: metrics must still be over the whole set
+METRICS_2019 = (
+    "sample_precision",
+    "sample_recall",
+    "sample_f1_score",
+    "sample_f2_score",
+    "sample_f0_5_score",
+    "hamming_loss",
+    "subset_accuracy",
+    "sample_accuracy",
+    "one_error",
+    "coverage",
+    "label_cardinality",
+    "ranking_loss",
+    "label_ranking_avg_precision",
+    "micro_precision",
+    "micro_recall",
+    "micro_f1_score",
+    "micro_f2_score",
+    "micro_f0_5_score",
+    "micro_accuracy",
+    "macro_precision_class_avg",
+    "macro_recall_class_avg",
+    "macro_f1_score_class_avg",
+    "macro_f2_score_class_avg",
+    "macro_f0_5_score_class_avg",
+    "macro_accuracy_class_avg",
+)
+PER_CLASS_2019 = ("precision", "recall", "f1_score", "f2_score", "f0_5_score", "accuracy")
+
+
+def make_patches(count: int, seed: int) -> list[Patch]:
+    rng = np.random.default_rng(seed)
+    patches = []
+    for index in range(count):
+        labels_43 = tuple(
+            ORIGINAL_LABELS[i] for i in sorted(rng.choice(43, size=rng.integers(1, 4), replace=False))
+        )
+        bands = {band.name: rng.integers(0, 5000, (band.size,) * 2).astype(np.uint16) for band in S2_BANDS}
+        patches.append(Patch(f"S2B_MSIL2A_TEST_{index}", bands, labels_43, original_to_19(labels_43)))
+    return patches
+
+
+def model_inputs(patches: list[Patch]) -> dict[str, np.ndarray]:
+    """The raw-band input dict, built from the patches directly (not through the input pipeline)."""
+    return {
+        key: np.stack([np.stack([p.bands[b] for b in bands], axis=-1) for p in patches]).astype(np.float32)
+        for key, bands in (("bands_10m", BANDS_10M), ("bands_20m", BANDS_20M), ("bands_60m", BANDS_60M))
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Test records and one untrained-but-saved checkpoint per label type."""
+    import keras
+
+    from bigearthnet_tf.models import build_model
+
+    folder = tmp_path_factory.mktemp("evaluate")
+    patches = make_patches(TEST_PATCHES, 11)
+    with RecordWriter(folder / "test.tfrecord") as writer:
+        for patch in patches:
+            writer.write(encode_default(patch))
+    models = {}
+    for label_type, classes in LABEL_TYPES.items():
+        keras.utils.set_random_seed(5)
+        model = build_model(MODEL, len(classes))
+        models[label_type] = model
+        checkpoints.save_checkpoint(
+            folder / label_type / "models" / "iteration-3",
+            model,
+            model_name=MODEL,
+            label_type=label_type,
+            modality="S2",
+            iteration=3,
+        )
+    return folder, patches, models
+
+
+def eval_config(folder, checkpoint_type="BigEarthNet-19", out="out", **changes):
+    """An evaluation config for the checkpoint of `checkpoint_type`; `changes` are extra keys."""
+    values = {
+        "batch_size": BATCH,
+        "out_dir": str(folder / out),
+        "test_tf_record_files": [str(folder / "test.tfrecord")],
+        "model_file": str(folder / checkpoint_type / "models" / "iteration-3"),
+        **changes,
+    }
+    return config_from_dict({k: v for k, v in values.items() if v is not ...}, "evaluate")
+
+
+def read_json_strict(path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("label_type", ["BigEarthNet-19", "original"])
+def test_outputs(setup, label_type, capsys):
+    folder, patches, models = setup
+    out = f"out-{label_type}"
+    result = evaluate(eval_config(folder, label_type, out=out, test_size=TEST_PATCHES))
+    out_dir = folder / out
+    class_names = LABEL_TYPES[label_type]
+
+    # eval_result.json: every 2019 metric under its 2019 name, per class for every class, plus AP.
+    metrics = read_json_strict(out_dir / "eval_result.json")
+    assert all(isinstance(value, int | float) and math.isfinite(value) for value in metrics.values())
+    missing = [key for key in METRICS_2019 if key not in metrics]
+    missing += [
+        f"macro_{name}_class{i}"
+        for name in (*PER_CLASS_2019, "average_precision")
+        for i in range(len(class_names))
+        if f"macro_{name}_class{i}" not in metrics
+    ]
+    assert not missing
+    assert "micro_average_precision" in metrics and "macro_average_precision" in metrics
+    assert metrics["num_samples"] == TEST_PATCHES and result.num_samples == TEST_PATCHES
+
+    # predictions.csv: header, one row per patch in file order, probabilities from the model itself.
+    with open(out_dir / "predictions.csv", newline="", encoding="utf-8") as stream:
+        rows = list(csv.reader(stream))
+    assert rows[0] == ["patch_name", *class_names, *(f"true:{name}" for name in class_names)]
+    assert [row[0] for row in rows[1:]] == [patch.name for patch in patches]
+    probabilities = np.array([[float(v) for v in row[1 : 1 + len(class_names)]] for row in rows[1:]])
+    truth = np.array([[int(v) for v in row[1 + len(class_names) :]] for row in rows[1:]])
+    assert all(len(value.split(".")[1]) >= 6 for row in rows[1:] for value in row[1 : 1 + len(class_names)])
+    expected = sigmoid(np.asarray(models[label_type](model_inputs(patches), training=False)))
+    np.testing.assert_allclose(probabilities, expected, atol=2e-6)
+    label_sets = [p.labels_43 if label_type == "original" else p.labels_19 for p in patches]
+    expected_truth = np.array([[int(name in labels) for name in class_names] for labels in label_sets])
+    np.testing.assert_array_equal(truth, expected_truth)
+
+    # Metrics are over the whole set (12 patches in batches of 5, 5, 2), not averages of batches.
+    whole_set = compute_metrics(truth, probabilities, class_names=class_names)
+    for key in ("macro_average_precision", "micro_average_precision", "micro_f1_score", "ranking_loss"):
+        assert metrics[key] == pytest.approx(whole_set[key], abs=1e-6), key
+
+    png = out_dir / "per_class_metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out_dir / "eval_config.json").read_text())["batch_size"] == BATCH
+    assert not (out_dir / "config.json").exists()  # the training run's config is never overwritten
+    printed = capsys.readouterr().out
+    assert "Summary" in printed and "Per class" in printed and class_names[1].split()[0] in printed
+
+
+def test_rerun_replaces_outputs_and_says_so(setup, capsys):
+    folder, _, _ = setup
+    evaluate(eval_config(folder, out="again"))
+    first = (folder / "again" / "eval_result.json").read_text()
+    capsys.readouterr()
+    evaluate(eval_config(folder, out="again", test_size=99))
+    printed = capsys.readouterr().out
+    assert "replaced the earlier eval_result.json, predictions.csv, per_class_metrics.png" in " ".join(
+        printed.split()
+    )
+    assert "test_size is 99 but the test files hold 12 records" in " ".join(printed.split())
+    assert (folder / "again" / "eval_result.json").read_text() == first  # deterministic
+    assert not list((folder / "again").glob(".*tmp"))
+
+
+def test_keys_set_in_the_config_must_match_the_checkpoint(setup, tmp_path):
+    folder, _, _ = setup
+    with pytest.raises(UserError, match=r"trained for label_type 'BigEarthNet-19'.*asks for 'original'"):
+        evaluate(eval_config(folder, out=str(tmp_path), label_type="original"))
+    with pytest.raises(UserError, match=r"trained on modality 'S2' but the config asks for 'S1'"):
+        evaluate(eval_config(folder, out=str(tmp_path), modality="S1"))
+    with pytest.raises(UserError, match=r"holds model 'K-BranchCNN-Tiny' but the config names 'VGG16'"):
+        evaluate(eval_config(folder, out=str(tmp_path), model_name="VGG16"))
+
+
+def test_cli_wrong_label_type_is_one_line_exit_1(setup, tmp_path, capsys):
+    folder, _, _ = setup
+    path = tmp_path / "eval.json"
+    path.write_text(
+        json.dumps(
+            {
+                "model_name": MODEL,
+                "label_type": "original",
+                "batch_size": BATCH,
+                "out_dir": str(tmp_path),
+                "test_tf_record_files": [str(folder / "test.tfrecord")],
+                "model_file": str(folder / "BigEarthNet-19" / "models" / "iteration-3"),
+            }
+        )
+    )
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", str(path)])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint ") and "'original'" in err and err.count("\n") == 1
+
+
+def test_corrupt_test_file_is_named_or_skipped(setup, tmp_path, capsys):
+    folder, _, _ = setup
+    data = bytearray((folder / "test.tfrecord").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a record's payload: its CRC fails
+    corrupt = tmp_path / "corrupt.tfrecord"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"corrupt or truncated TFRecord file .*corrupt\.tfrecord"):
+        evaluate(eval_config(folder, out=str(tmp_path / "a"), test_tf_record_files=[str(corrupt)]))
+    result = evaluate(
+        eval_config(
+            folder, out=str(tmp_path / "b"), test_tf_record_files=[str(corrupt)], skip_corrupt_records=True
+        )
+    )
+    assert 0 < result.num_samples < TEST_PATCHES
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_exported_keras_model_is_evaluated_in_safe_mode(setup, tmp_path):
+    folder, _, models = setup
+    path = tmp_path / "exported.keras"
+    models["BigEarthNet-19"].save(path)
+    result = evaluate(eval_config(folder, out=str(tmp_path / "out"), model_file=str(path)))
+    assert result.class_names == BIGEARTHNET_19_LABELS and result.num_samples == TEST_PATCHES
