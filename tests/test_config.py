@@ -318,3 +318,38 @@ def test_cli_missing_and_non_json_config(workdir, capsys):
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert expected in err and str(path) in err and err.count("\n") == 1
+
+
+# --- the example configs ---------------------------------------------------------------------------
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# model -> (batch_size, save_checkpoint_after_iteration, save_checkpoint_per_iteration), BIGEARTHNET.md 4.
+HYPER_PARAMETERS_2019 = {
+    "ResNet50": (500, 6000, 600),
+    "ResNet101": (500, 6000, 600),
+    "ResNet152": (256, 6000, 600),
+    "VGG16": (1000, 3000, 300),
+    "VGG19": (1000, 3000, 300),
+    "K-BranchCNN": (1000, 3000, 300),
+}
+
+
+@pytest.mark.parametrize("model", sorted(HYPER_PARAMETERS_2019))
+@pytest.mark.parametrize("label_type", ["original", "BigEarthNet-19"])
+def test_example_configs_have_the_2019_hyper_parameters(tmp_path, monkeypatch, model, label_type):
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for split in ("train", "val", "test"):
+        (prepared / f"{split}-00000-of-00001.tfrecord").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # the example paths are relative to the working directory, as in 2019
+    config = load_config(REPOSITORY / "configs" / f"{model}-{label_type}.json", purpose="train")
+    batch, after, per = HYPER_PARAMETERS_2019[model]
+    expected_rate = 1e-4 if model.startswith("VGG") and label_type == "original" else 1e-3
+    assert (config.model_name, config.label_type) == (model, label_type)
+    assert (config.batch_size, config.save_checkpoint_after_iteration) == (batch, after)
+    assert config.save_checkpoint_per_iteration == per
+    assert (config.learning_rate, config.nb_epoch, config.shuffle_buffer_size) == (expected_rate, 100, 130000)
+    assert (config.training_size, config.test_size) == (269695, 125866)
+    # model_file names the final checkpoint of the full run: ceil(269,695 x 100 / batch).
+    assert config.model_file.endswith(f"iteration-{-(-269695 * 100 // batch)}")
+    assert len(list((REPOSITORY / "configs").glob("*.json"))) == 12
