@@ -12,7 +12,8 @@ Public API::
     model_statistics(model) -> {band: (mean, std)}
 
 Registered: ResNet50, ResNet101, ResNet152, VGG16, VGG19, K-BranchCNN (2019 TF-Slim-faithful) and their
-tiny twins ResNet-Tiny, VGG-Tiny, K-BranchCNN-Tiny (same code, far fewer filters) for tests and the demo.
+tiny twins ResNet-Tiny, VGG-Tiny, K-BranchCNN-Tiny (same code, far fewer filters) for tests and the demo;
+modern backbones EfficientNetV2-S, ConvNeXt-Tiny, ViT-S8 and ViT-S8-Tiny (see `modern`).
 
 Every model takes a dict of raw band values at native resolution (float32, channels last; see
 `preprocessing`), accepts modality S2, S1 or MM, and outputs logits (batch, num_classes): apply a
@@ -25,8 +26,8 @@ A builder may return a network on one 120x120 image with `len(STACKED_CHANNELS[m
 the registry then adds the raw-band preprocessing in front of it. That is how modern backbones fit any
 modality, e.g.::
 
-    @register_model("ConvNeXt-Tiny")
-    def convnext_tiny(num_classes, modality="S2", statistics=None):
+    @register_model("MyConvNeXt")
+    def my_convnext(num_classes, modality="S2", statistics=None):
         channels = len(STACKED_CHANNELS[modality])
         backbone = keras.applications.ConvNeXtTiny(
             include_top=False, weights=None, input_shape=(120, 120, channels), pooling="avg",
@@ -35,7 +36,7 @@ modality, e.g.::
         return keras.Sequential([backbone, keras.layers.Dense(num_classes)])
 """
 
-from bigearthnet_tf.models import kbranch, resnet, vgg  # noqa: F401  (registers the built-in models)
+from bigearthnet_tf.models import kbranch, modern, resnet, vgg  # noqa: F401  (registers the built-in models)
 from bigearthnet_tf.models.preprocessing import (
     DEFAULT_STATISTICS,
     INPUTS,
