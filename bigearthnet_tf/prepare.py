@@ -28,7 +28,8 @@ Output layout in `out`:
       skipped_report       "skipped.csv" with skip_bad, else null
       created_by           "bigearthnet-tf <version>"
 
-- `skipped.csv` (only with `skip_bad`): header `split,patch,file,reason`, one row per skipped patch.
+- `skipped.csv` (only with `skip_bad`): header `split,patch,file,reason`, one row per skipped patch;
+  per split, listed patches without a folder first, then unreadable ones, each in list order.
 
 Atomicity and restarts: everything is first written under `out/.prepare-work/` (temporary names
 carry the writer's pid) and renamed into place when complete. `job.json` there fingerprints the job
@@ -43,9 +44,11 @@ unknown label, listed patch with no folder): by default the run stops with `arch
 (`patch <name>: <file>: <reason>`) and leaves no TFRecord file of this job behind; with `skip_bad` such
 patches are left out, listed in `skipped.csv` and counted in the manifest.
 
-Workers are started with the `forkserver` method: the parent may have imported TensorFlow (tests,
-the demo), and workers need only numpy, the TIFF reader and this module, so they start in
-milliseconds and never touch TensorFlow.
+Workers (`workers`, default all usable cores; 1 runs in this process) import only numpy, the TIFF
+reader and this module, never TensorFlow. They are forked when this process runs no other thread and
+has not loaded TensorFlow (the command line); otherwise (tests, the demo, notebooks) they come from a
+`forkserver`, a fresh interpreter. A worker killed from outside ends the run with a UserError; its
+finished shards stay for a restart. Ctrl-C stops the workers and keeps finished shards too.
 """
 
 from __future__ import annotations
@@ -220,14 +223,17 @@ def _fingerprint(plan: _Plan, skip_bad: bool) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _missing_patches(archive: Archive, names: Sequence[str]) -> list[str]:
-    """The names without a patch folder, in order. v1 lists its one folder of patch folders once
-    (a stat per name costs seconds over the 519,284 official names); v2 asks the archive."""
+def _missing_patches(archive: Archive, splits: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per split, the names without a patch folder, in order.
+
+    v1 lists its one folder of patch folders once (a stat per name costs seconds over the 519,284
+    official names); v2 asks the archive, which knows its product folders.
+    """
     if archive.version != 1:
-        return archive.missing_patches(names)
+        return {split: archive.missing_patches(names) for split, names in splits.items()}
     with os.scandir(archive.s2_dir) as entries:
         present = {entry.name for entry in entries if entry.is_dir()}
-    return [name for name in names if name not in present]
+    return {split: [name for name in names if name not in present] for split, names in splits.items()}
 
 
 def _resolve_splits(
@@ -254,7 +260,7 @@ def _resolve_splits(
             )
         splits = archive.official_splits(include_snow_cloud=include_snow_cloud)
         listed = sum(len(names) for names in splits.values())
-        missing = set(_missing_patches(archive, [name for names in splits.values() for name in names]))
+        missing = {name for names in _missing_patches(archive, splits).values() for name in names}
         if len(missing) == listed:
             raise UserError(
                 f"none of the {listed:,} patches of the official v{archive.version} splits is in "
@@ -291,8 +297,7 @@ def _resolve_splits(
             splits[split] = kept
 
     skipped: list[SkippedPatch] = []
-    for split, names in splits.items():
-        missing = _missing_patches(archive, names)
+    for split, missing in _missing_patches(archive, splits).items():
         if not missing:
             continue
         if not skip_bad:
@@ -302,7 +307,7 @@ def _resolve_splits(
                 f"listed in {sources[split]} but no such patch folder",
             )
         gone = set(missing)
-        splits[split] = [name for name in names if name not in gone]
+        splits[split] = [name for name in splits[split] if name not in gone]
         skipped.extend(
             SkippedPatch(
                 split,
@@ -463,7 +468,8 @@ def _start_or_resume(plan: _Plan, overwrite: bool, say: Callable[[str], None]) -
         return done
 
     if plan.work_dir.exists():
-        if not overwrite:
+        # Without a job file nothing was written yet (it is written first): a leftover of ours.
+        if previous is not None and not overwrite:
             raise UserError(
                 f"{plan.work_dir} holds an unfinished preparation with other arguments; rerun that "
                 "command to finish it, or pass --overwrite to discard it"
@@ -503,6 +509,51 @@ def _concatenate(parts: Sequence[Path], destination: Path, work_dir: Path) -> in
         size = target.tell()
     os.replace(temporary, destination)
     return size
+
+
+def _pending_units(plan: _Plan, finished: dict[str, dict]) -> tuple[list[_Unit], int]:
+    """Units still to write (largest first) and the number of patches an earlier run finished."""
+    pending, resumed = [], 0
+    for unit in plan.units:
+        split_done = plan.record_format == "legacy" and plan.files[unit.split][0] in finished
+        if split_done or unit.file_name in finished:
+            resumed += len(unit.names)
+        else:
+            pending.append(unit)
+    # Largest first, so that the last tasks are short and no core waits long at the end.
+    pending.sort(key=lambda unit: -len(unit.names))
+    return pending, resumed
+
+
+def _legacy_split_ready(plan: _Plan, split: str, finished: dict[str, dict]) -> bool:
+    """True when every part of a legacy split is written and the split file is not made yet."""
+    if plan.files[split][0] in finished:
+        return False
+    return all(unit.file_name in finished for unit in plan.units if unit.split == split)
+
+
+def _finish_legacy_split(plan: _Plan, split: str, finished: dict[str, dict]) -> None:
+    """Concatenate a legacy split's parts, in list order, into `<split>.tfrecord`; journal it."""
+    parts = [unit.file_name for unit in plan.units if unit.split == split]
+    destination = plan.out / plan.files[split][0]
+    size = _concatenate([plan.work_dir / part for part in parts], destination, plan.work_dir)
+    entry = {
+        "file": destination.name,
+        "bytes": size,
+        "patches": sum(finished[part]["patches"] for part in parts),
+        "skipped": [item for part in parts for item in finished[part]["skipped"]],
+    }
+    _journal_append(plan.work_dir, entry)
+    finished[destination.name] = entry
+    for part in parts:
+        (plan.work_dir / part).unlink()
+
+
+def _split_entries(plan: _Plan, split: str, finished: dict[str, dict]) -> list[dict]:
+    """The journal entries that make up a finished split, in list order."""
+    if plan.record_format == "legacy":
+        return [finished[plan.files[split][0]]]
+    return [finished[unit.file_name] for unit in plan.units if unit.split == split]
 
 
 # --- manifest, report, summary -------------------------------------------------------------------
@@ -795,71 +846,21 @@ def prepare(
     plan.fingerprint = _fingerprint(plan, skip_bad)
     done = _start_or_resume(plan, overwrite, say)
 
-    skipped: dict[str, list[SkippedPatch]] = {split: [] for split in splits}
-    for item in missing:
-        skipped[item.split].append(item)
-    written = {split: 0 for split in splits}
-    unit_split = {unit.file_name: unit.split for unit in plan.units}
-    parts_left = {split: 0 for split in splits}
-    part_entries: dict[str, dict[str, dict]] = {split: {} for split in splits}
-
-    def record_result(split: str, entry: dict) -> None:
-        written[split] += entry["patches"]
-        skipped[split].extend(SkippedPatch(split, *item) for item in entry["skipped"])
-
-    # What an earlier run of this job finished stays; legacy splits whose file is done need no parts.
-    finished_splits = (
-        {split for split in splits if plan.files[split][0] in done} if record_format == "legacy" else set()
-    )
-    pending: list[_Unit] = []
-    resumed = 0
-    for split in finished_splits:
-        record_result(split, done[plan.files[split][0]])
-        resumed += done[plan.files[split][0]]["patches"] + len(done[plan.files[split][0]]["skipped"])
-    for unit in plan.units:
-        if unit.split in finished_splits:
-            continue
-        if unit.file_name in done:
-            entry = done[unit.file_name]
-            resumed += len(unit.names)
-            if record_format == "legacy":
-                part_entries[unit.split][unit.file_name] = entry
-            else:
-                record_result(unit.split, entry)
-        else:
-            pending.append(unit)
-            if record_format == "legacy":
-                parts_left[unit.split] += 1
-    # Largest first, so the last tasks are short and no core waits long at the end.
-    pending.sort(key=lambda unit: -len(unit.names))
-
-    def finish_legacy_split(split: str) -> None:
-        units = [unit for unit in plan.units if unit.split == split]
-        entries = [part_entries[split][unit.file_name] for unit in units]
-        destination = plan.out / plan.files[split][0]
-        size = _concatenate([plan.work_dir / unit.file_name for unit in units], destination, plan.work_dir)
-        entry = {
-            "file": destination.name,
-            "bytes": size,
-            "patches": sum(e["patches"] for e in entries),
-            "skipped": [item for e in entries for item in e["skipped"]],
-        }
-        _journal_append(plan.work_dir, entry)
-        record_result(split, entry)
-        for unit in units:
-            (plan.work_dir / unit.file_name).unlink()
-
+    # Journal entries by file name: units (shards or legacy parts) and finished legacy split files.
+    finished = dict(done)
+    pending, resumed = _pending_units(plan, finished)
     for split in splits:
-        if record_format == "legacy" and split not in finished_splits and parts_left[split] == 0:
-            finish_legacy_split(split)
+        if record_format == "legacy" and _legacy_split_ready(plan, split, finished):
+            _finish_legacy_split(plan, split, finished)
 
     total = sum(len(unit.names) for unit in plan.units)
     progress = _progress_bar(console)
     task = progress.add_task("preparing", total=total, completed=resumed, resumed=resumed)
-    # Workers start before the progress bar's refresh thread, so a fork copies no running thread.
     settings = (plan.archive, plan.record_format, skip_bad, str(plan.work_dir), str(plan.out))
+    unit_split = {unit.file_name: unit.split for unit in plan.units}
     try:
-        # closing(): on an error the workers are stopped before this job's files are removed.
+        # Workers start before the progress bar's refresh thread, so a fork copies no running
+        # thread; closing() stops them on an error before this job's files are removed.
         with contextlib.closing(_Workers(pending, workers, context, settings)) as runner, progress:
             for result in runner.results(lambda n: progress.advance(task, n)):
                 if result.error is not None:
@@ -871,14 +872,10 @@ def prepare(
                     "skipped": [list(item) for item in result.skipped],
                 }
                 _journal_append(plan.work_dir, entry)
+                finished[result.file_name] = entry
                 split = unit_split[result.file_name]
-                if record_format == "default":
-                    record_result(split, entry)
-                else:
-                    part_entries[split][result.file_name] = entry
-                    parts_left[split] -= 1
-                    if parts_left[split] == 0:
-                        finish_legacy_split(split)
+                if record_format == "legacy" and _legacy_split_ready(plan, split, finished):
+                    _finish_legacy_split(plan, split, finished)
             progress.update(task, completed=total)
     except BadPatchError:
         _discard_job(plan)
@@ -889,6 +886,14 @@ def prepare(
             _remove_temporaries(plan.work_dir)
         raise
 
+    # Tallies in list order, whatever order the workers finished in: missing folders first, then
+    # unreadable patches, each in list order.
+    written = {split: 0 for split in splits}
+    skipped = {split: [item for item in missing if item.split == split] for split in splits}
+    for split in splits:
+        for entry in _split_entries(plan, split, finished):
+            written[split] += entry["patches"]
+            skipped[split].extend(SkippedPatch(split, *item) for item in entry["skipped"])
     all_skipped = [item for split in splits for item in skipped[split]]
     if skip_bad:
         _write_atomically(plan.out / SKIPPED_REPORT_NAME, _skipped_report(all_skipped), plan.work_dir)

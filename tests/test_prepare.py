@@ -676,3 +676,52 @@ def test_val_and_validation_name_the_same_split(archive, tmp_path, example_names
         run(archive, tmp_path / "out", split_files=[*split_files(archive), validation])
     summary = run(archive, tmp_path / "out2", split_files=[archive.parent / "train.csv", validation])
     assert summary.files["validation"] == ("validation-00000-of-00001.tfrecord",)
+
+
+# --- v2 (reBEN) with Sentinel-1 ----------------------------------------------------------------------
+
+
+def test_v2_official_splits_with_sentinel1(synthetic_v2, tmp_path):
+    from bigearthnet_tf.archive import official_v2_splits
+
+    expected = official_v2_splits(synthetic_v2)
+    reader = open_archive(synthetic_v2, s1_root=synthetic_v2)
+    for record_format in ("default", "legacy"):
+        out = tmp_path / record_format
+        summary = prepare(
+            root=synthetic_v2,
+            out=out,
+            official_splits=True,
+            record_format=record_format,
+            s1_root=synthetic_v2,
+            workers=1,
+            show_progress=False,
+        )
+        assert summary.patches == {split: len(names) for split, names in expected.items()}
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        assert manifest["archive_version"] == 2 and manifest["label_types"] == ["BigEarthNet-19"]
+        assert list(manifest["labels"]) == ["BigEarthNet-19"] and manifest["modalities"] == ["S2", "S1"]
+        files = [out / name for name in summary.files["validation"]]
+        names = []
+        for serialized in tf.data.TFRecordDataset([str(f) for f in files]):
+            features = tf.train.Example.FromString(serialized.numpy()).features.feature
+            name = features["patch_name"].bytes_list.value[0].decode()
+            names.append(name)
+            assert "original_labels" not in features and "original_labels_multi_hot" not in features
+            patch = reader.read_patch(name)
+            labels_19 = [v.decode() for v in features["BigEarthNet-19_labels"].bytes_list.value]
+            assert tuple(labels_19) == patch.labels_19
+            assert features["patch_name_s1"].bytes_list.value[0].decode() == patch.s1_name
+            if record_format == "legacy":
+                np.testing.assert_array_equal(
+                    np.array(features["VH"].float_list.value, dtype=np.float32).reshape(120, 120),
+                    patch.s1_bands["VH"],
+                )
+                np.testing.assert_array_equal(
+                    np.array(features["B8A"].int64_list.value).reshape(60, 60), patch.bands["B8A"]
+                )
+            else:
+                raw = features["bands_20m"].bytes_list.value[0]
+                bands_20m = np.frombuffer(raw, dtype="<u2").reshape(60, 60, 6)
+                np.testing.assert_array_equal(bands_20m[..., BANDS_20M.index("B8A")], patch.bands["B8A"])
+        assert names == expected["validation"]
