@@ -10,7 +10,8 @@ Output layout in `out`:
   the shard count depends only on the list and `shard_size`, never on `workers`, so a restarted run
   finds the same shards. A split always has at least one shard (an empty list gives one empty file).
 - legacy format: exactly one `<split>.tfrecord` per split in the 2019 schema. Workers write parts of
-  `LEGACY_PART_SIZE` patches; the parts are concatenated in order when a split is complete.
+  `LEGACY_PART_SIZE` patches; each part is appended, in list order, to the split's partial file as
+  soon as the parts before it are in (then deleted), and the partial file is renamed when complete.
 - `dataset.json`, the manifest (written last; its presence means the set is complete)::
 
       format               "default" | "legacy"
@@ -442,8 +443,11 @@ def _discard_job(plan: _Plan) -> None:
     shutil.rmtree(plan.work_dir, ignore_errors=True)
 
 
-def _start_or_resume(plan: _Plan, overwrite: bool, say: Callable[[str], None]) -> dict[str, dict]:
-    """Make the work folder ready; return the journal entries of files finished by an earlier run."""
+def _start_or_resume(
+    plan: _Plan, overwrite: bool, say: Callable[[str], None]
+) -> tuple[dict[str, dict], dict[str, int]]:
+    """Make the work folder ready; return the journal entries of what an earlier run finished, and
+    per legacy split the number of parts already appended (see `_resume_legacy`)."""
     job_file = plan.work_dir / _JOB_FILE
     try:
         previous = json.loads(job_file.read_text(encoding="utf-8")).get("fingerprint")
@@ -463,9 +467,10 @@ def _start_or_resume(plan: _Plan, overwrite: bool, say: Callable[[str], None]) -
         for entry in os.scandir(plan.work_dir):
             if entry.name in parts and entry.name not in done:
                 os.unlink(entry.path)
+        appended = _resume_legacy(plan, journal, done) if plan.record_format == "legacy" else {}
         if done:
             say(f"resuming an unfinished run in {plan.out}: {len(done)} finished file(s) kept")
-        return done
+        return done, appended
 
     if plan.work_dir.exists():
         # Without a job file nothing was written yet (it is written first): a leftover of ours.
@@ -483,32 +488,99 @@ def _start_or_resume(plan: _Plan, overwrite: bool, say: Callable[[str], None]) -
         path.unlink()
     plan.work_dir.mkdir(parents=True)
     _write_atomically(job_file, json.dumps({"fingerprint": plan.fingerprint}) + "\n", plan.work_dir)
-    return {}
+    return {}, {split: 0 for split in plan.splits}
 
 
-def _concatenate(parts: Sequence[Path], destination: Path, work_dir: Path) -> int:
-    """Concatenate part files into `destination` atomically; returns its size."""
-    temporary = work_dir / f"{destination.name}.{os.getpid()}{_TEMP_SUFFIX}"
-    with open(temporary, "wb") as target:
-        for part in parts:
-            with open(part, "rb") as source:
-                remaining = os.fstat(source.fileno()).st_size
-                try:
-                    while remaining > 0:
-                        copied = os.copy_file_range(source.fileno(), target.fileno(), remaining)
-                        if copied == 0:
-                            break
-                        remaining -= copied
-                except OSError:  # file systems without copy_file_range
-                    source.seek(0)
-                    target.seek(0, io.SEEK_END)
-                    shutil.copyfileobj(source, target, 1 << 20)
-                    remaining = 0
-        target.flush()
-        os.fsync(target.fileno())
-        size = target.tell()
-    os.replace(temporary, destination)
-    return size
+def _partial_name(split: str) -> str:
+    return f"{split}{_TFRECORD_SUFFIX}.partial"
+
+
+def _append_file(source: Path, target_fd: int) -> None:
+    """Append the bytes of `source` to the open file `target_fd` (in the kernel where possible)."""
+    with open(source, "rb") as handle:
+        remaining = os.fstat(handle.fileno()).st_size
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(handle.fileno(), target_fd, remaining)
+                if copied == 0:
+                    raise OSError("copy_file_range copied nothing")
+                remaining -= copied
+        except OSError:  # file systems without copy_file_range: copy what is left in Python
+            handle.seek(os.fstat(handle.fileno()).st_size - remaining)
+            while chunk := handle.read(1 << 20):
+                os.write(target_fd, chunk)
+
+
+def _resume_legacy(plan: _Plan, journal: dict[str, dict], done: dict[str, dict]) -> dict[str, int]:
+    """Per legacy split, the parts already appended to its partial file by an earlier run.
+
+    The partial file is cut back to the size the journal recorded (bytes appended after that were
+    not recorded); if it is shorter than recorded (power loss), the split starts over. Appended
+    parts count as done (their files are gone; their journal entries keep their tallies).
+    """
+    appended = {}
+    for split in plan.splits:
+        appended[split] = 0
+        if plan.files[split][0] in done:
+            continue
+        path = plan.work_dir / _partial_name(split)
+        entry = journal.get(_partial_name(split))
+        units = [unit for unit in plan.units if unit.split == split]
+        if (
+            entry is not None
+            and path.exists()
+            and path.stat().st_size >= entry["bytes"]
+            and all(unit.file_name in journal for unit in units[: entry["parts"]])
+        ):
+            os.truncate(path, entry["bytes"])
+            appended[split] = entry["parts"]
+            done.update({unit.file_name: journal[unit.file_name] for unit in units[: entry["parts"]]})
+        else:
+            path.unlink(missing_ok=True)
+    return appended
+
+
+def _advance_legacy_split(
+    plan: _Plan, split: str, finished: dict[str, dict], appended: dict[str, int]
+) -> None:
+    """Append the split's finished parts that are next in list order to its partial file; when all
+    are in, rename it to `<split>.tfrecord`. Parts are deleted once appended, so the disk holds
+    little more than one copy of the split."""
+    final_name = plan.files[split][0]
+    if final_name in finished:
+        return
+    parts = [unit.file_name for unit in plan.units if unit.split == split]
+    partial = plan.work_dir / _partial_name(split)
+    if appended[split] < len(parts) and parts[appended[split]] in finished:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            while appended[split] < len(parts) and parts[appended[split]] in finished:
+                part = plan.work_dir / parts[appended[split]]
+                _append_file(part, fd)
+                appended[split] += 1
+                size = os.fstat(fd).st_size
+                _journal_append(
+                    plan.work_dir, {"file": partial.name, "bytes": size, "parts": appended[split]}
+                )
+                part.unlink()
+            if appended[split] == len(parts):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    if appended[split] < len(parts):
+        return
+    if not partial.exists():  # an empty split whose one empty part was already appended
+        partial.touch()
+    size = partial.stat().st_size
+    os.replace(partial, plan.out / final_name)
+    entry = {
+        "file": final_name,
+        "bytes": size,
+        "patches": sum(finished[part]["patches"] for part in parts),
+        "skipped": [item for part in parts for item in finished[part]["skipped"]],
+    }
+    _journal_append(plan.work_dir, entry)
+    finished[final_name] = entry
 
 
 def _pending_units(plan: _Plan, finished: dict[str, dict]) -> tuple[list[_Unit], int]:
@@ -523,30 +595,6 @@ def _pending_units(plan: _Plan, finished: dict[str, dict]) -> tuple[list[_Unit],
     # Largest first, so that the last tasks are short and no core waits long at the end.
     pending.sort(key=lambda unit: -len(unit.names))
     return pending, resumed
-
-
-def _legacy_split_ready(plan: _Plan, split: str, finished: dict[str, dict]) -> bool:
-    """True when every part of a legacy split is written and the split file is not made yet."""
-    if plan.files[split][0] in finished:
-        return False
-    return all(unit.file_name in finished for unit in plan.units if unit.split == split)
-
-
-def _finish_legacy_split(plan: _Plan, split: str, finished: dict[str, dict]) -> None:
-    """Concatenate a legacy split's parts, in list order, into `<split>.tfrecord`; journal it."""
-    parts = [unit.file_name for unit in plan.units if unit.split == split]
-    destination = plan.out / plan.files[split][0]
-    size = _concatenate([plan.work_dir / part for part in parts], destination, plan.work_dir)
-    entry = {
-        "file": destination.name,
-        "bytes": size,
-        "patches": sum(finished[part]["patches"] for part in parts),
-        "skipped": [item for part in parts for item in finished[part]["skipped"]],
-    }
-    _journal_append(plan.work_dir, entry)
-    finished[destination.name] = entry
-    for part in parts:
-        (plan.work_dir / part).unlink()
 
 
 def _split_entries(plan: _Plan, split: str, finished: dict[str, dict]) -> list[dict]:
@@ -844,14 +892,14 @@ def prepare(
     plan = _Plan(out_path, out_path / WORK_DIR_NAME, record_format, shard_size, archive, splits, [])
     _plan_units(plan)
     plan.fingerprint = _fingerprint(plan, skip_bad)
-    done = _start_or_resume(plan, overwrite, say)
+    done, appended = _start_or_resume(plan, overwrite, say)
 
     # Journal entries by file name: units (shards or legacy parts) and finished legacy split files.
     finished = dict(done)
     pending, resumed = _pending_units(plan, finished)
     for split in splits:
-        if record_format == "legacy" and _legacy_split_ready(plan, split, finished):
-            _finish_legacy_split(plan, split, finished)
+        if record_format == "legacy":
+            _advance_legacy_split(plan, split, finished, appended)
 
     total = sum(len(unit.names) for unit in plan.units)
     progress = _progress_bar(console)
@@ -874,8 +922,8 @@ def prepare(
                 _journal_append(plan.work_dir, entry)
                 finished[result.file_name] = entry
                 split = unit_split[result.file_name]
-                if record_format == "legacy" and _legacy_split_ready(plan, split, finished):
-                    _finish_legacy_split(plan, split, finished)
+                if record_format == "legacy":
+                    _advance_legacy_split(plan, split, finished, appended)
             progress.update(task, completed=total)
     except BadPatchError:
         _discard_job(plan)

@@ -602,12 +602,22 @@ def test_legacy_restart_keeps_finished_parts(archive, tmp_path, monkeypatch):
     with pytest.raises(SimulatedKill):
         run(archive, out, record_format="legacy")
     monkeypatch.setattr(prepare_module.Archive, "read_patch", real_read)
-    assert tfrecord_files(out) == []  # no split is complete yet; two parts are
-    assert len(list((out / WORK_DIR_NAME).glob("train.part-*"))) == 2
+    assert tfrecord_files(out) == []  # no split is complete yet
+    # The two finished parts were appended to the split's partial file and deleted.
+    assert list((out / WORK_DIR_NAME).glob("train.part-*")) == []
+    partial = out / WORK_DIR_NAME / "train.tfrecord.partial"
+    assert partial.stat().st_size == sum(len(record) + 16 for record in reference_records(reference, 2))
+    with open(partial, "ab") as handle:  # as if killed between an append and its journal line
+        handle.write(b"bytes of a part whose append was not recorded")
 
     summary = run(archive, out, record_format="legacy")
     assert summary.resumed_patches == 2
     assert folder_bytes(out) == folder_bytes(reference)
+
+
+def reference_records(folder: Path, count: int) -> list[bytes]:
+    """The first `count` serialized records of a prepared legacy train split."""
+    return [r.numpy() for r in tf.data.TFRecordDataset(str(folder / "train.tfrecord")).take(count)]
 
 
 def test_restart_with_other_arguments_is_refused(archive, tmp_path, monkeypatch):
