@@ -39,6 +39,7 @@ _SAMPLE_FORMAT = 339
 _CLASSIC_MAGIC = 42
 _BIGTIFF_MAGIC = 43
 _NO_COMPRESSION = 1
+_HEADER_BYTES = 8  # byte order, version number, offset of the first directory
 
 # TIFF field type -> (struct code, bytes per value), for the integer types these tags may use.
 _FIELD_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4)}
@@ -80,6 +81,7 @@ def read_band(path: str | os.PathLike, shape: Sequence[int], dtype: np.dtype | t
     try:
         array = _parse_simple_tiff(data, expected_shape, expected_dtype)
     except _Unsupported:
+        _check_declared_raster(path, expected_shape, expected_dtype)
         array = _read_with_tifffile(path)
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
@@ -153,6 +155,8 @@ def _parse_simple_tiff(data: bytearray, shape: tuple[int, int], dtype: np.dtype)
             tags[tag] = ((value & 0xFFFF) if little else (value >> 16),)
         elif count == 1 and field_type == 4:
             tags[tag] = (value,)
+        elif count == 0:
+            raise _Unsupported  # a tag without values is malformed; tifffile decides what it means
         else:
             tags[tag] = _tag_values(data, order, field_type, count, value)
 
@@ -197,6 +201,8 @@ def _parse_simple_tiff(data: bytearray, shape: tuple[int, int], dtype: np.dtype)
         start = offsets[index]
         if counts[index] < needed:
             raise TiffError(f"malformed TIFF: strip {index} holds {counts[index]} bytes, expected {needed}")
+        if start < _HEADER_BYTES:  # 0 marks a missing strip to other readers, who fill it with zeros
+            raise TiffError(f"malformed TIFF: strip {index} starts at byte {start}, inside the file header")
         if start + needed > size:
             raise TiffError(
                 f"truncated file: strip {index} ends at byte {start + needed}, file has {size} bytes"
@@ -250,6 +256,26 @@ def _tag_values(data: bytearray, order: str, field_type: int, count: int, value:
 @functools.lru_cache(maxsize=64)
 def _entry_struct(order: str, entry_count: int) -> struct.Struct:
     return struct.Struct(order + "HHII" * entry_count)
+
+
+def _check_declared_raster(path: str | os.PathLike, shape: tuple[int, int], dtype: np.dtype) -> None:
+    """Raise TiffError unless the first image's header declares this shape and type.
+
+    Checked before tifffile decodes anything: a damaged header may declare gigapixels, which tifffile
+    would allocate and fill (seconds, or all memory) only for the size check to refuse them.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as handle:
+            series = handle.series[0]
+            declared_shape, declared_dtype = tuple(series.shape), np.dtype(series.dtype)
+    except Exception as error:  # tifffile raises many types for damaged files
+        raise TiffError(f"unreadable TIFF: {error}") from error
+    if declared_shape != shape:
+        raise TiffError(f"raster is {_size(declared_shape)} pixels, expected {_size(shape)}")
+    if declared_dtype.newbyteorder("=") != dtype.newbyteorder("="):
+        raise TiffError(f"pixel type is {declared_dtype.newbyteorder('=')}, expected {dtype}")
 
 
 def _read_with_tifffile(path: str | os.PathLike) -> np.ndarray:
