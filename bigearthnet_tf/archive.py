@@ -155,7 +155,7 @@ def check_patch_name(name: str) -> str:
 def v2_product(patch_id: str) -> str:
     """The v2 S2 product folder of a patch_id: the patch_id minus its last two `_`-parts."""
     parts = patch_id.rsplit("_", 2)
-    if len(parts) != 3 or not parts[0]:
+    if len(parts) != 3 or parts[0] in ("", ".", ".."):  # '..__' would lead out of BigEarthNet-S2
         raise UserError(f"invalid v2 patch_id {patch_id!r}: expected <product>_<column>_<row>")
     return parts[0]
 
@@ -163,7 +163,7 @@ def v2_product(patch_id: str) -> str:
 def v2_s1_product(s1_name: str) -> str:
     """The v2 S1 product folder of an s1_name: the name minus its last three `_`-parts (tile, column, row)."""
     parts = s1_name.rsplit("_", 3)
-    if len(parts) != 4 or not parts[0]:
+    if len(parts) != 4 or parts[0] in ("", ".", ".."):
         raise UserError(f"invalid v2 s1_name {s1_name!r}: expected <product>_<tile>_<column>_<row>")
     return parts[0]
 
@@ -247,6 +247,8 @@ class Archive:
             raise BadPatchError(name, where, "no Sentinel-1 patch is paired with this patch")
         try:
             check_patch_name(s1_name)  # it becomes a path: metadata must not lead out of the S1 folder
+            if self.version == 2:
+                v2_s1_product(s1_name)
         except UserError:
             raise BadPatchError(name, where, f"invalid Sentinel-1 patch name {s1_name!r}") from None
         return s1_name
@@ -354,7 +356,7 @@ def _read_v1_labels(folder: str, name: str) -> tuple[tuple[str, ...], tuple[str,
         raise BadPatchError(name, file_name, f"cannot read: {error.strerror}") from None
     try:
         metadata = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also too deep nesting, integers over 4,300 digits
         raise BadPatchError(name, file_name, f"malformed JSON: {error}") from None
     if not isinstance(metadata, dict) or "labels" not in metadata:
         raise BadPatchError(name, file_name, "no 'labels' key")
@@ -517,7 +519,7 @@ def _corresponding_s2(s1_dir: str, s1_name: str) -> str | None:
             metadata = json.loads(handle.read())
     except FileNotFoundError:
         return None  # not an S1 patch folder
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: unreadable metadata ({error})") from None
     s2_name = metadata.get("corresponding_s2_patch") if isinstance(metadata, dict) else None
     if not isinstance(s2_name, str) or not s2_name:
@@ -530,7 +532,8 @@ def _corresponding_s2(s1_dir: str, s1_name: str) -> str | None:
 
 
 def _read_parquet(path: Path, columns: tuple[str, ...]):
-    """Some columns of a metadata parquet file as a pyarrow Table; UserError naming a missing column."""
+    """Some columns of a metadata parquet file as a pyarrow Table of the types `_v2_column_type` gives;
+    UserError naming the file and a column that is missing or holds values of another type."""
     import pyarrow.parquet as pq  # imported here: v1 never needs pyarrow
 
     try:
@@ -540,11 +543,59 @@ def _read_parquet(path: Path, columns: tuple[str, ...]):
             raise UserError(
                 f"{path} has no column {missing[0]!r}; expected the columns {', '.join(V2_COLUMNS)}"
             )
-        return pq.read_table(path, columns=list(columns))
+        table = pq.read_table(path, columns=list(columns))
+        # Parquet readers do not check UTF-8; invalid text would surface much later, in to_pylist.
+        table.validate(full=True)
+        for index, field in enumerate(table.schema):
+            target, expected = _v2_column_type(field.name)
+            if not _castable(field.type, target):
+                raise UserError(f"{path}: column {field.name!r} holds {field.type}, expected {expected}")
+            if field.type != target:  # one type per column, so both files' chunks can be joined
+                table = table.set_column(index, field.name, table.column(index).cast(target))
+        return table
     except UserError:
         raise
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UserError(f"{path} cannot be read as parquet: {error}") from None
+
+
+def _v2_column_type(column: str) -> tuple:
+    """(the arrow type a v2 metadata column is read as, what its values are in words)."""
+    import pyarrow as pa
+
+    if column == "labels":
+        return pa.list_(pa.string()), "lists of label names"
+    if column.startswith("contains_"):
+        return pa.bool_(), "true/false flags"
+    return pa.string(), "text"
+
+
+def _castable(arrow_type, target) -> bool:
+    """Whether a column of `arrow_type` holds the same values as `target`: large and dictionary-encoded
+    text (other tools write those), and the null type of a column with no values, but never numbers."""
+    import pyarrow as pa
+
+    def text(kind) -> bool:
+        if pa.types.is_dictionary(kind):
+            return text(kind.value_type)
+        return any(
+            check(kind)
+            for check in (
+                pa.types.is_null,
+                pa.types.is_string,
+                pa.types.is_large_string,
+                pa.types.is_string_view,
+            )
+        )
+
+    if pa.types.is_null(arrow_type):
+        return True
+    if pa.types.is_list(target):
+        lists = pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+        return lists and text(arrow_type.value_type)
+    if pa.types.is_boolean(target):
+        return pa.types.is_boolean(arrow_type)
+    return text(arrow_type)
 
 
 def _v2_tables(root: str, columns: tuple[str, ...]) -> tuple:
@@ -581,8 +632,14 @@ def _v2_metadata(root: str) -> _V2Metadata:
     patch_ids = [name for table in tables for name in table.column("patch_id").to_pylist()]
     return _V2Metadata(
         rows={name: row for row, name in enumerate(patch_ids)},
-        labels=pa.chunked_array([chunk for t in tables for chunk in t.column("labels").chunks]),
-        s1_names=pa.chunked_array([chunk for t in tables for chunk in t.column("s1_name").chunks]),
+        # Typed, since tables without rows may have no chunks at all.
+        labels=pa.chunked_array(
+            [chunk for t in tables for chunk in t.column("labels").chunks], type=_v2_column_type("labels")[0]
+        ),
+        s1_names=pa.chunked_array(
+            [chunk for t in tables for chunk in t.column("s1_name").chunks],
+            type=_v2_column_type("s1_name")[0],
+        ),
     )
 
 
@@ -604,22 +661,26 @@ def official_v2_splits(root: str | os.PathLike, include_snow_cloud: bool = False
     top = _v2_top(root)
     flags = ("contains_seasonal_snow", "contains_cloud_or_shadow")
     main, flagged = _v2_tables(str(top), ("patch_id", "split", *flags))
-    tables = [main]
+    tables = [(top / V2_METADATA, main)]
     if include_snow_cloud:
         if flagged is None:
             raise UserError(
                 f"{top / V2_SNOW_CLOUD_METADATA} is missing; it lists the snow/cloud/shadow patches"
             )
-        tables.append(flagged)
+        tables.append((top / V2_SNOW_CLOUD_METADATA, flagged))
     splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
-    for table in tables:
+    for path, table in tables:
         for patch_id, split, snow, cloud in zip(*_columns(table, "patch_id", "split", *flags), strict=True):
             if (snow or cloud) and not include_snow_cloud:
                 continue
+            try:  # checked here, like the names of split CSV files, rather than when a patch is read
+                check_patch_name(patch_id)
+            except UserError as error:
+                raise UserError(f"{path}: {error}") from None
             split = "validation" if split == "val" else split
             if split not in splits:
                 raise UserError(
-                    f"{top}: patch {patch_id} has split {split!r}; expected train, validation or test"
+                    f"{path}: patch {patch_id} has split {split!r}; expected train, validation or test"
                 )
             splits[split].append(patch_id)
     return splits
