@@ -37,6 +37,7 @@ from bigearthnet_tf.models.preprocessing import (
 from bigearthnet_tf.models.registry import register_model
 
 BN_MOMENTUM = 0.997
+TINY_BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 BOTTLENECK_EXPANSION = 4
 
@@ -49,6 +50,7 @@ class ResNetConfig:
     base_depths: tuple[int, ...] = (64, 128, 256, 512)
     strides: tuple[int, ...] = (2, 2, 2, 1)  # applied in the last unit of each block
     root_filters: int = 64
+    bn_momentum: float = BN_MOMENTUM
 
 
 RESNET_VARIANTS: Mapping[str, ResNetConfig] = MappingProxyType(
@@ -58,13 +60,22 @@ RESNET_VARIANTS: Mapping[str, ResNetConfig] = MappingProxyType(
         "ResNet152": ResNetConfig(units=(3, 8, 36, 3)),
         # Two units in block 1 so every shortcut kind is exercised: projection (unit 1), max-pool
         # subsample (strided unit 2), and strided projection (the single unit of blocks 2-3).
-        "ResNet-Tiny": ResNetConfig(units=(2, 1, 1, 1), base_depths=(8, 16, 32, 64), root_filters=8),
+        # Tiny runs last a few hundred iterations: BN statistics must settle faster than 0.997 allows.
+        "ResNet-Tiny": ResNetConfig(
+            units=(2, 1, 1, 1), base_depths=(8, 16, 32, 64), root_filters=8, bn_momentum=TINY_BN_MOMENTUM
+        ),
     }
 )
 
 
 def _conv_bn(
-    x: keras.KerasTensor, filters: int, kernel: int, stride: int, name: str, relu: bool = True
+    x: keras.KerasTensor,
+    filters: int,
+    kernel: int,
+    stride: int,
+    name: str,
+    relu: bool = True,
+    momentum: float = BN_MOMENTUM,
 ) -> keras.KerasTensor:
     padding = "same"
     if stride > 1 and kernel > 1:  # slim conv2d_same
@@ -81,20 +92,22 @@ def _conv_bn(
         kernel_initializer="he_normal",
         name=name,
     )(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn")(x)
+    x = keras.layers.BatchNormalization(momentum=momentum, epsilon=BN_EPSILON, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
 
-def _bottleneck(x: keras.KerasTensor, depth: int, bottleneck_depth: int, stride: int, name: str):
+def _bottleneck(
+    x: keras.KerasTensor, depth: int, bottleneck_depth: int, stride: int, name: str, momentum: float
+):
     if x.shape[-1] == depth:
         shortcut = x
         if stride > 1:
             shortcut = keras.layers.MaxPooling2D(1, strides=stride, name=f"{name}_shortcut_subsample")(x)
     else:
-        shortcut = _conv_bn(x, depth, 1, stride, name=f"{name}_shortcut", relu=False)
-    residual = _conv_bn(x, bottleneck_depth, 1, 1, name=f"{name}_conv1")
-    residual = _conv_bn(residual, bottleneck_depth, 3, stride, name=f"{name}_conv2")
-    residual = _conv_bn(residual, depth, 1, 1, name=f"{name}_conv3", relu=False)
+        shortcut = _conv_bn(x, depth, 1, stride, f"{name}_shortcut", relu=False, momentum=momentum)
+    residual = _conv_bn(x, bottleneck_depth, 1, 1, f"{name}_conv1", momentum=momentum)
+    residual = _conv_bn(residual, bottleneck_depth, 3, stride, f"{name}_conv2", momentum=momentum)
+    residual = _conv_bn(residual, depth, 1, 1, f"{name}_conv3", relu=False, momentum=momentum)
     x = keras.layers.Add(name=f"{name}_add")([shortcut, residual])
     return keras.layers.ReLU(name=f"{name}_out")(x)
 
@@ -110,7 +123,7 @@ def build_resnet(
     """ResNet v1 on the stacked 120x120 image of `modality`; outputs logits (batch, num_classes)."""
     inputs = raw_inputs(stacked_input_keys(modality))
     x = stacked_image(inputs, modality, resolve_statistics(statistics))
-    x = _conv_bn(x, config.root_filters, 7, 2, name="conv1")
+    x = _conv_bn(x, config.root_filters, 7, 2, name="conv1", momentum=config.bn_momentum)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
     for block, (units, base_depth, stride) in enumerate(
         zip(config.units, config.base_depths, config.strides, strict=True), start=1
@@ -122,6 +135,7 @@ def build_resnet(
                 bottleneck_depth=base_depth,
                 stride=stride if unit == units else 1,
                 name=f"block{block}_unit_{unit}",
+                momentum=config.bn_momentum,
             )
     x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="global_pool")(x)
     # float32 logits even under a mixed-precision policy (stable sigmoid cross-entropy).
