@@ -7,6 +7,7 @@ start without loading TensorFlow. A `UserError` becomes one line on stderr and a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         "-n", "--splits", nargs="+", type=Path, help="split CSV files; each file's base name names its split"
     )
     splits.add_argument(
-        "--official", action="store_true", help="use the official splits (v1: bigearthnet-common; v2: parquet)"
+        "--official",
+        action="store_true",
+        help="use the official splits (v1: bigearthnet-common; v2: parquet)",
     )
     parser.add_argument("--format", choices=("default", "legacy"), default="default", help="record format")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
@@ -165,6 +168,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bigearthnet` console command."""
     argv = sys.argv[1:] if argv is None else argv
+    # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise to a user; errors stay.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # `--splits official` is the documented spelling; argparse sees it as a flag.
     if "official" in argv and ("--splits" in argv or "-n" in argv):
         at = argv.index("official")
