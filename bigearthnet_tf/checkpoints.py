@@ -74,6 +74,7 @@ KIND_BEST = "best"
 
 _ITERATION_PATTERN = re.compile(r"iteration-(\d+)$")
 _HASH_CHUNK = 1 << 20
+_TEMPORARY_MARK = ".tmp"  # in the names of files being written; a killed save may leave them
 # Optimizer variables that the config, not the checkpoint, decides (a fine-tune may change the rate).
 _CONFIG_OWNED_OPTIMIZER_VARIABLES = ("learning_rate",)
 
@@ -335,6 +336,18 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]
     return sorted(found)
 
 
+def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a killed save left in `directory` (`.<file>.<random>.tmp...`)."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for path in directory.glob(f".*{_TEMPORARY_MARK}*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def latest_complete_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The `iteration-<N>` base name with the highest N that is complete (verified); None if none is.
 
@@ -526,7 +539,9 @@ def _replace_with(target: Path, write) -> None:
     """Call `write(temporary_path)`, fsync the result, then move it onto `target` atomically."""
     # The temporary name keeps the target's suffixes: Keras insists on `.weights.h5`.
     suffix = "".join(target.suffixes[-2:]) if target.name.endswith(WEIGHTS_SUFFIX) else target.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f"{_TEMPORARY_MARK}{suffix}", dir=target.parent
+    )
     os.close(handle)
     try:
         os.unlink(temporary)  # some writers (h5py) refuse to open an existing empty file

@@ -123,6 +123,8 @@ def train(
         model, optimizer, progress_state = build_model_and_optimizer(config, start, plan, strategy, policy)
         if chief:
             save_config(config)
+            # A run killed while saving may have left temporary files; they are never read.
+            checkpoints.remove_temporaries(checkpoints.models_dir(config.out_dir))
         console.print(
             f"training {config.model_name} ({config.label_type}, {config.modality}) on "
             f"{plan.epoch_records:,} patches x {config.nb_epoch} epochs = {plan.total_iterations:,} "
@@ -545,6 +547,11 @@ class TrainingLoop:
         self.last_checkpoint = checkpoints.latest_complete_checkpoint(directory) if self.chief else None
         if iterations_done >= self.plan.total_iterations:
             self.console.print(f"nothing to do: iteration {iterations_done} reached the planned total")
+            if (
+                self.last_checkpoint is not None
+                and checkpoints.iteration_of(self.last_checkpoint) == iterations_done
+            ):
+                self.saved_at = iterations_done  # the run's final checkpoint is already there
             return self._finish(iterations_done, stopped_early=False)
         step = make_train_step(self.model, self.optimizer, self.strategy, config)
         batches = training_batches(config, self.strategy, self.plan, iterations_done)
@@ -763,18 +770,25 @@ def write_scalar(tag: str, value: float, step: int) -> None:
 
 
 class _Throughput:
-    """Samples per second over the recent steps (an exponential moving average of step times)."""
+    """Samples per second over the recent steps (an exponential moving average of step times).
+
+    The first step is left out: it includes tracing the step function and filling the input buffers.
+    """
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
         self.last = time.perf_counter()
+        self.steps = 0
         self.seconds_per_step: float | None = None
 
     def update(self) -> float:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
+        self.steps += 1
+        if self.steps == 1:
+            return 0.0
         if self.seconds_per_step is None:
-            self.seconds_per_step = elapsed  # the first step includes tracing; it fades quickly
+            self.seconds_per_step = elapsed
         else:
             weight = SAMPLES_PER_SECOND_SMOOTHING
             self.seconds_per_step = (1 - weight) * self.seconds_per_step + weight * elapsed
