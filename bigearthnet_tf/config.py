@@ -36,7 +36,7 @@ New keys
 | `resume` | str | `never` | `auto`: continue from the newest complete checkpoint in `out_dir/models` |
 | `mixed_precision` | bool | false | bfloat16 compute on CPU, float16 with loss scaling on GPU |
 | `jit_compile` | bool | false | compile the training step with XLA |
-| `statistics_file` | path | none | JSON of per-band mean/std overriding the v1 statistics |
+| `statistics_file` | path | none | a `bigearthnet stats` file; its bands override the v1 statistics |
 | `skip_corrupt_records` | bool | false | skip (and count) unreadable records instead of failing |
 | `threshold` | float | 0.5 | probability at which a class counts as predicted (metrics) |
 | `optimizer` | str | `adam` | `adam` (2019) or `adamw` |
@@ -76,7 +76,7 @@ from types import MappingProxyType
 from typing import Any
 
 from bigearthnet_tf.constants import LABEL_TYPES
-from bigearthnet_tf.errors import ConfigError
+from bigearthnet_tf.errors import ConfigError, UserError
 
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -307,38 +307,19 @@ def save_config(config: Config, path: str | os.PathLike[str] | None = None) -> P
 
 
 def read_statistics_file(path: str | os.PathLike[str]) -> dict[str, tuple[float, float]]:
-    """Band name -> (mean, std) from a statistics JSON file.
+    """Band name -> (mean, std) from a statistics file as `bigearthnet stats` writes it (see `stats`).
 
-    Accepted shapes: `{"B02": [mean, std], ...}`, `{"B02": {"mean": m, "std": s}, ...}`, or either of
-    them under a top-level `"statistics"` or `"bands"` key (other top-level keys, such as a count or
-    the split, are then ignored). Bands not named keep the BigEarthNet v1 / 2021 S1 statistics.
+    Bands the file does not name keep the BigEarthNet v1 / 2021 S1 statistics. A bad file is a
+    ConfigError (exit code 2), since the config named it.
     """
-    from bigearthnet_tf.models.preprocessing import DEFAULT_STATISTICS
+    from bigearthnet_tf.stats import load_statistics
 
-    path = Path(path)
-    document = _read_json_object(path)
-    for wrapper in ("statistics", "bands"):
-        if isinstance(document.get(wrapper), dict):
-            document = document[wrapper]
-            break
-    statistics: dict[str, tuple[float, float]] = {}
-    for band, value in document.items():
-        if band not in DEFAULT_STATISTICS:
-            known = ", ".join(DEFAULT_STATISTICS)
-            raise ConfigError(f"{path}: unknown band {band!r}; expected some of {known}")
-        if isinstance(value, dict):
-            value = (value.get("mean"), value.get("std"))
-        if not isinstance(value, list | tuple) or len(value) != 2 or not all(_is_number(v) for v in value):
-            raise ConfigError(f"{path}: band {band}: expected [mean, std] or {{mean, std}}, got {value!r}")
-        mean, std = float(value[0]), float(value[1])
-        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-            raise ConfigError(
-                f"{path}: band {band}: mean must be finite and std finite and > 0, got {value!r}"
-            )
-        statistics[band] = (mean, std)
-    if not statistics:
-        raise ConfigError(f"{path}: no band statistics found")
-    return statistics
+    try:
+        return load_statistics(path)
+    except ConfigError:
+        raise
+    except UserError as error:
+        raise ConfigError(f"statistics_file: {error}") from None
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:

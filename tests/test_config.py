@@ -167,19 +167,29 @@ def _umask() -> int:
     return mask
 
 
-def test_statistics_file_shapes(workdir):
-    (workdir / "a.json").write_text(json.dumps({"B02": [400.0, 500.0], "VV": {"mean": -12.0, "std": 5.0}}))
-    (workdir / "b.json").write_text(json.dumps({"split": "train", "statistics": {"B03": [1, 2]}}))
-    assert read_statistics_file(workdir / "a.json") == {"B02": (400.0, 500.0), "VV": (-12.0, 5.0)}
-    assert read_statistics_file(workdir / "b.json") == {"B03": (1.0, 2.0)}
-    config = load_config(write_config(workdir, with_changes(statistics_file="a.json")), purpose="train")
+def statistics_document(bands: dict) -> str:
+    """A statistics file as `bigearthnet stats` writes it."""
+    return json.dumps({"format": "bigearthnet-tf-statistics", "version": 1, "bands": bands})
+
+
+def test_statistics_file(workdir):
+    (workdir / "stats.json").write_text(
+        statistics_document(
+            {"B02": {"mean": 400.0, "std": 500.0, "pixels": 14400}, "VV": {"mean": -12, "std": 5}}
+        )
+    )
+    assert read_statistics_file(workdir / "stats.json") == {"B02": (400.0, 500.0), "VV": (-12.0, 5.0)}
+    config = load_config(write_config(workdir, with_changes(statistics_file="stats.json")), purpose="train")
+    assert config.statistics_file == workdir / "stats.json"
     assert dict(config.statistics) == {"B02": (400.0, 500.0), "VV": (-12.0, 5.0)}
-    (workdir / "bad.json").write_text(json.dumps({"B02": [400.0, 0.0]}))
-    with pytest.raises(ConfigError, match=r"band B02: .*std .*> 0"):
-        read_statistics_file(workdir / "bad.json")
-    (workdir / "band.json").write_text(json.dumps({"B10": [1, 2]}))
-    with pytest.raises(ConfigError, match="unknown band 'B10'"):
-        read_statistics_file(workdir / "band.json")
+    (workdir / "bad.json").write_text(statistics_document({"B02": {"mean": 400.0, "std": 0.0}}))
+    with pytest.raises(
+        ConfigError, match=r"statistics_file: .*bad\.json: bands\.B02\.std must be finite and > 0"
+    ):
+        load_config(write_config(workdir, with_changes(statistics_file="bad.json")), purpose="train")
+    (workdir / "plain.json").write_text(json.dumps({"B02": [400.0, 500.0]}))
+    with pytest.raises(ConfigError, match=r"plain\.json: not a statistics file"):
+        read_statistics_file(workdir / "plain.json")
 
 
 # --- errors: one line naming the key and the value, exit code 2 ----------------------------------
