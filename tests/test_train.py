@@ -26,6 +26,7 @@ from bigearthnet_tf.cli import main
 from bigearthnet_tf.config import config_from_dict
 from bigearthnet_tf.constants import ORIGINAL_LABELS, S2_BANDS, original_to_19
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.evaluate import evaluate
 from bigearthnet_tf.records import RecordWriter, encode_default
 from bigearthnet_tf.train import TrainingDiverged, TrainingInterrupted, train
 
@@ -39,7 +40,7 @@ RESUME_ATOL = 1e-6
 CLASSES_USED = (11, 17, 22, 23, 39)
 
 
-def make_patches(count: int, seed: int) -> list[Patch]:
+def make_patches(count: int, seed: int, with_s1: bool = False) -> list[Patch]:
     rng = np.random.default_rng(seed)
     patches = []
     for index in range(count):
@@ -52,7 +53,22 @@ def make_patches(count: int, seed: int) -> list[Patch]:
             ).astype(np.uint16)
             for band in S2_BANDS
         }
-        patches.append(Patch(f"S2A_TEST_{seed}_{index}", bands, labels_43, original_to_19(labels_43)))
+        s1_bands = None
+        if with_s1:  # VV around -12 dB and VH around -19 dB, both brighter with the same classes
+            s1_bands = {
+                name: rng.normal(level + shift, 2.0, (120, 120)).astype(np.float32)
+                for name, level in (("VV", -12.6), ("VH", -19.3))
+            }
+        patches.append(
+            Patch(
+                f"S2A_TEST_{seed}_{index}",
+                bands,
+                labels_43,
+                original_to_19(labels_43),
+                s1_name=f"S1A_TEST_{seed}_{index}" if with_s1 else None,
+                s1_bands=s1_bands,
+            )
+        )
     return patches
 
 
@@ -403,6 +419,49 @@ def test_2019_config_through_the_cli_with_original_labels(data, tmp_path, capsys
     assert "Sea and ocean" in header and "true:Sea and ocean" in header
     assert (out_dir / "per_class_metrics.png").stat().st_size > 0
     assert "Per class" in capsys.readouterr().out
+
+
+def test_multi_modal_training_and_evaluation(tmp_path):
+    write_records(tmp_path / "train.tfrecord", make_patches(16, 21, with_s1=True))
+    write_records(tmp_path / "test.tfrecord", make_patches(6, 22, with_s1=True))
+    values = config_values(
+        tmp_path,
+        tmp_path / "run",
+        modality="MM",
+        nb_epoch=1,
+        tr_tf_record_files=[str(tmp_path / "train.tfrecord")],
+        val_tf_record_files=...,
+        training_size=...,
+        save_checkpoint_per_iteration=...,
+    )
+    result = train(config_from_dict(values, "train"))
+    meta = checkpoints.read_metadata(result.final_checkpoint)
+    assert meta["modality"] == "MM" and meta["input_keys"][-1] == "bands_s1"
+    assert meta["band_order"]["bands_s1"] == ["VV", "VH"]
+    evaluation = evaluate(
+        config_from_dict(
+            {
+                "batch_size": 4,
+                "out_dir": str(tmp_path / "run"),
+                "test_tf_record_files": [str(tmp_path / "test.tfrecord")],
+                "model_file": str(result.final_checkpoint),
+            },
+            "evaluate",
+        )
+    )
+    assert evaluation.num_samples == 6
+    with pytest.raises(UserError, match=r"trained on modality 'MM' but the config asks for 'S2'"):
+        evaluate(
+            config_from_dict(
+                {
+                    **values,
+                    "modality": "S2",
+                    "model_file": str(result.final_checkpoint),
+                    "test_tf_record_files": [str(tmp_path / "test.tfrecord")],
+                },
+                "evaluate",
+            )
+        )
 
 
 # --- distribution ------------------------------------------------------------------------------------
