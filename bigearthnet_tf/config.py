@@ -89,6 +89,8 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 DEFAULT_SEED = 42  # the 2019 SEED
+SEED_MAX = 2**32 - 1  # NumPy's seed range
+INT64_MAX = 2**63 - 1
 DEFAULT_SHUFFLE_BUFFER = 130_000  # what every 2019 config used
 DEFAULT_THRESHOLD = 0.5
 RECORD_SUFFIX = ".tfrecord"  # what a folder entry of a file list expands to
@@ -162,7 +164,7 @@ class Config:
             if isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = list(value) or None  # an unset file list reads back as "not given"
             values[name] = value
         return values
 
@@ -207,12 +209,12 @@ _RULES: Mapping[str, _Rule] = MappingProxyType(
         "val_tf_record_files": _Rule("files"),
         "test_tf_record_files": _Rule("files", required_for=(EVALUATE,)),
         "fine_tune": _Rule("bool"),
-        "model_file": _Rule("str", required_for=(EVALUATE,)),
+        "model_file": _Rule("input_path", required_for=(EVALUATE,)),
         "shuffle_buffer_size": _Rule("int", minimum=0),
         "training_size": _Rule("int", minimum=1),
         "test_size": _Rule("int", minimum=1),
         "modality": _Rule("choice", choices=MODALITIES),
-        "seed": _Rule("int", minimum=0),
+        "seed": _Rule("int", minimum=0, maximum=SEED_MAX),
         "distribution": _Rule("choice", choices=DISTRIBUTIONS),
         "resume": _Rule("choice", choices=RESUME_MODES),
         "mixed_precision": _Rule("bool"),
@@ -258,8 +260,10 @@ def config_from_dict(raw: Mapping[str, Any], purpose: str = TRAIN, source: Path 
     values: dict[str, Any] = {}
     for name, rule in _RULES.items():
         value = raw.get(name)
-        # JSON null means "not given", so a 2019 config may carry "model_file": null or "".
+        # JSON null means "not given", so a 2019 config may carry "model_file": null or "", and
+        # "val_tf_record_files": [] ("not used for now" in 2019).
         given = value is not None and not (rule.kind in ("str", "input_path") and value == "")
+        given = given and not (rule.kind == "files" and value == [] and purpose not in rule.required_for)
         if not given:
             if purpose in rule.required_for:
                 raise ConfigError(f"{where}: missing key {name!r} (required to {purpose})")
@@ -388,6 +392,8 @@ def _read_json_object(path: Path) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid JSON: nested too deeply") from None
+    except ValueError:  # int() refuses numbers of more than 4,300 digits (a guard against slow parsing)
+        raise ConfigError(f"{path}: not valid JSON: a number has too many digits") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a JSON object {{...}}, got {_json_type(document)}")
     return document
@@ -467,7 +473,7 @@ class _Checker:
             "str": self._str,
             "choice": self._choice,
             "files": self._files,
-            "input_path": self._str,
+            "input_path": self._path_text,
             "output_path": self._output_path,
             "model": self._model,
         }
@@ -480,28 +486,38 @@ class _Checker:
         high_ok = rule.maximum is None or value <= rule.maximum
         if low_ok and high_ok:
             return
+
+        def number(bound: float) -> str:
+            return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
         parts = []
         if rule.minimum is not None:
-            parts.append(f"{'>' if rule.exclusive_minimum else '>='} {rule.minimum:g}")
+            parts.append(f"{'>' if rule.exclusive_minimum else '>='} {number(rule.minimum)}")
         if rule.maximum is not None:
-            parts.append(f"<= {rule.maximum:g}")
+            parts.append(f"<= {number(rule.maximum)}")
         raise self.fail(name, value, f"{kind} {' and '.join(parts)}")
 
     def _int(self, name: str, rule: _Rule, value: Any) -> int:
         # bool is a subclass of int in Python; `"batch_size": true` must not mean 1.
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(name, value, f"an integer, not {_json_type(value)}")
+        # Every count ends up in an int64 tensor (seeds in NumPy's 32-bit seed): refuse what cannot fit.
+        if rule.maximum is None and abs(value) > INT64_MAX:
+            raise self.fail(name, value, f"an integer of at most {INT64_MAX}")
         self._bounds(name, rule, value, "an integer")
         return value
 
     def _float(self, name: str, rule: _Rule, value: Any) -> float:
         if not _is_number(value):
             raise self.fail(name, value, f"a number, not {_json_type(value)}")
-        value = float(value)
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range, e.g. 10**400
+            number = math.inf
+        if not math.isfinite(number):
             raise self.fail(name, value, "a finite number")
-        self._bounds(name, rule, value, "a number")
-        return value
+        self._bounds(name, rule, number, "a number")
+        return number
 
     def _bool(self, name: str, rule: _Rule, value: Any) -> bool:
         if not isinstance(value, bool):
@@ -529,10 +545,21 @@ class _Checker:
             raise self.fail(name, value, "a file name, glob or folder, or a list of them")
         if not entries:
             raise self.fail(name, value, "at least one file")
-        return tuple(entries)
+        return tuple(self._path_text(name, rule, entry) for entry in entries)
+
+    def _path_text(self, name: str, rule: _Rule, value: Any) -> str:
+        """A string the file system can take: no NUL, encodable (a lone surrogate is not)."""
+        text = self._str(name, rule, value)
+        try:
+            if "\0" in text:
+                raise ValueError
+            os.fsencode(text)
+        except (ValueError, UnicodeError):
+            raise self.fail(name, value, "a path without NUL or unencodable characters") from None
+        return text
 
     def _output_path(self, name: str, rule: _Rule, value: Any) -> Path:
-        text = self._str(name, rule, value)
+        text = self._path_text(name, rule, value)
         if not text.strip():
             raise self.fail(name, value, "a folder path")
         return Path(os.path.expanduser(text)).absolute()

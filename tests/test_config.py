@@ -145,6 +145,14 @@ def test_globs_folders_and_config_relative_paths(workdir, monkeypatch):
     assert len(folder.tr_tf_record_files) == 5
 
 
+def test_empty_optional_file_list_is_not_given_and_round_trips(workdir):
+    config = load_config(write_config(workdir, with_changes(val_tf_record_files=[])), purpose="train")
+    assert config.val_tf_record_files == () and not config.given("val_tf_record_files")
+    saved = save_config(config)
+    assert json.loads(saved.read_text())["val_tf_record_files"] is None
+    assert load_config(saved, purpose="train") == config
+
+
 def test_saved_config_round_trips_and_keeps_a_different_earlier_one(workdir):
     config = load_config(write_config(workdir, CONFIG_2019), purpose="train")
     saved = save_config(config)
@@ -260,6 +268,13 @@ ERROR_CASES = [
         "train",
         r"'early_stopping_patience': 3 needs val",
     ),
+    # Found by fuzzing: each was a crash, now a clean error.
+    ({"learning_rate": 10**400}, "train", r"key 'learning_rate': expected a finite number, got 1000"),
+    ({"batch_size": 2**70}, "train", r"key 'batch_size': expected an integer of at most 9223372036854775807"),
+    ({"seed": 2**40}, "train", r"key 'seed': expected an integer >= 0 and <= 4294967295, got 1099511627776"),
+    ({"out_dir": "~\0"}, "train", r"key 'out_dir': expected a path without NUL or unencodable characters"),
+    ({"tr_tf_record_files": "~\ud800"}, "train", r"key 'tr_tf_record_files': expected a path without NUL"),
+    ({"model_file": "a\0b"}, "evaluate", r"key 'model_file': expected a path without NUL"),
 ]
 
 
@@ -281,6 +296,7 @@ def test_config_errors_name_key_and_value(workdir, changes, purpose, pattern):
         ('{"learning_rate": NaN}', r"NaN is not a JSON number"),
         ('{"batch_size": 1, "batch_size": 2}', r"key 'batch_size' appears twice"),
         (b"\xff\xfe\x00garbage", r"is not a UTF-8 text \(JSON\) file"),
+        ('{"seed": ' + "1" * 5000 + "}", r"not valid JSON: a number has too many digits"),
     ],
 )
 def test_unreadable_files_name_the_file(workdir, content, pattern):
