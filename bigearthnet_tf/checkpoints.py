@@ -294,8 +294,10 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
             f"checkpoint {base}: {path.name} not found (the checkpoint does not exist or was not "
             "completely written)"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"checkpoint {base}: {path.name} is unreadable: {error}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        # ValueError covers JSONDecodeError and numbers with too many digits.
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"checkpoint {base}: {path.name} is unreadable: {first_line}") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise UserError(f"checkpoint {base}: {path.name} is not bigearthnet-tf checkpoint metadata")
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -303,14 +305,74 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
             f"checkpoint {base}: format version {metadata.get('format_version')!r}; this version of "
             f"bigearthnet-tf reads {FORMAT_VERSION}"
         )
+    _check_structure(base, metadata)
     if verify:
-        for role, described in metadata.get("files", {}).items():
-            problem = _check_file(base.with_name(described["name"]), described)
+        located = checkpoint_files(base)
+        for role, described in metadata["files"].items():
+            problem = _check_file(located[role], described)
             if problem:
                 raise UserError(
                     f"checkpoint {base}: {role} file {problem}; the checkpoint is incomplete or damaged"
                 )
     return metadata
+
+
+# Metadata keys that loading relies on, with the JSON types they must have.
+_REQUIRED_METADATA: Mapping[str, type | tuple[type, ...]] = {
+    "model_name": str,
+    "label_type": str,
+    "modality": str,
+    "num_classes": int,
+    "class_names": list,
+    "input_keys": list,
+    "band_order": dict,
+    "statistics": dict,
+    "files": dict,
+}
+_FILE_SUFFIXES = {"weights": WEIGHTS_SUFFIX, "state": STATE_SUFFIX}
+
+
+def _check_structure(base: Path, metadata: Mapping[str, Any]) -> None:
+    """Refuse metadata whose keys have the wrong shape (a hand-edited or foreign file) with one line.
+
+    Files are always found by the base name plus the role's suffix (the recorded name is informational),
+    so metadata can never point the loader elsewhere, and a checkpoint renamed as a whole still loads.
+    """
+
+    def malformed(key: str) -> UserError:
+        return UserError(f"checkpoint {base}: metadata key {key!r} is missing or malformed")
+
+    for key, kind in _REQUIRED_METADATA.items():
+        value = metadata.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise malformed(key)
+    if not all(isinstance(name, str) for name in metadata["class_names"] + metadata["input_keys"]):
+        raise malformed(
+            "class_names" if not all(isinstance(n, str) for n in metadata["class_names"]) else "input_keys"
+        )
+    if metadata["num_classes"] != len(metadata["class_names"]):
+        raise malformed("num_classes")
+    for key, bands in metadata["band_order"].items():
+        if not isinstance(bands, list) or not all(isinstance(band, str) for band in bands):
+            raise malformed(f"band_order.{key}")
+    for band, value in metadata["statistics"].items():
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise malformed(f"statistics.{band}")
+    files = metadata["files"]
+    if "weights" not in files:
+        raise malformed("files.weights")
+    for role, described in files.items():
+        if (
+            role not in _FILE_SUFFIXES
+            or not isinstance(described, dict)
+            or not isinstance(described.get("bytes"), int)
+            or not isinstance(described.get("sha256"), str)
+        ):
+            raise malformed(f"files.{role}")
 
 
 def is_complete(base: str | os.PathLike[str]) -> bool:
@@ -394,7 +456,7 @@ def load_checkpoint(
                 f"{', '.join(differ)}; a model must see the statistics it was trained with"
             )
     model = build_model(meta["model_name"], meta["num_classes"], meta["modality"], saved_statistics)
-    weights = base.with_name(meta["files"]["weights"]["name"])
+    weights = checkpoint_files(base)["weights"]
     try:
         model.load_weights(str(weights))
     except (ValueError, KeyError, OSError) as error:
@@ -404,7 +466,7 @@ def load_checkpoint(
         ) from None
     state = None
     if "state" in meta["files"]:
-        with np.load(base.with_name(meta["files"]["state"]["name"]), allow_pickle=False) as archive:
+        with np.load(checkpoint_files(base)["state"], allow_pickle=False) as archive:
             state = {key: archive[key] for key in archive.files}
     return LoadedCheckpoint(model, state, meta)
 

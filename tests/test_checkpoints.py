@@ -304,3 +304,42 @@ def test_keras_file_loads_in_safe_mode_and_unsafe_code_is_refused(saved, tmp_pat
     unsafe.save(tmp_path / "unsafe.keras")
     with pytest.raises(UserError, match=r"unsafe\.keras: cannot be loaded in safe mode"):
         checkpoints.load_checkpoint(tmp_path / "unsafe.keras")
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda meta: meta.update(class_names="Urban fabric"), "class_names"),
+        (lambda meta: meta.update(num_classes=True), "num_classes"),
+        (lambda meta: meta.update(num_classes=18), "num_classes"),
+        (lambda meta: meta.pop("model_name"), "model_name"),
+        (lambda meta: meta["statistics"].update(B02=["a", 1]), "statistics.B02"),
+        (lambda meta: meta["band_order"].update(bands_10m="B02"), "band_order.bands_10m"),
+        (lambda meta: meta.update(files=[]), "files"),
+        (lambda meta: meta["files"].update(extra={"name": "x", "bytes": 1, "sha256": "0"}), "files.extra"),
+        (lambda meta: meta["files"]["weights"].update(bytes="12"), "files.weights"),
+    ],
+)
+def test_malformed_metadata_is_one_clear_error(saved, tmp_path, change, key):
+    base, _, _ = saved
+    copy = copy_checkpoint(base, tmp_path)
+    edit_metadata(copy, change)
+    with pytest.raises(UserError, match=rf"metadata key '{key}' is missing or malformed"):
+        checkpoints.load_checkpoint(copy)
+    assert not checkpoints.is_complete(copy)
+    checkpoints.checkpoint_files(copy)["metadata"].write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match=r"iteration-7\.json is unreadable"):
+        checkpoints.load_checkpoint(copy)
+
+
+def test_files_are_found_by_base_name_so_a_renamed_checkpoint_loads(saved, tmp_path):
+    base, model, _ = saved
+    renamed = tmp_path / "resnet-ben19"
+    for role, path in checkpoints.checkpoint_files(base).items():
+        path_to = checkpoints.checkpoint_files(renamed)[role]
+        path_to.write_bytes(path.read_bytes())
+    # A name in the metadata pointing elsewhere is never followed.
+    edit_metadata(renamed, lambda meta: meta["files"]["weights"].update(name="../../etc/passwd"))
+    restored, _, _ = checkpoints.load_checkpoint(renamed)
+    sample = inputs(seed=2)
+    np.testing.assert_array_equal(model(sample, training=False), restored(sample, training=False))
