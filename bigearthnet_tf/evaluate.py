@@ -109,9 +109,12 @@ def evaluate(config: Config, *, console: Console | None = None) -> EvaluationRes
     )
     with _progress(console, math.ceil(records / config.batch_size)) as advance:
         predictions = collect_predictions(model, dataset, on_batch=advance)
-    skipped = sum(counter.result().values()) if config.skip_corrupt_records else 0
-    if skipped:
-        console.print(f"skipped {skipped:,} unreadable records: {counter.result()}")
+    skipped = counter.result()
+    if skipped["records"]:
+        console.print(
+            f"skipped {skipped['records']:,} unreadable records (skip_corrupt_records); the metrics cover "
+            f"the {len(predictions.logits):,} records read"
+        )
 
     metrics = compute_metrics(
         predictions.labels, predictions.probabilities, threshold=config.threshold, class_names=class_names

@@ -51,7 +51,12 @@ from bigearthnet_tf.config import Config, save_config
 from bigearthnet_tf.constants import class_names as label_names
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.evaluate import collect_predictions, sigmoid_cross_entropy
-from bigearthnet_tf.input_pipeline import corrupt_files_as_user_errors, count_records, make_dataset
+from bigearthnet_tf.input_pipeline import (
+    CorruptRecordCounter,
+    corrupt_files_as_user_errors,
+    count_records,
+    make_dataset,
+)
 from bigearthnet_tf.metrics import compute_metrics
 from bigearthnet_tf.models import build_model, input_keys
 
@@ -416,7 +421,11 @@ def make_optimizer(
 
 
 def training_batches(
-    config: Config, strategy: tf.distribute.Strategy, plan: TrainingPlan, iterations_done: int
+    config: Config,
+    strategy: tf.distribute.Strategy,
+    plan: TrainingPlan,
+    iterations_done: int,
+    corrupt_counter: CorruptRecordCounter | None = None,
 ) -> tf.distribute.DistributedDataset:
     """The training batches of the rest of the run, one pipeline per worker, batch split per replica."""
 
@@ -433,6 +442,7 @@ def training_batches(
             seed=config.seed,
             drop_remainder=plan.drop_remainder,
             skip_corrupt=config.skip_corrupt_records,
+            corrupt_counter=corrupt_counter,
             input_context=context,
             skip_batches=iterations_done * batches_per_iteration,
         )
@@ -554,7 +564,8 @@ class TrainingLoop:
                 self.saved_at = iterations_done  # the run's final checkpoint is already there
             return self._finish(iterations_done, stopped_early=False)
         step = make_train_step(self.model, self.optimizer, self.strategy, config)
-        batches = training_batches(config, self.strategy, self.plan, iterations_done)
+        corrupt = CorruptRecordCounter() if config.skip_corrupt_records else None
+        batches = training_batches(config, self.strategy, self.plan, iterations_done, corrupt)
         validation = self._validation_data()
         writer = self._summary_writer()
         iteration = iterations_done
@@ -586,6 +597,10 @@ class TrainingLoop:
                         self._interrupt(iteration, progress.console)
             if validation is not None and not self.validations_at(iteration):
                 stopped_early = self._validate(iteration, validation, progress.console) or stopped_early
+        if corrupt is not None and corrupt.result()["records"]:
+            self.console.print(
+                f"skipped {corrupt.result()['records']:,} unreadable training records (skip_corrupt_records)"
+            )
         if stopped_early:
             self.console.print(
                 f"early stopping after iteration {iteration}: no better validation {SELECTION_METRIC} in "

@@ -330,6 +330,28 @@ def test_resume_with_another_model_or_label_type_is_refused(data, uninterrupted)
         train(make_config(data, out_dir, resume="auto", model_name="VGG-Tiny"))
 
 
+def test_corrupt_training_file_is_named_or_skipped(data, tmp_path, capsys):
+    damaged = bytearray((data / "train-00001-of-00002.tfrecord").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside a record's payload: its checksum fails
+    (tmp_path / "train-00001-of-00002.tfrecord").write_bytes(bytes(damaged))
+    (tmp_path / "train-00000-of-00002.tfrecord").write_bytes(
+        (data / "train-00000-of-00002.tfrecord").read_bytes()
+    )
+    changes = {
+        "tr_tf_record_files": [str(tmp_path / "train-*.tfrecord")],
+        "val_tf_record_files": ...,
+        "nb_epoch": 1,
+        "training_size": ...,
+    }
+    with pytest.raises(
+        UserError, match=r"corrupt or truncated TFRecord file .*train-00001-of-00002\.tfrecord"
+    ):
+        train(make_config(data, tmp_path / "strict", **changes))
+    result = train(make_config(data, tmp_path / "skip", skip_corrupt_records=True, **changes))
+    assert result.iterations >= 3
+    assert "unreadable training records" in " ".join(capsys.readouterr().out.split())
+
+
 # --- stopping --------------------------------------------------------------------------------------
 
 
