@@ -21,12 +21,13 @@ The class names, label type, modality and bands come from the checkpoint; keys s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def evaluate(config: Config, *, console: Console | None = None) -> EvaluationRes
         f"evaluating {meta['model_name']} ({label_type}, {modality}) from {config.model_file} "
         f"on {records:,} patches"
     )
-    with _progress(console, math.ceil(records / config.batch_size)) as advance:
+    with _progress_bar(console, math.ceil(records / config.batch_size)) as advance:
         predictions = collect_predictions(model, dataset, on_batch=advance)
     skipped = counter.result()
     if skipped["records"]:
@@ -254,20 +255,13 @@ def write_predictions_csv(
     return path
 
 
-class _progress:
-    """A rich progress bar over the evaluation batches; yields a function that advances it by one."""
+@contextlib.contextmanager
+def _progress_bar(console: Console, total: int) -> Iterator[Callable[[], None]]:
+    """A progress bar over the evaluation batches; yields a function that advances it by one batch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    def __init__(self, console: Console, total: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self._bar = Progress(
-            "evaluating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
-        )
-        self._task = self._bar.add_task("evaluating", total=total)
-
-    def __enter__(self) -> Callable[[], None]:
-        self._bar.__enter__()
-        return lambda: self._bar.advance(self._task)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._bar.__exit__(*exc_info)
+    with Progress(
+        "evaluating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as bar:
+        task = bar.add_task("evaluating", total=total)
+        yield lambda: bar.advance(task)

@@ -73,6 +73,7 @@ LOGGED_VALIDATION_METRICS = (
     "loss",
 )
 SAMPLES_PER_SECOND_SMOOTHING = 0.1  # weight of the newest step in the moving average shown
+AUGMENTATION_SEEDS_PER_ITERATION = 1024  # distinct augmentation seeds per iteration: one per replica
 
 
 # What tensorboard's scalar summary op attaches: TensorBoard shows such tensors as scalar charts.
@@ -502,7 +503,7 @@ def make_train_step(
         inputs = {key: inputs[key] for key in keys}
         if config.augmentation:
             replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
-            inputs = augment(inputs, tf.stack([seed, iteration * 1024 + replica]))
+            inputs = augment(inputs, tf.stack([seed, iteration * AUGMENTATION_SEEDS_PER_ITERATION + replica]))
         global_count = context.all_reduce(
             tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(labels)[0], tf.float32)
         )
@@ -595,7 +596,7 @@ class TrainingLoop:
                         break
                     if self.stop.received is not None:
                         self._interrupt(iteration, progress.console)
-            if validation is not None and not self.validations_at(iteration):
+            if validation is not None and not self._validated_at(iteration):
                 stopped_early = self._validate(iteration, validation, progress.console) or stopped_early
         if corrupt is not None and corrupt.result()["records"]:
             self.console.print(
@@ -637,7 +638,7 @@ class TrainingLoop:
         batch, records = self.config.batch_size, self.plan.epoch_records
         return (iteration * batch) // records > ((iteration - 1) * batch) // records
 
-    def validations_at(self, iteration: int) -> bool:
+    def _validated_at(self, iteration: int) -> bool:
         return any(entry["iteration"] == iteration for entry in self.validations)
 
     def _save(self, iteration: int, console: Console, kind: str = checkpoints.KIND_ITERATION) -> Path | None:
