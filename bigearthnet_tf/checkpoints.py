@@ -65,6 +65,7 @@ WEIGHTS_SUFFIX = ".weights.h5"  # Keras requires this ending for save_weights / 
 STATE_SUFFIX = ".state.npz"
 METADATA_SUFFIX = ".json"
 KERAS_SUFFIX = ".keras"
+TF1_INDEX_SUFFIX = ".index"  # what a 2019 tf.train.Saver checkpoint has beside its .data and .meta
 
 MODELS_DIR = "models"
 ITERATION_PREFIX = "iteration-"
@@ -290,6 +291,11 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if base.with_name(base.name + TF1_INDEX_SUFFIX).is_file():
+            raise UserError(
+                f"checkpoint {base} is a 2019 TensorFlow 1 checkpoint ({base.name}{TF1_INDEX_SUFFIX}); "
+                "convert it once with bigearthnet_tf.tf1_import (import_tf1_checkpoint, save_imported)"
+            ) from None
         raise UserError(
             f"checkpoint {base}: {path.name} not found (the checkpoint does not exist or was not "
             "completely written)"

@@ -47,7 +47,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 
 from bigearthnet_tf import checkpoints
-from bigearthnet_tf.config import Config, save_config
+from bigearthnet_tf.config import TRAIN, Config, save_config
 from bigearthnet_tf.constants import class_names as label_names
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.evaluate import collect_predictions, sigmoid_cross_entropy
@@ -119,6 +119,10 @@ def train(
 
     `on_iteration(iteration, loss)` is called after every iteration (progress hooks, tests).
     """
+    if config.purpose != TRAIN:
+        raise ConfigError(
+            f"{config.source or 'config'}: loaded to {config.purpose}; load it with purpose='train'"
+        )
     strategy = make_strategy(config.distribution)
     chief = is_chief(strategy)
     console = console or Console(quiet=not chief)

@@ -213,6 +213,9 @@ def test_reordered_classes_or_bands_are_refused(saved, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match=r"iteration-3\.json not found"):
         checkpoints.load_checkpoint(tmp_path / "iteration-3")
+    (tmp_path / "iteration-6000.index").write_bytes(b"")  # what the 2019 tf.train.Saver wrote
+    with pytest.raises(UserError, match=r"is a 2019 TensorFlow 1 checkpoint .*tf1_import"):
+        checkpoints.load_checkpoint(tmp_path / "iteration-6000")
     (tmp_path / "x.json").write_text('{"some": "json"}')
     with pytest.raises(UserError, match="not bigearthnet-tf checkpoint metadata"):
         checkpoints.load_checkpoint(tmp_path / "x")
