@@ -13,6 +13,7 @@ import bz2
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tifffile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from bigearthnet_tf import archive as archive_module
@@ -50,8 +51,9 @@ from bigearthnet_tf.archive import (
     v2_product,
     v2_s1_product,
 )
+from bigearthnet_tf.config import EVALUATE, KEY_NAMES, TRAIN, load_config, save_config
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, ORIGINAL_LABELS, S2_BAND_NAMES
-from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.tiff import TiffError, read_band, write_geotiff
 
 _SCALE = float(os.environ.get("BIGEARTHNET_FUZZ_SCALE", "1"))
@@ -1070,6 +1072,208 @@ def test_damaged_bz2_split_csv_names_the_file(scratch, raw, cut):
 
 
 # --------------------------------------------------------------------------------------------
+# The config loader: per-key values, whole documents, statistics files
+
+_CONFIG_BASE = {
+    "model_name": "K-BranchCNN-Tiny",
+    "label_type": "BigEarthNet-19",
+    "batch_size": 4,
+    "nb_epoch": 1,
+    "learning_rate": 0.001,
+    "out_dir": "out",
+    "tr_tf_record_files": "train.tfrecord",
+    "val_tf_record_files": ["val.tfrecord"],
+    "test_tf_record_files": "records",
+    "model_file": "checkpoint",
+    "statistics_file": "statistics.json",
+}
+_DELETE = "<delete the key>"
+_PATH_PIECES = st.sampled_from(
+    ["~", "/", "..", "*", "?", "[", "]", "\0", "\ud800", "\n", " ", "train.tfrecord", "records", "checkpoint"]
+)
+CONFIG_VALUES = st.one_of(
+    JSON_VALUES,
+    st.integers(-(2**80), 2**80) | st.sampled_from([0, 1, -1, 2**31, 2**63, 10**20, 0.5, 1.0, 1e-300, 1e308]),
+    st.sampled_from(
+        ["", " ", "adam", "adamw", "cosine", "auto", "never", "S1", "MM", "original", "BigEarthNet-19"]
+        + ["K-BranchCNN", "ResNet-Tiny", "os:system", "bigearthnet_tf.cli", "../x.py", "*.tfrecord"]
+    ),
+    st.lists(_PATH_PIECES | st.text(max_size=4), max_size=5).map("".join),
+    st.lists(st.lists(_PATH_PIECES, max_size=3).map("".join), max_size=3),
+)
+
+
+# Statistics files are read by stats.load_statistics, which does not yet survive these (reported;
+# pinned by the xfail test at the end): json.loads raises RecursionError past ~1,000 levels of nesting
+# and int() a ValueError past 4,300 digits.
+def _too_many_digits(raw: bytes) -> bool:
+    return re.search(rb"\d{4300}", raw) is not None
+
+
+def _nested_too_deep(raw: bytes) -> bool:
+    return raw.count(b"[") + raw.count(b"{") > 500
+
+
+def _statistics_file(bands: object, **keys: object) -> dict:
+    return {"format": "bigearthnet-tf-statistics", "version": 1, **keys, "bands": bands}
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory) -> Path:
+    """A folder with the files the base config names; the loader is warmed up (TensorFlow, registry)."""
+    folder = tmp_path_factory.mktemp("fuzz_config")
+    for name in ("train.tfrecord", "val.tfrecord", "checkpoint.json"):
+        (folder / name).write_bytes(b"")
+    (folder / "records").mkdir()
+    (folder / "records" / "test-00000-of-00001.tfrecord").write_bytes(b"")
+    (folder / "statistics.json").write_text(json.dumps(_statistics_file({"B02": {"mean": 1e3, "std": 5e2}})))
+    (folder / "config.json").write_text(json.dumps(_CONFIG_BASE))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        load_config(folder / "config.json")
+    return folder
+
+
+def _load(config_dir: Path, raw: bytes, purpose: str):
+    """(Config or None, ConfigError or None) for `raw` as the config file, loaded from `config_dir`."""
+    path = config_dir / "config.json"
+    path.write_bytes(raw)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(config_dir)  # relative paths and globs look here, not in the checkout
+        config, error = _outcome(lambda: load_config(path, purpose), "load_config", ConfigError)
+        if config is None:
+            return None, error
+        # Documented: the saved config loads back unchanged.
+        saved = config_dir / "saved" / "config.json"
+        saved.unlink(missing_ok=True)
+        save_config(config, saved)
+        again, again_error = _outcome(lambda: load_config(saved, purpose), "load_config(saved)", ConfigError)
+        assert again_error is None, again_error
+        assert again.to_dict() == config.to_dict()
+    return config, None
+
+
+@_fuzz(examples=150)
+@given(
+    changes=st.dictionaries(
+        st.sampled_from(KEY_NAMES) | st.text(max_size=12),
+        CONFIG_VALUES | st.just(_DELETE),
+        min_size=1,
+        max_size=3,
+    ),
+    purpose=st.sampled_from([TRAIN, EVALUATE]),
+)
+def test_config_values_load_or_raise_config_errors_naming_the_key(config_dir, changes, purpose):
+    document = {**_CONFIG_BASE}
+    for key, value in changes.items():
+        if value == _DELETE:
+            document.pop(key, None)
+        else:
+            document[key] = value
+    config, error = _load(config_dir, json.dumps(document).encode(), purpose)
+    path = str(config_dir / "config.json")
+    if config is not None:
+        assert config.given_keys <= set(KEY_NAMES)
+        assert type(config.batch_size) is int and config.batch_size >= 1
+        assert config.learning_rate is None or (
+            math.isfinite(config.learning_rate) and config.learning_rate > 0
+        )
+        assert 0 < config.threshold <= 1
+        return
+    message = str(error)
+    if path in message and "is not a JSON number" in message:  # NaN, Infinity: named by value
+        assert re.search(r"(NaN|Infinity) is not a JSON number", message), message
+    elif path in message and "holds no *.tfrecord files" in message:
+        assert re.search(r"folder .* holds no", message), (
+            message
+        )  # names the folder, not the key (xfail below)
+    elif path in message:  # the one key changed (or an unknown one) is named, with the file
+        assert any(repr(key) in message or key in message for key in changes), message
+    else:  # a statistics file the change points to is named instead
+        assert "statistics_file" in changes and str(config_dir) in message, message
+
+
+_CONFIG_DOCUMENTS = st.one_of(
+    st.builds(
+        lambda extra: {**_CONFIG_BASE, **extra}, st.dictionaries(st.sampled_from(KEY_NAMES), JSON_VALUES)
+    ),
+    JSON_VALUES,
+)
+
+
+@st.composite
+def _config_bytes(draw) -> bytes:
+    kind = draw(st.sampled_from(["encoded", "damaged", "duplicate", "constant", "not utf-8"]))
+    if kind == "encoded":
+        return draw(_encoded(_CONFIG_DOCUMENTS))[1]
+    if kind == "damaged":
+        return draw(_damaged(_CONFIG_DOCUMENTS))
+    if kind == "duplicate":
+        key = draw(st.sampled_from(KEY_NAMES))
+        return json.dumps(_CONFIG_BASE)[:-1].encode() + f', "{key}": 1, "{key}": 2}}'.encode()
+    if kind == "constant":
+        constant = draw(st.sampled_from(["NaN", "Infinity", "-Infinity"]))
+        return json.dumps(_CONFIG_BASE)[:-1].encode() + f', "learning_rate": {constant}}}'.encode()
+    return (
+        json.dumps(_CONFIG_BASE)
+        .encode()
+        .replace(b"out", draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])))
+    )
+
+
+@_fuzz(examples=100)
+@given(raw=_config_bytes(), purpose=st.sampled_from([TRAIN, EVALUATE]))
+def test_config_documents_load_or_raise_config_errors_naming_the_file(config_dir, raw, purpose):
+    config, error = _load(config_dir, raw, purpose)
+    if error is not None:
+        assert str(config_dir / "config.json") in str(error) or str(config_dir) in str(error), str(error)
+
+
+_BAND_NAMES = ("B01", "B02", "B8A", "B12", "VV", "VH")
+_NUMBERS = st.floats() | st.integers(-(2**80), 2**80) | st.sampled_from([0, -1.0, 1e-308, 1e308])
+_BAND_ENTRIES = st.one_of(
+    st.fixed_dictionaries(
+        {"mean": _NUMBERS, "std": _NUMBERS},
+        optional={"pixels": st.integers(-2, 2**40) | JSON_VALUES, "median": JSON_VALUES},
+    ),
+    st.fixed_dictionaries({}, optional={"mean": JSON_VALUES, "std": JSON_VALUES}),
+    st.lists(_NUMBERS, max_size=3),
+    JSON_VALUES,
+)
+_BAND_TABLES = st.dictionaries(st.sampled_from(_BAND_NAMES) | st.text(max_size=4), _BAND_ENTRIES, max_size=4)
+_STATISTICS_DOCUMENTS = st.one_of(
+    st.builds(
+        _statistics_file,
+        _BAND_TABLES,
+        records=st.integers(-1, 10**6) | JSON_VALUES,
+        source=st.lists(st.text(max_size=6), max_size=2) | JSON_VALUES,
+    ),
+    st.builds(
+        lambda base, changes: {**base, **changes},
+        st.builds(_statistics_file, _BAND_TABLES),
+        st.dictionaries(st.sampled_from(["format", "version", "bands", "extra"]), JSON_VALUES, max_size=2),
+    ),
+    JSON_VALUES,
+)
+
+
+@_fuzz(examples=100)
+@given(raw=_encoded(_STATISTICS_DOCUMENTS).map(lambda pair: pair[1]) | _damaged(_STATISTICS_DOCUMENTS))
+def test_statistics_files_load_or_raise_config_errors_naming_them(config_dir, raw):
+    assume(not _too_many_digits(raw) and not _nested_too_deep(raw))
+    statistics_path = config_dir / "fuzzed-statistics.json"
+    statistics_path.write_bytes(raw)
+    document = json.dumps({**_CONFIG_BASE, "statistics_file": statistics_path.name}).encode()
+    config, error = _load(config_dir, document, TRAIN)
+    if error is not None:
+        assert str(statistics_path) in str(error), str(error)
+        return
+    assert config.statistics and all(
+        math.isfinite(mean) and math.isfinite(std) and std > 0 for mean, std in config.statistics.values()
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Regressions: inputs the fuzzers above found, once each, so a returning bug fails by name
 
 
@@ -1191,3 +1395,55 @@ def test_v2_names_with_a_dot_dot_product_stay_in_their_folders(fresh_v2):
     # ... and this Sentinel-1 name led out of the S1 root given, to <S1 root>/../..___.
     with pytest.raises(BadPatchError, match=r": metadata.parquet: invalid Sentinel-1 patch name '\.\.___'$"):
         archive.read_patch(V2_ID)
+
+
+_CONFIG_CRASHES = {
+    # Found by the fuzzers above; each raised the error named instead of a ConfigError.
+    "digits-ValueError": '{"seed": ' + "1" * 5000 + "}",
+    "float-OverflowError": json.dumps({**_CONFIG_BASE, "learning_rate": 10**400}),
+    "tilde-nul-ValueError": json.dumps({**_CONFIG_BASE, "out_dir": "~\0"}),
+    "tilde-surrogate-UnicodeEncodeError": json.dumps({**_CONFIG_BASE, "tr_tf_record_files": "~\ud800"}),
+}
+
+
+@pytest.mark.parametrize("text", _CONFIG_CRASHES.values(), ids=_CONFIG_CRASHES.keys())
+def test_config_values_that_crashed_the_loader(config_dir, text):
+    config, error = _load(config_dir, text.encode(), TRAIN)
+    assert error is not None and str(config_dir / "config.json") in str(error)
+
+
+def test_saved_config_without_validation_files_loads_back(config_dir):
+    # The unset list was saved as [], which the loader refused: no run without validation files could
+    # be repeated from its saved config.
+    document = {**_CONFIG_BASE, "val_tf_record_files": None}
+    config, error = _load(config_dir, json.dumps(document).encode(), TRAIN)
+    assert error is None and config.val_tf_record_files == ()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="config.py: this message lacks the key")
+def test_known_empty_record_folder_message_names_the_key(config_dir):
+    (config_dir / "empty").mkdir(exist_ok=True)
+    document = {**_CONFIG_BASE, "val_tf_record_files": ["empty"]}
+    config, error = _load(config_dir, json.dumps(document).encode(), TRAIN)
+    assert "holds no *.tfrecord files" in str(error)
+    assert "val_tf_record_files" in str(error), str(error)
+
+
+_DEEP_ARRAY = "[" * 10**5 + "]" * 10**5
+_STATISTICS_BUGS = {
+    # In stats.load_statistics, which config.py calls for statistics_file; reported to its author.
+    "mean-OverflowError": json.dumps(_statistics_file({"B02": {"mean": 10**400, "std": 1.0}})),
+    "digits-ValueError": '{"format": "bigearthnet-tf-statistics", "version": ' + "1" * 5000 + "}",
+    "nested-RecursionError": '{"format": "bigearthnet-tf-statistics", "bands": ' + _DEEP_ARRAY + "}",
+}
+
+
+@pytest.mark.xfail(
+    strict=True, raises=(ValueError, OverflowError, RecursionError), reason="stats.py bugs found by fuzzing"
+)
+@pytest.mark.parametrize("text", _STATISTICS_BUGS.values(), ids=_STATISTICS_BUGS.keys())
+def test_known_statistics_file_crashes(config_dir, text):
+    (config_dir / "fuzzed-statistics.json").write_text(text)
+    document = json.dumps({**_CONFIG_BASE, "statistics_file": "fuzzed-statistics.json"})
+    config, error = _load(config_dir, document.encode(), TRAIN)
+    assert str(config_dir / "fuzzed-statistics.json") in str(error)
