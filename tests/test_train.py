@@ -237,6 +237,17 @@ def test_sigterm_writes_a_checkpoint_and_resume_auto_matches_the_uninterrupted_r
     assert_same_weights(final_weights(tmp_path), final_weights(reference_dir))
 
 
+def test_sigint_asks_for_a_stop_and_a_second_one_interrupts():
+    from bigearthnet_tf.train import StopSignals
+
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # handled: no KeyboardInterrupt, the loop stops after the step
+        assert stop.received is signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C is not swallowed
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_sigkill_at_a_random_moment_then_the_same_command_resumes(data, tmp_path, uninterrupted):
     reference_dir, _, _ = uninterrupted
     out_dir = tmp_path / "run"
