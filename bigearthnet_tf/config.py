@@ -593,14 +593,14 @@ class _Checker:
         """Sorted, distinct absolute paths of the files that the entries name."""
         found: set[str] = set()
         for entry in entries:
-            matches = self._expand(os.path.expanduser(entry))
+            matches = self._expand(name, os.path.expanduser(entry))
             if not matches:
                 what = "no file matches" if glob.has_magic(entry) else "no such file or folder"
                 raise ConfigError(f"{self.where}: key {name!r}: {what}: {entry!r}{self._looked_in(entry)}")
             found.update(matches)
         return tuple(sorted(found))
 
-    def _expand(self, entry: str) -> list[str]:
+    def _expand(self, name: str, entry: str) -> list[str]:
         candidates = [Path(entry)] if os.path.isabs(entry) else [base / entry for base in self._bases()]
         for candidate in candidates:
             text = str(candidate)
@@ -609,7 +609,9 @@ class _Checker:
             elif candidate.is_dir():
                 matches = glob.glob(os.path.join(glob.escape(text), "*" + RECORD_SUFFIX))
                 if not matches:
-                    raise ConfigError(f"{self.where}: folder {text} holds no *{RECORD_SUFFIX} files")
+                    raise ConfigError(
+                        f"{self.where}: key {name!r}: folder {text} holds no *{RECORD_SUFFIX} files"
+                    )
             elif candidate.is_file():
                 matches = [text]
             else:

@@ -275,6 +275,7 @@ ERROR_CASES = [
     ({"out_dir": "~\0"}, "train", r"key 'out_dir': expected a path without NUL or unencodable characters"),
     ({"tr_tf_record_files": "~\ud800"}, "train", r"key 'tr_tf_record_files': expected a path without NUL"),
     ({"model_file": "a\0b"}, "evaluate", r"key 'model_file': expected a path without NUL"),
+    ({"val_tf_record_files": ["."]}, "train", r"key 'val_tf_record_files': folder .* holds no \*\.tfrecord"),
 ]
 
 
