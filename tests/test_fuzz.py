@@ -1420,7 +1420,6 @@ def test_saved_config_without_validation_files_loads_back(config_dir):
     assert error is None and config.val_tf_record_files == ()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="config.py: this message lacks the key")
 def test_known_empty_record_folder_message_names_the_key(config_dir):
     (config_dir / "empty").mkdir(exist_ok=True)
     document = {**_CONFIG_BASE, "val_tf_record_files": ["empty"]}
