@@ -829,7 +829,7 @@ def _snow_cloud_outcome(files: list[_ParquetFile]):
 
 
 def _read_patch_outcome(files: list[_ParquetFile], root: Path):
-    """What read_patch(V2_ID) with Sentinel-1 must give: ('ok', labels), ('bad', file, reason) or an error."""
+    """What read_patch(V2_ID) with S1 gives: ('ok', labels), ('bad', files, reason pattern) or an error."""
     for file in files:
         problems = file.problem_columns(("patch_id", "labels", "s1_name"))
         if problems:
@@ -841,19 +841,22 @@ def _read_patch_outcome(files: list[_ParquetFile], root: Path):
     labels = row["labels"] or []
     unknown = [label for label in labels if label not in BIGEARTHNET_19_LABELS]
     if unknown:
-        return "bad", V2_METADATA, f"unknown label {unknown[0]!r}"
+        return "bad", V2_METADATA, re.escape(f"unknown label {unknown[0]!r}")
     s1_name = row["s1_name"]
     if not s1_name:
         return "bad", V2_METADATA, "no Sentinel-1 patch is paired with this patch"
     try:
         v2_s1_product(check_patch_name(s1_name))
     except UserError:
-        return "bad", V2_METADATA, f"invalid Sentinel-1 patch name {s1_name!r}"
-    if len(os.fsencode(f"{s1_name}_VV.tif")) > 255:  # past NAME_MAX
-        return "bad", f"{s1_name}_VV.tif", "cannot read: File name too long"
+        return "bad", V2_METADATA, re.escape(f"invalid Sentinel-1 patch name {s1_name!r}")
     if s1_name != V2_S1:
         folder = root / "BigEarthNet-S1" / v2_s1_product(s1_name) / s1_name
-        return "bad", str(folder), "no such patch folder"
+        # Which the OS reports first, a missing folder or a path past its limits, depends on lengths.
+        return (
+            "bad",
+            (str(folder), f"{s1_name}_VV.tif"),
+            "no such patch folder|cannot read: File name too long",
+        )
     return "ok", tuple(label for label in BIGEARTHNET_19_LABELS if label in labels)
 
 
@@ -863,7 +866,9 @@ def _assert_matches(value, error, expected, what: str) -> None:
         assert value == expected[1], what
     elif expected[0] == "bad":
         assert isinstance(error, BadPatchError), f"{what}: expected a bad patch {expected}, got {error!r}"
-        assert (error.patch, error.file) == (V2_ID, expected[1]) and expected[2] in error.reason, str(error)
+        files = expected[1] if isinstance(expected[1], tuple) else (expected[1],)
+        assert error.patch == V2_ID and error.file in files, str(error)
+        assert re.match(expected[2], error.reason), f"{error.reason!r} does not start with {expected[2]!r}"
     else:
         _, path, fragments = expected
         assert error is not None and not isinstance(error, BadPatchError), f"{what}: expected {expected}"
