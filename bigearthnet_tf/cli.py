@@ -78,6 +78,39 @@ def _stats(args: argparse.Namespace) -> None:
     print(f"written to {args.out}")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.predict import predict, tune_thresholds
+
+    if args.choose_thresholds:
+        tune_thresholds(args.model, args.choose_thresholds, batch_size=args.batch_size)
+        if not (args.patch_folders or args.archive):
+            return
+    predict(
+        args.model,
+        args.patch_folders,
+        archive=args.archive,
+        split_files=args.splits,
+        official_splits=args.official,
+        s1_root=args.s1_root,
+        out=args.out,
+        overwrite=args.overwrite,
+        threshold=args.threshold,
+        thresholds_file=args.thresholds,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+    )
+
+
+def _export(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.export import export_model
+
+    result = export_model(args.model, args.format, args.out, overwrite=args.overwrite)
+    print(f"{result.format} model written to {result.path} (inputs: raw bands; outputs: probabilities)")
+    if result.metadata_file is not None:
+        print(f"metadata: {result.metadata_file}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from bigearthnet_tf.demo import run_demo
 
@@ -128,6 +161,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
     stats.set_defaults(run=_stats)
+
+    predict = commands.add_parser("predict", help="apply a trained model to patch folders or an archive")
+    predict.add_argument("patch_folders", nargs="*", type=Path, help="S2 patch folders (v1 or v2 layout)")
+    predict.add_argument(
+        "--model", required=True, help="checkpoint (base name, e.g. out/models/best), out_dir, or .keras"
+    )
+    predict.add_argument("--archive", type=Path, default=None, help="archive root, instead of patch folders")
+    predict_splits = predict.add_mutually_exclusive_group()
+    predict_splits.add_argument("--splits", nargs="+", type=Path, help="with --archive: split CSV files")
+    predict_splits.add_argument("--official", action="store_true", help="with --archive: the official splits")
+    predict.add_argument("--s1-root", type=Path, default=None, help="Sentinel-1 root (models reading S1)")
+    predict.add_argument(
+        "--out", type=Path, default=None, help="output .csv or .json (default: CSV on stdout)"
+    )
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    predict.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability at which a class is predicted (default 0.5)",
+    )
+    predict.add_argument("--thresholds", type=Path, default=None, help="JSON file: class name -> threshold")
+    predict.add_argument(
+        "--choose-thresholds",
+        nargs="+",
+        metavar="RECORDS",
+        help="validation TFRecords: choose per-class thresholds (max F1) and store them with the checkpoint",
+    )
+    predict.add_argument("--batch-size", type=int, default=64, help="patches per model call (default 64)")
+    predict.add_argument("--workers", type=int, default=None, help="reading threads (default: 2 per core)")
+    predict.add_argument("--skip-bad", action="store_true", help="skip unreadable patches and list them")
+    predict.set_defaults(run=_predict)
+
+    export = commands.add_parser("export", help="export a model (raw bands in, probabilities out)")
+    export.add_argument(
+        "--model", required=True, help="checkpoint (base name, e.g. out/models/best) or .keras"
+    )
+    export.add_argument("--format", required=True, choices=("saved_model", "onnx", "keras"), help="format")
+    export.add_argument("--out", type=Path, required=True, help="SavedModel folder, .onnx or .keras file")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="synthesise, prepare, train and evaluate end to end")
     demo.add_argument("--out", type=Path, default=None, help="output folder (default: a new one here)")

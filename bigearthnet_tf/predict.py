@@ -1,0 +1,945 @@
+"""`predict(...)`: apply a trained model straight to patch folders or an archive, and per-class thresholds.
+
+Input: patch folders (v1 `<name>/<name>_<BAND>.tif`, or v2 `BigEarthNet-S2/<product>/<patch_id>/`, the
+same file names), or an archive root with optional split lists. The model's own metadata decides
+what is read: its input keys (`bands_10m`, `bands_20m`, `bands_60m`, `bands_s1`), the band order of each
+(stored with the checkpoint and checked against this library's), its class names, and its
+normalisation statistics (held by its first layers). Sentinel-1 bands are read only when the model's
+modality needs them (S1, MM): a v1 patch is paired through the S1 folders' JSON (`--s1-root`), a v2
+patch through `metadata.parquet` of its archive.
+
+Speed: patches are read in a thread pool (GeoTIFF reads are system calls that release the GIL) a few
+batches ahead of the model, batches have one fixed shape (the last is padded) so the model function is
+traced once, and only the bands the model reads are stacked.
+
+Output, chosen by the extension of `out` (no `out`: CSV on standard output):
+
+- CSV: `patch_name`, one column per class (named by its class name) with the probability at 8
+  decimals, then `predicted`: the class names at or above their threshold, joined by `;`;
+- JSON: a list of `{"patch_name": ..., "probabilities": {class: p}, "labels": [class, ...]}`.
+
+Files are written atomically and an existing file is never replaced without `overwrite`.
+
+Thresholds: a class is predicted when its probability is >= its threshold. Per-class thresholds can be
+chosen on validation records (`tune_thresholds`, each maximising that class's F1) and are stored
+beside the checkpoint as `<base>.thresholds.json` (a new file, so the checkpoint's checksums are
+untouched; it records the SHA-256 of the weights it was chosen for and is refused for other weights).
+Precedence: a `thresholds_file` (class -> threshold; classes it leaves out take `threshold`), else an
+explicit `threshold` for every class, else the stored thresholds (for an exported `.keras` model: those
+in its metadata file, carried over from the checkpoint), else 0.5.
+
+`model` may also be an exported `.keras` file (opened in Keras safe mode): one that ends in the sigmoid
+layer `probabilities` (`bigearthnet export --format keras`) is used as is, another is taken to output
+logits.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import datetime
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bigearthnet_tf import checkpoints
+from bigearthnet_tf.archive import (
+    V1_S1_FOLDER,
+    V2_METADATA,
+    V2_S1_FOLDER,
+    V2_S2_FOLDER,
+    Archive,
+    BadPatchError,
+    check_patch_name,
+    open_archive,
+    read_split_csv,
+    v2_s1_product,
+)
+from bigearthnet_tf.config import make_readable, write_text_atomically
+from bigearthnet_tf.constants import BANDS_BY_NAME, PATCH_SIZE, S1_BAND_NAMES
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.tiff import TiffError, read_band
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "PREDICTED_COLUMN",
+    "Predictor",
+    "PredictionResult",
+    "ThresholdChoice",
+    "PatchReader",
+    "load_predictor",
+    "resolve_model_path",
+    "keras_metadata_path",
+    "predict",
+    "choose_thresholds",
+    "tune_thresholds",
+    "thresholds_path",
+    "read_thresholds_file",
+    "resolve_thresholds",
+    "predicted_labels",
+]
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_BATCH_SIZE = 64
+PREFETCH_BATCHES = 2  # batches read ahead while the model runs on the current one
+PROBABILITY_DECIMALS = 8  # as evaluate's predictions.csv
+PATCH_NAME_COLUMN = "patch_name"
+PREDICTED_COLUMN = "predicted"
+LABEL_SEPARATOR = ";"
+OUTPUT_FORMATS = (".csv", ".json")
+THRESHOLDS_SUFFIX = ".thresholds.json"
+THRESHOLDS_FORMAT = "bigearthnet-tf-thresholds"
+THRESHOLDS_FORMAT_VERSION = 1
+PROBABILITIES_LAYER = "probabilities"  # the sigmoid layer that `export` puts at the end of a model
+S1_INPUT = "bands_s1"
+_HASH_CHUNK = 1 << 20
+_UINT16 = np.dtype(np.uint16)
+_FLOAT32 = np.dtype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model and what it means
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A model ready to apply: which bands it reads in which order, its classes, its output kind."""
+
+    model: Any  # keras.Model
+    meta: dict[str, Any]
+    source: Path
+    class_names: tuple[str, ...]
+    band_order: dict[str, tuple[str, ...]]  # input key -> band names in channel order
+    outputs_probabilities: bool  # True for an exported model ending in a sigmoid
+    model_sha256: str  # of the weights (checkpoint) or of the file (.keras): what thresholds bind to
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        return tuple(self.band_order)
+
+    @property
+    def needs_s1(self) -> bool:
+        return S1_INPUT in self.band_order
+
+    @property
+    def thresholds_file(self) -> Path:
+        return thresholds_path(self.source)
+
+
+def resolve_model_path(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint base name (or `.keras` file) that `path` means.
+
+    Accepted: a base name (`out/models/iteration-600`, `out/models/best`), any file of a checkpoint
+    (`iteration-600.json`, `.weights.h5`, `.state.npz`), a `.keras` file, or a training `out_dir` /
+    its `models` folder (then `best` when complete, else the newest complete `iteration-<N>`).
+    """
+    path = Path(path)
+    if path.suffix == checkpoints.KERAS_SUFFIX:
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist")
+        return path
+    if path.is_dir():
+        folder = checkpoints.models_dir(path) if checkpoints.models_dir(path).is_dir() else path
+        best = folder / checkpoints.BEST_NAME
+        if checkpoints.is_complete(best):
+            return best
+        latest = checkpoints.latest_complete_checkpoint(folder)
+        if latest is None:
+            raise UserError(f"{path} holds no complete checkpoint (best or iteration-<N>)")
+        return latest
+    for suffix in (checkpoints.WEIGHTS_SUFFIX, checkpoints.STATE_SUFFIX, checkpoints.METADATA_SUFFIX):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
+
+
+def load_predictor(path: str | os.PathLike[str]) -> Predictor:
+    """Load a checkpoint (verified, rebuilt through the registry) or an exported `.keras` file."""
+    from bigearthnet_tf.models import INPUTS, input_keys
+
+    source = resolve_model_path(path)
+    model, _, meta = checkpoints.load_checkpoint(source)
+    keys = input_keys(model)
+    saved_order = meta.get("band_order") or {}
+    band_order = {key: tuple(saved_order.get(key, INPUTS[key][1])) for key in keys}
+    if source.suffix == checkpoints.KERAS_SUFFIX:
+        outputs_probabilities = _ends_in_sigmoid(model)
+        sidecar = keras_metadata_path(source)
+        if sidecar.is_file():
+            meta = {**meta, **_read_json(sidecar, "model metadata file")}
+        if not meta.get("modality"):
+            meta["modality"] = _modality_of(keys)
+        model_sha256 = _sha256(source)
+    else:
+        outputs_probabilities = False
+        model_sha256 = meta["files"]["weights"]["sha256"]
+    class_names = tuple(meta["class_names"])
+    if int(model.outputs[0].shape[-1]) != len(class_names):
+        raise UserError(
+            f"model {source}: outputs {model.outputs[0].shape[-1]} classes but names {len(class_names)}"
+        )
+    return Predictor(model, meta, source, class_names, band_order, outputs_probabilities, model_sha256)
+
+
+def keras_metadata_path(path: str | os.PathLike[str]) -> Path:
+    """The metadata file `export` writes beside a `.keras` model (`m.keras` -> `m.metadata.json`)."""
+    return Path(path).with_suffix(".metadata.json")
+
+
+def _ends_in_sigmoid(model) -> bool:
+    """Whether a model's last layer is the `probabilities` sigmoid that `export` adds."""
+    import keras
+
+    last = model.layers[-1] if model.layers else None
+    return (
+        isinstance(last, keras.layers.Activation)
+        and last.name == PROBABILITIES_LAYER
+        and keras.activations.serialize(last.activation) == "sigmoid"
+    )
+
+
+def _modality_of(keys: Sequence[str]) -> str:
+    has_s1 = S1_INPUT in keys
+    has_s2 = any(key != S1_INPUT for key in keys)
+    return "MM" if has_s1 and has_s2 else "S1" if has_s1 else "S2"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading patches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PatchLocation:
+    """Where one patch's bands are: its S2 folder and, when needed, the archive that pairs its S1 twin."""
+
+    name: str
+    folder: str
+    archive: Archive | None  # for the S1 pairing (and, in archive mode, for reading the whole patch)
+
+
+class PatchReader:
+    """Reads the model inputs of one patch: `{input key: array (side, side, channels)}` in band order.
+
+    S2 bands stay uint16 (as in the records) until a batch is assembled; S1 bands are float32.
+    """
+
+    def __init__(self, band_order: Mapping[str, Sequence[str]], *, archive_mode: bool) -> None:
+        self.band_order = {key: tuple(bands) for key, bands in band_order.items()}
+        self.archive_mode = archive_mode
+        self._s2_keys = [key for key in self.band_order if key != S1_INPUT]
+        self._needs_s1 = S1_INPUT in self.band_order
+
+    def read(self, location: _PatchLocation) -> dict[str, np.ndarray]:
+        """The stacked input arrays of a patch; BadPatchError naming the patch and file if unreadable."""
+        if self.archive_mode:
+            patch = location.archive.read_patch(location.name)  # type: ignore[union-attr]
+            s2_bands, s1_bands = patch.bands, patch.s1_bands
+        else:
+            wanted = {band for key in self._s2_keys for band in self.band_order[key]}
+            s2_bands = _read_s2_bands(location.folder, location.name, wanted)
+            s1_bands = _read_s1_twin(location) if self._needs_s1 else None
+        arrays = {}
+        for key, bands in self.band_order.items():
+            source = s1_bands if key == S1_INPUT else s2_bands
+            arrays[key] = np.stack([source[band] for band in bands], axis=-1)  # type: ignore[index]
+        return arrays
+
+
+def _read_s2_bands(folder: str, name: str, bands: Iterable[str]) -> dict[str, np.ndarray]:
+    prefix = os.path.join(folder, name + "_")
+    return {
+        band: _read_raster(prefix + band + ".tif", (BANDS_BY_NAME[band].size,) * 2, _UINT16, name, folder)
+        for band in bands
+    }
+
+
+def _read_s1_twin(location: _PatchLocation) -> dict[str, np.ndarray]:
+    archive = location.archive
+    assert archive is not None and archive.s1_dir is not None
+    s1_name = archive.s1_name(location.name)  # BadPatchError when no S1 patch is paired
+    if archive.version == 1:
+        folder = os.path.join(archive.s1_dir, s1_name)
+    else:
+        folder = os.path.join(archive.s1_dir, v2_s1_product(s1_name), s1_name)
+    prefix = os.path.join(folder, s1_name + "_")
+    return {
+        band: _read_raster(prefix + band + ".tif", (PATCH_SIZE, PATCH_SIZE), _FLOAT32, location.name, folder)
+        for band in S1_BAND_NAMES
+    }
+
+
+def _read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, folder: str) -> np.ndarray:
+    try:
+        return read_band(path, shape, dtype)
+    except TiffError as error:
+        raise BadPatchError(name, os.path.basename(path), error.reason) from None
+    except FileNotFoundError:
+        if not os.path.isdir(folder):
+            raise BadPatchError(name, folder, "no such patch folder") from None
+        raise BadPatchError(name, os.path.basename(path), "missing band file") from None
+    except OSError as error:
+        raise BadPatchError(name, os.path.basename(path), f"cannot read: {error.strerror}") from None
+
+
+def locate_folders(
+    folders: Sequence[str | os.PathLike[str]], *, s1_root: str | os.PathLike[str] | None, needs_s1: bool
+) -> list[_PatchLocation]:
+    """Patch folders -> locations; the folder's name is the patch name. A v2 folder inside an archive
+    (`BigEarthNet-S2/<product>/<patch_id>` beside `metadata.parquet`) is paired with S1 through it."""
+    if needs_s1 and s1_root is None:
+        raise UserError(
+            "the model reads Sentinel-1 bands (bands_s1); give the Sentinel-1 root with --s1-root"
+        )
+    archives: dict[tuple[int, str], Archive] = {}
+    locations: list[_PatchLocation] = []
+    seen: dict[str, str] = {}
+    for entry in folders:
+        folder = Path(entry)
+        name = folder.name or folder.resolve().name
+        check_patch_name(name)
+        if name in seen:
+            raise UserError(f"patch {name} is given twice: {seen[name]} and {folder}")
+        seen[name] = str(folder)
+        archive = None
+        if needs_s1:
+            top = folder.parent.parent
+            v2 = folder.parent.parent.name == V2_S2_FOLDER and (top.parent / V2_METADATA).is_file()
+            version, root = (2, str(top.parent)) if v2 else (1, str(folder.parent))
+            archive = archives.get((version, root))
+            if archive is None:
+                archive = open_archive(root, version=version, s1_root=s1_root)
+                archives[(version, root)] = archive
+        locations.append(_PatchLocation(name, str(folder), archive))
+    return locations
+
+
+def locate_archive(
+    root: str | os.PathLike[str],
+    *,
+    split_files: Sequence[str | os.PathLike[str]] | None,
+    official: bool,
+    s1_root: str | os.PathLike[str] | None,
+    needs_s1: bool,
+) -> list[_PatchLocation]:
+    """The patches of an archive: those of the split lists (in list order, each once), the official
+    splits, or (neither) every patch folder on disk in name order."""
+    archive = open_archive(root)
+    if needs_s1:
+        if s1_root is None:  # the S1 folder often lies beside the S2 one
+            s1_folder = V1_S1_FOLDER if archive.version == 1 else V2_S1_FOLDER
+            candidates = [Path(archive.root), Path(archive.root).parent]
+            s1_root = next((c for c in candidates if (c / s1_folder).is_dir()), None)
+            if s1_root is None:
+                raise UserError(
+                    "the model reads Sentinel-1 bands (bands_s1) and no Sentinel-1 folder lies beside "
+                    f"{archive.root}; give it with --s1-root"
+                )
+        archive = open_archive(root, version=archive.version, s1_root=s1_root)
+    if official:
+        names = [name for split in archive.official_splits().values() for name in split]
+        if archive.version == 1:  # the official v1 lists name every patch; a partial archive is normal
+            present = set(names) - set(archive.missing_patches(names))
+            names = [name for name in names if name in present]
+            if not names:
+                raise UserError(f"{root} holds none of the patches of the official v1 splits")
+    elif split_files:
+        names = [name for path in split_files for name in read_split_csv(path)]
+    else:
+        names = _patch_folders_on_disk(archive)
+    names = list(dict.fromkeys(names))  # a patch in two lists is predicted once
+    if not names:
+        raise UserError(f"no patches to predict in {root}")
+    return [_PatchLocation(name, archive.patch_folder(name), archive) for name in names]
+
+
+def _patch_folders_on_disk(archive: Archive) -> list[str]:
+    if archive.version == 1:
+        return sorted(entry.name for entry in os.scandir(archive.s2_dir) if entry.is_dir())
+    names = []
+    for product in os.scandir(archive.s2_dir):
+        if product.is_dir():
+            names.extend(entry.name for entry in os.scandir(product.path) if entry.is_dir())
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    names: list[str]
+    inputs: dict[str, np.ndarray]  # (batch_size, ...) float32; rows past len(names) are padding
+    attempted: int  # patches read for this batch, skipped ones included (for the progress bar)
+
+
+def _batches(
+    reader: PatchReader,
+    locations: Sequence[_PatchLocation],
+    batch_size: int,
+    workers: int,
+    skip_bad: bool,
+    skipped: list[tuple[str, str]],
+) -> Iterator[_Batch]:
+    """Fixed-shape float32 batches, read by `workers` threads `PREFETCH_BATCHES` batches ahead."""
+    chunks = (locations[start : start + batch_size] for start in range(0, len(locations), batch_size))
+    pending: collections.deque[tuple[Sequence[_PatchLocation], list[Future]]] = collections.deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict-read")
+
+    def submit_next() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            pending.append((chunk, [pool.submit(reader.read, location) for location in chunk]))
+
+    try:
+        for _ in range(PREFETCH_BATCHES + 1):
+            submit_next()
+        while pending:
+            chunk, futures = pending.popleft()
+            submit_next()
+            names, arrays = [], []
+            for location, future in zip(chunk, futures, strict=True):
+                try:
+                    arrays.append(future.result())
+                except BadPatchError as error:
+                    if not skip_bad:
+                        raise
+                    skipped.append((location.name, str(error)))
+                    continue
+                names.append(location.name)
+            if names:
+                yield _Batch(names, _stack(reader.band_order, arrays, batch_size), len(chunk))
+            else:
+                yield _Batch([], {}, len(chunk))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stack(
+    band_order: Mapping[str, Sequence[str]], arrays: list[dict[str, np.ndarray]], batch_size: int
+) -> dict[str, np.ndarray]:
+    """One float32 array per input key, padded with zeros to `batch_size` rows."""
+    batch = {}
+    for key in band_order:
+        first = arrays[0][key]
+        stacked = np.zeros((batch_size, *first.shape), dtype=np.float32)
+        for row, patch in enumerate(arrays):
+            stacked[row] = patch[key]
+        batch[key] = stacked
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """What `predict` computed, and where it wrote it (None: standard output)."""
+
+    names: list[str]
+    probabilities: np.ndarray  # (patches, classes) float64
+    class_names: tuple[str, ...]
+    thresholds: np.ndarray  # (classes,)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (patch name, reason)
+    out: Path | None = None
+
+    @property
+    def labels(self) -> list[list[str]]:
+        """The predicted class names of each patch, in class order."""
+        return predicted_labels(self.probabilities, self.thresholds, self.class_names)
+
+
+def predict(
+    model: str | os.PathLike[str] | Predictor,
+    patch_folders: Sequence[str | os.PathLike[str]] = (),
+    *,
+    archive: str | os.PathLike[str] | None = None,
+    split_files: Sequence[str | os.PathLike[str]] | None = None,
+    official_splits: bool = False,
+    s1_root: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    threshold: float | None = None,
+    thresholds_file: str | os.PathLike[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    show_progress: bool = True,
+    console=None,
+) -> PredictionResult:
+    """Apply `model` to patch folders, or to the patches of `archive`, and write CSV or JSON.
+
+    Args:
+        model: a checkpoint base name (or any of its files, or a training out_dir), an exported
+            `.keras` file, or a loaded `Predictor`.
+        patch_folders: S2 patch folders (v1 or v2 layout); the folder name is the patch name.
+        archive: instead of folders, an archive root (v1 or v2).
+        split_files: with `archive`, split lists (CSV) naming the patches; `official_splits` for the
+            official ones; neither: every patch folder of the archive.
+        s1_root: the Sentinel-1 root, for models that read S1 (for an archive: found beside it).
+        out: `.csv` or `.json` file; None writes CSV to standard output.
+        overwrite: replace an existing `out`.
+        threshold, thresholds_file: see the module docstring.
+        batch_size: patches per model call.
+        workers: reading threads (default: 2 per core, at most 16).
+        skip_bad: leave unreadable patches out (listed in the result and on the terminal) instead of
+            stopping at the first with a one-line error naming it.
+        show_progress: show the progress bar and summary (on standard error).
+
+    Raises:
+        BadPatchError: a patch cannot be read and `skip_bad` is False; nothing is written.
+        UserError: bad arguments, an existing `out` without `overwrite`, a model that cannot be loaded.
+    """
+    from rich.console import Console
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if bool(patch_folders) == (archive is not None):
+        raise UserError("give either patch folders or --archive ROOT (not both, not neither)")
+    if archive is None and (split_files or official_splits):
+        raise UserError("--splits names patches of an archive; give the archive with --archive ROOT")
+    out_path = _check_out(out, overwrite)
+    console = console or Console(stderr=True, quiet=not show_progress, highlight=False)
+
+    predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    thresholds = resolve_thresholds(
+        predictor, threshold=threshold, thresholds_file=thresholds_file, console=console
+    )
+    if archive is not None:
+        locations = locate_archive(
+            archive,
+            split_files=split_files,
+            official=official_splits,
+            s1_root=s1_root,
+            needs_s1=predictor.needs_s1,
+        )
+    else:
+        locations = locate_folders(patch_folders, s1_root=s1_root, needs_s1=predictor.needs_s1)
+    reader = PatchReader(predictor.band_order, archive_mode=archive is not None)
+    workers = workers or min(16, 2 * (os.cpu_count() or 1))
+
+    console.print(
+        f"predicting {len(locations):,} patches with {predictor.meta.get('model_name')} "
+        f"({predictor.meta.get('label_type')}, {predictor.meta.get('modality')}) from {predictor.source}",
+        markup=False,
+        soft_wrap=True,
+    )
+    apply = _model_function(predictor)
+    names: list[str] = []
+    outputs: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    with _progress(console, len(locations)) as advance:
+        for batch in _batches(reader, locations, batch_size, workers, skip_bad, skipped):
+            if batch.names:
+                values = apply(batch.inputs).numpy()[: len(batch.names)]
+                outputs.append(values)
+                names.extend(batch.names)
+            advance(batch.attempted)
+    if not names:
+        raise UserError(f"none of the {len(locations):,} patches could be read")
+    values = np.concatenate(outputs)
+    probabilities = values.astype(np.float64) if predictor.outputs_probabilities else _sigmoid(values)
+
+    result = PredictionResult(names, probabilities, predictor.class_names, thresholds, skipped, out_path)
+    if out_path is None:
+        _write_predictions(result, sys.stdout, ".csv")
+    else:
+        _write_atomically(out_path, lambda stream: _write_predictions(result, stream, out_path.suffix))
+    for _, reason in skipped:
+        console.print(f"skipped {reason}", markup=False, highlight=False, soft_wrap=True)
+    if skipped:
+        console.print(f"skipped {len(skipped):,} unreadable patches", markup=False)
+    if out_path is not None:
+        console.print(f"predictions for {len(names):,} patches: {out_path}", markup=False)
+    return result
+
+
+# Model -> its traced function, so that repeated `predict` calls with one Predictor trace once.
+_MODEL_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _model_function(predictor: Predictor) -> Callable[[Mapping[str, np.ndarray]], Any]:
+    """The model as one traced function of the input dict (float32 outputs)."""
+    import tensorflow as tf
+
+    model = predictor.model
+    function = _MODEL_FUNCTIONS.get(model)
+    if function is None:
+        keys = predictor.input_keys
+        model_ref = weakref.ref(model)  # a strong reference in the value would keep the key alive
+
+        @tf.function(reduce_retracing=True)
+        def function(inputs):
+            return tf.cast(model_ref()({key: inputs[key] for key in keys}, training=False), tf.float32)
+
+        _MODEL_FUNCTIONS[model] = function
+    return function
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    # The same function evaluate applies, so both commands print the same probabilities.
+    from bigearthnet_tf.evaluate import sigmoid
+
+    return sigmoid(logits)
+
+
+def predicted_labels(
+    probabilities: np.ndarray, thresholds: np.ndarray | float, class_names: Sequence[str]
+) -> list[list[str]]:
+    """Per row, the class names whose probability is >= their threshold, in class order."""
+    chosen = np.asarray(probabilities) >= np.asarray(thresholds)
+    return [[class_names[i] for i in np.flatnonzero(row)] for row in chosen]
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_out(out: str | os.PathLike[str] | None, overwrite: bool) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--out {path}: unknown output format {path.suffix!r}; expected a .csv or .json file")
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; expected a .csv or .json file")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the folder of --out {path}: {error.strerror}") from None
+    return path
+
+
+def _write_predictions(result: PredictionResult, stream: io.TextIOBase, suffix: str) -> None:
+    number = f"{{:.{PROBABILITY_DECIMALS}f}}"
+    labels = result.labels
+    if suffix.lower() == ".json":
+        rows = [
+            {
+                PATCH_NAME_COLUMN: name,
+                "probabilities": {
+                    class_name: round(float(p), PROBABILITY_DECIMALS)
+                    for class_name, p in zip(result.class_names, row, strict=True)
+                },
+                "labels": patch_labels,
+            }
+            for name, row, patch_labels in zip(result.names, result.probabilities, labels, strict=True)
+        ]
+        json.dump(rows, stream, indent=1, allow_nan=False)
+        stream.write("\n")
+        return
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow([PATCH_NAME_COLUMN, *result.class_names, PREDICTED_COLUMN])
+    for name, row, patch_labels in zip(result.names, result.probabilities, labels, strict=True):
+        writer.writerow([name, *(number.format(p) for p in row), LABEL_SEPARATOR.join(patch_labels)])
+
+
+def _write_atomically(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
+    """Stream into a temporary file beside `path`, fsync, then move it onto `path`."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        make_readable(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class _progress:
+    """A rich progress bar over patches; yields a function that advances it by n."""
+
+    def __init__(self, console, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("predicting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._bar.add_task("predicting", total=total, rate="")
+
+    def __enter__(self) -> Callable[[int], None]:
+        self._bar.__enter__()
+
+        def advance(count: int) -> None:
+            self._bar.advance(self._task, count)
+            speed = self._bar.tasks[0].speed
+            if speed:
+                self._bar.update(self._task, rate=f"{speed:,.0f} patches/s")
+
+        return advance
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._bar.__exit__(*exc_info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------------
+
+
+def thresholds_path(model: str | os.PathLike[str]) -> Path:
+    """Where the thresholds of a checkpoint base name (or `.keras` file) are stored."""
+    model = Path(model)
+    if model.suffix == checkpoints.KERAS_SUFFIX:
+        return model.with_suffix(THRESHOLDS_SUFFIX)
+    return model.with_name(model.name + THRESHOLDS_SUFFIX)
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """Per-class thresholds chosen on labelled data, with the F1 each reaches there."""
+
+    thresholds: dict[str, float]
+    f1: dict[str, float]  # at the chosen threshold
+    f1_at_default: dict[str, float]  # at DEFAULT_THRESHOLD, for comparison
+    without_positives: tuple[str, ...]  # classes left at the default: no positives to choose on
+
+
+def choose_thresholds(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    default: float = DEFAULT_THRESHOLD,
+) -> ThresholdChoice:
+    """For each class, the threshold that maximises its F1 on (labels, probabilities).
+
+    Every distinct probability is a candidate (a class is predicted at p >= t); the best one is moved
+    down to halfway to the next lower probability, which predicts the same set here but leaves a
+    margin on new data. Ties keep the highest threshold. A class with no positives keeps `default`.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if labels.shape != probabilities.shape or labels.ndim != 2 or labels.shape[1] != len(class_names):
+        raise UserError(
+            f"labels {labels.shape} and probabilities {probabilities.shape} must both be "
+            f"(samples, {len(class_names)})"
+        )
+    thresholds, f1, f1_default, without = {}, {}, {}, []
+    for index, class_name in enumerate(class_names):
+        truth = labels[:, index] > 0
+        scores = probabilities[:, index]
+        f1_default[class_name] = _f1(truth, scores >= default)
+        positives = int(truth.sum())
+        if positives == 0:
+            thresholds[class_name] = float(default)
+            f1[class_name] = f1_default[class_name]
+            without.append(class_name)
+            continue
+        order = np.argsort(-scores, kind="stable")
+        sorted_scores = scores[order]
+        true_positives = np.cumsum(truth[order])
+        # Candidate cuts: after the last of each run of equal scores (all equal scores go together).
+        last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+        predicted = np.flatnonzero(last_of_run) + 1
+        scores_f1 = 2 * true_positives[predicted - 1] / (positives + predicted)
+        best = int(np.flatnonzero(scores_f1 == scores_f1.max())[0])  # first = highest threshold
+        cut = predicted[best]
+        upper = sorted_scores[cut - 1]
+        lower = sorted_scores[cut] if cut < len(sorted_scores) else 0.0
+        thresholds[class_name] = float((upper + lower) / 2) if upper > lower else float(upper)
+        f1[class_name] = float(scores_f1[best])
+    return ThresholdChoice(thresholds, f1, f1_default, tuple(without))
+
+
+def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    true_positives = float(np.sum(truth & predicted))
+    denominator = float(truth.sum() + predicted.sum())
+    return 2 * true_positives / denominator if denominator else 0.0
+
+
+def tune_thresholds(
+    model: str | os.PathLike[str] | Predictor,
+    validation_files: Sequence[str | os.PathLike[str]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    default: float = DEFAULT_THRESHOLD,
+    console=None,
+) -> Path:
+    """Choose per-class thresholds on validation TFRecords and store them beside the checkpoint.
+
+    Writes `<base>.thresholds.json` (atomically; an earlier one is replaced) and returns its path.
+    """
+    from rich.console import Console
+
+    from bigearthnet_tf.evaluate import collect_predictions
+    from bigearthnet_tf.input_pipeline import make_dataset
+
+    console = console or Console(stderr=True, highlight=False)
+    predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    label_type = predictor.meta["label_type"]
+    dataset = make_dataset(
+        list(map(str, validation_files)),
+        label_type,
+        batch_size,
+        modality=predictor.meta.get("modality") or _modality_of(predictor.input_keys),
+    )
+    predictions = collect_predictions(predictor.model, dataset)
+    if predictions.labels is None:
+        raise UserError("the validation files hold no labels to choose thresholds on")
+    values = predictions.logits
+    probabilities = values.astype(np.float64) if predictor.outputs_probabilities else _sigmoid(values)
+    choice = choose_thresholds(predictions.labels, probabilities, predictor.class_names, default=default)
+    path = predictor.thresholds_file
+    document = {
+        "format": THRESHOLDS_FORMAT,
+        "format_version": THRESHOLDS_FORMAT_VERSION,
+        "method": "per class, the threshold maximising F1 on the validation records",
+        "model": predictor.source.name,
+        "model_sha256": predictor.model_sha256,
+        "label_type": label_type,
+        "class_names": list(predictor.class_names),
+        "thresholds": choice.thresholds,
+        "validation": {
+            "files": [str(Path(name).resolve()) for name in validation_files],
+            "patches": len(probabilities),
+            "f1": choice.f1,
+            f"f1_at_{default:g}": choice.f1_at_default,
+            "classes_without_positives": list(choice.without_positives),
+        },
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    replaced = path.exists()
+    write_text_atomically(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+    mean_default = float(np.mean(list(choice.f1_at_default.values())))
+    mean_tuned = float(np.mean(list(choice.f1.values())))
+    message = (
+        f"per-class thresholds chosen on {len(probabilities):,} validation patches: mean per-class F1 "
+        f"{mean_default:.4f} at {default:g} -> {mean_tuned:.4f}"
+    )
+    if choice.without_positives:
+        count = len(choice.without_positives)
+        message += f"; {count} class{'es' if count > 1 else ''} without positives keep {default:g}"
+    console.print(f"{message}\n{'replaced' if replaced else 'written'}: {path}", markup=False, soft_wrap=True)
+    return path
+
+
+def read_thresholds_file(path: str | os.PathLike[str], class_names: Sequence[str]) -> dict[str, float]:
+    """Class name -> threshold from a JSON file: `{class: t}` or a stored file (`"thresholds": {...}`).
+
+    Unknown class names and values outside (0, 1] raise a UserError naming them.
+    """
+    path = Path(path)
+    document = _read_json(path, "thresholds file")
+    mapping = (
+        document.get("thresholds", document) if document.get("format") == THRESHOLDS_FORMAT else document
+    )
+    if not isinstance(mapping, dict):
+        raise UserError(f"thresholds file {path}: expected an object of class name -> threshold")
+    known = set(class_names)
+    thresholds = {}
+    for name, value in mapping.items():
+        if name not in known:
+            raise UserError(
+                f"thresholds file {path}: unknown class {name!r}; the model's classes are "
+                + ", ".join(repr(c) for c in class_names)
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise UserError(
+                f"thresholds file {path}: class {name!r}: threshold must be in (0, 1], got {value!r}"
+            )
+        thresholds[name] = float(value)
+    return thresholds
+
+
+def resolve_thresholds(
+    predictor: Predictor,
+    *,
+    threshold: float | None = None,
+    thresholds_file: str | os.PathLike[str] | None = None,
+    console=None,
+) -> np.ndarray:
+    """The threshold of each class, by the precedence of the module docstring."""
+    if threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold <= 1):
+        raise UserError(f"--threshold must be in (0, 1], got {threshold!r}")
+    base = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    per_class: dict[str, float] = {}
+    if thresholds_file is not None:
+        per_class = read_thresholds_file(thresholds_file, predictor.class_names)
+    elif threshold is None and predictor.thresholds_file.is_file():
+        stored = predictor.thresholds_file
+        document = _read_json(stored, "thresholds file")
+        if document.get("model_sha256") != predictor.model_sha256:
+            raise UserError(
+                f"thresholds file {stored} was chosen for other weights than those of {predictor.source} "
+                "(SHA-256 differs); choose them again with --choose-thresholds, or delete the file"
+            )
+        per_class = read_thresholds_file(stored, predictor.class_names)
+        if console is not None:
+            console.print(f"using the per-class thresholds stored in {stored}", markup=False)
+    elif threshold is None and predictor.meta.get("thresholds"):
+        # An exported `.keras` model: the thresholds its metadata file carries from the checkpoint.
+        per_class = {str(name): float(value) for name, value in predictor.meta["thresholds"].items()}
+        unknown = sorted(set(per_class) - set(predictor.class_names))
+        if unknown:
+            raise UserError(
+                f"model {predictor.source}: its metadata has thresholds for unknown classes {unknown}"
+            )
+        if console is not None:
+            console.print(
+                f"using the per-class thresholds in {keras_metadata_path(predictor.source)}", markup=False
+            )
+    return np.array([per_class.get(name, base) for name in predictor.class_names], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{what} {path} is not readable JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{what} {path}: expected a JSON object")
+    return document
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
