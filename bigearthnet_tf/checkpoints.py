@@ -79,6 +79,8 @@ _TEMPORARY_MARK = ".tmp"  # in the names of files being written; a killed save m
 # Optimizer variables that the config, not the checkpoint, decides (a fine-tune may change the rate).
 _CONFIG_OWNED_OPTIMIZER_VARIABLES = ("learning_rate",)
 
+PROBABILITIES_LAYER = "probabilities"  # the sigmoid layer `export` appends to a logits model
+
 
 @dataclass(frozen=True)
 class DataPosition:
@@ -565,6 +567,7 @@ def _load_keras_file(path: Path, *, label_type: str | None, modality: str | None
     except Exception as error:  # Keras raises many types for a bad or unsafe file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"model file {path}: cannot be loaded in safe mode: {first_line}") from None
+    model = _logits_model(model)
     num_classes = int(model.outputs[0].shape[-1])
     if label_type is None:
         matches = [name for name, classes in LABEL_TYPES.items() if len(classes) == num_classes]
@@ -587,6 +590,20 @@ def _load_keras_file(path: Path, *, label_type: str | None, modality: str | None
         "iteration": None,
     }
     return LoadedCheckpoint(model, None, meta)
+
+
+def _logits_model(model):
+    """`model` without the `probabilities` sigmoid `export` appends: every loaded model outputs logits."""
+    import keras
+
+    last = model.layers[-1] if model.layers else None
+    if (
+        isinstance(last, keras.layers.Activation)
+        and last.name == PROBABILITIES_LAYER
+        and keras.activations.serialize(last.activation) == "sigmoid"
+    ):
+        return keras.Model(model.inputs, last.input, name=model.name)
+    return model
 
 
 def _inner_optimizer(optimizer):

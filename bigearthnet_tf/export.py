@@ -52,11 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigearthnet_tf.checkpoints import PROBABILITIES_LAYER
 from bigearthnet_tf.config import make_readable
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.predict import (
     DEFAULT_THRESHOLD,
-    PROBABILITIES_LAYER,
     Predictor,
     keras_metadata_path,
     load_predictor,
@@ -141,11 +141,9 @@ def export_model(
 
 
 def probability_model(predictor: Predictor):
-    """The model with a sigmoid layer named `probabilities` after its logits (as is, if it has one)."""
+    """The model with a sigmoid layer named `probabilities` after its logits."""
     import keras
 
-    if predictor.outputs_probabilities:
-        return predictor.model
     model = predictor.model
     inputs = {
         tensor.name: keras.Input(shape=tuple(tensor.shape[1:]), dtype="float32", name=tensor.name)

@@ -101,7 +101,6 @@ OUTPUT_FORMATS = (".csv", ".json")
 THRESHOLDS_SUFFIX = ".thresholds.json"
 THRESHOLDS_FORMAT = "bigearthnet-tf-thresholds"
 THRESHOLDS_FORMAT_VERSION = 1
-PROBABILITIES_LAYER = "probabilities"  # the sigmoid layer that `export` puts at the end of a model
 S1_INPUT = "bands_s1"
 _HASH_CHUNK = 1 << 20
 _UINT16 = np.dtype(np.uint16)
@@ -122,7 +121,6 @@ class Predictor:
     source: Path
     class_names: tuple[str, ...]
     band_order: dict[str, tuple[str, ...]]  # input key -> band names in channel order
-    outputs_probabilities: bool  # True for an exported model ending in a sigmoid
     model_sha256: str  # of the weights (checkpoint) or of the file (.keras): what thresholds bind to
 
     @property
@@ -175,7 +173,6 @@ def load_predictor(path: str | os.PathLike[str]) -> Predictor:
     saved_order = meta.get("band_order") or {}
     band_order = {key: tuple(saved_order.get(key, INPUTS[key][1])) for key in keys}
     if source.suffix == checkpoints.KERAS_SUFFIX:
-        outputs_probabilities = _ends_in_sigmoid(model)
         sidecar = keras_metadata_path(source)
         if sidecar.is_file():
             meta = {**meta, **_read_json(sidecar, "model metadata file")}
@@ -183,31 +180,18 @@ def load_predictor(path: str | os.PathLike[str]) -> Predictor:
             meta["modality"] = _modality_of(keys)
         model_sha256 = _sha256(source)
     else:
-        outputs_probabilities = False
         model_sha256 = meta["files"]["weights"]["sha256"]
     class_names = tuple(meta["class_names"])
     if int(model.outputs[0].shape[-1]) != len(class_names):
         raise UserError(
             f"model {source}: outputs {model.outputs[0].shape[-1]} classes but names {len(class_names)}"
         )
-    return Predictor(model, meta, source, class_names, band_order, outputs_probabilities, model_sha256)
+    return Predictor(model, meta, source, class_names, band_order, model_sha256)
 
 
 def keras_metadata_path(path: str | os.PathLike[str]) -> Path:
     """The metadata file `export` writes beside a `.keras` model (`m.keras` -> `m.metadata.json`)."""
     return Path(path).with_suffix(".metadata.json")
-
-
-def _ends_in_sigmoid(model) -> bool:
-    """Whether a model's last layer is the `probabilities` sigmoid that `export` adds."""
-    import keras
-
-    last = model.layers[-1] if model.layers else None
-    return (
-        isinstance(last, keras.layers.Activation)
-        and last.name == PROBABILITIES_LAYER
-        and keras.activations.serialize(last.activation) == "sigmoid"
-    )
 
 
 def _modality_of(keys: Sequence[str]) -> str:
@@ -556,7 +540,7 @@ def predict(
     if not names:
         raise UserError(f"none of the {len(locations):,} patches could be read")
     values = np.concatenate(outputs)
-    probabilities = values.astype(np.float64) if predictor.outputs_probabilities else _sigmoid(values)
+    probabilities = _sigmoid(values)
 
     result = PredictionResult(names, probabilities, predictor.class_names, thresholds, skipped, out_path)
     if out_path is None:
@@ -816,7 +800,7 @@ def tune_thresholds(
     if predictions.labels is None:
         raise UserError("the validation files hold no labels to choose thresholds on")
     values = predictions.logits
-    probabilities = values.astype(np.float64) if predictor.outputs_probabilities else _sigmoid(values)
+    probabilities = _sigmoid(values)
     choice = choose_thresholds(predictions.labels, probabilities, predictor.class_names, default=default)
     path = predictor.thresholds_file
     document = {

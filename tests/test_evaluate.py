@@ -248,3 +248,16 @@ def test_exported_keras_model_is_evaluated_in_safe_mode(setup, tmp_path):
     models["BigEarthNet-19"].save(path)
     result = evaluate(eval_config(folder, out=str(tmp_path / "out"), model_file=str(path)))
     assert result.class_names == BIGEARTHNET_19_LABELS and result.num_samples == TEST_PATCHES
+
+
+def test_a_model_exported_with_probabilities_evaluates_like_its_checkpoint(setup, tmp_path):
+    """`export --format keras` appends a sigmoid; evaluation must not apply a second one."""
+    from bigearthnet_tf.export import export_model
+
+    folder, _, _ = setup
+    exported = tmp_path / "exported.keras"
+    export_model(str(folder / "BigEarthNet-19" / "models" / "iteration-3"), "keras", exported)
+    from_checkpoint = evaluate(eval_config(folder, out=str(tmp_path / "a")))
+    from_export = evaluate(eval_config(folder, out=str(tmp_path / "b"), model_file=str(exported)))
+    for key, value in from_checkpoint.metrics.items():
+        assert from_export.metrics[key] == pytest.approx(value, abs=1e-6), key
