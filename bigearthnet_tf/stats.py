@@ -359,7 +359,12 @@ def _number(value: object, where: str) -> float:
     # bool is an int in Python, but `true` is no mean.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"{where} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise UserError(
+            f"{where} must be a finite number, got an integer of {len(str(value))} digits"
+        ) from None
 
 
 def _check_keys(document: Mapping, allowed: Sequence[str], required: Sequence[str], where: str) -> None:
@@ -396,6 +401,10 @@ def load_statistics(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
             f"statistics file {path} is not valid JSON "
             f"(line {error.lineno}, column {error.colno}: {error.msg})"
         ) from None
+    except RecursionError:
+        raise UserError(f"statistics file {path} is not valid JSON (nested too deeply)") from None
+    except ValueError:  # int() refuses numbers of more than 4,300 digits (a guard against slow parsing)
+        raise UserError(f"statistics file {path} is not valid JSON (a number has too many digits)") from None
     if not isinstance(document, dict):
         raise UserError(f"statistics file {path}: expected a JSON object, got {type(document).__name__}")
     if document.get("format") != FILE_FORMAT:
