@@ -380,3 +380,26 @@ def test_example_configs_have_the_2019_hyper_parameters(tmp_path, monkeypatch, m
     # model_file names the final checkpoint of the full run: ceil(269,695 x 100 / batch).
     assert config.model_file.endswith(f"iteration-{-(-269695 * 100 // batch)}")
     assert len(list((REPOSITORY / "configs").glob("*.json"))) == 12
+
+
+@pytest.mark.parametrize("model", ["ResNet50", "ConvNeXt-Tiny", "ViT-S8"])
+def test_v2_recipe_configs_load_with_the_modern_recipe(tmp_path, monkeypatch, model):
+    """configs/v2: the published v2 reference recipe (AdamW, lr 1e-3 for ResNet50, batch 512, warm-up
+    then cosine) on S1+S2, for a registered model each."""
+    prepared = tmp_path / "prepared-v2"
+    prepared.mkdir()
+    for split in ("train", "validation", "test"):
+        (prepared / f"{split}-00000-of-00001.tfrecord").write_bytes(b"")
+    statistics = {band: {"mean": 1.0, "std": 2.0} for band in ("B02", "VV")}
+    (prepared / "statistics.json").write_text(
+        json.dumps({"format": "bigearthnet-tf-statistics", "version": 1, "bands": statistics})
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(REPOSITORY / "configs" / "v2" / f"{model}-BigEarthNet-19-MM.json", purpose="train")
+    assert (config.model_name, config.label_type, config.modality) == (model, "BigEarthNet-19", "MM")
+    assert (config.optimizer, config.lr_schedule, config.batch_size) == ("adamw", "cosine", 512)
+    assert config.warmup_iterations > 0 and config.weight_decay > 0 and config.augmentation
+    assert (config.training_size, config.test_size) == (237871, 119825)
+    assert config.statistics["VV"] == (1.0, 2.0)
+    if model == "ResNet50":
+        assert config.learning_rate == 1e-3
