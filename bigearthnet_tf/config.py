@@ -45,6 +45,8 @@ New keys
 | `warmup_iterations` | int | 0 | linear warm-up from 0 to `learning_rate` over this many iterations |
 | `augmentation` | bool | false | random flips and 90-degree rotations of the training patches |
 | `early_stopping_patience` | int | none | stop after this many validations without a better macro AP |
+| `dropout` | float | model's | head dropout, for models that take it (EfficientNetV2-S, ConvNeXt, ViT) |
+| `drop_path_rate` | float | model's | stochastic depth of models that take it (same models) |
 
 Paths
 -----
@@ -146,6 +148,8 @@ class Config:
     warmup_iterations: int = 0
     augmentation: bool = False
     early_stopping_patience: int | None = None
+    dropout: float | None = None
+    drop_path_rate: float | None = None
     # Where the config came from; not keys.
     purpose: str = dataclasses.field(default=TRAIN, compare=False)
     source: Path | None = dataclasses.field(default=None, compare=False)
@@ -228,6 +232,8 @@ _RULES: Mapping[str, _Rule] = MappingProxyType(
         "warmup_iterations": _Rule("int", minimum=0),
         "augmentation": _Rule("bool"),
         "early_stopping_patience": _Rule("int", minimum=1),
+        "dropout": _Rule("float", minimum=0, maximum=0.99),
+        "drop_path_rate": _Rule("float", minimum=0, maximum=0.99),
     }
 )
 assert set(_RULES) == set(KEY_NAMES), "every Config key needs a rule"

@@ -363,7 +363,14 @@ def build_model_and_optimizer(
                 statistics=config.statistics,
             )
         else:
-            model = build_model(config.model_name, num_classes, config.modality, config.statistics)
+            model = build_model(
+                config.model_name,
+                num_classes,
+                config.modality,
+                config.statistics,
+                dropout=config.dropout,
+                drop_path_rate=config.drop_path_rate,
+            )
         optimizer = make_optimizer(config, plan.total_iterations, loss_scaling=policy == "mixed_float16")
         optimizer.build(model.trainable_variables)
         if start.restore_state and state is not None:

@@ -333,3 +333,23 @@ def test_keras_round_trip_in_safe_mode(tmp_path, name, modality):
 @pytest.mark.slow
 def test_efficientnet_round_trip_in_safe_mode(tmp_path):
     test_keras_round_trip_in_safe_mode(tmp_path, "EfficientNetV2-S", "S2")
+
+
+def _layer_named(model, name):
+    """The layer called `name` anywhere in `model` (builders nest the image network)."""
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+        if hasattr(layer, "layers"):
+            found = _layer_named(layer, name)
+            if found is not None:
+                return found
+    return None
+
+
+def test_recipe_options_reach_the_builders_that_take_them():
+    model = build_model("ViT-S8-Tiny", 19, dropout=0.3, drop_path_rate=0.2)
+    assert _layer_named(model, "head_dropout").rate == 0.3
+    build_model("ResNet-Tiny", 19, dropout=None, drop_path_rate=None)  # None: the builder's default
+    with pytest.raises(ConfigError, match="'ResNet-Tiny' takes no option dropout"):
+        build_model("ResNet-Tiny", 19, dropout=0.3)

@@ -113,12 +113,18 @@ def get_model_spec(name: str) -> ModelSpec:
 
 
 def build_model(
-    name: str, num_classes: int, modality: str = "S2", statistics: Statistics | None = None
+    name: str,
+    num_classes: int,
+    modality: str = "S2",
+    statistics: Statistics | None = None,
+    **options: float,
 ) -> keras.Model:
     """Build the registered model `name` with a fresh initialisation; it outputs logits (batch, num_classes).
 
     `modality` is "S2", "S1" or "MM"; `statistics` maps band names to (mean, std) and overrides the
     BigEarthNet v1 / 2021 S1 defaults for the bands it names (e.g. statistics computed on v2).
+    `options` (e.g. `dropout`, `drop_path_rate`) go to builders that take them; None means the
+    builder's default, and an option the builder does not take is a ConfigError.
     """
     spec = get_model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -127,8 +133,14 @@ def build_model(
     resolved = resolve_statistics(statistics)
     builder = _load_builder(spec)
     parameters = _parameters(builder)
+    options = {key: value for key, value in options.items() if value is not None}
+    unknown = sorted(set(options) - set(parameters or {}))
+    if unknown and not _takes_var_keywords(builder):
+        raise ConfigError(
+            f"model {name!r} takes no option {', '.join(unknown)} (set it only for models that do)"
+        )
     if parameters is not None and ("modality" in parameters or _takes_var_keywords(builder)):
-        keywords = {"modality": modality}
+        keywords = {"modality": modality, **options}
         if "statistics" in parameters or _takes_var_keywords(builder):
             keywords["statistics"] = resolved
         result = builder(num_classes, **keywords)
