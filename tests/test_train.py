@@ -590,7 +590,6 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.mark.slow
 def test_multi_worker_with_two_processes_matches_one_device(data, tmp_path):
     """Two workers on 127.0.0.1 (TF_CONFIG), one file: records are sharded by record, so each
     global batch holds the same 8 records as on one device, and the losses agree."""
