@@ -158,7 +158,8 @@ def class_names(label_type: str) -> tuple[str, ...]:
     except KeyError:
         from bigearthnet_tf.errors import UserError
 
-        raise UserError(f"unknown label_type {label_type!r}; expected one of {', '.join(LABEL_TYPES)}") from None
+        expected = ", ".join(LABEL_TYPES)
+        raise UserError(f"unknown label_type {label_type!r}; expected one of {expected}") from None
 
 
 def original_to_19(original_names) -> tuple[str, ...]:
