@@ -225,7 +225,7 @@ class Archive:
         if self.s1_dir is None:
             return Patch(name, bands, labels_43, labels_19)
         s1_name = self.s1_name(name)
-        s1_bands = _read_s1_bands(self._s1_folder(s1_name), name, s1_name)
+        s1_bands = read_s1_bands(self.s1_folder(s1_name), name, s1_name)
         return Patch(name, bands, labels_43, labels_19, s1_name, s1_bands)
 
     def missing_patches(self, names: Iterable[str]) -> list[str]:
@@ -263,7 +263,8 @@ class Archive:
         """The names of patches with seasonal snow, clouds or cloud shadows."""
         return snow_cloud_v1() if self.version == 1 else snow_cloud_v2(self.root)
 
-    def _s1_folder(self, s1_name: str) -> str:
+    def s1_folder(self, s1_name: str) -> str:
+        """The folder of Sentinel-1 patch `s1_name` in this archive's layout."""
         if self.version == 1:
             return os.path.join(self.s1_dir, s1_name)
         return os.path.join(self.s1_dir, v2_s1_product(s1_name), s1_name)
@@ -377,19 +378,20 @@ def _read_s2_bands(folder: str, name: str) -> dict[str, np.ndarray]:
     prefix = os.path.join(folder, name + "_")
     bands = {}
     for band, shape in _S2_SHAPES:
-        bands[band] = _read_raster(prefix + band + ".tif", shape, _UINT16, name, folder)
+        bands[band] = read_raster(prefix + band + ".tif", shape, _UINT16, name, folder)
     return bands
 
 
-def _read_s1_bands(folder: str, name: str, s1_name: str) -> dict[str, np.ndarray]:
+def read_s1_bands(folder: str, name: str, s1_name: str) -> dict[str, np.ndarray]:
+    """VV and VH of S1 patch `s1_name` in `folder`; errors are BadPatchErrors naming S2 patch `name`."""
     prefix = os.path.join(folder, s1_name + "_")
     return {
-        band: _read_raster(prefix + band + ".tif", _S1_SHAPE, _FLOAT32, name, folder)
-        for band in S1_BAND_NAMES
+        band: read_raster(prefix + band + ".tif", _S1_SHAPE, _FLOAT32, name, folder) for band in S1_BAND_NAMES
     }
 
 
-def _read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, folder: str) -> np.ndarray:
+def read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, folder: str) -> np.ndarray:
+    """One band of patch `name` (in `folder`); every failure is a BadPatchError naming the file."""
     try:
         return read_band(path, shape, dtype)
     except TiffError as error:

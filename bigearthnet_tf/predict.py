@@ -63,13 +63,13 @@ from bigearthnet_tf.archive import (
     BadPatchError,
     check_patch_name,
     open_archive,
+    read_raster,
+    read_s1_bands,
     read_split_csv,
-    v2_s1_product,
 )
 from bigearthnet_tf.config import make_readable, write_text_atomically
-from bigearthnet_tf.constants import BANDS_BY_NAME, PATCH_SIZE, S1_BAND_NAMES
+from bigearthnet_tf.constants import BANDS_BY_NAME
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.tiff import TiffError, read_band
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -104,7 +104,6 @@ THRESHOLDS_FORMAT_VERSION = 1
 S1_INPUT = "bands_s1"
 _HASH_CHUNK = 1 << 20
 _UINT16 = np.dtype(np.uint16)
-_FLOAT32 = np.dtype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,7 +244,7 @@ class PatchReader:
 def _read_s2_bands(folder: str, name: str, bands: Iterable[str]) -> dict[str, np.ndarray]:
     prefix = os.path.join(folder, name + "_")
     return {
-        band: _read_raster(prefix + band + ".tif", (BANDS_BY_NAME[band].size,) * 2, _UINT16, name, folder)
+        band: read_raster(prefix + band + ".tif", (BANDS_BY_NAME[band].size,) * 2, _UINT16, name, folder)
         for band in bands
     }
 
@@ -254,28 +253,7 @@ def _read_s1_twin(location: _PatchLocation) -> dict[str, np.ndarray]:
     archive = location.archive
     assert archive is not None and archive.s1_dir is not None
     s1_name = archive.s1_name(location.name)  # BadPatchError when no S1 patch is paired
-    if archive.version == 1:
-        folder = os.path.join(archive.s1_dir, s1_name)
-    else:
-        folder = os.path.join(archive.s1_dir, v2_s1_product(s1_name), s1_name)
-    prefix = os.path.join(folder, s1_name + "_")
-    return {
-        band: _read_raster(prefix + band + ".tif", (PATCH_SIZE, PATCH_SIZE), _FLOAT32, location.name, folder)
-        for band in S1_BAND_NAMES
-    }
-
-
-def _read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, folder: str) -> np.ndarray:
-    try:
-        return read_band(path, shape, dtype)
-    except TiffError as error:
-        raise BadPatchError(name, os.path.basename(path), error.reason) from None
-    except FileNotFoundError:
-        if not os.path.isdir(folder):
-            raise BadPatchError(name, folder, "no such patch folder") from None
-        raise BadPatchError(name, os.path.basename(path), "missing band file") from None
-    except OSError as error:
-        raise BadPatchError(name, os.path.basename(path), f"cannot read: {error.strerror}") from None
+    return read_s1_bands(archive.s1_folder(s1_name), location.name, s1_name)
 
 
 def locate_folders(
