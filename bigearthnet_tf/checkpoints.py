@@ -13,6 +13,10 @@ Metadata keys (`iteration-<N>.json`)::
     format, format_version        "bigearthnet-tf-checkpoint", 1
     kind                          "iteration" or "best"
     model_name, label_type, modality, num_classes
+    model_options                 builder options that define the network (e.g. the upsampling kernel);
+                                  absent in checkpoints written before it existed: they keep the
+                                  tf2_bicubic kernel they were trained with
+    source                        where imported weights came from (name, version, licence); null else
     class_names                   in index order (never sorted)
     input_keys                    the raw-band inputs the model reads, e.g. ["bands_10m", "bands_20m"]
     band_order                    input key -> band names in channel order
@@ -55,7 +59,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bigearthnet_tf.config import make_readable
-from bigearthnet_tf.constants import LABEL_TYPES
+from bigearthnet_tf.constants import LABEL_TYPES, TF2_BICUBIC
 from bigearthnet_tf.errors import UserError
 
 FORMAT = "bigearthnet-tf-checkpoint"
@@ -175,6 +179,7 @@ def save_checkpoint(
     validation: Mapping[str, float] | None = None,
     training: Mapping[str, Any] | None = None,
     kind: str = KIND_ITERATION,
+    source: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint `base` (weights, optional optimizer/RNG state, then metadata); return base.
 
@@ -213,6 +218,8 @@ def save_checkpoint(
         "label_type": label_type,
         "modality": modality,
         "num_classes": len(class_names),
+        "model_options": dict(getattr(model, "model_options", {})),
+        "source": dict(source) if source is not None else None,
         "class_names": list(class_names),
         "input_keys": list(keys),
         "band_order": {key: list(INPUTS[key][1]) for key in keys if key in INPUTS},
@@ -296,7 +303,8 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
         if base.with_name(base.name + TF1_INDEX_SUFFIX).is_file():
             raise UserError(
                 f"checkpoint {base} is a 2019 TensorFlow 1 checkpoint ({base.name}{TF1_INDEX_SUFFIX}); "
-                "convert it once with bigearthnet_tf.tf1_import (import_tf1_checkpoint, save_imported)"
+                f"convert it once: bigearthnet import tf1 {base} --model NAME --label-type TYPE "
+                "--out NEW_BASE"
             ) from None
         raise UserError(
             f"checkpoint {base}: {path.name} not found (the checkpoint does not exist or was not "
@@ -370,6 +378,9 @@ def _check_structure(base: Path, metadata: Mapping[str, Any]) -> None:
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
         ):
             raise malformed(f"statistics.{band}")
+    for key in ("model_options", "source"):
+        if not isinstance(metadata.get(key, {}), dict | None):
+            raise malformed(key)
     files = metadata["files"]
     if "weights" not in files:
         raise malformed("files.weights")
@@ -436,8 +447,12 @@ def load_checkpoint(
     modality: str | None = None,
     model_name: str | None = None,
     statistics: Mapping[str, tuple[float, float]] | None = None,
+    training_options: Mapping[str, Any] | None = None,
 ) -> LoadedCheckpoint:
     """Rebuild the model of checkpoint `base` through the registry and read its weights and state.
+
+    The model is built with the checkpoint's `model_options` and the given `training_options`
+    (regularisation such as `dropout`, for fine-tuning; None values keep the model's defaults).
 
     The requested `label_type`, `modality`, `model_name` and `statistics`, when given, must agree with
     the checkpoint, and its class names and band orders with this library's: otherwise a UserError
@@ -463,7 +478,10 @@ def load_checkpoint(
                 f"checkpoint {base}: its normalisation statistics differ from the statistics_file for "
                 f"{', '.join(differ)}; a model must see the statistics it was trained with"
             )
-    model = build_model(meta["model_name"], meta["num_classes"], meta["modality"], saved_statistics)
+    options = {**network_options(meta), **(training_options or {})}
+    model = build_model(
+        meta["model_name"], meta["num_classes"], meta["modality"], saved_statistics, **options
+    )
     weights = checkpoint_files(base)["weights"]
     try:
         model.load_weights(str(weights))
@@ -477,6 +495,16 @@ def load_checkpoint(
         with np.load(checkpoint_files(base)["state"], allow_pickle=False) as archive:
             state = {key: archive[key] for key in archive.files}
     return LoadedCheckpoint(model, state, meta)
+
+
+def network_options(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The builder options recorded in checkpoint metadata; for checkpoints written before they were
+    recorded, the TF2 bicubic kernel that every upsampling model used then."""
+    from bigearthnet_tf.models.registry import model_option_names
+
+    if meta.get("model_options") is not None:
+        return dict(meta["model_options"])
+    return {"upsampling": TF2_BICUBIC} if "upsampling" in model_option_names(meta["model_name"]) else {}
 
 
 def library_versions() -> dict[str, str]:

@@ -111,6 +111,25 @@ def _export(args: argparse.Namespace) -> None:
         print(f"metadata: {result.metadata_file}")
 
 
+def _import_tf1(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.tf1_import import convert_tf1_checkpoint
+
+    base = convert_tf1_checkpoint(
+        args.checkpoint, args.model, args.label_type, args.out, overwrite=args.overwrite
+    )
+    print(f"2019 checkpoint {args.checkpoint} imported as {base} ({args.model}, {args.label_type})")
+
+
+def _import_reben(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.reben import import_reben
+
+    imported = import_reben(args.source, args.out, version=args.version, overwrite=args.overwrite)
+    print(
+        f"reBEN model {imported.repository} ({imported.timm_model_name}, {imported.version}, "
+        f"{imported.modality}) imported as {imported.base}"
+    )
+
+
 def _demo(args: argparse.Namespace) -> None:
     from bigearthnet_tf.demo import run_demo
 
@@ -202,6 +221,42 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="SavedModel folder, .onnx or .keras file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(run=_export)
+
+    importer = commands.add_parser("import", help="turn pretrained weights into a checkpoint of ours")
+    sources = importer.add_subparsers(dest="source_kind", required=True, metavar="SOURCE_KIND")
+    tf1 = sources.add_parser(
+        "tf1",
+        help="a 2019 TF1 checkpoint (model_file base name)",
+        description="Import a checkpoint of the 2019 BigEarthNet TF1 code (TF-Slim ResNet/VGG, K-BranchCNN).",
+        epilog="example: bigearthnet import tf1 ResNet50/iteration-6000 --model ResNet50 "
+        "--label-type BigEarthNet-19 --out imported/models/iteration-6000",
+    )
+    tf1.add_argument("checkpoint", help="the 2019 model_file base name, e.g. ResNet50/iteration-6000")
+    tf1.add_argument("--model", required=True, help="registered model name, e.g. ResNet50 or K-BranchCNN")
+    tf1.add_argument("--label-type", required=True, help="original (43 classes) or BigEarthNet-19")
+    tf1.add_argument("--out", type=Path, required=True, help="base name of the checkpoint to write")
+    tf1.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    tf1.set_defaults(run=_import_tf1)
+    reben = sources.add_parser(
+        "reben",
+        help="a reBEN (BigEarthNet v2.0) pretrained model: folder, hub cache or hf://",
+        description="Import a reBEN model (BIFOLD-BigEarthNetv2-0 on the Hugging Face hub) into Keras.",
+        epilog="example: bigearthnet import reben hf://BIFOLD-BigEarthNetv2-0/resnet50-all-v0.2.0 "
+        "--out reben/resnet50-all",
+    )
+    reben.add_argument(
+        "source",
+        help="a folder with config.json and model.safetensors, a hub cache folder, or hf://ORG/NAME",
+    )
+    reben.add_argument("--out", type=Path, required=True, help="base name of the checkpoint to write")
+    reben.add_argument(
+        "--version",
+        choices=("v0.1.1", "v0.2.0"),
+        default=None,
+        help="weights version (decides the band order); default: read from the repository name",
+    )
+    reben.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    reben.set_defaults(run=_import_reben)
 
     demo = commands.add_parser("demo", help="synthesise, prepare, train and evaluate end to end")
     demo.add_argument("--out", type=Path, default=None, help="output folder (default: a new one here)")

@@ -47,6 +47,7 @@ New keys
 | `early_stopping_patience` | int | none | stop after this many validations without a better macro AP |
 | `dropout` | float | model's | head dropout, for models that take it (EfficientNetV2-S, ConvNeXt, ViT) |
 | `drop_path_rate` | float | model's | stochastic depth of models that take it (same models) |
+| `upsampling` | str | model's | ResNet/VGG 20 m band kernel: `tf1_bicubic` (2019, default), `tf2_bicubic` |
 
 Paths
 -----
@@ -77,7 +78,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bigearthnet_tf.constants import LABEL_TYPES
+from bigearthnet_tf.constants import LABEL_TYPES, UPSAMPLING_KERNELS
 from bigearthnet_tf.errors import ConfigError, UserError
 
 TRAIN = "train"
@@ -150,6 +151,7 @@ class Config:
     early_stopping_patience: int | None = None
     dropout: float | None = None
     drop_path_rate: float | None = None
+    upsampling: str | None = None
     # Where the config came from; not keys.
     purpose: str = dataclasses.field(default=TRAIN, compare=False)
     source: Path | None = dataclasses.field(default=None, compare=False)
@@ -234,6 +236,7 @@ _RULES: Mapping[str, _Rule] = MappingProxyType(
         "early_stopping_patience": _Rule("int", minimum=1),
         "dropout": _Rule("float", minimum=0, maximum=0.99),
         "drop_path_rate": _Rule("float", minimum=0, maximum=0.99),
+        "upsampling": _Rule("choice", choices=UPSAMPLING_KERNELS),
     }
 )
 assert set(_RULES) == set(KEY_NAMES), "every Config key needs a rule"

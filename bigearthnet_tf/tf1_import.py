@@ -1,7 +1,12 @@
 """Import of the 2019 TF1 checkpoints (TF-Slim and `tf.layers` variable names) into our Keras models.
 
 People who kept the 2019 pretrained weights (`<out_dir>/models/iteration-<N>.{index,data-*,meta}`) can
-load them into the matching registered model::
+load them into the matching registered model, from the command line::
+
+    bigearthnet import tf1 K-BranchCNN/iteration-6000 --model K-BranchCNN --label-type original \
+        --out runs/imported/models/iteration-6000
+
+or in Python::
 
     model = import_tf1_checkpoint("K-BranchCNN/iteration-6000", "K-BranchCNN", "original")
     save_imported(model, "runs/imported/models/iteration-6000")   # a checkpoint our tools load
@@ -33,8 +38,9 @@ Kernels have the same layout in TF1 and Keras ((h, w, in, out) and (in, out)), s
 as they are. The tiny twins have no 2019 checkpoints; they get the same naming rules under the scopes
 `resnet_v1_tiny` and `vgg_tiny` so that the mapping code can be exercised on small checkpoints.
 
-What still differs from 2019 (not a mapping question): our bicubic upsampling of the 20 m bands uses
-TF2's half-pixel kernel, TF1's `resize_bicubic` did not (see `models.preprocessing`).
+The imported ResNet and VGG upsample the 20 m bands with the 2019 graph's kernel (TF1
+`tf.image.resize_bicubic`, the models' default `upsampling`), so they see exactly the inputs they were
+trained on and give the 2019 logits.
 """
 
 from __future__ import annotations
@@ -398,6 +404,27 @@ def save_imported(
         modality=IMPORT_MODALITY,
         iteration=iteration,
     )
+
+
+def convert_tf1_checkpoint(
+    checkpoint_prefix: str | os.PathLike[str],
+    model_name: str,
+    label_type: str,
+    out_base: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """`bigearthnet import tf1`: import a 2019 checkpoint and save it as our checkpoint `out_base`.
+
+    An existing checkpoint at `out_base` is replaced only with `overwrite`; a failed import writes nothing.
+    """
+    from bigearthnet_tf.checkpoints import checkpoint_files
+
+    existing = [path for path in checkpoint_files(out_base).values() if path.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace the checkpoint {out_base}")
+    model = import_tf1_checkpoint(checkpoint_prefix, model_name, label_type)
+    return save_imported(model, out_base, model_name=model_name, label_type=label_type)
 
 
 def _truncated(items: tuple[str, ...] | list[str]) -> str:

@@ -351,6 +351,7 @@ def build_model_and_optimizer(
 ) -> tuple[keras.Model, keras.optimizers.Optimizer, ProgressState]:
     """The model (fresh or restored) and its optimizer, created under the strategy's scope."""
     num_classes = len(label_names(config.label_type))
+    regularisation = {"dropout": config.dropout, "drop_path_rate": config.drop_path_rate}
     with strategy.scope():
         meta = None
         state = None
@@ -361,15 +362,22 @@ def build_model_and_optimizer(
                 modality=config.modality,
                 model_name=config.model_name,
                 statistics=config.statistics,
+                training_options=regularisation,
             )
+            saved_kernel = getattr(model, "model_options", {}).get("upsampling")
+            if config.upsampling is not None and config.upsampling != saved_kernel:
+                raise UserError(
+                    f"checkpoint {start.checkpoint} was trained with upsampling {saved_kernel!r} but the "
+                    f"config asks for {config.upsampling!r}; a model must see the inputs it was trained on"
+                )
         else:
             model = build_model(
                 config.model_name,
                 num_classes,
                 config.modality,
                 config.statistics,
-                dropout=config.dropout,
-                drop_path_rate=config.drop_path_rate,
+                upsampling=config.upsampling,
+                **regularisation,
             )
         optimizer = make_optimizer(config, plan.total_iterations, loss_scaling=policy == "mixed_float16")
         optimizer.build(model.trainable_variables)

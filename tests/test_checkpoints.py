@@ -214,7 +214,10 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match=r"iteration-3\.json not found"):
         checkpoints.load_checkpoint(tmp_path / "iteration-3")
     (tmp_path / "iteration-6000.index").write_bytes(b"")  # what the 2019 tf.train.Saver wrote
-    with pytest.raises(UserError, match=r"is a 2019 TensorFlow 1 checkpoint .*tf1_import"):
+    with pytest.raises(
+        UserError,
+        match=r"is a 2019 TensorFlow 1 checkpoint .*bigearthnet import tf1 .*iteration-6000 --model NAME",
+    ):
         checkpoints.load_checkpoint(tmp_path / "iteration-6000")
     (tmp_path / "x.json").write_text('{"some": "json"}')
     with pytest.raises(UserError, match="not bigearthnet-tf checkpoint metadata"):
@@ -346,3 +349,56 @@ def test_files_are_found_by_base_name_so_a_renamed_checkpoint_loads(saved, tmp_p
     restored, _, _ = checkpoints.load_checkpoint(renamed)
     sample = inputs(seed=2)
     np.testing.assert_array_equal(model(sample, training=False), restored(sample, training=False))
+
+
+# --- network options (the upsampling kernel) ------------------------------------------------------
+
+
+def _save_resnet(base, **build_options):
+    model = build_model("ResNet-Tiny", len(BIGEARTHNET_19_LABELS), **build_options)
+    checkpoints.save_checkpoint(
+        base, model, model_name="ResNet-Tiny", label_type="BigEarthNet-19", modality="S2", iteration=1
+    )
+    return model
+
+
+def _resnet_inputs():
+    return {key: value for key, value in inputs().items() if key != "bands_60m"}
+
+
+@pytest.mark.parametrize("kernel", ["tf1_bicubic", "tf2_bicubic"])
+def test_the_upsampling_kernel_travels_with_the_checkpoint(tmp_path, kernel):
+    model = _save_resnet(tmp_path / "iteration-1", upsampling=kernel)
+    meta = checkpoints.read_metadata(tmp_path / "iteration-1")
+    assert meta["model_options"] == {"upsampling": kernel}
+    loaded, _, _ = checkpoints.load_checkpoint(tmp_path / "iteration-1")
+    assert loaded.get_layer("upsample_bands_20m").kernel == kernel
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded(_resnet_inputs())),
+        keras.ops.convert_to_numpy(model(_resnet_inputs())),
+    )
+
+
+def test_checkpoints_written_before_the_option_keep_the_tf2_kernel(tmp_path):
+    """Checkpoints of the first release have no model_options: their models upsampled with TF2's kernel."""
+    model = _save_resnet(tmp_path / "iteration-1", upsampling="tf2_bicubic")
+    metadata_file = checkpoints.checkpoint_files(tmp_path / "iteration-1")["metadata"]
+    meta = json.loads(metadata_file.read_text())
+    del meta["model_options"], meta["source"]
+    metadata_file.write_text(json.dumps(meta))
+    loaded, _, _ = checkpoints.load_checkpoint(tmp_path / "iteration-1")
+    assert loaded.get_layer("upsample_bands_20m").kernel == "tf2_bicubic"
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded(_resnet_inputs())),
+        keras.ops.convert_to_numpy(model(_resnet_inputs())),
+    )
+
+
+def test_malformed_model_options_are_refused(tmp_path):
+    _save_resnet(tmp_path / "iteration-1")
+    metadata_file = checkpoints.checkpoint_files(tmp_path / "iteration-1")["metadata"]
+    meta = json.loads(metadata_file.read_text())
+    meta["model_options"] = ["tf1_bicubic"]
+    metadata_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="metadata key 'model_options' is missing or malformed"):
+        checkpoints.load_checkpoint(tmp_path / "iteration-1")

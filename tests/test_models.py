@@ -267,8 +267,15 @@ def test_tiny_model_logits_stay_float32_under_mixed_precision():
 # Preprocessing: exact values, channel order, statistics
 
 
-def _expected_s2_image(bands_10m, bands_20m, statistics=None):
-    """numpy standardisation, 2019 channel order, then tf.image.resize bicubic of the 20 m bands."""
+def tf1_resize_bicubic(images, size):
+    """The 2019 graph's `tf.image.resize_bicubic` (TF1 defaults), through TensorFlow's own legacy op."""
+    return tf.raw_ops.ResizeBicubic(
+        images=images, size=size, align_corners=False, half_pixel_centers=False
+    ).numpy()
+
+
+def _expected_s2_image(bands_10m, bands_20m, statistics=None, upsampling="tf1_bicubic"):
+    """numpy standardisation, 2019 channel order, then TensorFlow's own bicubic op on the 20 m bands."""
     stats = {name: (band.mean, band.std) for name, band in BANDS_BY_NAME.items()} | (statistics or {})
 
     def standardise(values, names):
@@ -279,7 +286,10 @@ def _expected_s2_image(bands_10m, bands_20m, statistics=None):
     order_10m = [("B02", "B03", "B04", "B08").index(b) for b in ("B04", "B03", "B02", "B08")]
     image_10m = standardise(bands_10m[..., order_10m], ("B04", "B03", "B02", "B08"))
     image_20m = standardise(bands_20m, ("B05", "B06", "B07", "B8A", "B11", "B12"))
-    upsampled = tf.image.resize(image_20m, (120, 120), method="bicubic").numpy()
+    if upsampling == "tf1_bicubic":
+        upsampled = tf1_resize_bicubic(image_20m, (120, 120))
+    else:
+        upsampled = tf.image.resize(image_20m, (120, 120), method="bicubic").numpy()
     return np.concatenate([image_10m, upsampled], axis=-1)
 
 
@@ -293,13 +303,28 @@ def _layer_output(model, layer_name, inputs):
     return keras.ops.convert_to_numpy(probe(inputs))
 
 
-def test_stacked_s2_image_equals_numpy_and_tf_bicubic():
-    model = build_model("ResNet-Tiny", 19)
+@pytest.mark.parametrize("name", ["ResNet-Tiny", "VGG-Tiny"])
+def test_2019_architectures_upsample_with_the_2019_kernel_by_default(name):
+    model = build_model(name, 19)
+    assert model.model_options == {"upsampling": "tf1_bicubic"}
     inputs = raw_bands(input_keys(model), batch=2, seed=3)
     got = _layer_output(model, "stack_bands", inputs)
     expected = _expected_s2_image(inputs["bands_10m"], inputs["bands_20m"])
     assert got.shape == (2, 120, 120, 10)
     assert_float32_close(got, expected)
+
+
+def test_tf2_kernel_stays_available():
+    model = build_model("ResNet-Tiny", 19, upsampling="tf2_bicubic")
+    assert model.model_options == {"upsampling": "tf2_bicubic"}
+    inputs = raw_bands(input_keys(model), batch=2, seed=3)
+    got = _layer_output(model, "stack_bands", inputs)
+    expected = _expected_s2_image(inputs["bands_10m"], inputs["bands_20m"], upsampling="tf2_bicubic")
+    assert_float32_close(got, expected)
+    with pytest.raises(ConfigError, match="unknown upsampling 'bilinear'; expected one of tf1_bicubic"):
+        build_model("ResNet-Tiny", 19, upsampling="bilinear")
+    with pytest.raises(ConfigError, match="takes no option upsampling"):
+        build_model("K-BranchCNN-Tiny", 19, upsampling="tf2_bicubic")
 
 
 @pytest.mark.parametrize(
@@ -310,6 +335,41 @@ def test_bicubic_resize_equals_tf_image_resize(size_in, size_out):
     got = keras.ops.convert_to_numpy(BicubicResize(*size_out)(images))
     expected = tf.image.resize(images, size_out, method="bicubic").numpy()
     assert_float32_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("size_in", "size_out"),
+    [((60, 60), (120, 120)), ((20, 20), (120, 120)), ((13, 9), (7, 16)), ((7, 5), (13, 11))],
+)
+def test_tf1_kernel_equals_the_legacy_op(size_in, size_out):
+    images = np.random.default_rng(8).normal(0.0, 3.0, (2, *size_in, 3)).astype("float32")
+    got = keras.ops.convert_to_numpy(BicubicResize(*size_out, kernel="tf1_bicubic")(images))
+    assert_float32_close(got, tf1_resize_bicubic(images, size_out))
+
+
+def test_tf1_kernel_on_the_real_example_patches(example_paths):
+    """The 20 m bands of the six real patches, standardised as the 2019 pipeline did, upsampled by our
+    layer and by TensorFlow's legacy op: equal to 1e-5 (the two kernels differ by up to whole stds)."""
+    from bigearthnet_tf.archive import read_patch
+    from bigearthnet_tf.constants import BANDS_20M
+
+    names = sorted(p.name for p in example_paths.s2.iterdir() if p.is_dir())
+    patches = [read_patch(example_paths.s2, name) for name in names]
+    assert len(patches) == 6
+    mean = np.array([BANDS_BY_NAME[b].mean for b in BANDS_20M], dtype="float32")
+    std = np.array([BANDS_BY_NAME[b].std for b in BANDS_20M], dtype="float32")
+    images = np.stack([np.stack([p.bands[b] for b in BANDS_20M], -1) for p in patches]).astype("float32")
+    images = (images - mean) / std
+    got = keras.ops.convert_to_numpy(BicubicResize(120, 120, kernel="tf1_bicubic")(images))
+    expected = tf1_resize_bicubic(images, (120, 120))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    modern = tf.image.resize(images, (120, 120), method="bicubic").numpy()
+    assert np.abs(modern - expected).max() > 0.1  # the kernel choice matters on real data
+
+
+def test_resnet_logits_are_he_initialised():
+    logits = build_model("ResNet-Tiny", 19).get_layer("logits")
+    assert isinstance(logits.kernel_initializer, keras.initializers.HeNormal)
 
 
 def test_preprocessing_trains_under_xla():

@@ -408,3 +408,65 @@ def test_save_imported_loads_with_our_checkpoints(tmp_path):
     assert_imported_exactly(loaded.model, values)
     with pytest.raises(UserError, match="43 outputs but label_type 'BigEarthNet-19' has 19 classes"):
         save_imported(model, tmp_path / "run" / "models" / "iteration-1", label_type="BigEarthNet-19")
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_import_tf1_command_writes_a_checkpoint_the_tools_take(tmp_path, capsys):
+    """`bigearthnet import tf1` on a checkpoint written by TF1's own Saver; the result evaluates like
+    the imported model, carries the 2019 kernel, and is never written over without --overwrite."""
+    from bigearthnet_tf import cli
+    from bigearthnet_tf.checkpoints import load_checkpoint, read_metadata
+
+    values = random_values(TINY_VARIABLES["ResNet-Tiny"](19), seed=9)
+    prefix = write_with_tf1_saver(tmp_path / "ResNet" / "iteration", values, iteration=6000)
+    out = tmp_path / "imported" / "models" / "iteration-6000"
+    argv = [
+        "import",
+        "tf1",
+        prefix,
+        "--model",
+        "ResNet-Tiny",
+        "--label-type",
+        "BigEarthNet-19",
+        "--out",
+        str(out),
+    ]
+    cli.main(argv)
+    assert f"imported as {out}" in capsys.readouterr().out
+    meta = read_metadata(out)
+    assert meta["iteration"] == 6000 and meta["model_options"] == {"upsampling": "tf1_bicubic"}
+    loaded = load_checkpoint(out, label_type="BigEarthNet-19", model_name="ResNet-Tiny")
+    assert_imported_exactly(loaded.model, values)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    cli.main([*argv, "--overwrite"])
+
+
+def test_import_tf1_command_refuses_without_leaving_a_checkpoint(tmp_path, capsys, tiny_resnet_values):
+    from bigearthnet_tf import cli
+
+    prefix = write_with_save_op(tmp_path / "iteration-1", tiny_resnet_values)
+    out = tmp_path / "imported" / "best"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(
+            [
+                "import",
+                "tf1",
+                prefix,
+                "--model",
+                "VGG-Tiny",
+                "--label-type",
+                "BigEarthNet-19",
+                "--out",
+                str(out),
+            ]
+        )
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and len(error.strip().splitlines()) == 1
+    assert not out.parent.exists() or not any(out.parent.iterdir())

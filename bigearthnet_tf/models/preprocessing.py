@@ -21,14 +21,22 @@ Order of operations, as in 2019: standardise each band on its raw values, then u
 (The 2019 pipeline standardised in `tf.data` and upsampled in the graph.) Bicubic interpolation is affine
 with weights summing to one, so the order changes results only by float rounding.
 
-Upsampling is bicubic exactly as TF2 `tf.image.resize(..., "bicubic")` (and `keras.ops.image.resize`)
-compute it: half-pixel centres, Keys' cubic with a = -0.5, taps outside the image dropped and the rest
-renormalised. It is written as two small fixed matrix products (`BicubicResize`) rather than a call to
-`keras.ops.image.resize`, because TensorFlow's resize kernels (ResizeBicubic, ScaleAndTranslate) have no
-XLA implementation and Keras compiles with XLA by default on a GPU (`jit_compile="auto"`): a model holding
-them fails to train there. Matrix products compile everywhere and cost nothing on an accelerator.
-The TF1 `tf.image.resize_bicubic` of 2019 sampled without half-pixel centres and with a = -0.75, so values
-differ slightly from the 2019 graph; 2019 weights still see the same band order, resolution and scale.
+Upsampling is bicubic with one of two kernels, a named model option (`upsampling`) stored in every
+checkpoint's metadata:
+
+- `tf1_bicubic`, the 2019 kernel and the default of the 2019 architectures (ResNet, VGG): TF1's
+  `tf.image.resize_bicubic` (the legacy `ResizeBicubic` op with align_corners and half_pixel_centers
+  both False): output pixel o samples input position o * in/out, Keys' cubic with a = -0.75, taps
+  outside the image clamped to the edge pixel. Imported 2019 weights see exactly the inputs they were
+  trained on.
+- `tf2_bicubic`: TF2 `tf.image.resize(..., "bicubic")` (and `keras.ops.image.resize`): half-pixel
+  centres, a = -0.5, taps outside the image dropped and the rest renormalised. Checkpoints written
+  before the option existed keep it, as do the modern backbones.
+
+Both are written as two small fixed matrix products (`BicubicResize`) rather than a call to a resize
+op, because TensorFlow's resize kernels (ResizeBicubic, ScaleAndTranslate) have no XLA implementation
+and Keras compiles with XLA by default on a GPU (`jit_compile="auto"`): a model holding them fails to
+train there. Matrix products compile everywhere and cost nothing on an accelerator.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ from bigearthnet_tf.constants import (
     S1_BAND_NAMES,
     S1_BANDS,
     S2_BANDS,
+    TF1_BICUBIC,
+    TF2_BICUBIC,
+    UPSAMPLING_KERNELS,
 )
 from bigearthnet_tf.errors import ConfigError
 
@@ -171,38 +182,55 @@ class BandStandardization(keras.layers.Layer):
         }
 
 
-KEYS_CUBIC_A = -0.5  # TF2 / JAX bicubic; the TF1 legacy kernel used -0.75
+# Keys' cubic coefficient of each kernel: TF1's legacy op used -0.75, TF2 and JAX use -0.5.
+KEYS_CUBIC_A = MappingProxyType({TF1_BICUBIC: -0.75, TF2_BICUBIC: -0.5})
 KERNEL_TABLE_SIZE = 1024  # TF samples the cubic kernel at multiples of 1/1024 of a pixel
 
 
-def _keys_cubic(distance: np.ndarray) -> np.ndarray:
-    """Keys' cubic convolution kernel at the given distances (in input pixels)."""
+def check_upsampling(upsampling: str) -> str:
+    """Return `upsampling` if it names a kernel, else raise ConfigError naming it and the accepted ones."""
+    if upsampling not in UPSAMPLING_KERNELS:
+        raise ConfigError(
+            f"unknown upsampling {upsampling!r}; expected one of {', '.join(UPSAMPLING_KERNELS)}"
+        )
+    return upsampling
+
+
+def _keys_cubic(distance: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with coefficient `a` at the given distances (in input pixels)."""
     t = np.abs(distance)
-    a = KEYS_CUBIC_A
     near = ((a + 2) * t - (a + 3)) * t * t + 1
     far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
     return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
 
 
-def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float32 weights of 1-D bicubic resampling, as `tf.image.resize` bicubic.
+def bicubic_resize_matrix(in_size: int, out_size: int, kernel: str = TF2_BICUBIC) -> np.ndarray:
+    """(out_size, in_size) float32 weights of 1-D bicubic resampling with TensorFlow's `kernel`.
 
-    Output pixel o samples input position (o + 0.5) * in/out - 0.5 (computed in float32, as TF does)
-    from its four nearest input pixels, with the fractional offset rounded to TF's 1/1024 kernel table
-    (exact for the 2x upsampling of the 20 m bands); taps outside the image get no weight and the
-    remaining weights are renormalised to sum to 1.
+    Output pixel o samples input position (o + 0.5) * in/out - 0.5 (`tf2_bicubic`) or o * in/out
+    (`tf1_bicubic`), computed in float32 as TF does, from its four nearest input pixels, with the
+    fractional offset rounded to TF's 1/1024 kernel table (exact for the 2x upsampling of the 20 m
+    bands). Taps outside the image get no weight and the rest are renormalised (`tf2_bicubic`), or
+    fall on the nearest edge pixel (`tf1_bicubic`).
     """
+    a = KEYS_CUBIC_A[check_upsampling(kernel)]
     weights = np.zeros((out_size, in_size), dtype=np.float64)
     scale = np.float32(in_size) / np.float32(out_size)
     for out_index in range(out_size):
-        position = (np.float32(out_index) + np.float32(0.5)) * scale - np.float32(0.5)
+        if kernel == TF2_BICUBIC:
+            position = (np.float32(out_index) + np.float32(0.5)) * scale - np.float32(0.5)
+        else:
+            position = np.float32(out_index) * scale
         start = int(np.floor(position))
         offset = np.rint((position - start) * KERNEL_TABLE_SIZE) / KERNEL_TABLE_SIZE
         taps = np.arange(start - 1, start + 3)
-        inside = (taps >= 0) & (taps < in_size)
-        distances = offset - np.arange(-1, 3)
-        weights[out_index, taps[inside]] = _keys_cubic(distances[inside])
-        weights[out_index] /= weights[out_index].sum()
+        tap_weights = _keys_cubic(offset - np.arange(-1, 3), a)
+        if kernel == TF2_BICUBIC:
+            inside = (taps >= 0) & (taps < in_size)
+            weights[out_index, taps[inside]] = tap_weights[inside]
+            weights[out_index] /= weights[out_index].sum()
+        else:
+            np.add.at(weights[out_index], np.clip(taps, 0, in_size - 1), tap_weights)
     return weights.astype(np.float32)
 
 
@@ -210,22 +238,25 @@ def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 class BicubicResize(keras.layers.Layer):
     """Bicubic resampling of (batch, height, width, channels) images to a fixed size, XLA-compilable.
 
-    Equal (to float rounding) to `tf.image.resize(images, size, "bicubic")`, computed as one matrix
-    product along the rows and one along the columns; the matrices derive from the sizes alone, so
-    they are neither weights nor config.
+    Equal (to float rounding) to TensorFlow's resize with `kernel` (`tf2_bicubic`:
+    `tf.image.resize(images, size, "bicubic")`; `tf1_bicubic`: TF1's `tf.image.resize_bicubic`),
+    computed as one matrix product along the rows and one along the columns; the matrices derive from
+    the sizes and the kernel, so they are neither weights nor config. Files saved before the kernel was
+    an option have none in their config and keep `tf2_bicubic`.
     """
 
-    def __init__(self, height: int, width: int, **kwargs) -> None:
+    def __init__(self, height: int, width: int, kernel: str = TF2_BICUBIC, **kwargs) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.height = int(height)
         self.width = int(width)
+        self.kernel = check_upsampling(kernel)
 
     def build(self, input_shape) -> None:
         if input_shape[1] is None or input_shape[2] is None:
             raise ValueError(f"{self.name}: needs a static input height and width, got {tuple(input_shape)}")
-        self._rows = bicubic_resize_matrix(input_shape[1], self.height)
-        self._columns = bicubic_resize_matrix(input_shape[2], self.width)
+        self._rows = bicubic_resize_matrix(input_shape[1], self.height, self.kernel)
+        self._columns = bicubic_resize_matrix(input_shape[2], self.width, self.kernel)
 
     def call(self, images):
         rows = ops.convert_to_tensor(self._rows, dtype=self.compute_dtype)
@@ -237,7 +268,7 @@ class BicubicResize(keras.layers.Layer):
         return (input_shape[0], self.height, self.width, input_shape[3])
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "height": self.height, "width": self.width}
+        return {**super().get_config(), "height": self.height, "width": self.width, "kernel": self.kernel}
 
 
 def raw_inputs(keys: Sequence[str]) -> dict[str, keras.KerasTensor]:
@@ -267,9 +298,11 @@ def standardized(
     return layer(inputs[key])
 
 
-def upsample(image: keras.KerasTensor, size: int = PATCH_SIZE, name: str | None = None) -> keras.KerasTensor:
-    """Bicubic resampling to `size` x `size`, as `tf.image.resize` bicubic without antialiasing."""
-    return BicubicResize(size, size, name=name)(image)
+def upsample(
+    image: keras.KerasTensor, upsampling: str, size: int = PATCH_SIZE, name: str | None = None
+) -> keras.KerasTensor:
+    """Bicubic resampling to `size` x `size` with the TensorFlow kernel `upsampling`."""
+    return BicubicResize(size, size, kernel=upsampling, name=name)(image)
 
 
 def stacked_input_keys(modality: str) -> tuple[str, ...]:
@@ -280,14 +313,18 @@ def stacked_input_keys(modality: str) -> tuple[str, ...]:
 
 
 def stacked_image(
-    inputs: Mapping[str, keras.KerasTensor], modality: str, statistics: Statistics
+    inputs: Mapping[str, keras.KerasTensor],
+    modality: str,
+    statistics: Statistics,
+    upsampling: str = TF2_BICUBIC,
 ) -> keras.KerasTensor:
-    """One standardised 120x120 image in `STACKED_CHANNELS[modality]` order (S2: 10 channels)."""
+    """One standardised 120x120 image in `STACKED_CHANNELS[modality]` order (S2: 10 channels), the
+    20 m bands upsampled with the kernel `upsampling`."""
     parts = []
     if modality in (S2, MM):
         parts.append(standardized(inputs, "bands_10m", BANDS_10M_2019_ORDER, statistics))
         bands_20m = standardized(inputs, "bands_20m", BANDS_20M, statistics)
-        parts.append(upsample(bands_20m, name="upsample_bands_20m"))
+        parts.append(upsample(bands_20m, upsampling, name="upsample_bands_20m"))
     if modality in (S1, MM):
         parts.append(standardized(inputs, "bands_s1", S1_BAND_NAMES, statistics))
     if len(parts) == 1:
@@ -307,6 +344,14 @@ def model_statistics(model: keras.Model) -> dict[str, tuple[float, float]]:
         if isinstance(layer, BandStandardization):
             statistics.update(zip(layer.output_bands, zip(layer.mean, layer.std, strict=True), strict=True))
     return statistics
+
+
+def model_upsampling(model: keras.Model) -> str | None:
+    """The bicubic kernel of the model's upsampling layers; None when it upsamples nothing."""
+    kernels = {layer.kernel for layer in _all_layers(model) if isinstance(layer, BicubicResize)}
+    if len(kernels) > 1:
+        raise ValueError(f"{model.name}: upsampling layers disagree on the kernel: {sorted(kernels)}")
+    return kernels.pop() if kernels else None
 
 
 def _all_layers(layer: keras.layers.Layer):

@@ -21,6 +21,9 @@ config file:
 
 A builder is called as `builder(num_classes, modality=..., statistics=...)` when its signature takes
 `modality` (or `**kwargs`), otherwise as `builder(num_classes)`. It returns a Keras model (or layer).
+Keyword options that change what the trained network computes (`NETWORK_OPTIONS`, e.g. the
+`upsampling` kernel) are resolved against the builder's defaults and kept on the model as
+`model.model_options`; checkpoints record them and rebuild the model with them.
 When that model reads our raw-band input dict (its inputs are named `bands_10m`, ...), it is used as is;
 otherwise it is treated as a single-image network and wrapped: the raw bands of the modality are
 selected, upsampled and standardised into one 120x120 image (S2: B04, B03, B02, B08, B05, B06, B07,
@@ -45,7 +48,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 
 import keras
 
@@ -66,6 +69,10 @@ BUILTIN_ORIGIN = "bigearthnet_tf"
 LEGACY_BUILDER_NAME = "dnn_model"  # what the 2019 train.py called in each models/<name>.py
 
 ModelBuilder = Callable[..., keras.layers.Layer]
+
+# Builder options that define the network a checkpoint's weights belong to (regularisation such as
+# `dropout` does not): their resolved values travel in checkpoint metadata.
+NETWORK_OPTIONS: tuple[str, ...] = ("upsampling", "architecture", "band_order")
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,21 @@ def build_model(
         result = builder(num_classes, **keywords)
     else:
         result = builder(num_classes)  # the 2019 dnn_model(nb_class) habit
-    return _raw_band_model(result, spec, num_classes, modality, resolved)
+    model = _raw_band_model(result, spec, num_classes, modality, resolved)
+    model.model_options = MappingProxyType(
+        {
+            key: options[key] if key in options else parameters[key].default
+            for key in NETWORK_OPTIONS
+            if key in (parameters or {})
+            and (key in options or parameters[key].default is not inspect.Parameter.empty)
+        }
+    )
+    return model
+
+
+def model_option_names(name: str) -> frozenset[str]:
+    """The keyword options the builder of model `name` takes (its entry point is loaded if needed)."""
+    return frozenset(_parameters(_load_builder(get_model_spec(name))) or ())
 
 
 def load_model_plugin(source: str | os.PathLike) -> tuple[str, ...]:

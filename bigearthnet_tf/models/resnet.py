@@ -14,7 +14,9 @@ Facts (BIGEARTHNET.md section 4, TF-Slim `resnet_v1` / `resnet_utils`):
 - Every conv without bias, followed by BN (epsilon 1e-5, decay 0.997, scale on: slim
   `resnet_arg_scope` defaults); ReLU after the residual sum.
 - Head: global average pool, 1x1 conv with bias to the classes (the logits), no BN, no activation.
-- Initialiser: He normal (slim's `variance_scaling_initializer`, fan-in, factor 2).
+- Initialiser: He normal (slim's `variance_scaling_initializer`, fan-in, factor 2), the logits included.
+- The 20 m bands are upsampled with the 2019 graph's TF1 bicubic kernel unless `upsampling` says
+  otherwise (see `preprocessing`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import keras
 
 from bigearthnet_tf.models.preprocessing import (
     S2,
+    TF1_BICUBIC,
     Statistics,
+    check_upsampling,
     raw_inputs,
     resolve_statistics,
     stacked_image,
@@ -119,10 +123,14 @@ def build_resnet(
     *,
     config: ResNetConfig = RESNET_VARIANTS["ResNet50"],
     name: str = "ResNet50",
+    upsampling: str = TF1_BICUBIC,
 ) -> keras.Model:
-    """ResNet v1 on the stacked 120x120 image of `modality`; outputs logits (batch, num_classes)."""
+    """ResNet v1 on the stacked 120x120 image of `modality`; outputs logits (batch, num_classes).
+
+    `upsampling` is the bicubic kernel of the 20 m bands: the 2019 graph's by default.
+    """
     inputs = raw_inputs(stacked_input_keys(modality))
-    x = stacked_image(inputs, modality, resolve_statistics(statistics))
+    x = stacked_image(inputs, modality, resolve_statistics(statistics), check_upsampling(upsampling))
     x = _conv_bn(x, config.root_filters, 7, 2, name="conv1", momentum=config.bn_momentum)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
     for block, (units, base_depth, stride) in enumerate(
@@ -139,7 +147,9 @@ def build_resnet(
             )
     x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="global_pool")(x)
     # float32 logits even under a mixed-precision policy (stable sigmoid cross-entropy).
-    x = keras.layers.Conv2D(num_classes, 1, use_bias=True, dtype="float32", name="logits")(x)
+    x = keras.layers.Conv2D(
+        num_classes, 1, use_bias=True, kernel_initializer="he_normal", dtype="float32", name="logits"
+    )(x)
     logits = keras.layers.Flatten(dtype="float32", name="spatial_squeeze")(x)
     return keras.Model(inputs, logits, name=name)
 

@@ -23,7 +23,9 @@ import keras
 
 from bigearthnet_tf.models.preprocessing import (
     S2,
+    TF1_BICUBIC,
     Statistics,
+    check_upsampling,
     raw_inputs,
     resolve_statistics,
     stacked_image,
@@ -60,10 +62,14 @@ def build_vgg(
     *,
     config: VGGConfig = VGG_VARIANTS["VGG16"],
     name: str = "VGG16",
+    upsampling: str = TF1_BICUBIC,
 ) -> keras.Model:
-    """VGG on the stacked 120x120 image of `modality`; outputs logits (batch, num_classes)."""
+    """VGG on the stacked 120x120 image of `modality`; outputs logits (batch, num_classes).
+
+    `upsampling` is the bicubic kernel of the 20 m bands: the 2019 graph's by default.
+    """
     inputs = raw_inputs(stacked_input_keys(modality))
-    x = stacked_image(inputs, modality, resolve_statistics(statistics))
+    x = stacked_image(inputs, modality, resolve_statistics(statistics), check_upsampling(upsampling))
     for stage, (convs, width) in enumerate(zip(config.convs_per_stage, config.widths, strict=True), start=1):
         for index in range(1, convs + 1):
             x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=f"conv{stage}_{index}")(
