@@ -155,6 +155,13 @@ def checkpoint_files(base: str | os.PathLike[str]) -> dict[str, Path]:
     }
 
 
+def refuse_existing(base: str | os.PathLike[str], overwrite: bool) -> None:
+    """UserError when a file of checkpoint `base` exists and `overwrite` is not set."""
+    existing = [path for path in checkpoint_files(base).values() if path.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace the checkpoint {base}")
+
+
 def should_save(iteration: int, per_iteration: int | None, after_iteration: int) -> bool:
     """The 2019 rule: save at N when N % per_iteration == 0 and N >= after_iteration."""
     return per_iteration is not None and iteration % per_iteration == 0 and iteration >= after_iteration
@@ -688,7 +695,8 @@ def _fsync_directory(directory: Path) -> None:
         os.close(handle)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
@@ -697,7 +705,7 @@ def _sha256(path: Path) -> str:
 
 
 def _describe(path: Path) -> dict[str, Any]:
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _check_file(path: Path, described: Mapping[str, Any]) -> str | None:
@@ -707,6 +715,6 @@ def _check_file(path: Path, described: Mapping[str, Any]) -> str | None:
     size = path.stat().st_size
     if size != described.get("bytes"):
         return f"{path.name} has {size} bytes, expected {described.get('bytes')}"
-    if _sha256(path) != described.get("sha256"):
+    if file_sha256(path) != described.get("sha256"):
         return f"{path.name} does not match its SHA-256"
     return None

@@ -121,7 +121,7 @@ def _import_tf1(args: argparse.Namespace) -> None:
 
 
 def _import_reben(args: argparse.Namespace) -> None:
-    from bigearthnet_tf.reben import import_reben
+    from bigearthnet_tf.reben_import import import_reben
 
     imported = import_reben(args.source, args.out, version=args.version, overwrite=args.overwrite)
     print(

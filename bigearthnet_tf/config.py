@@ -80,6 +80,7 @@ from typing import Any
 
 from bigearthnet_tf.constants import LABEL_TYPES, UPSAMPLING_KERNELS
 from bigearthnet_tf.errors import ConfigError, UserError
+from bigearthnet_tf.jsonfiles import json_type, read_json_object
 
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -370,42 +371,7 @@ def make_readable(path: str | os.PathLike[str]) -> None:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; anything else (missing, not JSON, NaN, duplicate keys) is a ConfigError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a folder, not a JSON file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not a UTF-8 text (JSON) file") from None
-    except OSError as error:
-        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
-
-    def no_constants(name: str) -> None:
-        # Python's json accepts NaN and Infinity, which are not JSON and would slip into a learning rate.
-        raise ConfigError(f"{path}: {name} is not a JSON number")
-
-    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:
-                raise ConfigError(f"{path}: key {key!r} appears twice")
-            seen[key] = value
-        return seen
-
-    try:
-        document = json.loads(text, parse_constant=no_constants, object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as error:
-        raise ConfigError(
-            f"{path}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
-        ) from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid JSON: nested too deeply") from None
-    except ValueError:  # int() refuses numbers of more than 4,300 digits (a guard against slow parsing)
-        raise ConfigError(f"{path}: not valid JSON: a number has too many digits") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path}: expected a JSON object {{...}}, got {_json_type(document)}")
-    return document
+    return read_json_object(path, "config file", ConfigError)
 
 
 def _reject_unknown_keys(raw: Mapping[str, Any], where: str) -> None:
@@ -437,21 +403,6 @@ def _check_combinations(values: Mapping[str, Any], where: str, purpose: str) -> 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def _show(value: Any) -> str:
@@ -509,7 +460,7 @@ class _Checker:
     def _int(self, name: str, rule: _Rule, value: Any) -> int:
         # bool is a subclass of int in Python; `"batch_size": true` must not mean 1.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(name, value, f"an integer, not {_json_type(value)}")
+            raise self.fail(name, value, f"an integer, not {json_type(value)}")
         # Every count ends up in an int64 tensor (seeds in NumPy's 32-bit seed): refuse what cannot fit.
         if rule.maximum is None and abs(value) > INT64_MAX:
             raise self.fail(name, value, f"an integer of at most {INT64_MAX}")
@@ -518,7 +469,7 @@ class _Checker:
 
     def _float(self, name: str, rule: _Rule, value: Any) -> float:
         if not _is_number(value):
-            raise self.fail(name, value, f"a number, not {_json_type(value)}")
+            raise self.fail(name, value, f"a number, not {json_type(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer beyond float range, e.g. 10**400
@@ -530,12 +481,12 @@ class _Checker:
 
     def _bool(self, name: str, rule: _Rule, value: Any) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(name, value, f"true or false, not {_json_type(value)}")
+            raise self.fail(name, value, f"true or false, not {json_type(value)}")
         return value
 
     def _str(self, name: str, rule: _Rule, value: Any) -> str:
         if not isinstance(value, str):
-            raise self.fail(name, value, f"a string, not {_json_type(value)}")
+            raise self.fail(name, value, f"a string, not {json_type(value)}")
         return value
 
     def _choice(self, name: str, rule: _Rule, value: Any) -> str:

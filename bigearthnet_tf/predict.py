@@ -38,7 +38,6 @@ from __future__ import annotations
 import collections
 import csv
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -102,7 +101,6 @@ THRESHOLDS_SUFFIX = ".thresholds.json"
 THRESHOLDS_FORMAT = "bigearthnet-tf-thresholds"
 THRESHOLDS_FORMAT_VERSION = 1
 S1_INPUT = "bands_s1"
-_HASH_CHUNK = 1 << 20
 _UINT16 = np.dtype(np.uint16)
 
 
@@ -177,7 +175,7 @@ def load_predictor(path: str | os.PathLike[str]) -> Predictor:
             meta = {**meta, **_read_json(sidecar, "model metadata file")}
         if not meta.get("modality"):
             meta["modality"] = _modality_of(keys)
-        model_sha256 = _sha256(source)
+        model_sha256 = checkpoints.file_sha256(source)
     else:
         model_sha256 = meta["files"]["weights"]["sha256"]
     class_names = tuple(meta["class_names"])
@@ -897,11 +895,3 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise UserError(f"{what} {path}: expected a JSON object")
     return document
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

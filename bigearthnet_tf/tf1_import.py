@@ -418,11 +418,9 @@ def convert_tf1_checkpoint(
 
     An existing checkpoint at `out_base` is replaced only with `overwrite`; a failed import writes nothing.
     """
-    from bigearthnet_tf.checkpoints import checkpoint_files
+    from bigearthnet_tf.checkpoints import refuse_existing
 
-    existing = [path for path in checkpoint_files(out_base).values() if path.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} exists; pass --overwrite to replace the checkpoint {out_base}")
+    refuse_existing(out_base, overwrite)
     model = import_tf1_checkpoint(checkpoint_prefix, model_name, label_type)
     return save_imported(model, out_base, model_name=model_name, label_type=label_type)
 

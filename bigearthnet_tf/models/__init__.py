@@ -13,7 +13,9 @@ Public API::
 
 Registered: ResNet50, ResNet101, ResNet152, VGG16, VGG19, K-BranchCNN (2019 TF-Slim-faithful) and their
 tiny twins ResNet-Tiny, VGG-Tiny, K-BranchCNN-Tiny (same code, far fewer filters) for tests and the demo;
-modern backbones EfficientNetV2-S, ConvNeXt-Tiny, ViT-S8 and ViT-S8-Tiny (see `modern`).
+modern backbones EfficientNetV2-S, ConvNeXt-Tiny, ViT-S8 and ViT-S8-Tiny (see `modern`); the reBEN
+(BigEarthNet v2.0) pretrained families reBEN-ResNet, reBEN-ConvNeXtV2, reBEN-ViT and reBEN-Mixer,
+timm-faithful networks for imported weights (see `reben`, `timm_nets`, and `bigearthnet import reben`).
 
 Every model takes a dict of raw band values at native resolution (float32, channels last; see
 `preprocessing`), accepts modality S2, S1 or MM, and outputs logits (batch, num_classes): apply a
@@ -36,7 +38,7 @@ modality, e.g.::
         return keras.Sequential([backbone, keras.layers.Dense(num_classes)])
 """
 
-from bigearthnet_tf.models import kbranch, modern, resnet, vgg  # noqa: F401  (registers the built-in models)
+from bigearthnet_tf.models import kbranch, modern, reben, resnet, vgg  # noqa: F401  (registers the built-in models)
 from bigearthnet_tf.models.preprocessing import (
     DEFAULT_STATISTICS,
     INPUTS,
