@@ -67,7 +67,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _models(args: argparse.Namespace) -> None:
     from bigearthnet_tf.models import print_model_table
 
-    print_model_table(label_type=args.label_type, as_json=args.json)
+    print_model_table(
+        label_type=args.label_type, as_json=args.json, names=args.names or None, parameters=args.parameters
+    )
 
 
 def _stats(args: argparse.Namespace) -> None:
@@ -167,7 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("config", type=Path, help="JSON configuration file")
         command.set_defaults(run=run)
 
-    models = commands.add_parser("models", help="list the registered models and their sizes")
+    models = commands.add_parser(
+        "models",
+        help="list the registered models (and their sizes)",
+        description="List the registered model names; with --parameters, build each to count its weights.",
+        epilog="example: bigearthnet models ResNet50 VGG16 --parameters",
+    )
+    models.add_argument("names", nargs="*", help="only these models (default: all)")
+    models.add_argument(
+        "--parameters", action="store_true", help="build each model and count its parameters (slower)"
+    )
     models.add_argument("--label-type", default="BigEarthNet-19", help="original or BigEarthNet-19")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     models.set_defaults(run=_models)

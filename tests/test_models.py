@@ -602,17 +602,49 @@ def test_bad_plugins_are_user_errors(isolated_registry, tmp_path):
 
 def test_models_command_json_and_table(monkeypatch, capsys):
     monkeypatch.setattr(summary, "model_names", lambda: TINY_MODELS)
-    cli.main(["models", "--json", "--label-type", "original"])
+    cli.main(["models", "--json", "--label-type", "original", "--parameters"])
     rows = json.loads(capsys.readouterr().out)
     assert [row["name"] for row in rows] == list(TINY_MODELS)
     for row in rows:
         assert row["classes"] == 43
         assert row["parameters"] == parameter_count(build_model(row["name"], 43))
         assert row["input_keys"][:2] == ["bands_10m", "bands_20m"]
-    cli.main(["models"])
+    cli.main(["models", "--parameters"])
     table = capsys.readouterr().out
     for name in TINY_MODELS:
         assert name in table
     with pytest.raises(SystemExit) as caught:
         cli.main(["models", "--label-type", "nineteen"])
     assert caught.value.code == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# `bigearthnet models`
+
+
+def test_models_command_lists_names_without_building_any(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("listing names must not build models")
+
+    monkeypatch.setattr(summary, "build_model", refuse)
+    cli.main(["models", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in rows] == list(model_names())
+    assert {"ResNet50", "reBEN-ViT", "K-BranchCNN-Tiny"} <= {row["name"] for row in rows}
+    cli.main(["models"])
+    assert "bigearthnet models --parameters" in capsys.readouterr().out
+
+
+def test_models_command_counts_parameters_on_request(capsys):
+    cli.main(
+        ["models", "ResNet-Tiny", "K-BranchCNN-Tiny", "--parameters", "--json", "--label-type", "original"]
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in rows] == ["ResNet-Tiny", "K-BranchCNN-Tiny"]
+    for row in rows:
+        model = build_model(row["name"], 43)
+        assert row["parameters"] == parameter_count(model) and row["classes"] == 43
+        assert row["trainable_parameters"] == trainable_parameter_count(model)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["models", "ResNet51"])
+    assert stop.value.code == 2 and "did you mean 'ResNet50'" in capsys.readouterr().err

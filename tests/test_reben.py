@@ -24,6 +24,7 @@ from bigearthnet_tf.cli import main
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS
 from bigearthnet_tf.evaluate import sigmoid
 from bigearthnet_tf.export import export_model
+from bigearthnet_tf.models import input_keys
 from bigearthnet_tf.models.reben import REBEN_BAND_ORDERS, REBEN_STATISTICS
 from bigearthnet_tf.reben_import import import_reben
 
@@ -215,7 +216,12 @@ def test_fine_tune_from_the_imported_checkpoint(imported, v2_records, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("folder", "export_format"), [(RESNET_ALL, "keras"), ("tiny-vit_base_patch8_224-all-v0.2.0", "onnx")]
+    ("folder", "export_format"),
+    [
+        (RESNET_ALL, "keras"),
+        ("tiny-vit_base_patch8_224-all-v0.2.0", "onnx"),
+        ("tiny-convnextv2_base-s2-v0.2.0", "saved_model"),
+    ],
 )
 def test_export_returns_the_models_probabilities(folder, export_format, tmp_path):
     base = tmp_path / "imported"
@@ -227,12 +233,18 @@ def test_export_returns_the_models_probabilities(folder, export_format, tmp_path
         "bands_20m": rng.uniform(0, 3000, (3, 60, 60, 6)).astype("float32"),
         "bands_s1": rng.uniform(-25, 0, (3, 120, 120, 2)).astype("float32"),
     }
+    inputs = {key: inputs[key] for key in input_keys(model)}
     expected = sigmoid(keras.ops.convert_to_numpy(model(inputs)))
     out = tmp_path / f"model.{export_format}"
     export_model(base, export_format, out)
     if export_format == "keras":
         loaded = keras.saving.load_model(out, safe_mode=True)
         got = keras.ops.convert_to_numpy(loaded(inputs))
+    elif export_format == "saved_model":
+        import tensorflow as tf
+
+        serve = tf.saved_model.load(str(out)).signatures["serving_default"]
+        got = serve(**{key: tf.constant(value) for key, value in inputs.items()})["probabilities"].numpy()
     else:
         import onnxruntime
 

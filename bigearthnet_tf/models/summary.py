@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
 import keras
@@ -29,34 +30,45 @@ def trainable_parameter_count(model: keras.Model) -> int:
     return sum(math.prod(weight.shape) for weight in model.trainable_weights)
 
 
-def model_table(label_type: str = "BigEarthNet-19", modality: str = S2) -> list[dict]:
-    """One row per registered model, built for `label_type`'s class count: name, parameters, inputs."""
+def model_table(
+    label_type: str = "BigEarthNet-19",
+    modality: str = S2,
+    names: Sequence[str] | None = None,
+    parameters: bool = False,
+) -> list[dict]:
+    """One row per registered model (or per name of `names`): name, description, origin; with
+    `parameters`, each model is built for `label_type`'s class count and its weights and inputs counted."""
     classes = len(class_names(label_type))
     rows = []
-    for name in model_names():
-        model = build_model(name, classes, modality=modality)
-        rows.append(
-            {
-                "name": name,
+    for name in names or model_names():
+        spec = get_model_spec(name)
+        row = {"name": name, "description": spec.description, "origin": spec.origin}
+        if parameters:
+            model = build_model(name, classes, modality=modality)
+            row |= {
                 "parameters": parameter_count(model),
                 "trainable_parameters": trainable_parameter_count(model),
                 "classes": classes,
                 "label_type": label_type,
                 "modality": modality,
                 "input_keys": list(input_keys(model)),
-                "origin": get_model_spec(name).origin,
             }
-        )
-        del model
-        gc.collect()  # VGG's fc6 alone is 400 MB; do not hold every model at once
+            del model
+            gc.collect()  # VGG's fc6 alone is 400 MB; do not hold every model at once
+        rows.append(row)
     return rows
 
 
 def print_model_table(
-    label_type: str = "BigEarthNet-19", as_json: bool = False, file: TextIO | None = None
+    label_type: str = "BigEarthNet-19",
+    as_json: bool = False,
+    file: TextIO | None = None,
+    names: Sequence[str] | None = None,
+    parameters: bool = False,
 ) -> None:
-    """Print the registered models with their parameter counts (a rich table, or JSON with `as_json`)."""
-    rows = model_table(label_type)
+    """Print the registered models (a rich table, or JSON with `as_json`); building each to count its
+    parameters takes a while, so that happens only with `parameters`."""
+    rows = model_table(label_type, names=names, parameters=parameters)
     out = file or sys.stdout
     if as_json:
         print(json.dumps(rows, indent=2), file=out)
@@ -64,24 +76,35 @@ def print_model_table(
     from rich.console import Console
     from rich.table import Table
 
-    classes = rows[0]["classes"] if rows else len(class_names(label_type))
-    table = Table(title=f"Models for {label_type} ({classes} classes, S2 input)")
+    classes = len(class_names(label_type))
+    title = f"Models for {label_type} ({classes} classes, S2 input)" if parameters else "Registered models"
+    table = Table(title=title)
     table.add_column("name", no_wrap=True)
-    table.add_column("parameters", justify="right", no_wrap=True)
-    table.add_column("trainable", justify="right", no_wrap=True)
-    table.add_column("inputs")
+    if parameters:
+        table.add_column("parameters", justify="right", no_wrap=True)
+        table.add_column("trainable", justify="right", no_wrap=True)
+        table.add_column("inputs")
+    else:
+        table.add_column("description")
     show_origin = any(row["origin"] != BUILTIN_ORIGIN for row in rows)
     if show_origin:
         table.add_column("origin")
     for row in rows:
-        cells = [
-            row["name"],
-            f"{row['parameters']:,}",
-            f"{row['trainable_parameters']:,}",
-            " ".join(key.removeprefix("bands_") for key in row["input_keys"]),
-        ]
+        if parameters:
+            cells = [
+                row["name"],
+                f"{row['parameters']:,}",
+                f"{row['trainable_parameters']:,}",
+                " ".join(key.removeprefix("bands_") for key in row["input_keys"]),
+            ]
+        else:
+            cells = [row["name"], row["description"]]
         table.add_row(*cells, *([row["origin"]] if show_origin else []))
     Console(file=out).print(table)
-    print(
-        "parameters: every weight, batch-norm moving statistics included (preprocessing has none)", file=out
-    )
+    if parameters:
+        print(
+            "parameters: every weight, batch-norm moving statistics included (preprocessing has none)",
+            file=out,
+        )
+    else:
+        print("parameter counts: bigearthnet models --parameters [NAME ...]", file=out)
