@@ -58,9 +58,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bigearthnet_tf.config import make_readable
 from bigearthnet_tf.constants import LABEL_TYPES, TF2_BICUBIC
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import fsync_directory, make_readable
 
 FORMAT = "bigearthnet-tf-checkpoint"
 FORMAT_VERSION = 1
@@ -77,6 +77,7 @@ BEST_NAME = "best"
 KIND_ITERATION = "iteration"
 KIND_BEST = "best"
 
+LISTED_CHECKPOINTS = 8  # names listed when a checkpoint is not found
 _ITERATION_PATTERN = re.compile(r"iteration-(\d+)$")
 _HASH_CHUNK = 1 << 20
 _TEMPORARY_MARK = ".tmp"  # in the names of files being written; a killed save may leave them
@@ -153,6 +154,57 @@ def checkpoint_files(base: str | os.PathLike[str]) -> dict[str, Path]:
         "state": base.with_name(base.name + STATE_SUFFIX),
         "metadata": base.with_name(base.name + METADATA_SUFFIX),
     }
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint base name (or `.keras` file) that `path` means; what `model_file`, `predict
+    --model` and `export --model` accept.
+
+    Accepted: a base name (`out/models/iteration-600`, `out/models/best`, a 2019 TF1 base), any file of
+    a checkpoint (`iteration-600.json`, `.weights.h5`, `.state.npz`), an exported `.keras` file, or a
+    training `out_dir` or its `models` folder (then `best` when complete, else the newest complete
+    `iteration-<N>`). Anything else is a UserError that lists the checkpoints that do exist there.
+    """
+    path = Path(path)
+    if path.suffix == KERAS_SUFFIX:
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist")
+        return path
+    if path.is_dir():
+        folder = models_dir(path) if models_dir(path).is_dir() else path
+        best = folder / BEST_NAME
+        if is_complete(best):
+            return best
+        latest = latest_complete_checkpoint(folder)
+        if latest is None:
+            raise UserError(
+                f"{path} holds no complete checkpoint (best or iteration-<N>){checkpoint_listing(folder)}"
+            )
+        return latest
+    for suffix in (WEIGHTS_SUFFIX, STATE_SUFFIX, METADATA_SUFFIX, TF1_INDEX_SUFFIX):
+        if path.name.endswith(suffix):
+            path = path.with_name(path.name[: -len(suffix)])
+            break
+    files = checkpoint_files(path)
+    if files["metadata"].exists() or path.with_name(path.name + TF1_INDEX_SUFFIX).exists():
+        return path
+    raise UserError(f"no checkpoint {path} (no {files['metadata'].name}){checkpoint_listing(path.parent)}")
+
+
+def checkpoint_listing(folder: Path) -> str:
+    """`; checkpoints in <folder>: best, iteration-3, ...` (or that there are none), for messages."""
+    if not folder.is_dir():
+        return f"; {folder} does not exist"
+    names = sorted(
+        path.name[: -len(METADATA_SUFFIX)]
+        for path in folder.glob(f"*{METADATA_SUFFIX}")
+        if not path.name.startswith(".") and checkpoint_files(path.with_suffix(""))["weights"].exists()
+    )
+    names += sorted(path.name for path in folder.glob(f"*{KERAS_SUFFIX}"))
+    if not names:
+        return f"; {folder} holds no checkpoints"
+    shown = ", ".join(names[:LISTED_CHECKPOINTS]) + (", ..." if len(names) > LISTED_CHECKPOINTS else "")
+    return f"; checkpoints in {folder}: {shown}"
 
 
 def refuse_existing(base: str | os.PathLike[str], overwrite: bool) -> None:
@@ -243,7 +295,7 @@ def save_checkpoint(
     }
     text = json.dumps(metadata, indent=2, allow_nan=False) + "\n"
     _replace_with(files["metadata"], lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
-    _fsync_directory(base.parent)
+    fsync_directory(base.parent)
     return base
 
 
@@ -679,20 +731,6 @@ def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     # Via an open file: np.savez would append ".npz" to a name that lacks it.
     with open(path, "wb") as stream:
         np.savez(stream, **arrays)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames durable (POSIX); harmless where directories cannot be opened."""
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

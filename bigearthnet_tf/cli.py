@@ -7,21 +7,34 @@ start without loading TensorFlow. A `UserError` becomes one line on stderr and a
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
 from pathlib import Path
 
+from bigearthnet_tf import __version__
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.quiet import import_tensorflow_quietly
+
+DEFAULT_TEST_RUN_BATCHES = 3
+MODEL_FORMS = (
+    "checkpoint: a base name (runs/r50/models/best), one of its files, a run folder (its best, else its "
+    "newest checkpoint), or an exported .keras file"
+)
+# Commands that never load TensorFlow (they start fast; preparation workers stay light).
+WITHOUT_TENSORFLOW = frozenset({"prepare", "synth", "examples"})
 
 
 def _prepare(args: argparse.Namespace) -> None:
     from bigearthnet_tf.prepare import prepare
 
+    split_files, official = split_choice(args)
+    if split_files is None and not official:
+        raise UserError("prepare needs the splits: -n/--splits CSV [CSV ...], or --splits official")
     prepare(
         root=args.root_folder,
         out=args.out_folder,
-        split_files=args.splits,
-        official_splits=args.official,
+        split_files=split_files,
+        official_splits=official,
         record_format=args.format,
         workers=args.workers,
         shard_size=args.shard_size,
@@ -50,18 +63,35 @@ def _examples(args: argparse.Namespace) -> None:
     print(f"Sentinel-2 example patches: {paths.s2}\nSentinel-1 example patches: {paths.s1}")
 
 
-def _train(args: argparse.Namespace) -> None:
+def _run_config(args: argparse.Namespace) -> None:
     from bigearthnet_tf.config import load_config
-    from bigearthnet_tf.train import train
 
-    train(load_config(args.config, purpose="train"))
+    overrides = [*args.set, *(["resume=auto"] if args.resume else [])]
+    config = load_config(args.config, purpose=args.command, overrides=overrides)
+    if args.test_run is not None:
+        from bigearthnet_tf.trial import test_run
+
+        test_run(config, args.test_run)
+    elif args.command == "train":
+        from bigearthnet_tf.train import train
+
+        train(config)
+    else:
+        from bigearthnet_tf.evaluate import evaluate
+
+        evaluate(config, overwrite=args.overwrite)
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from bigearthnet_tf.config import load_config
-    from bigearthnet_tf.evaluate import evaluate
+def _config(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.config import format_key_docs, load_config
 
-    evaluate(load_config(args.config, purpose="evaluate"))
+    if args.action == "keys":
+        print(format_key_docs())
+        return
+    if args.config is None:
+        raise UserError("bigearthnet config show needs a CONFIG file")
+    config = load_config(args.config, purpose=args.purpose, overrides=args.set)
+    print(json.dumps(config.to_dict(), indent=2))
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -83,6 +113,7 @@ def _stats(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from bigearthnet_tf.predict import predict, tune_thresholds
 
+    split_files, official = split_choice(args)
     if args.choose_thresholds:
         tune_thresholds(args.model, args.choose_thresholds, batch_size=args.batch_size)
         if not (args.patch_folders or args.archive):
@@ -91,8 +122,9 @@ def _predict(args: argparse.Namespace) -> None:
         args.model,
         args.patch_folders,
         archive=args.archive,
-        split_files=args.splits,
-        official_splits=args.official,
+        split_files=split_files,
+        official_splits=official,
+        split=args.split,
         s1_root=args.s1_root,
         out=args.out,
         overwrite=args.overwrite,
@@ -142,65 +174,133 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bigearthnet",
         description="Prepare BigEarthNet archives and train, evaluate and apply classifiers on them.",
+        epilog="example: bigearthnet demo    (each command has --help)",
     )
+    parser.add_argument("--version", action="version", version=f"bigearthnet-tf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prep = commands.add_parser("prepare", help="convert an archive into TFRecord files")
-    add_prepare_arguments(prep)
-    prep.set_defaults(run=_prepare)
+    def command(name: str, summary: str, example: str, run, description: str = "", group=commands):
+        """A subcommand with a description, its defaults in --help, and an example."""
+        sub = group.add_parser(
+            name,
+            help=summary,
+            description=description or summary[0].upper() + summary[1:] + ".",
+            epilog=f"example: {example}",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        sub.set_defaults(run=run)
+        return sub
 
-    synth = commands.add_parser("synth", help="write a learnable synthetic archive in the real layout")
+    prep = command(
+        "prepare",
+        "convert an archive into TFRecord files (as the 2019 prep_splits.py)",
+        "bigearthnet prepare -r BigEarthNet-v1.0 -o prepared --splits official",
+        _prepare,
+    )
+    add_prepare_arguments(prep)
+
+    synth = command(
+        "synth",
+        "write a learnable synthetic archive in the real layout",
+        "bigearthnet synth --out synthetic --patches 600 --version 2 --s1",
+        _synth,
+    )
     synth.add_argument("--out", type=Path, required=True, help="folder to create")
-    synth.add_argument("--patches", type=int, default=600, help="number of patches (default 600)")
+    synth.add_argument("--patches", type=int, default=600, help="number of patches")
     synth.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
     synth.add_argument("--version", type=int, choices=(1, 2), default=1, help="archive layout version")
     synth.add_argument("--s1", action="store_true", help="also write the matching Sentinel-1 patches")
-    synth.set_defaults(run=_synth)
 
-    examples = commands.add_parser("examples", help="extract the six real example patches")
+    examples = command(
+        "examples",
+        "extract the six real example patches of bigearthnet-common",
+        "bigearthnet examples --out examples",
+        _examples,
+    )
     examples.add_argument("--out", type=Path, default=None, help="folder (default: the user cache)")
-    examples.set_defaults(run=_examples)
 
-    for name, run, help_text in (
-        ("train", _train, "train a model from a JSON config (as the 2019 train.py)"),
-        ("evaluate", _evaluate, "evaluate a model from a JSON config (as the 2019 eval.py)"),
+    for name, summary, example in (
+        (
+            "train",
+            "train a model from a JSON config (as the 2019 train.py)",
+            "bigearthnet train configs/ResNet50-BigEarthNet-19.json --set batch_size=64 --set nb_epoch=10",
+        ),
+        (
+            "evaluate",
+            "evaluate a model from a JSON config (as the 2019 eval.py)",
+            "bigearthnet evaluate configs/ResNet50-BigEarthNet-19.json --set model_file=runs/r50",
+        ),
     ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("config", type=Path, help="JSON configuration file")
-        command.set_defaults(run=run)
+        run = command(
+            name,
+            summary,
+            example,
+            _run_config,
+            summary[0].upper() + summary[1:] + "; keys: bigearthnet config keys.",
+        )
+        add_config_arguments(run)
+        if name == "evaluate":
+            run.add_argument(
+                "--overwrite", action="store_true", help="replace the results of the same checkpoint and data"
+            )
 
-    models = commands.add_parser(
+    config_command = command(
+        "config",
+        "list the config keys, or print a resolved config",
+        "bigearthnet config show configs/ResNet50-BigEarthNet-19.json --set batch_size=64",
+        _config,
+        "List every config key with its type, default and meaning (keys), or print the config a file "
+        "and --set overrides resolve to (show).",
+    )
+    config_command.add_argument(
+        "action", choices=("keys", "show"), help="keys: every key; show: CONFIG resolved"
+    )
+    config_command.add_argument("config", type=Path, nargs="?", help="JSON configuration file (show)")
+    config_command.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key (repeatable)"
+    )
+    config_command.add_argument(
+        "--purpose", choices=("train", "evaluate"), default="train", help="resolve for training or evaluation"
+    )
+
+    models = command(
         "models",
-        help="list the registered models (and their sizes)",
-        description="List the registered model names; with --parameters, build each to count its weights.",
-        epilog="example: bigearthnet models ResNet50 VGG16 --parameters",
+        "list the registered models (and their sizes)",
+        "bigearthnet models ResNet50 VGG16 --parameters",
+        _models,
+        "List the registered model names; with --parameters, build each to count its weights.",
     )
     models.add_argument("names", nargs="*", help="only these models (default: all)")
-    models.add_argument(
-        "--parameters", action="store_true", help="build each model and count its parameters (slower)"
-    )
+    models.add_argument("--parameters", action="store_true", help="build each model and count its parameters")
     models.add_argument("--label-type", default="BigEarthNet-19", help="original or BigEarthNet-19")
     models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    models.set_defaults(run=_models)
 
-    stats = commands.add_parser("stats", help="per-band mean and std of prepared records, as a JSON file")
+    stats = command(
+        "stats",
+        "per-band mean and std of prepared records, as a JSON file",
+        "bigearthnet stats prepared/train-*.tfrecord --out stats.json",
+        _stats,
+    )
     stats.add_argument("files", nargs="+", help="TFRecord files, globs or folders (e.g. a split's shards)")
     stats.add_argument("--out", type=Path, required=True, help="statistics file to write (.json)")
     stats.add_argument(
         "--modality", choices=("S2", "S1", "MM"), default=None, help="bands (default: all the files hold)"
     )
     stats.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
-    stats.set_defaults(run=_stats)
 
-    predict = commands.add_parser("predict", help="apply a trained model to patch folders or an archive")
-    predict.add_argument("patch_folders", nargs="*", type=Path, help="S2 patch folders (v1 or v2 layout)")
-    predict.add_argument(
-        "--model", required=True, help="checkpoint (base name, e.g. out/models/best), out_dir, or .keras"
+    predict = command(
+        "predict",
+        "apply a trained model to patch folders or an archive",
+        "bigearthnet predict patches/*/ --model runs/r50/models/best --out predictions.csv",
+        _predict,
     )
+    predict.add_argument("patch_folders", nargs="*", type=Path, help="S2 patch folders (v1 or v2 layout)")
+    predict.add_argument("--model", required=True, help=MODEL_FORMS)
     predict.add_argument("--archive", type=Path, default=None, help="archive root, instead of patch folders")
-    predict_splits = predict.add_mutually_exclusive_group()
-    predict_splits.add_argument("--splits", nargs="+", type=Path, help="with --archive: split CSV files")
-    predict_splits.add_argument("--official", action="store_true", help="with --archive: the official splits")
+    add_split_arguments(predict, "with --archive: ")
+    predict.add_argument(
+        "--split", default=None, help="with --archive and --splits: only the split of this name (e.g. test)"
+    )
     predict.add_argument("--s1-root", type=Path, default=None, help="Sentinel-1 root (models reading S1)")
     predict.add_argument(
         "--out", type=Path, default=None, help="output .csv or .json (default: CSV on stdout)"
@@ -219,45 +319,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RECORDS",
         help="validation TFRecords: choose per-class thresholds (max F1) and store them with the checkpoint",
     )
-    predict.add_argument("--batch-size", type=int, default=64, help="patches per model call (default 64)")
+    predict.add_argument("--batch-size", type=int, default=64, help="patches per model call")
     predict.add_argument("--workers", type=int, default=None, help="reading threads (default: 2 per core)")
     predict.add_argument("--skip-bad", action="store_true", help="skip unreadable patches and list them")
-    predict.set_defaults(run=_predict)
 
-    export = commands.add_parser("export", help="export a model (raw bands in, probabilities out)")
-    export.add_argument(
-        "--model", required=True, help="checkpoint (base name, e.g. out/models/best) or .keras"
+    export = command(
+        "export",
+        "export a model (raw bands in, probabilities out)",
+        "bigearthnet export --model runs/r50/models/best --format onnx --out r50.onnx",
+        _export,
     )
+    export.add_argument("--model", required=True, help=MODEL_FORMS)
     export.add_argument("--format", required=True, choices=("saved_model", "onnx", "keras"), help="format")
     export.add_argument("--out", type=Path, required=True, help="SavedModel folder, .onnx or .keras file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    export.set_defaults(run=_export)
 
-    importer = commands.add_parser("import", help="turn pretrained weights into a checkpoint of ours")
+    importer = commands.add_parser(
+        "import",
+        help="turn pretrained weights into a checkpoint of ours",
+        description="Import pretrained weights: a 2019 TF1 checkpoint (tf1) or a reBEN model (reben).",
+        epilog="example: bigearthnet import reben hf://BIFOLD-BigEarthNetv2-0/resnet50-all-v0.2.0 --out r50",
+    )
     sources = importer.add_subparsers(dest="source_kind", required=True, metavar="SOURCE_KIND")
-    tf1 = sources.add_parser(
+    tf1 = command(
         "tf1",
-        help="a 2019 TF1 checkpoint (model_file base name)",
-        description="Import a checkpoint of the 2019 BigEarthNet TF1 code (TF-Slim ResNet/VGG, K-BranchCNN).",
-        epilog="example: bigearthnet import tf1 ResNet50/iteration-6000 --model ResNet50 "
-        "--label-type BigEarthNet-19 --out imported/models/iteration-6000",
+        "a 2019 TF1 checkpoint (model_file base name)",
+        "bigearthnet import tf1 ResNet50/iteration-6000 --model ResNet50 --label-type BigEarthNet-19 "
+        "--out imported/models/iteration-6000",
+        _import_tf1,
+        "Import a checkpoint of the 2019 BigEarthNet TF1 code (TF-Slim ResNet/VGG, K-BranchCNN).",
+        group=sources,
     )
     tf1.add_argument("checkpoint", help="the 2019 model_file base name, e.g. ResNet50/iteration-6000")
     tf1.add_argument("--model", required=True, help="registered model name, e.g. ResNet50 or K-BranchCNN")
     tf1.add_argument("--label-type", required=True, help="original (43 classes) or BigEarthNet-19")
     tf1.add_argument("--out", type=Path, required=True, help="base name of the checkpoint to write")
     tf1.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
-    tf1.set_defaults(run=_import_tf1)
-    reben = sources.add_parser(
+    reben = command(
         "reben",
-        help="a reBEN (BigEarthNet v2.0) pretrained model: folder, hub cache or hf://",
-        description="Import a reBEN model (BIFOLD-BigEarthNetv2-0 on the Hugging Face hub) into Keras.",
-        epilog="example: bigearthnet import reben hf://BIFOLD-BigEarthNetv2-0/resnet50-all-v0.2.0 "
-        "--out reben/resnet50-all",
+        "a reBEN (BigEarthNet v2.0) pretrained model: folder, hub cache or hf://",
+        "bigearthnet import reben hf://BIFOLD-BigEarthNetv2-0/resnet50-all-v0.2.0 --out reben/resnet50-all",
+        _import_reben,
+        "Import a reBEN model (BIFOLD-BigEarthNetv2-0 on the Hugging Face hub) into Keras.",
+        group=sources,
     )
     reben.add_argument(
-        "source",
-        help="a folder with config.json and model.safetensors, a hub cache folder, or hf://ORG/NAME",
+        "source", help="a folder with config.json and model.safetensors, a hub cache folder, or hf://ORG/NAME"
     )
     reben.add_argument("--out", type=Path, required=True, help="base name of the checkpoint to write")
     reben.add_argument(
@@ -267,30 +374,77 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights version (decides the band order); default: read from the repository name",
     )
     reben.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
-    reben.set_defaults(run=_import_reben)
 
-    demo = commands.add_parser("demo", help="synthesise, prepare, train and evaluate end to end")
+    demo = command(
+        "demo",
+        "synthesise, prepare, train and evaluate end to end",
+        "bigearthnet demo --out demo",
+        _demo,
+        "Synthesise an archive in the real layout (plus the six real example patches), prepare it, train "
+        "and evaluate a small model; an interrupted demo continues when run again with the same --out.",
+    )
     demo.add_argument("--out", type=Path, default=None, help="output folder (default: a new one here)")
-    demo.set_defaults(run=_demo)
     return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `train` and `evaluate` (and of the 2019 train.py / eval.py)."""
+    parser.add_argument("config", type=Path, help="JSON configuration file (the 2019 keys and more)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, checked as in the file (repeatable; VALUE is JSON or a plain string)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help='continue from the newest checkpoint (as "resume": "auto")'
+    )
+    parser.add_argument(
+        "--test-run",
+        nargs="?",
+        type=int,
+        const=DEFAULT_TEST_RUN_BATCHES,
+        default=None,
+        metavar="N",
+        help=f"run N batches (default {DEFAULT_TEST_RUN_BATCHES}) of training and evaluation in a temporary "
+        "folder, report the time per iteration, keep nothing",
+    )
+
+
+def add_split_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """`-n/--splits CSV [CSV ...]` or `--splits official` (`--official` is kept as an alias)."""
+    parser.add_argument(
+        "-n",
+        "--splits",
+        nargs="+",
+        metavar="CSV|official",
+        default=None,
+        help=f"{prefix}split CSV files (each file's base name names its split), or `official`: the "
+        "official splits (v1: bigearthnet-common's lists; v2: the metadata parquet)",
+    )
+    parser.add_argument("--official", action="store_true", help=argparse.SUPPRESS)  # = --splits official
+
+
+def split_choice(args: argparse.Namespace) -> tuple[list[Path] | None, bool]:
+    """(split CSV files, official) from `--splits`; `official` may not be mixed with files."""
+    values = args.splits or []
+    official = args.official or "official" in values
+    if official and (len(values) > 1 or (args.official and values)):
+        raise UserError("--splits takes either split CSV files or `official`, not both")
+    return (None if official or not values else [Path(value) for value in values]), official
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `prepare`; the 2019 prep_splits.py flags keep their names."""
-    parser.add_argument("-r", "--root_folder", "--root", type=Path, required=True, help="archive root")
+    parser.add_argument("-r", "--root_folder", "--root", type=Path, required=True, help="archive root folder")
     parser.add_argument("-o", "--out_folder", "--out", type=Path, required=True, help="output folder")
-    splits = parser.add_mutually_exclusive_group(required=True)
-    splits.add_argument(
-        "-n", "--splits", nargs="+", type=Path, help="split CSV files; each file's base name names its split"
-    )
-    splits.add_argument(
-        "--official",
-        action="store_true",
-        help="use the official splits (v1: bigearthnet-common; v2: parquet)",
-    )
+    add_split_arguments(parser)
     parser.add_argument("--format", choices=("default", "legacy"), default="default", help="record format")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    parser.add_argument("--shard-size", type=int, default=None, help="patches per shard (default format)")
+    parser.add_argument(
+        "--shard-size", type=int, default=None, help="patches per shard, default format (default: 512)"
+    )
     parser.add_argument(
         "--exclude-snow-cloud",
         action="store_true",
@@ -308,14 +462,10 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bigearthnet` console command."""
     argv = sys.argv[1:] if argv is None else argv
-    # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise to a user; errors stay.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # `--splits official` is the documented spelling; argparse sees it as a flag.
-    if "official" in argv and ("--splits" in argv or "-n" in argv):
-        at = argv.index("official")
-        if argv[at - 1] in ("--splits", "-n"):
-            argv = [*argv[: at - 1], "--official", *argv[at + 1 :]]
     args = build_parser().parse_args(argv)
+    if args.command not in WITHOUT_TENSORFLOW:
+        # TensorFlow's start-up chatter (absl, oneDNN, cuInit without a GPU) is noise to a user.
+        import_tensorflow_quietly()
     try:
         args.run(args)
     except UserError as error:

@@ -5,49 +5,9 @@ behaviour. `load_config(path, purpose)` reads a file, checks every key and retur
 raises `ConfigError` (exit code 2 on the command line) with one line naming the file, the key and the
 value at fault.
 
-2019 keys
----------
-| key | type | default | meaning |
-|---|---|---|---|
-| `model_name` | str | train: required | a name in the model registry (`bigearthnet models`) |
-| `label_type` | str | train: required | `original` (43 classes) or `BigEarthNet-19` |
-| `batch_size` | int | required | the global batch (all replicas together) |
-| `nb_epoch` | int | train: required | passes over the training files |
-| `learning_rate` | float | train: required | (initial) learning rate of Adam |
-| `out_dir` | path | required | logs, checkpoints (`out_dir/models/iteration-<N>`) and results |
-| `save_checkpoint_after_iteration` | int | 0 | no periodic checkpoint before this iteration |
-| `save_checkpoint_per_iteration` | int | none | a checkpoint when `N % value == 0` (none: final only) |
-| `tr_tf_record_files` | files | train: required | training TFRecords |
-| `val_tf_record_files` | files | none | validation TFRecords (validated every epoch when given) |
-| `test_tf_record_files` | files | evaluate: required | test TFRecords |
-| `fine_tune` | bool | false | start training from `model_file` |
-| `model_file` | str | evaluate: required | a checkpoint base name, e.g. `out/models/iteration-600` |
-| `shuffle_buffer_size` | int | 130000 | records shuffled (memory-capped by the input pipeline) |
-| `training_size` | int | none | size of the training set: progress total, checked against the files |
-| `test_size` | int | none | size of the test set: progress total, checked against the files |
-| `modality` | str | `S2` | `S2`, `S1` (VV, VH) or `MM` (S2 then S1) |
-
-New keys
---------
-| key | type | default | meaning |
-|---|---|---|---|
-| `seed` | int | 42 | seeds Python, NumPy, TensorFlow, Keras and the data order |
-| `distribution` | str | `auto` | `auto`, `mirrored`, `multi_worker` (`TF_CONFIG`) or `none` |
-| `resume` | str | `never` | `auto`: continue from the newest complete checkpoint in `out_dir/models` |
-| `mixed_precision` | bool | false | bfloat16 compute on CPU, float16 with loss scaling on GPU |
-| `jit_compile` | bool | false | compile the training step with XLA |
-| `statistics_file` | path | none | a `bigearthnet stats` file; its bands override the v1 statistics |
-| `skip_corrupt_records` | bool | false | skip (and count) unreadable records instead of failing |
-| `threshold` | float | 0.5 | probability at which a class counts as predicted (metrics) |
-| `optimizer` | str | `adam` | `adam` (2019) or `adamw` |
-| `weight_decay` | float | 0.0 | decoupled weight decay (`adamw` only) |
-| `lr_schedule` | str | `constant` | `constant` (2019) or `cosine` (decay to 0 over the run) |
-| `warmup_iterations` | int | 0 | linear warm-up from 0 to `learning_rate` over this many iterations |
-| `augmentation` | bool | false | random flips and 90-degree rotations of the training patches |
-| `early_stopping_patience` | int | none | stop after this many validations without a better macro AP |
-| `dropout` | float | model's | head dropout, for models that take it (EfficientNetV2-S, ConvNeXt, ViT) |
-| `drop_path_rate` | float | model's | stochastic depth of models that take it (same models) |
-| `upsampling` | str | model's | ResNet/VGG 20 m band kernel: `tf1_bicubic` (2019, default), `tf2_bicubic` |
+Every key, with its type, default and meaning, is in `KEY_DOCS` below (`bigearthnet config keys`
+prints it; 2019 keys are marked). On the command line, `--set KEY=VALUE` overrides a key of the file
+(VALUE is read as JSON when it parses, else as a string) and is checked exactly like it.
 
 Paths
 -----
@@ -71,15 +31,15 @@ import glob
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bigearthnet_tf.constants import LABEL_TYPES, UPSAMPLING_KERNELS
+from bigearthnet_tf.constants import DEFAULT_THRESHOLD, LABEL_TYPES, UPSAMPLING_KERNELS
 from bigearthnet_tf.errors import ConfigError, UserError
+from bigearthnet_tf.files import write_text_atomically
 from bigearthnet_tf.jsonfiles import json_type, read_json_object
 
 TRAIN = "train"
@@ -92,14 +52,214 @@ RESUME_MODES: tuple[str, ...] = ("never", "auto")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
+STORED_THRESHOLDS = "stored"  # "thresholds": the ones `predict --choose-thresholds` stored
 DEFAULT_SEED = 42  # the 2019 SEED
 SEED_MAX = 2**32 - 1  # NumPy's seed range
 INT64_MAX = 2**63 - 1
 DEFAULT_SHUFFLE_BUFFER = 130_000  # what every 2019 config used
-DEFAULT_THRESHOLD = 0.5
+MAX_SUGGESTED_KEY_LENGTH = 100
+SHOWN_LENGTH = 80  # characters of a bad value echoed in an error message
 RECORD_SUFFIX = ".tfrecord"  # what a folder entry of a file list expands to
 
 SAVED_CONFIG_NAMES = MappingProxyType({TRAIN: "config.json", EVALUATE: "eval_config.json"})
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """What `bigearthnet config keys` says of one key."""
+
+    key: str
+    type: str
+    default: str
+    meaning: str
+    from_2019: bool  # a key of the 2019 README
+
+
+KEY_DOCS: tuple[KeyDoc, ...] = tuple(
+    [
+        KeyDoc(
+            "model_name",
+            "str",
+            "train: required",
+            "a name in the model registry (`bigearthnet models`)",
+            True,
+        ),
+        KeyDoc("label_type", "str", "train: required", "`original` (43 classes) or `BigEarthNet-19`", True),
+        KeyDoc("batch_size", "int", "required", "the global batch (all replicas together)", True),
+        KeyDoc("nb_epoch", "int", "train: required", "passes over the training files", True),
+        KeyDoc("learning_rate", "float", "train: required", "(initial) learning rate of Adam", True),
+        KeyDoc(
+            "out_dir",
+            "path",
+            "required",
+            "logs, checkpoints (`out_dir/models/iteration-<N>`) and results",
+            True,
+        ),
+        KeyDoc(
+            "save_checkpoint_after_iteration",
+            "int",
+            "0",
+            "no periodic checkpoint before this iteration",
+            True,
+        ),
+        KeyDoc(
+            "save_checkpoint_per_iteration",
+            "int",
+            "none",
+            "a checkpoint when `N % value == 0` (none: final only)",
+            True,
+        ),
+        KeyDoc("tr_tf_record_files", "files", "train: required", "training TFRecords", True),
+        KeyDoc(
+            "val_tf_record_files",
+            "files",
+            "none",
+            "validation TFRecords (validated every epoch when given)",
+            True,
+        ),
+        KeyDoc("test_tf_record_files", "files", "evaluate: required", "test TFRecords", True),
+        KeyDoc("fine_tune", "bool", "false", "start training from `model_file`", True),
+        KeyDoc(
+            "model_file",
+            "str",
+            "evaluate: required",
+            "a checkpoint base name, e.g. `out/models/iteration-600`",
+            True,
+        ),
+        KeyDoc(
+            "shuffle_buffer_size",
+            "int",
+            "130000",
+            "records shuffled (memory-capped by the input pipeline)",
+            True,
+        ),
+        KeyDoc(
+            "training_size",
+            "int",
+            "none",
+            "size of the training set: progress total, checked against the files",
+            True,
+        ),
+        KeyDoc(
+            "test_size",
+            "int",
+            "none",
+            "size of the test set: progress total, checked against the files",
+            True,
+        ),
+        KeyDoc("modality", "str", "`S2`", "`S2`, `S1` (VV, VH) or `MM` (S2 then S1)", True),
+        KeyDoc("seed", "int", "42", "seeds Python, NumPy, TensorFlow, Keras and the data order", False),
+        KeyDoc(
+            "distribution",
+            "str",
+            "`auto`",
+            "`auto`, `mirrored`, `multi_worker` (`TF_CONFIG`) or `none`",
+            False,
+        ),
+        KeyDoc(
+            "resume",
+            "str",
+            "`never`",
+            "`auto`: continue from the newest complete checkpoint in `out_dir/models`",
+            False,
+        ),
+        KeyDoc(
+            "mixed_precision",
+            "bool",
+            "false",
+            "bfloat16 compute on CPU, float16 with loss scaling on GPU",
+            False,
+        ),
+        KeyDoc("jit_compile", "bool", "false", "compile the training step with XLA", False),
+        KeyDoc(
+            "statistics_file",
+            "path",
+            "none",
+            "a `bigearthnet stats` file; its bands override the v1 statistics",
+            False,
+        ),
+        KeyDoc(
+            "skip_corrupt_records",
+            "bool",
+            "false",
+            "skip (and count) unreadable records instead of failing",
+            False,
+        ),
+        KeyDoc(
+            "threshold", "float", "0.5", "probability at which a class counts as predicted (metrics)", False
+        ),
+        KeyDoc("optimizer", "str", "`adam`", "`adam` (2019) or `adamw`", False),
+        KeyDoc("weight_decay", "float", "0.0", "decoupled weight decay (`adamw` only)", False),
+        KeyDoc(
+            "lr_schedule",
+            "str",
+            "`constant`",
+            "`constant` (2019) or `cosine` (decay to 0 over the run)",
+            False,
+        ),
+        KeyDoc(
+            "warmup_iterations",
+            "int",
+            "0",
+            "linear warm-up from 0 to `learning_rate` over this many iterations",
+            False,
+        ),
+        KeyDoc(
+            "augmentation",
+            "bool",
+            "false",
+            "random flips and 90-degree rotations of the training patches",
+            False,
+        ),
+        KeyDoc(
+            "early_stopping_patience",
+            "int",
+            "none",
+            "stop after this many validations without a better macro AP",
+            False,
+        ),
+        KeyDoc(
+            "dropout",
+            "float",
+            "model's",
+            "head dropout, for models that take it (EfficientNetV2-S, ConvNeXt, ViT)",
+            False,
+        ),
+        KeyDoc(
+            "drop_path_rate",
+            "float",
+            "model's",
+            "stochastic depth of models that take it (same models)",
+            False,
+        ),
+        KeyDoc(
+            "upsampling",
+            "str",
+            "model's",
+            "ResNet/VGG 20 m band kernel: `tf1_bicubic` (2019, default), `tf2_bicubic`",
+            False,
+        ),
+        KeyDoc(
+            "thresholds",
+            "str",
+            "none",
+            "evaluate with per-class thresholds: `stored` (beside the checkpoint) or a JSON file",
+            False,
+        ),
+    ]
+)
+
+
+def format_key_docs() -> str:
+    """`bigearthnet config keys`: one row per key (2019 keys marked), as an aligned text table."""
+    rows = [("key", "type", "default", "2019", "meaning")]
+    rows += [(d.key, d.type, d.default, "yes" if d.from_2019 else "", d.meaning) for d in KEY_DOCS]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in rows
+    )
+
 
 # Names people plausibly write for a key, where difflib's spelling distance would not find it.
 KEY_HINTS = MappingProxyType(
@@ -153,11 +313,14 @@ class Config:
     dropout: float | None = None
     drop_path_rate: float | None = None
     upsampling: str | None = None
+    thresholds: str | None = None
     # Where the config came from; not keys.
     purpose: str = dataclasses.field(default=TRAIN, compare=False)
     source: Path | None = dataclasses.field(default=None, compare=False)
     statistics: Mapping[str, tuple[float, float]] | None = dataclasses.field(default=None, compare=False)
     given_keys: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)  # set in the file
+    # A test run (`--test-run N`): at most N training iterations, validation and evaluation batches.
+    max_batches: int | None = dataclasses.field(default=None, compare=False)
 
     def given(self, key: str) -> bool:
         """True when the file set `key` (to a non-null value), as opposed to it taking its default."""
@@ -181,7 +344,7 @@ class Config:
         return self.out_dir / SAVED_CONFIG_NAMES[self.purpose]
 
 
-_NOT_A_KEY = {"purpose", "source", "statistics", "given_keys"}
+_NOT_A_KEY = {"purpose", "source", "statistics", "given_keys", "max_batches"}
 KEY_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name not in _NOT_A_KEY)
 
 
@@ -238,9 +401,11 @@ _RULES: Mapping[str, _Rule] = MappingProxyType(
         "dropout": _Rule("float", minimum=0, maximum=0.99),
         "drop_path_rate": _Rule("float", minimum=0, maximum=0.99),
         "upsampling": _Rule("choice", choices=UPSAMPLING_KERNELS),
+        "thresholds": _Rule("thresholds"),
     }
 )
 assert set(_RULES) == set(KEY_NAMES), "every Config key needs a rule"
+assert sorted(doc.key for doc in KEY_DOCS) == sorted(KEY_NAMES), "every Config key needs one KEY_DOCS row"
 
 # Which file lists each purpose reads (and therefore resolves at load time).
 _FILES_READ = MappingProxyType(
@@ -253,13 +418,31 @@ _FILES_READ = MappingProxyType(
 # --------------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str], purpose: str = TRAIN) -> Config:
-    """Read, check and resolve the JSON config at `path` for `purpose` (`train` or `evaluate`)."""
+def load_config(path: str | os.PathLike[str], purpose: str = TRAIN, overrides: Sequence[str] = ()) -> Config:
+    """Read, check and resolve the JSON config at `path` for `purpose` (`train` or `evaluate`).
+
+    `overrides` are `KEY=VALUE` texts (the command line's `--set`) laid over the file's keys first.
+    """
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
     source = Path(path)
     raw = _read_json_object(source)
-    return config_from_dict(raw, purpose, source=source)
+    changes = dict(parse_override(text) for text in overrides)
+    _reject_unknown_keys(changes, "--set")
+    return config_from_dict({**raw, **changes}, purpose, source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` as (key, value): VALUE as JSON when it parses (numbers, true, null, lists, quoted
+    strings), else as the plain string (`--set model_name=ResNet50`)."""
+    key, separator, value = text.partition("=")
+    if not separator or not key.strip():
+        raise ConfigError(f"--set {_show(text)}: expected KEY=VALUE, e.g. --set batch_size=32")
+    try:
+        parsed = json.loads(value, parse_constant=lambda name: name)  # NaN stays a string: refused later
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def config_from_dict(raw: Mapping[str, Any], purpose: str = TRAIN, source: Path | None = None) -> Config:
@@ -284,6 +467,8 @@ def config_from_dict(raw: Mapping[str, Any], purpose: str = TRAIN, source: Path 
     for name in _FILES_READ[purpose]:
         if name in values:
             values[name] = checker.resolve_files(name, values[name])
+    if purpose == EVALUATE and values.get("thresholds") not in (None, STORED_THRESHOLDS):
+        values["thresholds"] = str(checker.resolve_input_path("thresholds", values["thresholds"]))
     if "model_file" in values and (purpose == EVALUATE or values.get("fine_tune")):
         values["model_file"] = checker.resolve_model_file(values["model_file"])
     statistics = None
@@ -336,34 +521,6 @@ def read_statistics_file(path: str | os.PathLike[str]) -> dict[str, tuple[float,
         raise ConfigError(f"statistics_file: {error}") from None
 
 
-def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
-
-    Readers see the old file or the new one, never a partial one, even if the process dies mid-write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        make_readable(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def make_readable(path: str | os.PathLike[str]) -> None:
-    """Give a file from `tempfile.mkstemp` (mode 0600) the permissions a plain `open` would: 0666 - umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading and checking
 # --------------------------------------------------------------------------------------------------
@@ -378,11 +535,14 @@ def _reject_unknown_keys(raw: Mapping[str, Any], where: str) -> None:
     for key in raw:
         if key in _RULES:
             continue
+        # Spelling suggestions only for key-sized strings: difflib is slow and memory-hungry on huge ones.
+        plausible = len(str(key)) <= MAX_SUGGESTED_KEY_LENGTH
         hint = KEY_HINTS.get(str(key).lower()) or next(
-            iter(difflib.get_close_matches(str(key), KEY_NAMES, n=1, cutoff=0.6)), None
+            iter(difflib.get_close_matches(str(key), KEY_NAMES, n=1, cutoff=0.6) if plausible else ()), None
         )
         suggestion = f" (did you mean {hint!r}?)" if hint else ""
-        raise ConfigError(f"{where}: unknown key {key!r}{suggestion}")
+        shown = repr(key) if len(str(key)) <= SHOWN_LENGTH else repr(str(key)[:SHOWN_LENGTH]) + "..."
+        raise ConfigError(f"{where}: unknown key {shown}{suggestion}")
 
 
 def _check_combinations(values: Mapping[str, Any], where: str, purpose: str) -> None:
@@ -407,11 +567,13 @@ def _is_number(value: Any) -> bool:
 
 def _show(value: Any) -> str:
     """A value as the user wrote it in JSON, shortened for a one-line message."""
+    if isinstance(value, str) and len(value) > SHOWN_LENGTH:
+        value = value[:SHOWN_LENGTH]  # never serialise a huge value only to cut it
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):
         text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= SHOWN_LENGTH else text[: SHOWN_LENGTH - 3] + "..."
 
 
 class _Checker:
@@ -434,6 +596,7 @@ class _Checker:
             "choice": self._choice,
             "files": self._files,
             "input_path": self._path_text,
+            "thresholds": self._path_text,
             "output_path": self._output_path,
             "model": self._model,
         }
@@ -589,13 +752,22 @@ class _Checker:
         raise ConfigError(f"{self.where}: key {name!r}: no such file: {value!r}{self._looked_in(entry)}")
 
     def resolve_model_file(self, value: str) -> str:
-        """The checkpoint base name (or `.keras` file) as an absolute path, if any of its files exist."""
+        """The checkpoint that `value` means (`checkpoints.resolve_checkpoint`: a base name, one of its
+        files, a run folder or a `.keras` file), as an absolute path; relative values are looked up in
+        the working directory, then beside the config file."""
+        from bigearthnet_tf.checkpoints import checkpoint_listing, resolve_checkpoint
+
         entry = os.path.expanduser(value)
         candidates = [Path(entry)] if os.path.isabs(entry) else [base / entry for base in self._bases()]
         for candidate in candidates:
-            if candidate.is_file() or any(candidate.parent.glob(glob.escape(candidate.name) + ".*")):
-                return str(candidate.absolute())
+            if candidate.exists() or any(candidate.parent.glob(glob.escape(candidate.name) + ".*")):
+                try:
+                    return str(resolve_checkpoint(candidate).absolute())
+                except UserError as error:
+                    raise ConfigError(f"{self.where}: key 'model_file': {error}") from None
+        name = Path(value).name
         raise ConfigError(
             f"{self.where}: key 'model_file': no checkpoint {value!r} (expected files such as "
-            f"{Path(value).name}.json and {Path(value).name}.weights.h5){self._looked_in(entry)}"
+            f"{name}.json and {name}.weights.h5){checkpoint_listing(candidates[0].parent)}"
+            f"{self._looked_in(entry)}"
         )

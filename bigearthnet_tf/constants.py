@@ -52,6 +52,8 @@ RGB_NIR_SWIR_BANDS: tuple[str, ...] = ("B04", "B03", "B02", "B08", *BANDS_20M)
 
 PATCH_SIZE = 120  # pixels per side at 10 m
 
+DEFAULT_THRESHOLD = 0.5  # 2019: a class is predicted when its sigmoid probability is >= 0.5
+
 # Kernels that upsample the 20 m bands to 120x120 (a model option; see models.preprocessing).
 TF1_BICUBIC = "tf1_bicubic"  # the 2019 graph's tf.image.resize_bicubic (TF1 legacy op)
 TF2_BICUBIC = "tf2_bicubic"  # tf.image.resize(..., "bicubic"): half-pixel centres

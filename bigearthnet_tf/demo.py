@@ -37,6 +37,7 @@ class DemoResult:
     run: Path
     config: Path
     metrics: dict
+    evaluation: Path  # the evaluation's results folder (eval_result.json, predictions.csv, the chart)
 
 
 def default_demo_folder(parent: Path | None = None) -> Path:
@@ -145,4 +146,4 @@ def run_demo(
         f"  micro F1 {metrics['micro_f1_score']:.3f} · macro AP {metrics['macro_average_precision']:.3f}"
         f" · micro AP {metrics['micro_average_precision']:.3f}"
     )
-    return DemoResult(out, archive, records, run, config_path, metrics)
+    return DemoResult(out, archive, records, run, config_path, metrics, evaluation.eval_result.parent)

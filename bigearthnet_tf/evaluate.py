@@ -3,17 +3,23 @@
 Steps: restore `model_file` (a checkpoint base name, verified, rebuilt through the registry; or an
 exported `.keras` file opened in safe mode); run it over every record of `test_tf_record_files`,
 keeping every probability (metrics are computed once over the whole set, never averaged per batch);
-then write into `out_dir`:
+then write one folder per evaluation, `out_dir/eval/<checkpoint>-<data>/` (e.g. `eval/best-test/`):
 
 - `eval_result.json`: every metric of `metrics.compute_metrics` under its 2019 name, plus micro and
   macro average precision; JSON numbers only, never NaN (zero-denominator cases are defined there);
 - `predictions.csv`: `patch_name`, one column per class (named by the class name) with the sigmoid
   probability at 8 decimals, then `true:<class name>` columns with 0/1, one row per patch in file order;
-- `per_class_metrics.png`: per-class F1 and AP;
-- `eval_config.json`: the resolved evaluation config (`config.json` stays the training run's);
+- `per_class_metrics.png`: per-class F1 and AP, naming the checkpoint, the data and the thresholds;
+- `thresholds.json`: the threshold of each class and where it came from;
+- `eval_config.json`: the resolved evaluation config that made these results;
 
-and print the metrics table. Outputs are derived data: each run regenerates them (atomically, so an
-interrupted run leaves the previous files intact), and says so when it replaces earlier ones.
+and print the metrics table. The folder is written under a temporary name and renamed into place as a
+whole, so a kill leaves the complete earlier results or the complete new ones. An existing folder of
+the same name is never replaced without `overwrite`: the new results go to `<name>-2`, `-3`, ...
+`out_dir/eval_result.json`, the 2019 file, is also written: the newest evaluation's metrics.
+
+Thresholds: the config's `threshold` for every class, or per class with `"thresholds": "stored"` (those
+`predict --choose-thresholds` stored beside the checkpoint, refused for other weights) or a JSON file.
 
 The class names, label type, modality and bands come from the checkpoint; keys set in the config
 (`label_type`, `modality`, `model_name`) must agree with it.
@@ -26,8 +32,10 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,28 +44,28 @@ import numpy as np
 from rich.console import Console
 
 from bigearthnet_tf import checkpoints
-from bigearthnet_tf.config import Config, make_readable, save_config, write_text_atomically
+from bigearthnet_tf.config import STORED_THRESHOLDS, Config, save_config
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import (
+    make_readable,
+    new_temporary_folder,
+    publish_folder,
+    remove_stale_temporaries,
+    write_text_atomically,
+)
+from bigearthnet_tf.inference import Predictions, collect_predictions, sigmoid  # noqa: F401  (public here too)
 
 EVAL_RESULT_NAME = "eval_result.json"
 PREDICTIONS_NAME = "predictions.csv"
+THRESHOLDS_NAME = "thresholds.json"
+SAVED_EVAL_CONFIG = "eval_config.json"
+EVAL_DIR = "eval"  # out_dir/eval/<checkpoint>-<data>/: one folder per evaluation
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 CHART_NAME = "per_class_metrics.png"
 PROBABILITY_DECIMALS = 8
 TRUE_PREFIX = "true:"
 PATCH_NAME_COLUMN = "patch_name"
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Model outputs over a whole set, in the order of the files' records."""
-
-    names: list[str] | None  # patch names, when the dataset had them
-    logits: np.ndarray  # (samples, classes) float32
-    labels: np.ndarray | None  # (samples, classes) float32 multi-hot, when the dataset had labels
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        return sigmoid(self.logits)
 
 
 @dataclass(frozen=True)
@@ -72,17 +80,18 @@ class EvaluationResult:
     chart: Path
 
 
-def evaluate(config: Config, *, console: Console | None = None) -> EvaluationResult:
+def evaluate(config: Config, *, console: Console | None = None, overwrite: bool = False) -> EvaluationResult:
     """Evaluate `config.model_file` on `config.test_tf_record_files` (module docstring)."""
     from bigearthnet_tf.input_pipeline import CorruptRecordCounter, count_records, make_dataset
     from bigearthnet_tf.metrics import compute_metrics
-    from bigearthnet_tf.report import print_metrics_table, save_per_class_chart
+    from bigearthnet_tf.report import print_metrics_table
 
     console = console or Console()
     model, _, meta = restore_model(config)
     class_names = tuple(meta["class_names"])
     label_type = meta["label_type"]
     modality = meta.get("modality") or config.modality
+    thresholds = evaluation_thresholds(config, meta, class_names)
 
     files = list(config.test_tf_record_files)
     records = count_records(files, skip_corrupt=config.skip_corrupt_records)
@@ -104,11 +113,14 @@ def evaluate(config: Config, *, console: Console | None = None) -> EvaluationRes
         skip_corrupt=config.skip_corrupt_records,
         corrupt_counter=counter,
     )
+    batches = math.ceil(records / config.batch_size)
+    if config.max_batches is not None:
+        dataset, batches = dataset.take(config.max_batches), min(batches, config.max_batches)
     console.print(
         f"evaluating {meta['model_name']} ({label_type}, {modality}) from {config.model_file} "
         f"on {records:,} patches"
     )
-    with _progress_bar(console, math.ceil(records / config.batch_size)) as advance:
+    with _progress_bar(console, batches) as advance:
         predictions = collect_predictions(model, dataset, on_batch=advance)
     skipped = counter.result()
     if skipped["records"]:
@@ -118,26 +130,133 @@ def evaluate(config: Config, *, console: Console | None = None) -> EvaluationRes
         )
 
     metrics = compute_metrics(
-        predictions.labels, predictions.probabilities, threshold=config.threshold, class_names=class_names
+        predictions.labels, predictions.probabilities, threshold=thresholds.values, class_names=class_names
     )
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = [out_dir / name for name in (EVAL_RESULT_NAME, PREDICTIONS_NAME, CHART_NAME)]
-    replaced = [path.name for path in outputs if path.exists()]
-    eval_result = write_eval_result(metrics, outputs[0])
-    predictions_csv = write_predictions_csv(predictions, class_names, outputs[1])
-    chart = save_per_class_chart(
-        metrics, class_names, outputs[2], title=f"{meta['model_name']} on {label_type}"
-    )
-    save_config(config)
+    folder, kept = publish_results(config, overwrite, metrics, predictions, class_names, thresholds, meta)
+    # The 2019 file: the newest evaluation's metrics, for scripts that read <out_dir>/eval_result.json.
+    write_eval_result(metrics, Path(config.out_dir) / EVAL_RESULT_NAME)
 
     print_metrics_table(metrics, class_names, console=console)
-    if replaced:
-        console.print(f"replaced the earlier {', '.join(replaced)} in {out_dir}")
-    console.print(f"results: {eval_result}\npredictions: {predictions_csv}\nchart: {chart}")
+    console.print(f"thresholds: {thresholds.description}", markup=False)
+    if kept is not None:
+        console.print(f"earlier results of this checkpoint and data are kept in {kept}", markup=False)
+    console.print(f"results: {folder}", markup=False)
     return EvaluationResult(
-        metrics, class_names, len(predictions.logits), eval_result, predictions_csv, chart
+        metrics,
+        class_names,
+        len(predictions.logits),
+        folder / EVAL_RESULT_NAME,
+        folder / PREDICTIONS_NAME,
+        folder / CHART_NAME,
     )
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The threshold of each class in an evaluation, and where they came from."""
+
+    values: float | np.ndarray  # one for every class, or (classes,)
+    description: str  # for the report, e.g. "0.5 for every class"
+    source: str  # "threshold", "stored <file>", or "file <path>"
+
+
+def evaluation_thresholds(config: Config, meta: Mapping[str, Any], class_names: Sequence[str]) -> Thresholds:
+    """The config's `threshold` for every class, or per-class thresholds (`thresholds`: "stored" beside
+    the checkpoint by `predict --choose-thresholds`, or a JSON file); classes they omit keep `threshold`."""
+    from bigearthnet_tf.checkpoints import file_sha256
+    from bigearthnet_tf.thresholds import read_thresholds_file, stored_thresholds, thresholds_path
+
+    base = float(config.threshold)
+    if config.thresholds is None:
+        return Thresholds(base, f"{base:g} for every class", "threshold")
+    if config.thresholds == STORED_THRESHOLDS:
+        model_file = Path(config.model_file)
+        weights = (meta.get("files") or {}).get("weights") or {}
+        sha256 = weights.get("sha256") or file_sha256(model_file)
+        per_class = stored_thresholds(model_file, sha256, class_names)
+        if per_class is None:
+            raise UserError(
+                f'"thresholds": "stored" but no thresholds are stored beside {model_file}; choose them with '
+                f"bigearthnet predict --model {model_file} --choose-thresholds VALIDATION_RECORDS"
+            )
+        where = thresholds_path(model_file)
+        source = f"stored {where}"
+    else:
+        where = Path(config.thresholds)
+        per_class = read_thresholds_file(where, class_names)
+        source = f"file {where}"
+    values = np.array([per_class.get(name, base) for name in class_names], dtype=np.float64)
+    omitted = len(class_names) - sum(name in per_class for name in class_names)
+    note = f"; {omitted} classes without one use {base:g}" if omitted else ""
+    return Thresholds(values, f"per class, from {where}{note}", source)
+
+
+def results_folder_name(config: Config) -> str:
+    """`<checkpoint>-<data>`: e.g. `best-test` for `models/best` on `test-00000-of-00004.tfrecord`..."""
+    checkpoint = Path(config.model_file).name.removesuffix(".keras")
+    stems = sorted(
+        {_SHARD.sub("", Path(name).name.removesuffix(".tfrecord")) for name in config.test_tf_record_files}
+    )
+    data = stems[0] if len(stems) == 1 else f"{stems[0]}+{len(stems) - 1}"
+    return _UNSAFE.sub("_", f"{checkpoint}-{data}")
+
+
+def publish_results(
+    config: Config,
+    overwrite: bool,
+    metrics: Mapping[str, float],
+    predictions: Predictions,
+    class_names: Sequence[str],
+    thresholds: Thresholds,
+    meta: Mapping[str, Any],
+) -> tuple[Path, Path | None]:
+    """Write one evaluation's files into `out_dir/eval/<checkpoint>-<data>[-n]/` as a set; return the
+    folder and, when an earlier evaluation of the same name was kept, its folder.
+
+    Without `overwrite` an existing folder is never touched: the new results get the next free `-n`.
+    """
+    from bigearthnet_tf.report import save_per_class_chart
+
+    parent = Path(config.out_dir) / EVAL_DIR
+    remove_stale_temporaries(parent)
+    name = results_folder_name(config)
+    target, kept = parent / name, None
+    if target.exists() and not overwrite:
+        kept = target
+        index = 2
+        while (parent / f"{name}-{index}").exists():
+            index += 1
+        target = parent / f"{name}-{index}"
+    temporary = new_temporary_folder(target)
+    try:
+        write_eval_result(metrics, temporary / EVAL_RESULT_NAME)
+        write_predictions_csv(predictions, class_names, temporary / PREDICTIONS_NAME)
+        data = ", ".join(Path(name).name for name in config.test_tf_record_files[:3])
+        more = len(config.test_tf_record_files) - 3
+        data += f" and {more} more" if more > 0 else ""
+        save_per_class_chart(
+            metrics,
+            class_names,
+            temporary / CHART_NAME,
+            title=f"{meta['model_name']} on {meta['label_type']}",
+            context=f"{config.model_file} on {data} ({len(predictions.logits):,} patches); "
+            f"thresholds: {thresholds.description}",
+        )
+        thresholds_document = {
+            "source": thresholds.source,
+            "thresholds": dict(
+                zip(
+                    class_names, map(float, np.broadcast_to(thresholds.values, len(class_names))), strict=True
+                )
+            ),
+        }
+        write_text_atomically(temporary / THRESHOLDS_NAME, json.dumps(thresholds_document, indent=2) + "\n")
+        save_config(config, temporary / SAVED_EVAL_CONFIG)
+        publish_folder(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return target, kept
 
 
 def restore_model(config: Config) -> checkpoints.LoadedCheckpoint:
@@ -151,65 +270,6 @@ def restore_model(config: Config) -> checkpoints.LoadedCheckpoint:
         model_name=config.model_name if config.given("model_name") else None,
         statistics=config.statistics,
     )
-
-
-def collect_predictions(model, dataset, on_batch: Callable[[], None] | None = None) -> Predictions:
-    """Logits (and labels, patch names) of `model` over every batch of `dataset`.
-
-    The dataset yields `(inputs, labels)` or `inputs` alone; `inputs["patch_name"]`, when present, is
-    taken out before the model sees the inputs. Only the inputs the model reads are fed to it.
-    """
-    import tensorflow as tf
-
-    from bigearthnet_tf.input_pipeline import corrupt_files_as_user_errors
-    from bigearthnet_tf.models import input_keys
-
-    keys = input_keys(model)
-
-    @tf.function(reduce_retracing=True)
-    def logits_of(inputs):
-        return tf.cast(model({key: inputs[key] for key in keys}, training=False), tf.float32)
-
-    names: list[str] = []
-    logits: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    has_names = has_labels = False
-    with corrupt_files_as_user_errors():
-        for element in dataset:
-            inputs, batch_labels = element if isinstance(element, tuple) else (element, None)
-            inputs = dict(inputs)
-            patch_names = inputs.pop("patch_name", None)
-            logits.append(logits_of(inputs).numpy())
-            if batch_labels is not None:
-                has_labels = True
-                labels.append(np.asarray(batch_labels, dtype=np.float32))
-            if patch_names is not None:
-                has_names = True
-                names.extend(name.decode("utf-8") for name in patch_names.numpy())
-            if on_batch is not None:
-                on_batch()
-    if not logits:
-        raise UserError("the evaluation files yielded no records")
-    return Predictions(
-        names=names if has_names else None,
-        logits=np.concatenate(logits),
-        labels=np.concatenate(labels) if has_labels else None,
-    )
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """The logistic function, without overflow warnings for large negative logits."""
-    logits = np.asarray(logits, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -logits))
-
-
-def sigmoid_cross_entropy(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Mean sigmoid cross-entropy over samples and classes: the training loss, over a whole set."""
-    logits = np.asarray(logits, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
-    # max(x, 0) - x z + log(1 + exp(-|x|)): the stable form TensorFlow uses.
-    losses = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
-    return float(losses.mean())
 
 
 def write_eval_result(metrics: dict[str, float], path: str | os.PathLike[str]) -> Path:

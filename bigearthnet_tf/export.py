@@ -53,15 +53,11 @@ from pathlib import Path
 from typing import Any
 
 from bigearthnet_tf.checkpoints import PROBABILITIES_LAYER
-from bigearthnet_tf.config import make_readable
+from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.predict import (
-    DEFAULT_THRESHOLD,
-    Predictor,
-    keras_metadata_path,
-    load_predictor,
-    read_thresholds_file,
-)
+from bigearthnet_tf.files import make_readable
+from bigearthnet_tf.predict import Predictor, keras_metadata_path, load_predictor
+from bigearthnet_tf.thresholds import stored_thresholds
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -161,11 +157,7 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
     from bigearthnet_tf.checkpoints import library_versions
 
     meta = predictor.meta
-    thresholds = None
-    if predictor.thresholds_file.is_file():
-        stored = json.loads(predictor.thresholds_file.read_text(encoding="utf-8"))
-        if stored.get("model_sha256") == predictor.model_sha256:
-            thresholds = read_thresholds_file(predictor.thresholds_file, predictor.class_names)
+    thresholds = stored_thresholds(predictor.source, predictor.model_sha256, predictor.class_names)
     inputs = {}
     for tensor in predictor.model.inputs:
         key = tensor.name
@@ -365,7 +357,7 @@ def _export_keras(wrapped, metadata: dict[str, Any], out: Path) -> Path:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    from bigearthnet_tf.config import write_text_atomically
+    from bigearthnet_tf.files import write_text_atomically
 
     write_text_atomically(sidecar, json.dumps(metadata, indent=2, allow_nan=False) + "\n")
     return sidecar

@@ -50,7 +50,8 @@ scores enter at the same threshold together.
     macro_average_precision_excluded_classes
                                       how many classes were left out of that mean
 
-Also `support_class<i>` (positives of class i in the set), `num_samples` and `threshold`.
+Also `support_class<i>` (positives of class i in the set), `num_samples`, and the threshold used:
+`threshold` when one holds for every class, else `threshold_class<i>` per class.
 
 Zero denominators: every case is defined, so no NaN or inf ever reaches the output.
     - A ratio whose denominator is 0 is 0: precision with nothing predicted, recall with no true
@@ -74,6 +75,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 
 # Metric names of the 2019 eval_result.json, in its order.
 SAMPLE_METRICS: tuple[str, ...] = (
@@ -111,8 +114,6 @@ PER_CLASS_METRICS: tuple[str, ...] = (
 )
 F_BETAS: Mapping[str, float] = {"f1_score": 1.0, "f2_score": 2.0, "f0_5_score": 0.5}
 
-DEFAULT_THRESHOLD = 0.5  # 2019: a class is predicted when its sigmoid probability is >= 0.5
-
 
 def per_class_key(metric: str, class_index: int) -> str:
     """The eval_result.json key of a per-class metric, e.g. `macro_f1_score_class3`."""
@@ -127,17 +128,18 @@ def support_key(class_index: int) -> str:
 def compute_metrics(
     y_true: np.ndarray,
     probabilities: np.ndarray,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | Sequence[float] = DEFAULT_THRESHOLD,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """All 2019 metrics plus micro/macro average precision over a whole set (see module docstring).
 
     `y_true` is (samples, classes) multi-hot (0/1 or bool), `probabilities` the same shape in
-    [0, 1]; a class is predicted when its probability is >= `threshold`. `class_names`, when
-    given, only checks that the number of classes matches. Returns plain floats, never NaN.
+    [0, 1]; a class is predicted when its probability is >= `threshold` (one for all classes, or
+    one per class). `class_names`, when given, only checks that the number of classes matches.
+    Returns plain floats, never NaN.
     """
     truth, scores = _validate(y_true, probabilities, threshold, class_names)
-    predicted = scores >= threshold
+    predicted = scores >= np.asarray(threshold, dtype=np.float64)
     num_samples, num_classes = truth.shape
 
     metrics: dict[str, float] = {}
@@ -164,7 +166,12 @@ def compute_metrics(
     for index, count in enumerate(support):
         metrics[support_key(index)] = float(count)
     metrics["num_samples"] = float(num_samples)
-    metrics["threshold"] = float(threshold)
+    thresholds = np.asarray(threshold, dtype=np.float64)
+    if thresholds.ndim == 0:
+        metrics["threshold"] = float(thresholds)
+    else:
+        for index, value in enumerate(thresholds):
+            metrics[f"threshold_class{index}"] = float(value)
 
     bad = [name for name, value in metrics.items() if not np.isfinite(value)]
     if bad:  # a bug, never a user mistake: the conventions above cover every case
@@ -216,7 +223,7 @@ def per_class_table(metrics: Mapping[str, float | str], class_names: Sequence[st
 def _validate(
     y_true: np.ndarray,
     probabilities: np.ndarray,
-    threshold: float,
+    threshold: float | Sequence[float],
     class_names: Sequence[str] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check inputs; return truth as bool and probabilities as float64 (exact for float32)."""
@@ -253,7 +260,12 @@ def _validate(
             f"probabilities must lie in [0, 1]; found {found!r} at sample {row}, class {col} "
             "(pass sigmoid outputs, not logits)"
         )
-    if not 0.0 <= threshold <= 1.0:
+    thresholds = np.asarray(threshold, dtype=np.float64)
+    if thresholds.ndim > 1 or (thresholds.ndim == 1 and thresholds.shape != (scores.shape[1],)):
+        raise ValueError(
+            f"threshold must be one number or one per class ({scores.shape[1]}); got {threshold!r}"
+        )
+    if not np.all((thresholds >= 0.0) & (thresholds <= 1.0)):
         raise ValueError(f"threshold must lie in [0, 1]; got {threshold!r}")
     return truth.astype(bool), scores
 

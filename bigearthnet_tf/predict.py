@@ -43,7 +43,6 @@ import json
 import os
 import sys
 import tempfile
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,41 +64,43 @@ from bigearthnet_tf.archive import (
     read_raster,
     read_s1_bands,
     read_split_csv,
+    split_name,
 )
-from bigearthnet_tf.config import make_readable, write_text_atomically
-from bigearthnet_tf.constants import BANDS_BY_NAME
+from bigearthnet_tf.constants import BANDS_BY_NAME, DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import make_readable, write_text_atomically
+from bigearthnet_tf.inference import collect_predictions, logits_function, sigmoid
+from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.thresholds import (
+    THRESHOLDS_FORMAT,
+    THRESHOLDS_FORMAT_VERSION,
+    choose_thresholds,
+    read_thresholds_file,
+    stored_thresholds,
+    thresholds_path,
+)
 
 __all__ = [
-    "DEFAULT_THRESHOLD",
     "PREDICTED_COLUMN",
     "Predictor",
     "PredictionResult",
-    "ThresholdChoice",
     "PatchReader",
     "load_predictor",
-    "resolve_model_path",
     "keras_metadata_path",
     "predict",
-    "choose_thresholds",
     "tune_thresholds",
-    "thresholds_path",
-    "read_thresholds_file",
     "resolve_thresholds",
     "predicted_labels",
 ]
 
-DEFAULT_THRESHOLD = 0.5
 DEFAULT_BATCH_SIZE = 64
 PREFETCH_BATCHES = 2  # batches read ahead while the model runs on the current one
 PROBABILITY_DECIMALS = 8  # as evaluate's predictions.csv
 PATCH_NAME_COLUMN = "patch_name"
 PREDICTED_COLUMN = "predicted"
+SPLIT_COLUMN = "split"
 LABEL_SEPARATOR = ";"
 OUTPUT_FORMATS = (".csv", ".json")
-THRESHOLDS_SUFFIX = ".thresholds.json"
-THRESHOLDS_FORMAT = "bigearthnet-tf-thresholds"
-THRESHOLDS_FORMAT_VERSION = 1
 S1_INPUT = "bands_s1"
 _UINT16 = np.dtype(np.uint16)
 
@@ -133,38 +134,11 @@ class Predictor:
         return thresholds_path(self.source)
 
 
-def resolve_model_path(path: str | os.PathLike[str]) -> Path:
-    """The checkpoint base name (or `.keras` file) that `path` means.
-
-    Accepted: a base name (`out/models/iteration-600`, `out/models/best`), any file of a checkpoint
-    (`iteration-600.json`, `.weights.h5`, `.state.npz`), a `.keras` file, or a training `out_dir` /
-    its `models` folder (then `best` when complete, else the newest complete `iteration-<N>`).
-    """
-    path = Path(path)
-    if path.suffix == checkpoints.KERAS_SUFFIX:
-        if not path.is_file():
-            raise UserError(f"model file {path} does not exist")
-        return path
-    if path.is_dir():
-        folder = checkpoints.models_dir(path) if checkpoints.models_dir(path).is_dir() else path
-        best = folder / checkpoints.BEST_NAME
-        if checkpoints.is_complete(best):
-            return best
-        latest = checkpoints.latest_complete_checkpoint(folder)
-        if latest is None:
-            raise UserError(f"{path} holds no complete checkpoint (best or iteration-<N>)")
-        return latest
-    for suffix in (checkpoints.WEIGHTS_SUFFIX, checkpoints.STATE_SUFFIX, checkpoints.METADATA_SUFFIX):
-        if path.name.endswith(suffix):
-            return path.with_name(path.name[: -len(suffix)])
-    return path
-
-
 def load_predictor(path: str | os.PathLike[str]) -> Predictor:
     """Load a checkpoint (verified, rebuilt through the registry) or an exported `.keras` file."""
     from bigearthnet_tf.models import INPUTS, input_keys
 
-    source = resolve_model_path(path)
+    source = checkpoints.resolve_checkpoint(path)
     model, _, meta = checkpoints.load_checkpoint(source)
     keys = input_keys(model)
     saved_order = meta.get("band_order") or {}
@@ -172,7 +146,7 @@ def load_predictor(path: str | os.PathLike[str]) -> Predictor:
     if source.suffix == checkpoints.KERAS_SUFFIX:
         sidecar = keras_metadata_path(source)
         if sidecar.is_file():
-            meta = {**meta, **_read_json(sidecar, "model metadata file")}
+            meta = {**meta, **read_json_object(sidecar, "model metadata file")}
         if not meta.get("modality"):
             meta["modality"] = _modality_of(keys)
         model_sha256 = checkpoints.file_sha256(source)
@@ -209,6 +183,7 @@ class _PatchLocation:
     name: str
     folder: str
     archive: Archive | None  # for the S1 pairing (and, in archive mode, for reading the whole patch)
+    split: str | None = None  # the split list that named it (archive mode with splits)
 
 
 class PatchReader:
@@ -254,6 +229,48 @@ def _read_s1_twin(location: _PatchLocation) -> dict[str, np.ndarray]:
     return read_s1_bands(archive.s1_folder(s1_name), location.name, s1_name)
 
 
+def check_archive_root(root: str | os.PathLike[str]) -> None:
+    """UserError unless `root` is a folder (what layout it holds is checked when it is opened)."""
+    if not Path(root).is_dir():
+        raise UserError(f"--archive {root}: no such folder")
+
+
+def check_patch_folders(folders: Sequence[str | os.PathLike[str]], skip_bad: bool = False) -> None:
+    """UserError naming the first argument that is not a patch folder, and what it is instead: a folder
+    of patch folders (then: use --archive), or (unless `skip_bad`, which skips those later) a file,
+    nothing, or a folder without band files."""
+    for entry in folders:
+        folder = Path(entry)
+        name = folder.name or folder.resolve().name
+        if folder.is_dir() and not (folder / f"{name}_B02.tif").exists():
+            inner = _patch_folders_below(folder)
+            if inner:
+                raise UserError(
+                    f"{folder} is not a patch folder: it holds {inner:,} patch folders; to predict them "
+                    f"all, use --archive {folder}"
+                )
+        if skip_bad:
+            continue
+        if not folder.exists():
+            raise BadPatchError(name, str(folder), "no such patch folder")
+        if not folder.is_dir():
+            raise BadPatchError(name, str(folder), "a file, not a patch folder (<patch>/<patch>_B02.tif ...)")
+
+
+def _patch_folders_below(folder: Path, limit: int = 3) -> int:
+    """How many patch folders lie up to `limit` levels below `folder` (an archive root or product)."""
+    count = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.is_dir():
+                continue
+            if os.path.exists(os.path.join(entry.path, f"{entry.name}_B02.tif")):
+                count += 1
+            elif limit > 1:
+                count += _patch_folders_below(Path(entry.path), limit - 1)
+    return count
+
+
 def locate_folders(
     folders: Sequence[str | os.PathLike[str]], *, s1_root: str | os.PathLike[str] | None, needs_s1: bool
 ) -> list[_PatchLocation]:
@@ -293,9 +310,11 @@ def locate_archive(
     official: bool,
     s1_root: str | os.PathLike[str] | None,
     needs_s1: bool,
+    split: str | None = None,
 ) -> list[_PatchLocation]:
-    """The patches of an archive: those of the split lists (in list order, each once), the official
-    splits, or (neither) every patch folder on disk in name order."""
+    """The patches of an archive: those of the split lists (in list order, each once, with the name of
+    the first split naming it; only split `split` when given), the official splits, or (neither)
+    every patch folder on disk in name order."""
     archive = open_archive(root)
     if needs_s1:
         if s1_root is None:  # the S1 folder often lies beside the S2 one
@@ -309,20 +328,33 @@ def locate_archive(
                 )
         archive = open_archive(root, version=archive.version, s1_root=s1_root)
     if official:
-        names = [name for split in archive.official_splits().values() for name in split]
-        if archive.version == 1:  # the official v1 lists name every patch; a partial archive is normal
-            present = set(names) - set(archive.missing_patches(names))
-            names = [name for name in names if name in present]
-            if not names:
-                raise UserError(f"{root} holds none of the patches of the official v1 splits")
+        splits = archive.official_splits()
     elif split_files:
-        names = [name for path in split_files for name in read_split_csv(path)]
+        splits = {}
+        for path in split_files:
+            splits.setdefault(split_name(path), []).extend(read_split_csv(path))
     else:
-        names = _patch_folders_on_disk(archive)
-    names = list(dict.fromkeys(names))  # a patch in two lists is predicted once
-    if not names:
+        splits = {None: _patch_folders_on_disk(archive)}
+    if split is not None:
+        if split not in splits:
+            known = ", ".join(str(name) for name in splits if name is not None) or "none (no --splits)"
+            raise UserError(f"--split {split!r}: no such split; the splits given are {known}")
+        splits = {split: splits[split]}
+    pairs = [(name, split_of) for split_of, names in splits.items() for name in names]
+    if (
+        official and archive.version == 1
+    ):  # the official v1 lists name every patch; a partial archive is normal
+        present = set(name for name, _ in pairs) - set(archive.missing_patches([name for name, _ in pairs]))
+        pairs = [(name, split_of) for name, split_of in pairs if name in present]
+        if not pairs:
+            raise UserError(f"{root} holds none of the patches of the official v1 splits")
+    first_split = dict(reversed(pairs))  # a patch in two lists is predicted once, under its first split
+    if not first_split:
         raise UserError(f"no patches to predict in {root}")
-    return [_PatchLocation(name, archive.patch_folder(name), archive) for name in names]
+    return [
+        _PatchLocation(name, archive.patch_folder(name), archive, first_split[name])
+        for name in dict.fromkeys(n for n, _ in pairs)
+    ]
 
 
 def _patch_folders_on_disk(archive: Archive) -> list[str]:
@@ -418,6 +450,7 @@ class PredictionResult:
     thresholds: np.ndarray  # (classes,)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (patch name, reason)
     out: Path | None = None
+    splits: list[str] | None = None  # per patch, the split that named it (archive mode with splits)
 
     @property
     def labels(self) -> list[list[str]]:
@@ -432,6 +465,7 @@ def predict(
     archive: str | os.PathLike[str] | None = None,
     split_files: Sequence[str | os.PathLike[str]] | None = None,
     official_splits: bool = False,
+    split: str | None = None,
     s1_root: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -451,7 +485,8 @@ def predict(
         patch_folders: S2 patch folders (v1 or v2 layout); the folder name is the patch name.
         archive: instead of folders, an archive root (v1 or v2).
         split_files: with `archive`, split lists (CSV) naming the patches; `official_splits` for the
-            official ones; neither: every patch folder of the archive.
+            official ones; neither: every patch folder of the archive. The output then has a `split`
+            column; `split` keeps only the patches of the split of that name.
         s1_root: the Sentinel-1 root, for models that read S1 (for an archive: found beside it).
         out: `.csv` or `.json` file; None writes CSV to standard output.
         overwrite: replace an existing `out`.
@@ -474,9 +509,16 @@ def predict(
         raise UserError(f"--workers must be at least 1, got {workers}")
     if bool(patch_folders) == (archive is not None):
         raise UserError("give either patch folders or --archive ROOT (not both, not neither)")
-    if archive is None and (split_files or official_splits):
-        raise UserError("--splits names patches of an archive; give the archive with --archive ROOT")
+    if archive is None and (split_files or official_splits or split):
+        raise UserError(
+            "--splits and --split name patches of an archive; give the archive with --archive ROOT"
+        )
     out_path = _check_out(out, overwrite)
+    # Cheap checks of every path first: a mistake is reported before the model is loaded.
+    if archive is not None:
+        check_archive_root(archive)
+    else:
+        check_patch_folders(patch_folders, skip_bad)
     console = console or Console(stderr=True, quiet=not show_progress, highlight=False)
 
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
@@ -490,6 +532,7 @@ def predict(
             official=official_splits,
             s1_root=s1_root,
             needs_s1=predictor.needs_s1,
+            split=split,
         )
     else:
         locations = locate_folders(patch_folders, s1_root=s1_root, needs_s1=predictor.needs_s1)
@@ -502,10 +545,11 @@ def predict(
         markup=False,
         soft_wrap=True,
     )
-    apply = _model_function(predictor)
+    apply = logits_function(predictor.model)
     names: list[str] = []
     outputs: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
+    split_of = {location.name: location.split for location in locations}
     with _progress(console, len(locations)) as advance:
         for batch in _batches(reader, locations, batch_size, workers, skip_bad, skipped):
             if batch.names:
@@ -516,9 +560,12 @@ def predict(
     if not names:
         raise UserError(f"none of the {len(locations):,} patches could be read")
     values = np.concatenate(outputs)
-    probabilities = _sigmoid(values)
+    probabilities = sigmoid(values)
 
-    result = PredictionResult(names, probabilities, predictor.class_names, thresholds, skipped, out_path)
+    splits = [split_of[name] for name in names] if any(split_of.values()) else None
+    result = PredictionResult(
+        names, probabilities, predictor.class_names, thresholds, skipped, out_path, splits
+    )
     if out_path is None:
         _write_predictions(result, sys.stdout, ".csv")
     else:
@@ -530,35 +577,6 @@ def predict(
     if out_path is not None:
         console.print(f"predictions for {len(names):,} patches: {out_path}", markup=False)
     return result
-
-
-# Model -> its traced function, so that repeated `predict` calls with one Predictor trace once.
-_MODEL_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _model_function(predictor: Predictor) -> Callable[[Mapping[str, np.ndarray]], Any]:
-    """The model as one traced function of the input dict (float32 outputs)."""
-    import tensorflow as tf
-
-    model = predictor.model
-    function = _MODEL_FUNCTIONS.get(model)
-    if function is None:
-        keys = predictor.input_keys
-        model_ref = weakref.ref(model)  # a strong reference in the value would keep the key alive
-
-        @tf.function(reduce_retracing=True)
-        def function(inputs):
-            return tf.cast(model_ref()({key: inputs[key] for key in keys}, training=False), tf.float32)
-
-        _MODEL_FUNCTIONS[model] = function
-    return function
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    # The same function evaluate applies, so both commands print the same probabilities.
-    from bigearthnet_tf.evaluate import sigmoid
-
-    return sigmoid(logits)
 
 
 def predicted_labels(
@@ -595,25 +613,34 @@ def _check_out(out: str | os.PathLike[str] | None, overwrite: bool) -> Path | No
 def _write_predictions(result: PredictionResult, stream: io.TextIOBase, suffix: str) -> None:
     number = f"{{:.{PROBABILITY_DECIMALS}f}}"
     labels = result.labels
+    splits = result.splits
     if suffix.lower() == ".json":
-        rows = [
-            {
-                PATCH_NAME_COLUMN: name,
-                "probabilities": {
-                    class_name: round(float(p), PROBABILITY_DECIMALS)
-                    for class_name, p in zip(result.class_names, row, strict=True)
-                },
-                "labels": patch_labels,
+        rows = []
+        for index, (name, row, patch_labels) in enumerate(
+            zip(result.names, result.probabilities, labels, strict=True)
+        ):
+            entry: dict[str, Any] = {PATCH_NAME_COLUMN: name}
+            if splits is not None:
+                entry[SPLIT_COLUMN] = splits[index]
+            entry["probabilities"] = {
+                class_name: round(float(p), PROBABILITY_DECIMALS)
+                for class_name, p in zip(result.class_names, row, strict=True)
             }
-            for name, row, patch_labels in zip(result.names, result.probabilities, labels, strict=True)
-        ]
+            entry["labels"] = patch_labels
+            rows.append(entry)
         json.dump(rows, stream, indent=1, allow_nan=False)
         stream.write("\n")
         return
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow([PATCH_NAME_COLUMN, *result.class_names, PREDICTED_COLUMN])
-    for name, row, patch_labels in zip(result.names, result.probabilities, labels, strict=True):
-        writer.writerow([name, *(number.format(p) for p in row), LABEL_SEPARATOR.join(patch_labels)])
+    split_header = [SPLIT_COLUMN] if splits is not None else []
+    writer.writerow([PATCH_NAME_COLUMN, *split_header, *result.class_names, PREDICTED_COLUMN])
+    for index, (name, row, patch_labels) in enumerate(
+        zip(result.names, result.probabilities, labels, strict=True)
+    ):
+        split_cell = [splits[index]] if splits is not None else []
+        writer.writerow(
+            [name, *split_cell, *(number.format(p) for p in row), LABEL_SEPARATOR.join(patch_labels)]
+        )
 
 
 def _write_atomically(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
@@ -676,76 +703,6 @@ class _progress:
 # --------------------------------------------------------------------------------------------------
 
 
-def thresholds_path(model: str | os.PathLike[str]) -> Path:
-    """Where the thresholds of a checkpoint base name (or `.keras` file) are stored."""
-    model = Path(model)
-    if model.suffix == checkpoints.KERAS_SUFFIX:
-        return model.with_suffix(THRESHOLDS_SUFFIX)
-    return model.with_name(model.name + THRESHOLDS_SUFFIX)
-
-
-@dataclass(frozen=True)
-class ThresholdChoice:
-    """Per-class thresholds chosen on labelled data, with the F1 each reaches there."""
-
-    thresholds: dict[str, float]
-    f1: dict[str, float]  # at the chosen threshold
-    f1_at_default: dict[str, float]  # at DEFAULT_THRESHOLD, for comparison
-    without_positives: tuple[str, ...]  # classes left at the default: no positives to choose on
-
-
-def choose_thresholds(
-    labels: np.ndarray,
-    probabilities: np.ndarray,
-    class_names: Sequence[str],
-    default: float = DEFAULT_THRESHOLD,
-) -> ThresholdChoice:
-    """For each class, the threshold that maximises its F1 on (labels, probabilities).
-
-    Every distinct probability is a candidate (a class is predicted at p >= t); the best one is moved
-    down to halfway to the next lower probability, which predicts the same set here but leaves a
-    margin on new data. Ties keep the highest threshold. A class with no positives keeps `default`.
-    """
-    labels = np.asarray(labels, dtype=np.float64)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if labels.shape != probabilities.shape or labels.ndim != 2 or labels.shape[1] != len(class_names):
-        raise UserError(
-            f"labels {labels.shape} and probabilities {probabilities.shape} must both be "
-            f"(samples, {len(class_names)})"
-        )
-    thresholds, f1, f1_default, without = {}, {}, {}, []
-    for index, class_name in enumerate(class_names):
-        truth = labels[:, index] > 0
-        scores = probabilities[:, index]
-        f1_default[class_name] = _f1(truth, scores >= default)
-        positives = int(truth.sum())
-        if positives == 0:
-            thresholds[class_name] = float(default)
-            f1[class_name] = f1_default[class_name]
-            without.append(class_name)
-            continue
-        order = np.argsort(-scores, kind="stable")
-        sorted_scores = scores[order]
-        true_positives = np.cumsum(truth[order])
-        # Candidate cuts: after the last of each run of equal scores (all equal scores go together).
-        last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-        predicted = np.flatnonzero(last_of_run) + 1
-        scores_f1 = 2 * true_positives[predicted - 1] / (positives + predicted)
-        best = int(np.flatnonzero(scores_f1 == scores_f1.max())[0])  # first = highest threshold
-        cut = predicted[best]
-        upper = sorted_scores[cut - 1]
-        lower = sorted_scores[cut] if cut < len(sorted_scores) else 0.0
-        thresholds[class_name] = float((upper + lower) / 2) if upper > lower else float(upper)
-        f1[class_name] = float(scores_f1[best])
-    return ThresholdChoice(thresholds, f1, f1_default, tuple(without))
-
-
-def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    true_positives = float(np.sum(truth & predicted))
-    denominator = float(truth.sum() + predicted.sum())
-    return 2 * true_positives / denominator if denominator else 0.0
-
-
 def tune_thresholds(
     model: str | os.PathLike[str] | Predictor,
     validation_files: Sequence[str | os.PathLike[str]],
@@ -760,7 +717,6 @@ def tune_thresholds(
     """
     from rich.console import Console
 
-    from bigearthnet_tf.evaluate import collect_predictions
     from bigearthnet_tf.input_pipeline import make_dataset
 
     console = console or Console(stderr=True, highlight=False)
@@ -776,7 +732,7 @@ def tune_thresholds(
     if predictions.labels is None:
         raise UserError("the validation files hold no labels to choose thresholds on")
     values = predictions.logits
-    probabilities = _sigmoid(values)
+    probabilities = sigmoid(values)
     choice = choose_thresholds(predictions.labels, probabilities, predictor.class_names, default=default)
     path = predictor.thresholds_file
     document = {
@@ -812,34 +768,6 @@ def tune_thresholds(
     return path
 
 
-def read_thresholds_file(path: str | os.PathLike[str], class_names: Sequence[str]) -> dict[str, float]:
-    """Class name -> threshold from a JSON file: `{class: t}` or a stored file (`"thresholds": {...}`).
-
-    Unknown class names and values outside (0, 1] raise a UserError naming them.
-    """
-    path = Path(path)
-    document = _read_json(path, "thresholds file")
-    mapping = (
-        document.get("thresholds", document) if document.get("format") == THRESHOLDS_FORMAT else document
-    )
-    if not isinstance(mapping, dict):
-        raise UserError(f"thresholds file {path}: expected an object of class name -> threshold")
-    known = set(class_names)
-    thresholds = {}
-    for name, value in mapping.items():
-        if name not in known:
-            raise UserError(
-                f"thresholds file {path}: unknown class {name!r}; the model's classes are "
-                + ", ".join(repr(c) for c in class_names)
-            )
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-            raise UserError(
-                f"thresholds file {path}: class {name!r}: threshold must be in (0, 1], got {value!r}"
-            )
-        thresholds[name] = float(value)
-    return thresholds
-
-
 def resolve_thresholds(
     predictor: Predictor,
     *,
@@ -855,16 +783,11 @@ def resolve_thresholds(
     if thresholds_file is not None:
         per_class = read_thresholds_file(thresholds_file, predictor.class_names)
     elif threshold is None and predictor.thresholds_file.is_file():
-        stored = predictor.thresholds_file
-        document = _read_json(stored, "thresholds file")
-        if document.get("model_sha256") != predictor.model_sha256:
-            raise UserError(
-                f"thresholds file {stored} was chosen for other weights than those of {predictor.source} "
-                "(SHA-256 differs); choose them again with --choose-thresholds, or delete the file"
-            )
-        per_class = read_thresholds_file(stored, predictor.class_names)
+        per_class = stored_thresholds(predictor.source, predictor.model_sha256, predictor.class_names)
         if console is not None:
-            console.print(f"using the per-class thresholds stored in {stored}", markup=False)
+            console.print(
+                f"using the per-class thresholds stored in {predictor.thresholds_file}", markup=False
+            )
     elif threshold is None and predictor.meta.get("thresholds"):
         # An exported `.keras` model: the thresholds its metadata file carries from the checkpoint.
         per_class = {str(name): float(value) for name, value in predictor.meta["thresholds"].items()}
@@ -878,20 +801,3 @@ def resolve_thresholds(
                 f"using the per-class thresholds in {keras_metadata_path(predictor.source)}", markup=False
             )
     return np.array([per_class.get(name, base) for name in predictor.class_names], dtype=np.float64)
-
-
-# --------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{what} {path} is not readable JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise UserError(f"{what} {path}: expected a JSON object")
-    return document

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MISSING = "—"
+CONTEXT_WRAP = 110  # characters per line of the chart's checkpoint / data / thresholds line
 
 # Rows of the summary grid: label, then the keys for the macro, micro and sample-based columns.
 SUMMARY_GRID: tuple[tuple[str, str | None, str | None, str | None], ...] = (
@@ -74,6 +75,8 @@ def summary_table(metrics: Mapping[str, float | str]) -> Table:
         details.append(f"{round(samples):,} samples")
     if threshold is not None:
         details.append(f"threshold {threshold:g}")
+    elif any(key.startswith("threshold_class") for key in metrics):
+        details.append("per-class thresholds")
     title = "Summary" + (f" ({', '.join(details)})" if details else "")
     table = Table(title=title, title_justify="left", title_style="bold")
     table.add_column("Metric")
@@ -159,16 +162,22 @@ def save_per_class_chart(
     class_names: Sequence[str],
     path: str | os.PathLike[str],
     title: str | None = None,
+    context: str | None = None,
 ) -> Path:
     """Write a horizontal bar chart of per-class F1 and AP to `path` (PNG, atomically); return it.
 
-    Classes run top to bottom in index order; dashed lines mark the macro averages.
+    Classes run top to bottom in index order; dashed lines mark the macro averages, and the legend
+    says which classes each average includes. A zero is drawn as a marker and its value, so it never
+    looks like a missing bar. `context` (checkpoint, data, thresholds) is printed under the chart.
     """
-    return _save_figure_atomically(per_class_figure(metrics, class_names, title), Path(path))
+    return _save_figure_atomically(per_class_figure(metrics, class_names, title, context), Path(path))
 
 
 def per_class_figure(
-    metrics: Mapping[str, float | str], class_names: Sequence[str], title: str | None = None
+    metrics: Mapping[str, float | str],
+    class_names: Sequence[str],
+    title: str | None = None,
+    context: str | None = None,
 ) -> Figure:
     """The per-class chart as a matplotlib Figure (not attached to pyplot, so nothing leaks)."""
     from matplotlib.figure import Figure  # lazily: matplotlib is slow to import
@@ -197,14 +206,29 @@ def per_class_figure(
         for position, row in zip(positions, rows, strict=True):
             if _has_no_positives(row):
                 axes.text(0.005, position + offset, "no positives", va="center", fontsize=7, color="0.4")
+    # A zero value has no bar: mark it, so it reads as 0 rather than as missing.
+    for position, row, value in zip(positions, rows, f1_values, strict=True):
+        if value == 0.0:
+            axes.plot(0.0, position - offset, marker="|", markersize=8, color=F1_COLOUR, clip_on=False)
+            if not _has_no_positives(row):
+                axes.text(0.012, position - offset, "F1 0", va="center", fontsize=7, color=F1_COLOUR)
+    if has_ap:
+        for position, row, value in zip(positions, rows, ap_values, strict=True):
+            if value == 0.0 and not _has_no_positives(row):
+                axes.plot(0.0, position + offset, marker="|", markersize=8, color=AP_COLOUR, clip_on=False)
+                axes.text(0.012, position + offset, "AP 0", va="center", fontsize=7, color=AP_COLOUR)
 
-    for key, colour, label in (
-        ("macro_f1_score_class_avg", F1_COLOUR, "macro F1"),
-        ("macro_average_precision", AP_COLOUR, "macro AP"),
+    excluded = round(_value(metrics, "macro_average_precision_excluded_classes") or 0)
+    included_ap = f"{count - excluded} classes with positives" if excluded else f"all {count} classes"
+    for key, colour, label, included in (
+        ("macro_f1_score_class_avg", F1_COLOUR, "macro F1", f"all {count} classes"),
+        ("macro_average_precision", AP_COLOUR, "macro AP", included_ap),
     ):
         value = _value(metrics, key)
         if value is not None and (has_ap or key != "macro_average_precision"):
-            axes.axvline(value, color=colour, linestyle="--", linewidth=1.2, label=f"{label} {value:.3f}")
+            axes.axvline(
+                value, color=colour, linestyle="--", linewidth=1.2, label=f"{label} {value:.3f} ({included})"
+            )
 
     tick_labels = [f"{textwrap.fill(row.name, CLASS_NAME_WRAP)}  {row.index}" for row in rows]
     axes.set_yticks(positions, tick_labels, fontsize=8)
@@ -222,13 +246,14 @@ def per_class_figure(
         [handles[i] for i in bars_first],
         [labels[i] for i in bars_first],
         loc="outside lower center",
-        ncol=4,
+        ncol=2,
         fontsize=9,
         frameon=False,
     )
     default_title = "Per-class F1 and average precision" if has_ap else "Per-class F1"
     heading = figure.suptitle(title or default_title, fontsize=12, fontweight="bold")
-    axes.set_title(_chart_subtitle(metrics), fontsize=9, color="0.3", pad=22)
+    subtitle = _chart_subtitle(metrics) + (f"\n{textwrap.fill(context, CONTEXT_WRAP)}" if context else "")
+    axes.set_title(subtitle, fontsize=9, color="0.3", pad=22)
     # Centre the heading over the bars, like the subtitle, not over the whole figure.
     figure.draw_without_rendering()
     box = axes.get_position()

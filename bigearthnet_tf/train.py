@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -50,7 +51,7 @@ from bigearthnet_tf import checkpoints
 from bigearthnet_tf.config import TRAIN, Config, save_config
 from bigearthnet_tf.constants import class_names as label_names
 from bigearthnet_tf.errors import ConfigError, UserError
-from bigearthnet_tf.evaluate import collect_predictions, sigmoid_cross_entropy
+from bigearthnet_tf.inference import collect_predictions, sigmoid, sigmoid_cross_entropy
 from bigearthnet_tf.input_pipeline import (
     CorruptRecordCounter,
     corrupt_files_as_user_errors,
@@ -214,8 +215,10 @@ def precision_policy(mixed_precision: bool) -> Iterator[str]:
 class StopSignals:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current iteration.
 
-    A second signal of the same kind gets the previous behaviour (e.g. KeyboardInterrupt), so a user
-    can still force an exit. Outside the main thread (where Python allows no handlers) it does nothing.
+    The first signal says so at once on standard error; a second of the same kind gets the previous
+    behaviour (e.g. KeyboardInterrupt), so a user can still force an exit. A signal the process was
+    started with ignored (`nohup`, `trap '' INT`) stays ignored. Outside the main thread (where
+    Python allows no handlers) it does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -227,10 +230,19 @@ class StopSignals:
     def _handle(self, number: int, frame: object) -> None:
         self.received = signal.Signals(number)
         signal.signal(number, self._previous[number])
+        again = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
+        # os.write: safe inside a signal handler, and not held back by the progress bar's buffering.
+        os.write(
+            2,
+            f"\n{signal.Signals(number).name}: stopping after this iteration and writing a checkpoint; "
+            f"{again} again to abort at once\n".encode(),
+        )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
+                if signal.getsignal(number) is signal.SIG_IGN:
+                    continue  # ignored by whoever started us: keep it that way
                 self._previous[number] = signal.signal(number, self._handle)
         return self
 
@@ -600,7 +612,12 @@ class TrainingLoop:
                     self._check_finite(iteration, loss, float(non_finite))
                     samples_per_second = meter.update()
                     self._log_iteration(iteration, loss, samples_per_second)
-                    progress.update(task, completed=iteration, loss=loss, rate=samples_per_second)
+                    progress.update(
+                        task,
+                        completed=iteration,
+                        loss=f"loss {loss:.4f}",
+                        rate=f"{samples_per_second:7.1f} samples/s" if samples_per_second else "",
+                    )
                     if self.on_iteration is not None:
                         self.on_iteration(iteration, loss)
                     if validation is not None and self._ends_epoch(iteration):
@@ -611,7 +628,7 @@ class TrainingLoop:
                         config.save_checkpoint_after_iteration,
                     ):
                         self._save(iteration, progress.console)
-                    if stopped_early:
+                    if stopped_early or iteration - iterations_done == config.max_batches:
                         break
                     if self.stop.received is not None:
                         self._interrupt(iteration, progress.console)
@@ -749,13 +766,14 @@ class TrainingLoop:
         files = self.config.val_tf_record_files
         if not files:
             return None
-        return make_dataset(
+        dataset = make_dataset(
             list(files),
             self.config.label_type,
             self.config.batch_size,
             modality=self.config.modality,
             skip_corrupt=self.config.skip_corrupt_records,
         )
+        return dataset if self.config.max_batches is None else dataset.take(self.config.max_batches)
 
     def _summary_writer(self):
         if not self.chief:
@@ -767,19 +785,16 @@ class TrainingLoop:
         progress = Progress(
             TextColumn("iteration {task.completed:>6.0f}/{task.total:.0f}"),
             BarColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[rate]:>7.1f} samples/s"),
+            TextColumn("{task.fields[loss]}"),
+            TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
             disable=not self.chief,
         )
+        # Nothing is shown for the loss and the speed until there is a value to show.
         task = progress.add_task(
-            "training",
-            total=self.plan.total_iterations,
-            completed=iterations_done,
-            loss=float("nan"),
-            rate=0.0,
+            "training", total=self.plan.total_iterations, completed=iterations_done, loss="", rate=""
         )
         with progress:
             yield progress, task
@@ -788,7 +803,7 @@ class TrainingLoop:
 def validation_metrics(model: keras.Model, dataset: tf.data.Dataset, config: Config) -> dict[str, float]:
     """All metrics of `compute_metrics` over the whole validation set, plus its mean `loss`."""
     predictions = collect_predictions(model, dataset)
-    probabilities = 1.0 / (1.0 + np.exp(-predictions.logits))
+    probabilities = sigmoid(predictions.logits)
     metrics = compute_metrics(
         predictions.labels,
         probabilities,

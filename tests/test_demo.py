@@ -31,11 +31,11 @@ def test_tiny_demo_writes_every_output(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0
 
     test_names = (result.archive / "test.csv").read_text().split()
-    with (result.run / "predictions.csv").open(newline="") as handle:
+    with (result.evaluation / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["patch_name"] for row in rows] == test_names
     assert list(rows[0])[1 : 1 + len(BIGEARTHNET_19_LABELS)] == list(BIGEARTHNET_19_LABELS)
-    assert (result.run / "per_class_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (result.evaluation / "per_class_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_refuses_a_folder_with_content(tmp_path):

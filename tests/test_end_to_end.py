@@ -117,6 +117,13 @@ def read_predictions(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames), list(reader)
 
 
+def only_evaluation(out_dir: Path) -> Path:
+    """The one evaluation folder `evaluate` wrote under `out_dir/eval/`."""
+    folders = list((out_dir / "eval").iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
 def band_mean(paths: list[Path]) -> float:
     """Mean of one band over whole rasters, from the GeoTIFF files themselves (float64)."""
     return float(np.mean(np.stack([tifffile.imread(path).astype(np.float64) for path in paths])))
@@ -244,7 +251,9 @@ def test_v2_with_s1_prepare_stats_train_mm_evaluate(synthetic_v2, v2_records, tm
     for key in ("micro_average_precision", "macro_average_precision", "micro_f1_score", "hamming_loss"):
         assert 0.0 <= result[key] <= 1.0
     assert "macro_f1_score_class18" in result and "macro_f1_score_class19" not in result
-    header, predictions = read_predictions(out_dir / "predictions.csv")
+    evaluation = only_evaluation(out_dir)
+    assert json.loads((evaluation / "eval_result.json").read_text()) == result
+    header, predictions = read_predictions(evaluation / "predictions.csv")
     assert header == [
         "patch_name",
         *BIGEARTHNET_19_LABELS,
@@ -255,7 +264,7 @@ def test_v2_with_s1_prepare_stats_train_mm_evaluate(synthetic_v2, v2_records, tm
         truth = {name for name in BIGEARTHNET_19_LABELS if row[f"true:{name}"] == "1"}
         assert truth == set(by_id[row["patch_name"]]["labels"])
         assert all(0.0 <= float(row[name]) <= 1.0 for name in BIGEARTHNET_19_LABELS)
-    assert (out_dir / "per_class_metrics.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (evaluation / "per_class_metrics.png").read_bytes()[:8] == PNG_SIGNATURE
 
     # The model applied straight to the archive (S1 found beside it, paired through the parquet)
     # gives what evaluate gave on the prepared records.
@@ -381,7 +390,8 @@ def test_v1_with_s1_2019_scripts_legacy_records_s1_modality(synthetic_v1_s1, v2_
 
     result = json.loads((out_dir / "eval_result.json").read_text())
     assert result["num_samples"] == len(expected["test"]) and "macro_f1_score_class42" in result
-    header, predictions = read_predictions(out_dir / "predictions.csv")
+    evaluation = only_evaluation(out_dir)
+    header, predictions = read_predictions(evaluation / "predictions.csv")
     assert header[1:44] == list(ORIGINAL_LABELS) and header[44:] == [f"true:{n}" for n in ORIGINAL_LABELS]
     assert [row["patch_name"] for row in predictions] == expected["test"]
     s2_root = synthetic_v1_s1 / V1_S2_FOLDER
@@ -390,7 +400,7 @@ def test_v1_with_s1_2019_scripts_legacy_records_s1_modality(synthetic_v1_s1, v2_
             (s2_root / row["patch_name"] / f"{row['patch_name']}{V1_METADATA_SUFFIX}").read_text()
         )
         assert {name for name in ORIGINAL_LABELS if row[f"true:{name}"] == "1"} == set(labels["labels"])
-    assert (out_dir / "per_class_metrics.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (evaluation / "per_class_metrics.png").read_bytes()[:8] == PNG_SIGNATURE
 
     # The 43-class model cannot be evaluated on v2 records: one line naming the missing key, exit 1.
     v2_config = write_config(

@@ -134,11 +134,14 @@ def test_outputs(setup, label_type, capsys):
     folder, patches, models = setup
     out = f"out-{label_type}"
     result = evaluate(eval_config(folder, label_type, out=out, test_size=TEST_PATCHES))
-    out_dir = folder / out
+    out_dir = folder / out / "eval" / "iteration-3-test"  # <checkpoint>-<data>
+    assert result.eval_result == out_dir / "eval_result.json"
     class_names = LABEL_TYPES[label_type]
 
-    # eval_result.json: every 2019 metric under its 2019 name, per class for every class, plus AP.
+    # eval_result.json: every 2019 metric under its 2019 name, per class for every class, plus AP;
+    # the 2019 path <out_dir>/eval_result.json holds the same.
     metrics = read_json_strict(out_dir / "eval_result.json")
+    assert read_json_strict(folder / out / "eval_result.json") == metrics
     assert all(isinstance(value, int | float) and math.isfinite(value) for value in metrics.values())
     missing = [key for key in METRICS_2019 if key not in metrics]
     missing += [
@@ -173,24 +176,110 @@ def test_outputs(setup, label_type, capsys):
     png = out_dir / "per_class_metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out_dir / "eval_config.json").read_text())["batch_size"] == BATCH
-    assert not (out_dir / "config.json").exists()  # the training run's config is never overwritten
+    thresholds = json.loads((out_dir / "thresholds.json").read_text())
+    assert thresholds == {"source": "threshold", "thresholds": dict.fromkeys(class_names, 0.5)}
+    assert metrics["threshold"] == 0.5
+    assert not (folder / out / "config.json").exists()  # the training run's config is never overwritten
     printed = capsys.readouterr().out
     assert "Summary" in printed and "Per class" in printed and class_names[1].split()[0] in printed
 
 
-def test_rerun_replaces_outputs_and_says_so(setup, capsys):
+def test_results_are_never_lost(setup, capsys):
+    """A second evaluation of the same checkpoint and data keeps the first one's folder; another
+    checkpoint or data gets its own; only --overwrite replaces, and then as a whole set."""
     folder, _, _ = setup
     evaluate(eval_config(folder, out="again"))
-    first = (folder / "again" / "eval_result.json").read_text()
+    eval_dir = folder / "again" / "eval"
+    first = (eval_dir / "iteration-3-test" / "eval_result.json").read_text()
+    first_config = (eval_dir / "iteration-3-test" / "eval_config.json").read_text()
     capsys.readouterr()
-    evaluate(eval_config(folder, out="again", test_size=99))
-    printed = capsys.readouterr().out
-    assert "replaced the earlier eval_result.json, predictions.csv, per_class_metrics.png" in " ".join(
-        printed.split()
+    result = evaluate(eval_config(folder, out="again", test_size=99))
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "test_size is 99 but the test files hold 12 records" in printed
+    assert (
+        f"earlier results of this checkpoint and data are kept in {eval_dir / 'iteration-3-test'}" in printed
     )
-    assert "test_size is 99 but the test files hold 12 records" in " ".join(printed.split())
-    assert (folder / "again" / "eval_result.json").read_text() == first  # deterministic
-    assert not list((folder / "again").glob(".*tmp"))
+    assert result.eval_result == eval_dir / "iteration-3-test-2" / "eval_result.json"
+    assert (eval_dir / "iteration-3-test" / "eval_config.json").read_text() == first_config  # untouched
+    assert json.loads((eval_dir / "iteration-3-test-2" / "eval_config.json").read_text())["test_size"] == 99
+    assert result.eval_result.read_text() == first  # deterministic
+    evaluate(eval_config(folder, out="again", test_size=98), overwrite=True)
+    assert json.loads((eval_dir / "iteration-3-test" / "eval_config.json").read_text())["test_size"] == 98
+    assert sorted(path.name for path in eval_dir.iterdir()) == ["iteration-3-test", "iteration-3-test-2"]
+    assert sorted(path.name for path in (eval_dir / "iteration-3-test").iterdir()) == [
+        "eval_config.json", "eval_result.json", "per_class_metrics.png", "predictions.csv", "thresholds.json"
+    ]  # fmt: skip
+
+
+def test_a_killed_evaluation_leaves_the_old_set_and_is_cleaned_up(setup, monkeypatch):
+    """Killed while writing its set (here: the chart fails), an evaluation leaves the earlier folder
+    complete and no temporary folder; a temporary left by a real kill is removed by the next run."""
+    from bigearthnet_tf import report
+
+    folder, _, _ = setup
+    evaluate(eval_config(folder, out="killed"))
+    eval_dir = folder / "killed" / "eval"
+    before = {path.name: path.read_bytes() for path in (eval_dir / "iteration-3-test").iterdir()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(report, "_save_figure_atomically", crash)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(eval_config(folder, out="killed", test_size=50), overwrite=True)
+    assert {path.name: path.read_bytes() for path in (eval_dir / "iteration-3-test").iterdir()} == before
+    assert [path.name for path in eval_dir.iterdir()] == ["iteration-3-test"]
+    stale = eval_dir / ".iteration-3-test.tmp-abc"  # what SIGKILL during the writing leaves
+    stale.mkdir()
+    (stale / "eval_result.json").write_text("{")
+    evaluate(eval_config(folder, out="killed"))
+    assert not stale.exists()
+
+
+def test_stored_and_file_thresholds(setup, tmp_path):
+    """ "thresholds": "stored" uses predict --choose-thresholds' file (bound to the weights); a JSON
+    file works too; the metrics and thresholds.json name the thresholds per class."""
+    from bigearthnet_tf.thresholds import THRESHOLDS_FORMAT, thresholds_path
+
+    folder, patches, _ = setup
+    base = folder / "BigEarthNet-19" / "models" / "iteration-3"
+    with pytest.raises(
+        UserError, match=r'"thresholds": "stored" but no thresholds are stored beside .*--choose-thresholds'
+    ):
+        evaluate(eval_config(folder, out=str(tmp_path / "none"), thresholds="stored"))
+    chosen = {name: 0.2 + 0.01 * index for index, name in enumerate(LABEL_TYPES["BigEarthNet-19"])}
+    sha256 = checkpoints.read_metadata(base)["files"]["weights"]["sha256"]
+    stored = {"format": THRESHOLDS_FORMAT, "model_sha256": sha256, "thresholds": chosen}
+    thresholds_path(base).write_text(json.dumps(stored))
+    try:
+        result = evaluate(eval_config(folder, out=str(tmp_path / "stored"), thresholds="stored"))
+        metrics = json.loads(result.eval_result.read_text())
+        assert "threshold" not in metrics
+        assert [metrics[f"threshold_class{i}"] for i in range(19)] == pytest.approx(list(chosen.values()))
+        document = json.loads((result.eval_result.parent / "thresholds.json").read_text())
+        assert document["source"] == f"stored {thresholds_path(base)}" and document[
+            "thresholds"
+        ] == pytest.approx(chosen)
+        truth = np.array(
+            [[int(name in p.labels_19) for name in LABEL_TYPES["BigEarthNet-19"]] for p in patches]
+        )
+        with open(result.predictions, newline="") as stream:
+            rows = list(csv.reader(stream))[1:]
+        probabilities = np.array([[float(v) for v in row[1:20]] for row in rows])
+        expected = compute_metrics(truth, probabilities, threshold=list(chosen.values()))
+        assert metrics["micro_f1_score"] == pytest.approx(expected["micro_f1_score"], abs=1e-9)
+        stored["model_sha256"] = "0" * 64
+        thresholds_path(base).write_text(json.dumps(stored))
+        with pytest.raises(UserError, match="chosen for other weights"):
+            evaluate(eval_config(folder, out=str(tmp_path / "stale"), thresholds="stored"))
+    finally:
+        thresholds_path(base).unlink()
+    file = tmp_path / "mine.json"
+    file.write_text(json.dumps({"Arable land": 0.9}))
+    result = evaluate(eval_config(folder, out=str(tmp_path / "file"), thresholds=str(file)))
+    metrics = json.loads(result.eval_result.read_text())
+    assert metrics["threshold_class2"] == 0.9 and metrics["threshold_class0"] == 0.5
 
 
 def test_keys_set_in_the_config_must_match_the_checkpoint(setup, tmp_path):

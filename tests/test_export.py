@@ -19,7 +19,8 @@ from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.evaluate import sigmoid
 from bigearthnet_tf.export import METADATA_ASSET, export_model
 from bigearthnet_tf.models import INPUTS
-from bigearthnet_tf.predict import load_predictor, predict, thresholds_path
+from bigearthnet_tf.predict import load_predictor, predict
+from bigearthnet_tf.thresholds import thresholds_path
 
 EXPORT_ATOL = 1e-4
 SAMPLES = 5

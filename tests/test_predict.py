@@ -21,15 +21,9 @@ from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, S1_BAND_NAMES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.evaluate import evaluate, sigmoid
 from bigearthnet_tf.models import DEFAULT_STATISTICS, INPUTS
-from bigearthnet_tf.predict import (
-    PREDICTED_COLUMN,
-    choose_thresholds,
-    load_predictor,
-    predict,
-    thresholds_path,
-    tune_thresholds,
-)
+from bigearthnet_tf.predict import PREDICTED_COLUMN, load_predictor, predict, tune_thresholds
 from bigearthnet_tf.prepare import prepare
+from bigearthnet_tf.thresholds import choose_thresholds, thresholds_path
 
 MODEL = "K-BranchCNN-Tiny"
 LABEL_TYPE = "BigEarthNet-19"
@@ -98,8 +92,7 @@ def v1_setup(synthetic_v1, tmp_path_factory):
         },
         "evaluate",
     )
-    evaluate(config)
-    return folder, base, folder / "eval" / "predictions.csv", load_predictor(base)
+    return folder, base, evaluate(config).predictions, load_predictor(base)
 
 
 def patch_folders(root: Path, names: list[str]) -> list[Path]:
@@ -150,7 +143,12 @@ def test_archive_mode_with_split_lists_equals_folder_mode(synthetic_v1, v1_setup
     document = json.loads((tmp_path / "archive.json").read_text())
     assert [entry["patch_name"] for entry in document] == names
     first = document[0]
-    assert list(first) == ["patch_name", "probabilities", "labels"]
+    assert list(first) == ["patch_name", "split", "probabilities", "labels"]
+    test_names = read_split_csv(synthetic_v1 / "test.csv")
+    assert [entry["split"] for entry in document] == ["test"] * len(test_names) + ["val"] * (
+        len(names) - len(test_names)
+    )
+    assert everything.splits is None  # no split lists: no split column
     assert list(first["probabilities"]) == list(BIGEARTHNET_19_LABELS)
     assert first["probabilities"][BIGEARTHNET_19_LABELS[0]] == pytest.approx(
         by_archive.probabilities[0, 0], abs=1e-8
@@ -178,8 +176,7 @@ def test_s1_models_read_s1_from_v1_json_pairing(synthetic_v1_s1, tmp_path):
         },
         "evaluate",
     )
-    evaluate(config)
-    _, evaluated = read_csv(tmp_path / "eval" / "predictions.csv")
+    _, evaluated = read_csv(evaluate(config).predictions)
     names = read_split_csv(synthetic_v1_s1 / "test.csv")
     with pytest.raises(UserError, match="reads Sentinel-1 bands.*--s1-root"):
         predict(base, patch_folders(synthetic_v1_s1, names), show_progress=False)

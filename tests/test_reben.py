@@ -180,9 +180,10 @@ def test_evaluate_on_v2_records_equals_predict_on_the_archive(imported, syntheti
     """Records through our input pipeline and patch folders through `predict` give the same probabilities."""
     config = _config(tmp_path / "eval.json", v2_records, tmp_path / "eval", imported)
     cli("evaluate", config)
-    result = json.loads((tmp_path / "eval" / "eval_result.json").read_text())
+    evaluation = tmp_path / "eval" / "eval" / "imported-test"  # <checkpoint>-<data>
+    result = json.loads((evaluation / "eval_result.json").read_text())
     assert 0.0 < result["micro_average_precision"] <= 1.0
-    with open(tmp_path / "eval" / "predictions.csv", newline="") as stream:
+    with open(evaluation / "predictions.csv", newline="") as stream:
         evaluated = list(csv.DictReader(stream))
     cli(
         "predict", "--archive", synthetic_v2, "--splits", "official", "--model", imported,

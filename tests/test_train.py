@@ -448,9 +448,10 @@ def test_2019_config_through_the_cli_with_original_labels(data, tmp_path, capsys
     assert checkpoints.read_metadata(out_dir / "models" / "iteration-5")["label_type"] == "original"
     result = json.loads((out_dir / "eval_result.json").read_text())
     assert result["num_samples"] == 12 and "macro_f1_score_class42" in result
-    header = (out_dir / "predictions.csv").read_text().splitlines()[0]
+    evaluation = out_dir / "eval" / "iteration-5-test"  # <checkpoint>-<data>
+    header = (evaluation / "predictions.csv").read_text().splitlines()[0]
     assert "Sea and ocean" in header and "true:Sea and ocean" in header
-    assert (out_dir / "per_class_metrics.png").stat().st_size > 0
+    assert (evaluation / "per_class_metrics.png").stat().st_size > 0
     assert "Per class" in capsys.readouterr().out
 
 

@@ -1,0 +1,107 @@
+"""Writing outputs so that a crash never leaves a half-written one: single files and sets of files.
+
+- `write_text_atomically`: a temporary file in the same folder, fsynced, then `os.replace`d; readers
+  see the old file or the new one.
+- `publish_folder`: a set of files (an evaluation's results) is written into a temporary folder beside
+  the target, then renamed into place as a whole; replacing an existing set goes through a rename of
+  the old one aside, so at every instant the target holds the complete old set or the complete new
+  one. Temporary folders that a killed run left are removed by `remove_stale_temporaries`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TEMPORARY_MARK = ".tmp-"  # in the names of files and folders being written
+
+
+def make_readable(path: str | os.PathLike[str]) -> None:
+    """Give a file from `tempfile.mkstemp` (mode 0600) the permissions a plain `open` would: 0666 - umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
+
+    Readers see the old file or the new one, never a partial one, even if the process dies mid-write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        make_readable(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def new_temporary_folder(target: str | os.PathLike[str]) -> Path:
+    """A new empty folder beside `target` (same file system, so it can be renamed onto it)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARK}", dir=target.parent))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
+
+
+def publish_folder(temporary: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Move the finished folder `temporary` to `target` as a whole, replacing an existing `target`."""
+    temporary, target = Path(temporary), Path(target)
+    for path in temporary.iterdir():
+        if path.is_file():
+            with open(path, "rb") as stream:
+                os.fsync(stream.fileno())
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARK}old-", dir=target.parent))
+        os.replace(target, aside / target.name)  # old set aside in one rename, then the new in one
+        os.replace(temporary, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(temporary, target)
+    fsync_directory(target.parent)
+    return target
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary folders and files that killed runs left in `folder`; return them."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(f".*{TEMPORARY_MARK}*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames durable (POSIX); harmless where directories cannot be opened."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
