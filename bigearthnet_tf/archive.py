@@ -216,17 +216,19 @@ class Archive:
     def read_patch(self, name: str) -> Patch:
         """Read one patch (and its S1 twin when the archive has an S1 folder); BadPatchError if unusable."""
         folder = self.patch_folder(name)
-        if self.version == 1:
-            labels_43, labels_19 = _read_v1_labels(folder, name)
-        else:
-            labels_43 = None
-            labels_19 = self._v2_labels(name)
+        labels_43, labels_19 = self.read_labels(name)
         bands = _read_s2_bands(folder, name)
         if self.s1_dir is None:
             return Patch(name, bands, labels_43, labels_19)
         s1_name = self.s1_name(name)
         s1_bands = read_s1_bands(self.s1_folder(s1_name), name, s1_name)
         return Patch(name, bands, labels_43, labels_19, s1_name, s1_bands)
+
+    def read_labels(self, name: str) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+        """(43-class labels or None for v2, 19-class labels) of patch `name`; BadPatchError if unusable."""
+        if self.version == 1:
+            return _read_v1_labels(self.patch_folder(name), name)
+        return None, self._v2_labels(name)
 
     def missing_patches(self, names: Iterable[str]) -> list[str]:
         """The names among `names` that have no S2 patch folder, in the order given."""

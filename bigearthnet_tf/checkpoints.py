@@ -188,7 +188,9 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     files = checkpoint_files(path)
     if files["metadata"].exists() or path.with_name(path.name + TF1_INDEX_SUFFIX).exists():
         return path
-    raise UserError(f"no checkpoint {path} (no {files['metadata'].name}){checkpoint_listing(path.parent)}")
+    raise UserError(
+        f"no checkpoint {path}: {files['metadata'].name} not found{checkpoint_listing(path.parent)}"
+    )
 
 
 def checkpoint_listing(folder: Path) -> str:

@@ -164,6 +164,26 @@ def _import_reben(args: argparse.Namespace) -> None:
     )
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.inspect_data import inspect
+
+    split_files, official = split_choice(args)
+    inspect(args.sources, splits=split_files, official=official, png=args.png, overwrite=args.overwrite)
+
+
+def _show(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.quicklook import show
+
+    show(
+        args.sources,
+        args.out,
+        model=args.model,
+        s1_root=args.s1_root,
+        limit=args.limit,
+        overwrite=args.overwrite,
+    )
+
+
 def _demo(args: argparse.Namespace) -> None:
     from bigearthnet_tf.demo import run_demo
 
@@ -374,6 +394,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights version (decides the band order); default: read from the repository name",
     )
     reben.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+
+    inspect_command = command(
+        "inspect",
+        "patches per split, label frequencies and labels per patch of records or an archive",
+        "bigearthnet inspect prepared/ --png prepared-labels.png",
+        _inspect,
+    )
+    inspect_command.add_argument(
+        "sources", nargs="+", help="TFRecord files, globs or folders; or one archive root"
+    )
+    add_split_arguments(inspect_command, "with an archive root: ")
+    inspect_command.add_argument("--png", type=Path, default=None, help="also write the chart to this PNG")
+    inspect_command.add_argument("--overwrite", action="store_true", help="replace an existing --png")
+
+    show_command = command(
+        "show",
+        "true- and false-colour quick-looks of patches (folders or records) with their labels",
+        "bigearthnet show patches/S2A_MSIL2A_20170613T101031_0_45 --out looks --model runs/r50/models/best",
+        _show,
+    )
+    show_command.add_argument("sources", nargs="+", help="S2 patch folders, or TFRecord files / folders")
+    show_command.add_argument("--out", type=Path, required=True, help="folder for the PNGs (created)")
+    show_command.add_argument("--model", default=None, help="also show this model's predicted labels")
+    show_command.add_argument(
+        "--s1-root", type=Path, default=None, help="Sentinel-1 root (models reading S1)"
+    )
+    show_command.add_argument("--limit", type=int, default=16, help="at most this many patches of records")
+    show_command.add_argument("--overwrite", action="store_true", help="replace existing PNGs")
 
     demo = command(
         "demo",

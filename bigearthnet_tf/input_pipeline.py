@@ -89,6 +89,7 @@ import tensorflow as tf
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.records import label_key
 
 logger = logging.getLogger(__name__)
 
@@ -304,15 +305,15 @@ def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> Rec
     label_types = {
         label_type
         for label_type, names in constants.LABEL_TYPES.items()
-        if check(f"{label_type}_labels_multi_hot", "int64_list", len(names))
+        if check(label_key(label_type), "int64_list", len(names))
     }
     name_key = next((key for key in ("patch_name", "patch_name_s2") if key in features), None)
     return RecordFormat(kind, frozenset(label_types), frozenset(modalities), name_key, record_bytes, (path,))
 
 
 def _missing_label_message(label_type: str, path: str, present: frozenset[str]) -> str:
-    key = f"{label_type}_labels_multi_hot"
-    has = ", ".join(f"{name}_labels_multi_hot" for name in sorted(present)) or "no label set"
+    key = label_key(label_type)
+    has = ", ".join(label_key(name) for name in sorted(present)) or "no label set"
     if label_type == constants.ORIGINAL:
         hint = (
             "a BigEarthNet v2 or BigEarthNet-19 file? v2 has no 43-class labels; "
@@ -403,10 +404,6 @@ def detect_format(
 # --------------------------------------------------------------------------------------------------
 
 
-def _label_key(label_type: str) -> str:
-    return f"{label_type}_labels_multi_hot"
-
-
 def feature_spec(
     kind: str, label_type: str | None, modality: str = "S2", name_key: str | None = None
 ) -> dict[str, tf.io.FixedLenFeature]:
@@ -437,7 +434,7 @@ def feature_spec(
     else:
         raise ValueError(f"unknown record format {kind!r}")
     if label_type is not None:
-        spec[_label_key(label_type)] = tf.io.FixedLenFeature(
+        spec[label_key(label_type)] = tf.io.FixedLenFeature(
             [len(constants.class_names(label_type))], tf.int64
         )
     if name_key is not None:
@@ -479,7 +476,7 @@ def decode_bands(features: Mapping[str, tf.Tensor], kind: str, modality: str = "
 
 def decode_labels(features: Mapping[str, tf.Tensor], label_type: str) -> tf.Tensor:
     """The int64 multi-hot of ``label_type`` -> float32 (batch, classes), the dtype the loss takes."""
-    return tf.cast(features[_label_key(label_type)], tf.float32)
+    return tf.cast(features[label_key(label_type)], tf.float32)
 
 
 def parse_batch(

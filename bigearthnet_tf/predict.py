@@ -476,6 +476,7 @@ def predict(
     skip_bad: bool = False,
     show_progress: bool = True,
     console=None,
+    emit: bool = True,
 ) -> PredictionResult:
     """Apply `model` to patch folders, or to the patches of `archive`, and write CSV or JSON.
 
@@ -496,6 +497,7 @@ def predict(
         skip_bad: leave unreadable patches out (listed in the result and on the terminal) instead of
             stopping at the first with a one-line error naming it.
         show_progress: show the progress bar and summary (on standard error).
+        emit: without `out`, write the CSV to standard output (False: only return the result).
 
     Raises:
         BadPatchError: a patch cannot be read and `skip_bad` is False; nothing is written.
@@ -567,7 +569,8 @@ def predict(
         names, probabilities, predictor.class_names, thresholds, skipped, out_path, splits
     )
     if out_path is None:
-        _write_predictions(result, sys.stdout, ".csv")
+        if emit:
+            _write_predictions(result, sys.stdout, ".csv")
     else:
         _write_atomically(out_path, lambda stream: _write_predictions(result, stream, out_path.suffix))
     for _, reason in skipped:

@@ -24,6 +24,7 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import google_crc32c
@@ -33,7 +34,9 @@ from bigearthnet_tf.constants import (
     BANDS_10M,
     BANDS_20M,
     BANDS_60M,
+    BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
+    ORIGINAL,
     ORIGINAL_LABELS,
     S1_BAND_NAMES,
     S2_BAND_NAMES,
@@ -51,6 +54,9 @@ ORIGINAL_LABELS_KEY = "original_labels"
 ORIGINAL_MULTI_HOT_KEY = "original_labels_multi_hot"
 BIGEARTHNET_19_LABELS_KEY = "BigEarthNet-19_labels"
 BIGEARTHNET_19_MULTI_HOT_KEY = "BigEarthNet-19_labels_multi_hot"
+MULTI_HOT_KEYS = MappingProxyType(
+    {ORIGINAL: ORIGINAL_MULTI_HOT_KEY, BIGEARTHNET_19: BIGEARTHNET_19_MULTI_HOT_KEY}
+)
 # Default schema only.
 FORMAT_VERSION_KEY = "format_version"
 BANDS_S1_KEY = "bands_s1"
@@ -284,6 +290,11 @@ def encode_example(features: Iterable[tuple[str, bytes]]) -> bytes:
 
 
 # --- the two schemas -----------------------------------------------------------------------------
+
+
+def label_key(label_type: str) -> str:
+    """The record key of a label type's multi-hot vector, e.g. `BigEarthNet-19_labels_multi_hot`."""
+    return MULTI_HOT_KEYS[label_type]
 
 
 def multi_hot(names: Iterable[str], classes: Sequence[str]) -> np.ndarray:

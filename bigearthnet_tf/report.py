@@ -170,7 +170,7 @@ def save_per_class_chart(
     says which classes each average includes. A zero is drawn as a marker and its value, so it never
     looks like a missing bar. `context` (checkpoint, data, thresholds) is printed under the chart.
     """
-    return _save_figure_atomically(per_class_figure(metrics, class_names, title, context), Path(path))
+    return save_figure_atomically(per_class_figure(metrics, class_names, title, context), Path(path))
 
 
 def per_class_figure(
@@ -278,7 +278,7 @@ def _chart_subtitle(metrics: Mapping[str, float | str]) -> str:
     return "   ".join(parts)
 
 
-def _save_figure_atomically(figure: Figure, path: Path) -> Path:
+def save_figure_atomically(figure: Figure, path: Path) -> Path:
     """Render to a temporary file beside `path`, then rename: readers never see half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -225,7 +225,7 @@ def test_a_killed_evaluation_leaves_the_old_set_and_is_cleaned_up(setup, monkeyp
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patched:
-        patched.setattr(report, "_save_figure_atomically", crash)
+        patched.setattr(report, "save_figure_atomically", crash)
         with pytest.raises(KeyboardInterrupt):
             evaluate(eval_config(folder, out="killed", test_size=50), overwrite=True)
     assert {path.name: path.read_bytes() for path in (eval_dir / "iteration-3-test").iterdir()} == before

@@ -1,0 +1,306 @@
+"""The command line as a researcher uses it: overrides, resume, test runs, config listing, help, version,
+quiet start-up, Ctrl-C, and model paths given in any of their forms. Everything goes through `cli.main`
+or, where the process itself matters (start-up output, signals), a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bigearthnet_tf import __version__, checkpoints
+from bigearthnet_tf.cli import build_parser, main
+from bigearthnet_tf.config import KEY_DOCS, KEY_NAMES
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: object) -> None:
+    main([str(arg) for arg in args])
+
+
+def cli_error(capsys, *args: object) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as stop:
+        cli(*args)
+    return stop.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def records(synthetic_v1, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "records"
+    split_lists = [synthetic_v1 / f"{split}.csv" for split in ("train", "val", "test")]
+    cli("prepare", "-r", synthetic_v1, "-o", out, "--splits", *split_lists)
+    return out
+
+
+def write_config(path: Path, records: Path, out_dir: Path, **changes) -> Path:
+    values = {
+        "model_name": "K-BranchCNN-Tiny",
+        "label_type": "BigEarthNet-19",
+        "batch_size": 4,
+        "nb_epoch": 1,
+        "learning_rate": 1e-3,
+        "out_dir": str(out_dir),
+        "tr_tf_record_files": str(records / "train-*.tfrecord"),
+        "val_tf_record_files": str(records / "val-*.tfrecord"),
+        "test_tf_record_files": str(records / "test-*.tfrecord"),
+        "model_file": str(out_dir / "models" / "best"),
+        "shuffle_buffer_size": 10,
+        **changes,
+    }
+    path.write_text(json.dumps(values))
+    return path
+
+
+# --- overrides, resume, test runs -------------------------------------------------------------------
+
+
+def test_set_overrides_are_typed_checked_and_saved(records, tmp_path, capsys):
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run")
+    cli("train", config, "--set", "batch_size=8", "--set", "model_name=ResNet-Tiny", "--set", "seed=7")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["batch_size"], saved["model_name"], saved["seed"]) == (8, "ResNet-Tiny", 7)
+    assert checkpoints.read_metadata(tmp_path / "run" / "models" / "best")["model_name"] == "ResNet-Tiny"
+
+    code, error = cli_error(capsys, "train", config, "--set", "batch_size=eight")
+    assert code == 2 and "key 'batch_size': expected an integer" in error and "eight" in error
+    code, error = cli_error(capsys, "train", config, "--set", "nb_epochs=3")
+    assert code == 2 and error.strip() == "error: --set: unknown key 'nb_epochs' (did you mean 'nb_epoch'?)"
+    code, error = cli_error(capsys, "train", config, "--set", "batch_size")
+    assert code == 2 and "expected KEY=VALUE" in error
+    code, error = cli_error(capsys, "train", config, "--set", "learning_rate=NaN")
+    assert code == 2 and "key 'learning_rate'" in error
+
+
+def test_resume_flag_equals_resume_auto(records, tmp_path, capsys):
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run", save_checkpoint_per_iteration=2)
+    cli("train", config, "--set", "nb_epoch=1")
+    capsys.readouterr()
+    code, error = cli_error(capsys, "train", config, "--set", "nb_epoch=2")
+    assert code == 1 and "already holds checkpoints" in error
+    cli("train", config, "--set", "nb_epoch=2", "--resume")
+    assert "resuming after iteration" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resume"] == "auto"
+
+
+def test_test_run_trains_and_evaluates_a_few_batches_and_keeps_nothing(
+    records, tmp_path, capsys, monkeypatch
+):
+    from bigearthnet_tf import train as train_module
+
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run")
+    iterations = []
+    original = train_module.TrainingLoop.run
+
+    def counting(self, done):
+        result = original(self, done)
+        iterations.append(result.iterations)
+        return result
+
+    monkeypatch.setattr(train_module.TrainingLoop, "run", counting)
+    cli("train", config, "--test-run", "2")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert iterations == [2]
+    assert "test run OK (2 batches of 4)" in printed and "s per training iteration after the first" in printed
+    assert "evaluation" in printed and "evaluating" in printed
+    assert not (tmp_path / "run").exists()  # the real out_dir is never touched
+    tmp_root = Path(printed.split("nothing kept (")[1].split(" removed")[0])
+    assert not tmp_root.exists()
+
+
+def test_evaluate_test_run_needs_a_checkpoint(records, tmp_path, capsys):
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run")
+    cli("train", config)
+    capsys.readouterr()
+    cli("evaluate", config, "--test-run", "1")
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "test run OK (1 batch of 4)" in printed and "evaluation" in printed
+    assert not (tmp_path / "run" / "eval").exists()
+
+
+# --- config keys and show ---------------------------------------------------------------------------
+
+
+def test_config_keys_lists_every_key_with_type_default_and_meaning(capsys):
+    cli("config", "keys")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["key", "type", "default", "2019", "meaning"]
+    listed = {line.split()[0]: line for line in lines[1:]}
+    assert set(listed) == set(KEY_NAMES) and len(lines) == len(KEY_NAMES) + 1
+    for doc in KEY_DOCS:
+        assert doc.meaning in listed[doc.key] and doc.type in listed[doc.key]
+        assert (" yes " in listed[doc.key]) == doc.from_2019, doc.key
+    assert sum(doc.from_2019 for doc in KEY_DOCS) == 17  # the keys of the 2019 README
+
+
+def test_config_show_prints_the_resolved_config(records, tmp_path, capsys):
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run")
+    cli("config", "show", config, "--set", "batch_size=16")
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["batch_size"] == 16 and shown["seed"] == 42 and shown["model_name"] == "K-BranchCNN-Tiny"
+    assert shown["tr_tf_record_files"] == [str(records / "train-00000-of-00001.tfrecord")]  # expanded
+    code, error = cli_error(capsys, "config", "show")
+    assert code == 1 and "needs a CONFIG file" in error
+
+
+# --- model paths in every form ------------------------------------------------------------------------
+
+
+def test_model_file_and_predict_model_take_the_same_forms(records, synthetic_v1, tmp_path, capsys):
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.json", records, run, save_checkpoint_per_iteration=3)
+    cli("train", config)
+    capsys.readouterr()
+    best = run / "models" / "best"
+    for form in (best, run / "models" / "best.weights.h5", run, run / "models"):
+        cli("evaluate", config, "--set", f"model_file={form}", "--overwrite")
+        assert f"from {best}" in " ".join(capsys.readouterr().out.split()), form
+    names = (synthetic_v1 / "test.csv").read_text().split()[:2]
+    folders = [synthetic_v1 / "BigEarthNet-v1.0" / name for name in names]
+    for form in (best, run, run / "models" / "best.json"):
+        cli("predict", *folders, "--model", form, "--out", tmp_path / "p.csv", "--overwrite")
+        assert f"from {best}" in " ".join(capsys.readouterr().err.split())
+
+    code, error = cli_error(capsys, "predict", *folders, "--model", run / "models" / "iteration-999")
+    assert code == 1 and "no checkpoint" in error and "checkpoints in" in error and "best" in error
+    code, error = cli_error(
+        capsys, "evaluate", config, "--set", f"model_file={run / 'models' / 'iteration-999'}"
+    )
+    assert code == 2 and "key 'model_file'" in error and "best" in error and "iteration-3" in error
+
+
+def test_predict_recognises_an_archive_root_and_checks_paths_first(synthetic_v1, tmp_path, capsys):
+    missing_model = tmp_path / "no-model"  # never loaded: the path mistake is reported first
+    code, error = cli_error(capsys, "predict", synthetic_v1 / "BigEarthNet-v1.0", "--model", missing_model)
+    count = sum(1 for entry in (synthetic_v1 / "BigEarthNet-v1.0").iterdir() if entry.is_dir())
+    assert code == 1
+    assert (
+        f"is not a patch folder: it holds {count:,} patch folders; to predict them all, use --archive"
+        in error
+    )
+    code, error = cli_error(capsys, "predict", tmp_path / "nothing_here", "--model", missing_model)
+    assert code == 1 and "no such patch folder" in error
+
+
+# --- help, version, splits spelling -----------------------------------------------------------------
+
+
+def test_every_command_has_a_description_defaults_and_an_example(capsys):
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    checked = 0
+    for name, sub in subcommands.items():
+        nested = [a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction"]
+        for command in nested[0].choices.values() if nested else [sub]:
+            text = command.format_help()
+            assert command.description and "example: bigearthnet" in text, name
+            checked += 1
+    assert checked >= 13
+    assert "(default: 64)" in subcommands["predict"].format_help()
+    assert "--splits CSV|official" in subcommands["prepare"].format_help().replace("[", "").replace("]", "")
+    with pytest.raises(SystemExit) as stop:
+        cli("--version")
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"bigearthnet-tf {__version__}"
+
+
+def test_splits_official_and_files_do_not_mix(synthetic_v1, tmp_path, capsys):
+    code, error = cli_error(
+        capsys,
+        "prepare",
+        "-r",
+        synthetic_v1,
+        "-o",
+        tmp_path / "o",
+        "--splits",
+        "official",
+        synthetic_v1 / "test.csv",
+    )
+    assert code == 1 and "either split CSV files or `official`" in error
+    code, error = cli_error(capsys, "prepare", "-r", synthetic_v1, "-o", tmp_path / "o")
+    assert code == 1 and "--splits official" in error
+
+
+# --- the process: quiet start-up, Ctrl-C ------------------------------------------------------------
+
+
+def run_command(*args: object, **kwargs) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TF_CPP")}
+    return subprocess.run(
+        [sys.executable, "-m", "bigearthnet_tf.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def test_no_tensorflow_start_up_noise(records, tmp_path):
+    finished = run_command("models", "K-BranchCNN-Tiny", "--parameters")
+    assert finished.returncode == 0, finished.stderr
+    for noise in ("absl::InitializeLog", "oneDNN", "cuInit", "cuda drivers", "I0000"):
+        assert noise not in finished.stderr + finished.stdout, noise
+    assert "K-BranchCNN-Tiny" in finished.stdout
+
+
+def test_training_output_has_no_placeholder_values(records, tmp_path):
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run")
+    finished = run_command("train", config)
+    assert finished.returncode == 0, finished.stderr
+    output = finished.stdout + finished.stderr
+    assert "nan" not in output.lower() and " 0.0 samples/s" not in output
+    assert "retracing" not in output
+
+
+def _start_training(config: Path, **popen) -> subprocess.Popen:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TF_CPP")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigearthnet_tf.cli", "train", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        **popen,
+    )
+
+
+def _wait_for_training(config: Path) -> None:
+    out_dir = Path(json.loads(config.read_text())["out_dir"])
+    deadline = time.monotonic() + 240
+    while not (out_dir / "logs").exists():
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
+def test_first_ctrl_c_says_what_happens(records, tmp_path):
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run", nb_epoch=200)
+    process = _start_training(config)
+    _wait_for_training(config)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130
+    assert (
+        "SIGINT: stopping after this iteration and writing a checkpoint; Ctrl-C again to abort at once"
+        in stderr
+    )
+
+
+def test_sigint_ignored_at_start_stays_ignored(records, tmp_path):
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run", nb_epoch=3)
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    process = _start_training(config, preexec_fn=ignore_sigint)
+    _wait_for_training(config)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr  # trained to the end
+    assert "stopping after this iteration" not in stderr
