@@ -5,11 +5,17 @@ It writes a seeded synthetic v1 archive in the real layout, adds the six real ex
 on the synthetic test split, through the same library functions as `prepare`, `train.py` and
 `eval.py`. Everything lands in one new folder, with the config files so each step can be re-run by
 hand.
+
+An interrupted demo continues: `demo.json` in the folder records its settings and the stages done,
+so running the demo again with the same `--out` skips the finished stages, redoes a stage cut short
+(preparation and training resume from what they had written), and refuses a folder that holds
+something other than a demo, or a demo made with other settings.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +77,42 @@ def demo_config(out: Path, records: Path, *, model_name: str, nb_epoch: int, bat
         "fine_tune": False,
         "shuffle_buffer_size": 2000,
         "seed": 42,
+        "resume": "auto",  # running the demo again continues an interrupted training
     }
+
+
+STATE_FILE = "demo.json"
+
+
+def _start_or_continue(out: Path, settings: dict, console) -> dict:
+    """The demo's state in `out`: new for an empty or absent folder; read back to continue one."""
+    from bigearthnet_tf.files import write_text_atomically
+    from bigearthnet_tf.jsonfiles import read_json_object
+
+    state_file = out / STATE_FILE
+    if out.exists() and any(out.iterdir()):
+        if not state_file.is_file():
+            raise UserError(f"demo folder {out} already exists and is not empty; name a new one with --out")
+        state = read_json_object(state_file, "demo state file")
+        if state.get("settings") != settings or not isinstance(state.get("done"), list):
+            raise UserError(
+                f"demo folder {out} holds a demo made with other settings ({state_file}); name a new one "
+                "with --out"
+            )
+        console.print(f"continuing the demo in {out} (done: {', '.join(state['done']) or 'nothing yet'})")
+        return state
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"settings": settings, "done": []}
+    write_text_atomically(state_file, json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def _done(out: Path, state: dict, stage: str) -> None:
+    from bigearthnet_tf.files import write_text_atomically
+
+    if stage not in state["done"]:
+        state["done"].append(stage)
+        write_text_atomically(out / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
 def run_demo(
@@ -94,30 +135,46 @@ def run_demo(
 
     console = Console(stderr=True, highlight=False)
     out = default_demo_folder() if out is None else Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"demo folder {out} already exists and is not empty; name a new one with --out")
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "patches": patches,
+        "seed": seed,
+        "model_name": model_name,
+        "nb_epoch": nb_epoch,
+        "batch_size": batch_size,
+    }
+    state = _start_or_continue(out, settings, console)
     started = time.perf_counter()
 
     console.rule(f"1/4 synthetic archive ({patches} patches) + 6 real example patches")
-    archive = write_synthetic_archive(out / "archive", patches=patches, seed=seed, version=1)
-    added = add_example_patches(archive)
-    console.print(f"archive: {archive} (real patches added to the training split: {len(added)})")
+    archive = out / "archive"
+    if "archive" not in state["done"]:
+        shutil.rmtree(archive, ignore_errors=True)  # a cut-short archive is rewritten: it is seeded
+        archive = write_synthetic_archive(archive, patches=patches, seed=seed, version=1)
+        added = add_example_patches(archive)
+        console.print(f"archive: {archive} (real patches added to the training split: {len(added)})")
+        _done(out, state, "archive")
+    else:
+        console.print(f"archive: {archive} (done before)")
 
     console.rule("2/4 prepare TFRecords")
     records = out / "records"
-    prepare(
-        root=archive,
-        out=records,
-        split_files=[archive / "train.csv", archive / "val.csv", archive / "test.csv"],
-    )
+    if "records" not in state["done"]:
+        prepare(
+            root=archive,
+            out=records,
+            split_files=[archive / "train.csv", archive / "val.csv", archive / "test.csv"],
+        )
+        _done(out, state, "records")
+    else:
+        console.print(f"records: {records} (done before)")
 
     console.rule(f"3/4 train {model_name}")
     raw = demo_config(out, records, model_name=model_name, nb_epoch=nb_epoch, batch_size=batch_size)
     config_path = out / "config.json"
     config_path.write_text(json.dumps(raw, indent=2) + "\n")
     config = config_from_dict(raw, purpose="train", source=config_path)
-    trained = train(config)
+    trained = train(config)  # "resume": "auto": a cut-short training continues from its checkpoint
+    _done(out, state, "train")
 
     console.rule("4/4 evaluate on the synthetic test split")
     # The best validation checkpoint, as a paper would report; the final one when there is none.
@@ -125,7 +182,10 @@ def run_demo(
     raw_eval = {**raw, "model_file": str(chosen)}
     eval_config_path = out / "eval_config.json"
     eval_config_path.write_text(json.dumps(raw_eval, indent=2) + "\n")
-    evaluation = evaluate(config_from_dict(raw_eval, purpose="evaluate", source=eval_config_path))
+    evaluation = evaluate(
+        config_from_dict(raw_eval, purpose="evaluate", source=eval_config_path), overwrite=True
+    )
+    _done(out, state, "evaluate")
     metrics = evaluation.metrics
 
     run = Path(config.out_dir)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bigearthnet_tf import __version__, checkpoints
@@ -201,7 +202,7 @@ def test_every_command_has_a_description_defaults_and_an_example(capsys):
             text = command.format_help()
             assert command.description and "example: bigearthnet" in text, name
             checked += 1
-    assert checked >= 13
+    assert checked == 15  # 11 commands, import's 2 sources (tf1, reben), inspect and show
     assert "(default: 64)" in subcommands["predict"].format_help()
     assert "--splits CSV|official" in subcommands["prepare"].format_help().replace("[", "").replace("]", "")
     with pytest.raises(SystemExit) as stop:
@@ -304,3 +305,67 @@ def test_sigint_ignored_at_start_stays_ignored(records, tmp_path):
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr  # trained to the end
     assert "stopping after this iteration" not in stderr
+
+
+# --- look rather than read ----------------------------------------------------------------------------
+
+
+def _reference_counts(synthetic_v1, split: str):
+    """Per-class patch counts of a split, from the archive's own label JSON files."""
+    from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, ORIGINAL_LABELS, original_to_19
+
+    counts_43, counts_19, per_patch = [0] * 43, [0] * 19, {}
+    for name in (synthetic_v1 / f"{split}.csv").read_text().split():
+        labels = json.loads(
+            (synthetic_v1 / "BigEarthNet-v1.0" / name / f"{name}_labels_metadata.json").read_text()
+        )
+        for label in labels["labels"]:
+            counts_43[ORIGINAL_LABELS.index(label)] += 1
+        labels_19 = original_to_19(labels["labels"])
+        for label in labels_19:
+            counts_19[BIGEARTHNET_19_LABELS.index(label)] += 1
+        per_patch[len(labels_19)] = per_patch.get(len(labels_19), 0) + 1
+    return counts_43, counts_19, per_patch
+
+
+def test_inspect_records_and_archive_agree_with_the_label_files(synthetic_v1, records, tmp_path, capsys):
+    from bigearthnet_tf.inspect_data import inspect
+
+    by_records = {summary.name: summary for summary in inspect([records], png=tmp_path / "labels.png")}
+    printed = capsys.readouterr().out
+    assert set(by_records) == {"train", "val", "test"}
+    assert "Patches per class, BigEarthNet-19" in printed and "Patches per class, original (43" in printed
+    assert (tmp_path / "labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    split_lists = [synthetic_v1 / f"{split}.csv" for split in ("train", "val", "test")]
+    by_archive = {summary.name: summary for summary in inspect([synthetic_v1], splits=split_lists)}
+    for split in ("train", "val", "test"):
+        counts_43, counts_19, per_patch = _reference_counts(synthetic_v1, split)
+        for summary in (by_records[split], by_archive[split]):
+            assert summary.counts["original"].tolist() == counts_43
+            assert summary.counts["BigEarthNet-19"].tolist() == counts_19
+            assert summary.labels_per_patch == per_patch
+            assert summary.patches == sum(per_patch.values())
+    code, error = cli_error(capsys, "inspect", records, "--png", tmp_path / "labels.png")
+    assert code == 1 and "already exists; pass --overwrite" in error
+
+
+def test_show_writes_quick_looks_with_labels(example_paths, records, tmp_path, capsys):
+    from bigearthnet_tf.quicklook import FALSE_COLOUR, TRUE_COLOUR, composite
+
+    folders = sorted(path for path in example_paths.s2.iterdir() if path.is_dir())[:2]
+    cli("show", *folders, "--out", tmp_path / "looks")
+    written = capsys.readouterr().out.split()
+    assert written == [str(tmp_path / "looks" / f"{folder.name}.png") for folder in folders]
+    assert all(Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in written)
+    cli("show", records / "test-00000-of-00001.tfrecord", "--out", tmp_path / "records", "--limit", "3")
+    assert len(capsys.readouterr().out.split()) == 3
+    # The composite stretches the three bands together between their 2nd and 98th percentile.
+    bands = {
+        band: np.arange(14400, dtype=np.uint16).reshape(120, 120) * (i + 1)
+        for i, band in enumerate(("B02", "B03", "B04", "B08"))
+    }
+    image = composite(bands, TRUE_COLOUR)
+    stack = np.stack([bands[b] for b in TRUE_COLOUR], -1).astype(float)
+    low, high = np.percentile(stack, (2, 98))
+    np.testing.assert_allclose(image, np.clip((stack - low) / (high - low), 0, 1))
+    assert composite(bands, FALSE_COLOUR).shape == (120, 120, 3)

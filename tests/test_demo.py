@@ -50,3 +50,38 @@ def test_full_demo_learns(tmp_path):
     """The README's demo as shipped: micro F1 >= 0.85 on the synthetic test split."""
     result = run_demo(tmp_path / "demo")
     assert result.metrics["micro_f1_score"] >= 0.85
+
+
+def test_an_interrupted_demo_continues(tmp_path, monkeypatch, capsys):
+    """Killed during evaluation, the demo run again with the same --out keeps the finished stages
+    (the archive and records are not rewritten, training has nothing left to do) and evaluates."""
+    from bigearthnet_tf import evaluate as evaluate_module
+
+    out = tmp_path / "demo"
+    settings = {"patches": 40, "nb_epoch": 1, "batch_size": 8}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(evaluate_module, "evaluate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(out, **settings)
+    state = json.loads((out / "demo.json").read_text())
+    assert state["done"] == ["archive", "records", "train"]
+    archive_stamp = (out / "archive" / "train.csv").stat().st_mtime_ns
+    records_stamp = (out / "records" / "dataset.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    result = run_demo(out, **settings)
+    captured = capsys.readouterr()
+    printed = " ".join((captured.err + captured.out).split())
+    assert "continuing the demo in" in printed and "done: archive, records, train" in printed
+    assert "nothing to do" in " ".join(printed.split())
+    assert (out / "archive" / "train.csv").stat().st_mtime_ns == archive_stamp
+    assert (out / "records" / "dataset.json").stat().st_mtime_ns == records_stamp
+    assert json.loads((out / "demo.json").read_text())["done"] == ["archive", "records", "train", "evaluate"]
+    assert (result.evaluation / "eval_result.json").is_file()
+
+    with pytest.raises(UserError, match="holds a demo made with other settings"):
+        run_demo(out, patches=41, nb_epoch=1, batch_size=8)
