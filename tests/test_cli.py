@@ -369,3 +369,19 @@ def test_show_writes_quick_looks_with_labels(example_paths, records, tmp_path, c
     low, high = np.percentile(stack, (2, 98))
     np.testing.assert_allclose(image, np.clip((stack - low) / (high - low), 0, 1))
     assert composite(bands, FALSE_COLOUR).shape == (120, 120, 3)
+
+
+def test_tensorboard_reads_the_training_logs(records, tmp_path):
+    """The README's `tensorboard --logdir out_dir/logs`: TensorBoard's own reader finds the scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run")
+    cli("train", config)
+    events = EventAccumulator(str(tmp_path / "run" / "logs" / "training"))
+    events.Reload()
+    tags = events.Tags()["tensors"]
+    assert {"loss", "learning_rate", "validation/macro_average_precision"} <= set(tags)
+    from tensorboard.util.tensor_util import make_ndarray
+
+    losses = [float(make_ndarray(event.tensor_proto)) for event in events.Tensors("loss")]
+    assert len(losses) == events.Tensors("loss")[-1].step and all(np.isfinite(losses))
