@@ -507,6 +507,19 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s1-root", type=Path, default=None, help="Sentinel-1 archive root (adds VV, VH)")
 
 
+def next_step(args: argparse.Namespace, error: UserError) -> str | None:
+    """What to do about `error` when there is one obvious step the message itself cannot know."""
+    from bigearthnet_tf.archive import BadPatchError
+
+    if isinstance(error, BadPatchError) and getattr(args, "skip_bad", True) is False:
+        return (
+            "--skip-bad "
+            + ("predicts" if args.command == "predict" else "writes")
+            + " the other patches and lists the bad ones"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bigearthnet` console command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -517,7 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        hint = next_step(args, error)
+        print(f"error: {error}{'; ' + hint if hint else ''}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

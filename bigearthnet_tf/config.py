@@ -60,6 +60,9 @@ DEFAULT_SHUFFLE_BUFFER = 130_000  # what every 2019 config used
 MAX_SUGGESTED_KEY_LENGTH = 100
 SHOWN_LENGTH = 80  # characters of a bad value echoed in an error message
 RECORD_SUFFIX = ".tfrecord"  # what a folder entry of a file list expands to
+# The next step, where a missing file has one.
+PREPARE_HINT = "; make records with: bigearthnet prepare -r ARCHIVE -o FOLDER --splits ..."
+STATS_HINT = "; compute it with: bigearthnet stats TRAINING_RECORDS --out FILE"
 
 SAVED_CONFIG_NAMES = MappingProxyType({TRAIN: "config.json", EVALUATE: "eval_config.json"})
 
@@ -719,7 +722,9 @@ class _Checker:
             matches = self._expand(name, os.path.expanduser(entry))
             if not matches:
                 what = "no file matches" if glob.has_magic(entry) else "no such file or folder"
-                raise ConfigError(f"{self.where}: key {name!r}: {what}: {entry!r}{self._looked_in(entry)}")
+                raise ConfigError(
+                    f"{self.where}: key {name!r}: {what}: {entry!r}{self._looked_in(entry)}{PREPARE_HINT}"
+                )
             found.update(matches)
         return tuple(sorted(found))
 
@@ -734,6 +739,7 @@ class _Checker:
                 if not matches:
                     raise ConfigError(
                         f"{self.where}: key {name!r}: folder {text} holds no *{RECORD_SUFFIX} files"
+                        + PREPARE_HINT
                     )
             elif candidate.is_file():
                 matches = [text]
@@ -749,7 +755,10 @@ class _Checker:
         for candidate in candidates:
             if candidate.is_file():
                 return candidate.absolute()
-        raise ConfigError(f"{self.where}: key {name!r}: no such file: {value!r}{self._looked_in(entry)}")
+        hint = STATS_HINT if name == "statistics_file" else ""
+        raise ConfigError(
+            f"{self.where}: key {name!r}: no such file: {value!r}{self._looked_in(entry)}{hint}"
+        )
 
     def resolve_model_file(self, value: str) -> str:
         """The checkpoint that `value` means (`checkpoints.resolve_checkpoint`: a base name, one of its

@@ -385,3 +385,23 @@ def test_tensorboard_reads_the_training_logs(records, tmp_path):
 
     losses = [float(make_ndarray(event.tensor_proto)) for event in events.Tensors("loss")]
     assert len(losses) == events.Tensors("loss")[-1].step and all(np.isfinite(losses))
+
+
+def test_errors_name_the_next_step(records, synthetic_v1, tmp_path, capsys):
+    config = write_config(
+        tmp_path / "c.json", records, tmp_path / "run", tr_tf_record_files="nowhere/*.tfrecord"
+    )
+    code, error = cli_error(capsys, "train", config)
+    assert code == 2 and "make records with: bigearthnet prepare -r ARCHIVE -o FOLDER --splits" in error
+    config = write_config(tmp_path / "c.json", records, tmp_path / "run", statistics_file="stats.json")
+    code, error = cli_error(capsys, "train", config)
+    assert code == 2 and "compute it with: bigearthnet stats TRAINING_RECORDS --out FILE" in error
+    code, error = cli_error(
+        capsys, "train", config, "--set", "model_name=MyNet", "--set", "statistics_file=null"
+    )
+    assert code == 2 and "a model of your own: name its .py file in $BIGEARTHNET_TF_MODEL_PLUGINS" in error
+    names = (synthetic_v1 / "test.csv").read_text().split()[:1]
+    code, error = cli_error(capsys, "predict", tmp_path / "missing" / names[0], "--model", tmp_path / "run")
+    assert code == 1 and error.strip().endswith(
+        "--skip-bad predicts the other patches and lists the bad ones"
+    )

@@ -375,7 +375,10 @@ def test_bad_patch_with_parallel_workers(archive, tmp_path, example_names, capsy
     argv = ["prepare", "-r", str(archive), "-o", str(out), "-n", *map(str, split_files(archive))]
     for record_format in ("default", "legacy"):
         message = run_cli_expecting_error([*argv, "--workers", "2", "--format", record_format], capsys)
-        assert message == f"error: patch {name}: {name}_B03.tif: missing band file"
+        assert message == (
+            f"error: patch {name}: {name}_B03.tif: missing band file; --skip-bad writes the other patches "
+            "and lists the bad ones"
+        )
         assert tfrecord_files(out) == []
 
 
@@ -387,7 +390,8 @@ def test_listed_patch_without_folder(archive, tmp_path, example_names, capsys):
     missing = archive / "S2A_MSIL2A_20170613T101031_99_99"
     assert message == (
         f"error: patch S2A_MSIL2A_20170613T101031_99_99: {missing}: "
-        f"listed in {archive.parent / 'val.csv'} but no such patch folder"
+        f"listed in {archive.parent / 'val.csv'} but no such patch folder; --skip-bad writes the other "
+        "patches and lists the bad ones"
     )
     assert tfrecord_files(out) == []
 

@@ -115,7 +115,10 @@ def get_model_spec(name: str) -> ModelSpec:
     if not isinstance(name, str) or name not in _registry:
         close = difflib.get_close_matches(str(name), _registry, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown model_name {name!r}{hint}; known models: {', '.join(_registry)}")
+        raise ConfigError(
+            f"unknown model_name {name!r}{hint}; known models: {', '.join(_registry)} (a model of your own: "
+            f"name its .py file in ${PLUGIN_ENV})"
+        )
     return _registry[name]
 
 
