@@ -42,6 +42,7 @@ from bigearthnet_tf.constants import (
     original_to_19,
 )
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import InputFileError, check_regular_file, read_input_file
 from bigearthnet_tf.tiff import TiffError, read_band
 
 __all__ = [
@@ -71,6 +72,8 @@ V2_S2_FOLDER = "BigEarthNet-S2"
 V2_S1_FOLDER = "BigEarthNet-S1"
 V2_METADATA = "metadata.parquet"
 V2_SNOW_CLOUD_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
+MAX_METADATA_FILE_BYTES = 1 << 20  # a patch's JSON is about 1 KB
+MAX_SPLIT_FILE_BYTES = 256 << 20  # the official v1 train list is about 9 MB
 V2_COLUMNS = (
     "patch_id",
     "labels",
@@ -349,8 +352,7 @@ def missing_patches(
 def _read_v1_labels(folder: str, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     file_name = name + V1_METADATA_SUFFIX
     try:
-        with open(os.path.join(folder, file_name), "rb") as handle:
-            raw = handle.read()
+        raw = read_input_file(os.path.join(folder, file_name), MAX_METADATA_FILE_BYTES)
     except FileNotFoundError:
         if not os.path.isdir(folder):
             raise BadPatchError(name, folder, "no such patch folder") from None
@@ -433,10 +435,13 @@ def read_split_csv(path: str | os.PathLike) -> list[str]:
     """Patch names of a split list: one per line (first comma field), CRLF and blank lines tolerated."""
     path = Path(path)
     try:
-        raw = bz2.decompress(path.read_bytes()) if path.suffix == ".bz2" else path.read_bytes()
+        raw = read_input_file(path, MAX_SPLIT_FILE_BYTES)
+        raw = bz2.decompress(raw) if path.suffix == ".bz2" else raw
     except FileNotFoundError:
         raise UserError(f"split file {path} does not exist") from None
-    except (OSError, ValueError) as error:
+    except OSError as error:
+        raise UserError(f"split file {path} cannot be read: {error.strerror or error}") from None
+    except ValueError as error:
         raise UserError(f"split file {path} cannot be read: {error}") from None
     try:
         text = raw.decode("utf-8-sig")  # a BOM appears when the list was saved by a spreadsheet
@@ -519,12 +524,14 @@ def s1_pairs_v1(s1_dir: str | os.PathLike) -> dict[str, str]:
 def _corresponding_s2(s1_dir: str, s1_name: str) -> str | None:
     file_name = s1_name + V1_METADATA_SUFFIX
     try:
-        with open(os.path.join(s1_dir, s1_name, file_name), "rb") as handle:
-            metadata = json.loads(handle.read())
+        metadata = json.loads(
+            read_input_file(os.path.join(s1_dir, s1_name, file_name), MAX_METADATA_FILE_BYTES)
+        )
     except FileNotFoundError:
         return None  # not an S1 patch folder
     except (OSError, ValueError, RecursionError) as error:
-        raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: unreadable metadata ({error})") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: unreadable metadata ({reason})") from None
     s2_name = metadata.get("corresponding_s2_patch") if isinstance(metadata, dict) else None
     if not isinstance(s2_name, str) or not s2_name:
         raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: no 'corresponding_s2_patch' key")
@@ -541,12 +548,13 @@ def _read_parquet(path: Path, columns: tuple[str, ...]):
     import pyarrow.parquet as pq  # imported here: v1 never needs pyarrow
 
     try:
+        check_regular_file(path)  # pyarrow would wait forever on a FIFO
         names = pq.read_schema(path).names
-        missing = [column for column in V2_COLUMNS if column not in names]
+        # Only the columns this reading needs: other tools write files without `country` or
+        # `s2v1_name` (TorchGeo's test data), and nothing here reads those.
+        missing = [column for column in columns if column not in names]
         if missing:
-            raise UserError(
-                f"{path} has no column {missing[0]!r}; expected the columns {', '.join(V2_COLUMNS)}"
-            )
+            raise UserError(f"{path} has no column {missing[0]!r}; reading it needs {', '.join(columns)}")
         table = pq.read_table(path, columns=list(columns))
         # Parquet readers do not check UTF-8; invalid text would surface much later, in to_pylist.
         table.validate(full=True)
@@ -559,6 +567,8 @@ def _read_parquet(path: Path, columns: tuple[str, ...]):
         return table
     except UserError:
         raise
+    except InputFileError as error:
+        raise UserError(f"{path}: {error.strerror}") from None
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UserError(f"{path} cannot be read as parquet: {error}") from None
 

@@ -1,4 +1,8 @@
-"""Writing outputs so that a crash never leaves a half-written one: single files and sets of files.
+"""Reading inputs safely, and writing outputs so that a crash never leaves a half-written one.
+
+- `read_input_file`: reads only regular files (a FIFO or device given by mistake is refused at once,
+  never waited on) and at most a stated number of bytes, so memory stays bounded whatever size a file
+  has; refusals are `InputFileError` (an OSError whose `strerror` says why).
 
 - `write_text_atomically`: a temporary file in the same folder, fsynced, then `os.replace`d; readers
   see the old file or the new one.
@@ -10,12 +14,54 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 TEMPORARY_MARK = ".tmp-"  # in the names of files and folders being written
+
+
+class InputFileError(OSError):
+    """An input file refused before it is read: not a regular file, or larger than allowed."""
+
+
+def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
+    """The bytes of the regular file `path`, if it holds at most `max_bytes`; InputFileError otherwise.
+
+    Opened without blocking (a FIFO would wait for a writer forever), checked with fstat, then read
+    with as few system calls as possible into a buffer of its exact size.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+        if info.st_size > max_bytes:
+            raise InputFileError(
+                errno.EFBIG,
+                f"{info.st_size:,} bytes, more than the {max_bytes:,} such a file can hold",
+                os.fspath(path),
+            )
+        buffer = bytearray(info.st_size)
+        done = os.readv(fd, [buffer]) if info.st_size else 0
+        while done < info.st_size:  # short reads are legal (network file systems); finish the job
+            got = os.readv(fd, [memoryview(buffer)[done:]])
+            if got == 0:
+                del buffer[done:]
+                break
+            done += got
+        return buffer
+    finally:
+        os.close(fd)
+
+
+def check_regular_file(path: str | os.PathLike[str]) -> None:
+    """InputFileError unless `path` is a regular file (for readers that open files themselves)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputFileError(errno.EINVAL, "not a regular file", os.fspath(path))
 
 
 def make_readable(path: str | os.PathLike[str]) -> None:

@@ -551,9 +551,27 @@ def test_v2_metadata_with_a_missing_column_is_named(tmp_path):
     (tmp_path / "BigEarthNet-S2").mkdir()
     pq.write_table(pa.table({"patch_id": ["a_1_1"], "labels": [["Pastures"]]}), tmp_path / "metadata.parquet")
     with pytest.raises(
-        UserError, match=r"metadata.parquet has no column 'split'; expected the columns patch_id"
+        UserError, match=r"metadata.parquet has no column 'split'; reading it needs patch_id, split"
     ):
         official_v2_splits(tmp_path)
+
+
+def test_v2_metadata_needs_only_the_columns_it_reads(tmp_path):
+    """TorchGeo's v2 test parquet has no `country` or `s2v1_name`: nothing here reads them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "BigEarthNet-S2").mkdir()
+    table = {
+        "patch_id": ["S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57"],
+        "labels": [["Pastures"]],
+        "split": ["test"],
+        "s1_name": ["S1A_IW_GRDH_1SDV_20170613T165043_33UUP_26_57"],
+        "contains_seasonal_snow": [False],
+        "contains_cloud_or_shadow": [False],
+    }
+    pq.write_table(pa.table(table), tmp_path / "metadata.parquet")
+    assert official_v2_splits(tmp_path)["test"] == table["patch_id"]
 
 
 def test_v1_archive_knows_its_official_lists(one_patch_archive):

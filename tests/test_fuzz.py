@@ -753,8 +753,8 @@ class _ParquetFile:
         return [{name: values[index] for name, (_, values) in self.columns.items()} for index in range(count)]
 
     def problem_columns(self, needed: tuple[str, ...]) -> list[str]:
-        """The missing columns (any) and the read columns of a refused type, in the reader's order."""
-        missing = [column for column in V2_COLUMNS if column not in self.columns]
+        """The missing read columns and the read columns of a refused type, in the reader's order."""
+        missing = [column for column in needed if column not in self.columns]
         if missing:
             return missing
         return [column for column in needed if self.columns[column][0] not in _ACCEPTED_TYPES[column]]
