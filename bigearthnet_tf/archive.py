@@ -26,7 +26,7 @@ import functools
 import importlib.resources
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +244,8 @@ class Archive:
         if self.version == 1:
             s1_name = s1_pairs_v1(self.s1_dir).get(name)
             where = self.s1_dir
+            if isinstance(s1_name, AmbiguousPair):
+                raise BadPatchError(name, where, f"claimed by several Sentinel-1 patches: {s1_name}")
         else:
             entry = _v2_metadata(self.root).get(name)
             s1_name = None if entry is None else entry[1]
@@ -275,10 +277,17 @@ class Archive:
         return os.path.join(self.s1_dir, v2_s1_product(s1_name), s1_name)
 
     def _v2_labels(self, name: str) -> tuple[str, ...]:
-        entry = _v2_metadata(self.root).get(name)
+        metadata = _v2_metadata(self.root)
+        if name in metadata.repeated:
+            raise BadPatchError(name, V2_METADATA, f"listed twice in the metadata: {metadata.repeated[name]}")
+        entry = metadata.get(name)
         if entry is None:
             raise BadPatchError(name, V2_METADATA, "patch is not listed in the archive's metadata")
         labels = entry[0]
+        if labels is None:
+            raise BadPatchError(
+                name, V2_METADATA, "its labels cell is null (an empty list [] means no labels)"
+            )
         unknown = [label for label in labels if label not in _INDEX_19]
         if unknown:
             raise BadPatchError(
@@ -513,12 +522,25 @@ def s1_pairs_v1(s1_dir: str | os.PathLike) -> dict[str, str]:
     # The real archive's 590,326 pairs are in bigearthnet-common's table; reading that many JSON
     # files would take much longer. Folders the table does not know (synthetic archives) are read.
     known = _official_s1_to_s2() if len(s1_names) > _S1_JSON_SCAN_LIMIT else {}
-    pairs: dict[str, str] = {}
-    for s1_name in s1_names:
+    claims: dict[str, list[str]] = {}
+    for s1_name in sorted(s1_names):
         s2_name = known.get(s1_name) or _corresponding_s2(s1_dir, s1_name)
         if s2_name is not None:
-            pairs[s2_name] = s1_name
-    return pairs
+            claims.setdefault(s2_name, []).append(s1_name)
+    # An S2 patch claimed by several S1 patches is a contradiction: no pair, and `Archive.s1_name`
+    # names the claimants, rather than the folder listing order deciding.
+    return {
+        s2_name: names[0] if len(names) == 1 else AmbiguousPair(names) for s2_name, names in claims.items()
+    }
+
+
+class AmbiguousPair(str):
+    """The value `s1_pairs_v1` gives an S2 patch that several Sentinel-1 patches claim."""
+
+    def __new__(cls, claimants: Sequence[str]) -> AmbiguousPair:
+        pair = super().__new__(cls, " and ".join(claimants))
+        pair.claimants = tuple(claimants)
+        return pair
 
 
 def _corresponding_s2(s1_dir: str, s1_name: str) -> str | None:
@@ -630,12 +652,14 @@ class _V2Metadata:
     rows: dict[str, int]  # patch_id -> row in the concatenation of the tables
     labels: object  # pyarrow ChunkedArray of lists of 19-class names
     s1_names: object  # pyarrow ChunkedArray of strings
+    repeated: dict[str, str]  # patch_id listed more than once -> where (for the message)
 
-    def get(self, patch_id: str) -> tuple[list[str], str | None] | None:
+    def get(self, patch_id: str) -> tuple[list[str] | None, str | None] | None:
+        """(labels, None when the cell is null; s1_name), or None when the patch is not listed."""
         row = self.rows.get(patch_id)
         if row is None:
             return None
-        return self.labels[row].as_py() or [], self.s1_names[row].as_py()
+        return self.labels[row].as_py(), self.s1_names[row].as_py()
 
 
 @functools.lru_cache(maxsize=4)
@@ -643,9 +667,22 @@ def _v2_metadata(root: str) -> _V2Metadata:
     import pyarrow as pa
 
     tables = [table for table in _v2_tables(root, ("patch_id", "labels", "s1_name")) if table is not None]
-    patch_ids = [name for table in tables for name in table.column("patch_id").to_pylist()]
+    files = [V2_METADATA, V2_SNOW_CLOUD_METADATA]
+    rows: dict[str, int] = {}
+    where: dict[str, str] = {}
+    repeated: dict[str, str] = {}
+    row = 0
+    for file_name, table in zip(files, tables, strict=False):
+        for index, name in enumerate(table.column("patch_id").to_pylist()):
+            here = f"{file_name} row {index}"
+            if name in rows:  # a contradiction whatever the rows say: refused for this patch
+                repeated[name] = f"{where[name]} and {here}"
+            rows.setdefault(name, row)
+            where.setdefault(name, here)
+            row += 1
     return _V2Metadata(
-        rows={name: row for row, name in enumerate(patch_ids)},
+        rows=rows,
+        repeated=repeated,
         # Typed, since tables without rows may have no chunks at all.
         labels=pa.chunked_array(
             [chunk for t in tables for chunk in t.column("labels").chunks], type=_v2_column_type("labels")[0]

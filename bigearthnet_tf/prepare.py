@@ -67,7 +67,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -76,6 +76,7 @@ from pathlib import Path
 from bigearthnet_tf import __version__
 from bigearthnet_tf.archive import (
     SPLIT_ALIASES,
+    V2_METADATA,
     Archive,
     BadPatchError,
     open_archive,
@@ -237,6 +238,33 @@ def _missing_patches(archive: Archive, splits: dict[str, list[str]]) -> dict[str
     return {split: [name for name in names if name not in present] for split, names in splits.items()}
 
 
+def _without_contradictions(
+    splits: dict[str, list[str]], sources: Mapping[str, str], skip_bad: bool
+) -> tuple[dict[str, list[str]], list[SkippedPatch]]:
+    """The splits without the patches that several lists (or one list twice) name: which split a
+    patch belongs to would be a silent choice. BadPatchError naming both places, or with `skip_bad`
+    every occurrence left out and reported."""
+    places: dict[str, list[str]] = {}
+    for split, names in splits.items():
+        for name in names:
+            places.setdefault(name, []).append(split)
+    repeated = {name: found for name, found in places.items() if len(found) > 1}
+    if not repeated:
+        return splits, []
+    if not skip_bad:
+        name, (first, second, *_) = next(iter(repeated.items()))
+        raise BadPatchError(
+            name, sources[second], f"listed in split {first} ({sources[first]}) and again in split {second}"
+        )
+    kept = {split: [name for name in names if name not in repeated] for split, names in splits.items()}
+    skipped = [
+        SkippedPatch(split, name, sources[split], f"listed in several splits: {', '.join(found)}")
+        for name, found in repeated.items()
+        for split in dict.fromkeys(found)
+    ]
+    return kept, skipped
+
+
 def _resolve_splits(
     archive: Archive,
     split_files: Sequence[str | os.PathLike] | None,
@@ -275,7 +303,10 @@ def _resolve_splits(
                 f"official v{archive.version} splits: {listed - len(missing):,} of {listed:,} listed patches "
                 f"are in {archive.s2_dir}; preparing those"
             )
-        return splits, []
+        source = f"the official v{archive.version} splits" + (
+            f" ({V2_METADATA})" if archive.version == 2 else ""
+        )
+        return _without_contradictions(splits, dict.fromkeys(splits, source), skip_bad)
 
     if not split_files:
         raise UserError("no split files given; pass CSV files (-n train.csv val.csv test.csv) or --official")
@@ -289,6 +320,9 @@ def _resolve_splits(
                 raise UserError(f"{path} and {sources[other]} both name split {split!r}")
         sources[split] = path
         splits[split] = read_split_csv(path)
+    splits, skipped = _without_contradictions(
+        splits, {split: str(path) for split, path in sources.items()}, skip_bad
+    )
     if exclude_snow_cloud:
         flagged = archive.snow_cloud()
         for split, names in splits.items():
@@ -297,7 +331,6 @@ def _resolve_splits(
                 say(f"{split}: left out {len(names) - len(kept):,} snow/cloud/shadow patches")
             splits[split] = kept
 
-    skipped: list[SkippedPatch] = []
     for split, missing in _missing_patches(archive, splits).items():
         if not missing:
             continue

@@ -5,6 +5,7 @@ refusing, and two runs on one output. Each test names the principle of issue 10 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -103,3 +104,104 @@ def test_bands_resaved_compressed_are_read_exactly(patch_archive, compression):
     reread = open_archive(root, version=1).read_patch(name)
     for band, values in original.bands.items():
         np.testing.assert_array_equal(reread.bands[band], values, err_msg=band)
+
+
+# --- 1. metadata that contradicts itself is an error, never a silent choice -------------------------
+
+
+def small_archive(tmp_path, version: int, with_s1: bool = False) -> Path:
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    return write_synthetic_archive(
+        tmp_path / f"v{version}", patches=12, seed=3, version=version, with_s1=with_s1
+    )
+
+
+def test_a_patch_in_two_split_lists(tmp_path, capsys):
+    root = small_archive(tmp_path, 1)
+    shared = (root / "train.csv").read_text().split()[0]
+    with open(root / "val.csv", "a") as stream:
+        stream.write(f"{shared}\r\n")
+    argv = ["prepare", "-r", root, "-o", tmp_path / "out", "--splits", root / "train.csv", root / "val.csv"]
+    code, error = cli_error(capsys, *argv)
+    assert code == 1 and f"patch {shared}: " in error
+    assert f"listed in split train ({root / 'train.csv'}) and again in split val" in error
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tfrecord"))
+    cli(*argv, "--skip-bad")
+    skipped = (tmp_path / "out" / "skipped.csv").read_text()
+    assert skipped.count(shared) == 2 and "listed in several splits: train, val" in skipped
+    from bigearthnet_tf.input_pipeline import list_files
+
+    names = []
+    for path in list_files([str(tmp_path / "out")]):
+        names += [n.decode() for n in _record_names(path)]
+    assert shared not in names
+
+
+def _record_names(path):
+    import tensorflow as tf
+
+    for raw in tf.data.TFRecordDataset(path):
+        example = tf.train.Example.FromString(raw.numpy())
+        yield example.features.feature["patch_name"].bytes_list.value[0]
+
+
+def _rewrite_parquet(root: Path, change) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "metadata.parquet").to_pylist()
+    rows = change(rows)
+    pq.write_table(pa.Table.from_pylist(rows), root / "metadata.parquet")
+
+
+def test_a_repeated_patch_id_in_the_v2_parquet(tmp_path, capsys):
+    root = small_archive(tmp_path, 2)
+    twin = {}
+
+    def repeat(rows):
+        twin.update(rows[0], row=len(rows))
+        other = dict(rows[0], labels=["Marine waters"], split="test")
+        return [*rows, other]
+
+    _rewrite_parquet(root, repeat)
+    code, error = cli_error(capsys, "prepare", "-r", root, "-o", tmp_path / "out", "--splits", "official")
+    assert code == 1 and f"patch {twin['patch_id']}" in error and "again in split test" in error
+    expected = f"listed twice in the metadata: metadata.parquet row 0 and metadata.parquet row {twin['row']}"
+    with pytest.raises(BadPatchError, match=expected):
+        open_archive(root).read_labels(twin["patch_id"])
+
+
+def test_a_null_labels_cell_is_refused_and_an_empty_list_means_no_labels(tmp_path):
+    root = small_archive(tmp_path, 2)
+    ids = {}
+
+    def blank(rows):
+        ids["null"], ids["empty"] = rows[0]["patch_id"], rows[1]["patch_id"]
+        rows[0]["labels"], rows[1]["labels"] = None, []
+        return rows
+
+    _rewrite_parquet(root, blank)
+    archive = open_archive(root)
+    with pytest.raises(BadPatchError, match=r"labels cell is null \(an empty list \[\] means no labels\)"):
+        archive.read_labels(ids["null"])
+    assert archive.read_labels(ids["empty"]) == (None, ())
+
+
+def test_two_sentinel_1_patches_claiming_one_sentinel_2_patch(tmp_path):
+    from bigearthnet_tf.archive import V1_S1_FOLDER, s1_pairs_v1
+
+    root = small_archive(tmp_path, 1, with_s1=True)
+    s1_folders = sorted(path for path in (root / V1_S1_FOLDER).iterdir() if path.is_dir())
+    first, second = s1_folders[:2]
+    claimed = json.loads((first / f"{first.name}_labels_metadata.json").read_text())["corresponding_s2_patch"]
+    metadata_file = second / f"{second.name}_labels_metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata["corresponding_s2_patch"] = claimed
+    metadata_file.write_text(json.dumps(metadata))
+    s1_pairs_v1.cache_clear()
+    archive = open_archive(root, s1_root=root)
+    with pytest.raises(
+        BadPatchError, match=f"claimed by several Sentinel-1 patches: {first.name} and {second.name}"
+    ):
+        archive.s1_name(claimed)

@@ -496,32 +496,67 @@ def test_restart_after_a_simulated_crash_keeps_finished_shards(archive, tmp_path
     assert folder_bytes(out) == folder_bytes(reference)
 
 
-def test_restart_after_sigkill(archive, tmp_path, example_names):
-    """A real SIGKILL while a worker is blocked reading a patch (a FIFO stands in for a slow disk)."""
-    blocked = example_names[4]  # the first val patch: all train shards finish before it
-    band = archive / blocked / f"{blocked}_B08.tif"
-    real_band = band.read_bytes()
-    band.unlink()
-    os.mkfifo(band)
+# A read that never returns, as on a hung network disk: the band file stays a regular file (a FIFO
+# is refused at once, by design), and every process of the run, workers included, blocks on it.
+_BLOCKING_READS = """
+import os, time
+from bigearthnet_tf import files
+_read = files.read_input_file
+def read_input_file(path, max_bytes):
+    if os.fspath(path).endswith(os.environ["BIGEARTHNET_TEST_BLOCKED_FILE"]):
+        while True:
+            time.sleep(1)
+    return _read(path, max_bytes)
+files.read_input_file = read_input_file
+"""
+_PREPARE = (
+    "import sys, json; from bigearthnet_tf.prepare import prepare; "
+    "root, out, splits = json.loads(sys.argv[1]); "
+    "prepare(root=root, out=out, split_files=splits, shard_size=1, workers=2, show_progress=False)"
+)
 
-    out = tmp_path / "out"
+
+def start_blocked_prepare(archive: Path, out: Path, tmp_path: Path, blocked_file: str) -> subprocess.Popen:
+    """`prepare` in a new process group whose reads of `blocked_file` never return."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(_BLOCKING_READS)
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "BIGEARTHNET_TEST_BLOCKED_FILE": blocked_file,
+    }
     args = [str(archive), str(out), [str(p) for p in split_files(archive)]]
-    code = (
-        "import sys, json; from bigearthnet_tf.prepare import prepare; "
-        "root, out, splits = json.loads(sys.argv[1]); "
-        "prepare(root=root, out=out, split_files=splits, shard_size=1, workers=2, show_progress=False)"
+    return subprocess.Popen(
+        [sys.executable, "-c", _PREPARE, json.dumps(args)],
+        cwd=REPO,
+        env=environment,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(args)], cwd=REPO, start_new_session=True
-    )
+
+
+def wait_for_blocked_shard(process: subprocess.Popen, out: Path, train_shards: set[str]) -> Path:
+    """Wait until the train shards are journaled and the blocked val shard's temporary file exists."""
+    deadline = time.monotonic() + 120
+    while True:
+        blocked = list((out / WORK_DIR_NAME).glob("val-00000*.tmp")) if (out / WORK_DIR_NAME).exists() else []
+        if train_shards <= set(journaled_files(out)) and blocked:
+            return blocked[0]
+        assert process.poll() is None, "prepare ended although a patch cannot be read"
+        assert time.monotonic() < deadline, "prepare did not reach the blocked patch"
+        time.sleep(0.05)
+
+
+def test_restart_after_sigkill(archive, tmp_path, example_names):
+    """A real SIGKILL of the whole process group while a worker is blocked reading a patch."""
+    blocked = example_names[4]  # the first val patch: all train shards finish before it
+    out = tmp_path / "out"
+    process = start_blocked_prepare(archive, out, tmp_path, f"{blocked}_B08.tif")
+    train_shards = {f"train-0000{i}-of-00004.tfrecord" for i in range(4)}
     try:
-        deadline = time.monotonic() + 60
-        train_shards = {f"train-0000{i}-of-00004.tfrecord" for i in range(4)}
-        blocked_shard = out / WORK_DIR_NAME
-        while not train_shards <= set(journaled_files(out)) or not list(blocked_shard.glob("val-00000*.tmp")):
-            assert process.poll() is None, "prepare ended although a patch cannot be read"
-            assert time.monotonic() < deadline, "prepare did not reach the blocked patch"
-            time.sleep(0.05)
+        wait_for_blocked_shard(process, out, train_shards)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     finally:
@@ -533,8 +568,6 @@ def test_restart_after_sigkill(archive, tmp_path, example_names):
     assert list((out / WORK_DIR_NAME).glob("*.tmp"))  # the blocked shard's temporary file
     finished = {name: (out / name).stat().st_ino for name in journaled_files(out)}
     assert train_shards <= set(finished)
-    band.unlink()
-    band.write_bytes(real_band)
 
     summary = run(archive, out, shard_size=1, workers=2)
     assert summary.resumed_patches == len(finished)
@@ -547,39 +580,28 @@ def test_restart_after_sigkill(archive, tmp_path, example_names):
 
 def test_a_killed_worker_fails_the_run_and_keeps_finished_shards(archive, tmp_path, example_names):
     """A worker killed mid-run (as the out-of-memory killer would) ends the run with a clear error."""
-    import multiprocessing
-    import threading
-
     blocked = example_names[4]
-    band = archive / blocked / f"{blocked}_B08.tif"
-    real_band = band.read_bytes()
-    band.unlink()
-    os.mkfifo(band)  # the worker reading it blocks until killed
     out = tmp_path / "out"
-
-    def kill_blocked_worker() -> None:
-        deadline = time.monotonic() + 60
-        while not list((out / WORK_DIR_NAME).glob("val-00000*.tmp")) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        pid = int(next((out / WORK_DIR_NAME).glob("val-00000*.tmp")).name.rsplit(".", 2)[-2])
-        os.kill(pid, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_blocked_worker)
-    killer.start()
+    process = start_blocked_prepare(archive, out, tmp_path, f"{blocked}_B08.tif")
     try:
-        with pytest.raises(UserError, match="worker process died unexpectedly.*run the same command again"):
-            run(archive, out, shard_size=1, workers=2)
+        temporary = wait_for_blocked_shard(process, out, {"train-00000-of-00004.tfrecord"})
+        worker = int(temporary.name.rsplit(".", 2)[-2])
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
     finally:
-        killer.join()
-    assert multiprocessing.active_children() == []
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
+    assert "worker process died unexpectedly" in stderr and "run the same command again" in stderr
+    with pytest.raises(ProcessLookupError):  # no worker outlives the run
+        os.killpg(process.pid, 0)
     # The first worker finished train shards 0 and 2 before it took the blocked val shard.
     finished = {name: (out / name).stat().st_ino for name in journaled_files(out)}
     assert {"train-00000-of-00004.tfrecord", "train-00002-of-00004.tfrecord"} <= set(finished)
     assert "val-00000-of-00002.tfrecord" not in finished
     assert not list((out / WORK_DIR_NAME).glob("*.tmp"))
 
-    band.unlink()
-    band.write_bytes(real_band)
     summary = run(archive, out, shard_size=1, workers=2)
     assert summary.resumed_patches == len(finished)
     assert {name: (out / name).stat().st_ino for name in finished} == finished
