@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.quiet import import_tensorflow_quietly
 
 DEFAULT_TEST_RUN_BATCHES = 3
+MAX_ERROR_CHARACTERS = 1000
 MODEL_FORMS = (
     "checkpoint: a base name (runs/r50/models/best), one of its files, a run folder (its best, else its "
     "newest checkpoint), or an exported .keras file"
@@ -520,6 +522,23 @@ def next_step(args: argparse.Namespace, error: UserError) -> str | None:
     return None
 
 
+def os_error_message(error: OSError) -> str:
+    """`<path>: <reason>` (both paths of a rename) for an OSError, as one line."""
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [os.fsdecode(path) for path in (error.filename, error.filename2) if path is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
+def error_line(message: str) -> str:
+    """`error: <message>` on one line, at most MAX_ERROR_CHARACTERS long (a bad value may be huge)."""
+    message = " ".join(message.split())
+    if len(message) > MAX_ERROR_CHARACTERS:
+        message = (
+            message[:MAX_ERROR_CHARACTERS] + f"... ({len(message) - MAX_ERROR_CHARACTERS:,} more characters)"
+        )
+    return f"error: {message}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bigearthnet` console command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -531,8 +550,13 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except UserError as error:
         hint = next_step(args, error)
-        print(f"error: {error}{'; ' + hint if hint else ''}", file=sys.stderr)
+        print(error_line(f"{error}{'; ' + hint if hint else ''}"), file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+    except OSError as error:
+        # The operating system refused (permission, full disk, read-only, a file where a folder is
+        # needed): the user's to fix, so one line naming the path, not a traceback.
+        print(error_line(os_error_message(error)), file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -54,6 +54,7 @@ from bigearthnet_tf.files import (
     write_text_atomically,
 )
 from bigearthnet_tf.inference import Predictions, collect_predictions, sigmoid  # noqa: F401  (public here too)
+from bigearthnet_tf.locks import output_lock
 
 EVAL_RESULT_NAME = "eval_result.json"
 PREDICTIONS_NAME = "predictions.csv"
@@ -82,6 +83,12 @@ class EvaluationResult:
 
 def evaluate(config: Config, *, console: Console | None = None, overwrite: bool = False) -> EvaluationResult:
     """Evaluate `config.model_file` on `config.test_tf_record_files` (module docstring)."""
+    # One evaluation per out_dir at a time: two would race for the same results folder.
+    with output_lock(config.out_dir, "evaluate", f"out_dir {config.out_dir}"):
+        return _evaluate(config, console=console, overwrite=overwrite)
+
+
+def _evaluate(config: Config, *, console: Console | None, overwrite: bool) -> EvaluationResult:
     from bigearthnet_tf.input_pipeline import CorruptRecordCounter, count_records, make_dataset
     from bigearthnet_tf.metrics import compute_metrics
     from bigearthnet_tf.report import print_metrics_table

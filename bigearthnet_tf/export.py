@@ -56,6 +56,7 @@ from bigearthnet_tf.checkpoints import PROBABILITIES_LAYER
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import make_readable
+from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.predict import Predictor, keras_metadata_path, load_predictor
 from bigearthnet_tf.thresholds import stored_thresholds
 
@@ -126,13 +127,14 @@ def export_model(
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
     metadata = export_metadata(predictor)
     wrapped = probability_model(predictor)
-    if format == "saved_model":
-        metadata_file = _export_saved_model(wrapped, metadata, out)
-    elif format == "onnx":
-        _export_onnx(wrapped, metadata, out)
-        metadata_file = None
-    else:
-        metadata_file = _export_keras(wrapped, metadata, out)
+    with output_lock(out.parent, f"export-{out.name}", f"export {out}"):
+        if format == "saved_model":
+            metadata_file = _export_saved_model(wrapped, metadata, out)
+        elif format == "onnx":
+            _export_onnx(wrapped, metadata, out)
+            metadata_file = None
+        else:
+            metadata_file = _export_keras(wrapped, metadata, out)
     return ExportResult(out, format, metadata, metadata_file)
 
 

@@ -96,6 +96,7 @@ from bigearthnet_tf.constants import (
     S2_BAND_NAMES,
 )
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.records import FORMAT_VERSION, SERIALIZERS, RecordWriter
 
 __all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "MANIFEST_NAME"]
@@ -306,7 +307,8 @@ def _resolve_splits(
         source = f"the official v{archive.version} splits" + (
             f" ({V2_METADATA})" if archive.version == 2 else ""
         )
-        return _without_contradictions(splits, dict.fromkeys(splits, source), skip_bad)
+        splits, skipped = _without_contradictions(splits, dict.fromkeys(splits, source), skip_bad)
+        return _without_empty_splits(splits, say), skipped
 
     if not split_files:
         raise UserError("no split files given; pass CSV files (-n train.csv val.csv test.csv) or --official")
@@ -351,7 +353,18 @@ def _resolve_splits(
             )
             for name in missing
         )
-    return splits, skipped
+    return _without_empty_splits(splits, say), skipped
+
+
+def _without_empty_splits(splits: dict[str, list[str]], say: Callable[[str], None]) -> dict[str, list[str]]:
+    """The splits that have patches left: an empty split gets no file (an empty record file would
+    only make training or evaluation fail later); what was left out is said."""
+    empty = [split for split, names in splits.items() if not names]
+    for split in empty:
+        say(f"split {split}: none of its patches is left to prepare; no {split} files are written")
+    if len(empty) == len(splits):
+        raise UserError("no patches left to prepare in any split")
+    return {split: names for split, names in splits.items() if names}
 
 
 # --- workers -------------------------------------------------------------------------------------
@@ -922,75 +935,77 @@ def prepare(
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"output folder {out_path} exists and is not a folder")
     out_path.mkdir(parents=True, exist_ok=True)
-    plan = _Plan(out_path, out_path / WORK_DIR_NAME, record_format, shard_size, archive, splits, [])
-    _plan_units(plan)
-    plan.fingerprint = _fingerprint(plan, skip_bad)
-    done, appended = _start_or_resume(plan, overwrite, say)
+    # One writer per output folder: a second run would remove this one's temporary files.
+    with output_lock(out_path, "prepare", f"output folder {out_path}"):
+        plan = _Plan(out_path, out_path / WORK_DIR_NAME, record_format, shard_size, archive, splits, [])
+        _plan_units(plan)
+        plan.fingerprint = _fingerprint(plan, skip_bad)
+        done, appended = _start_or_resume(plan, overwrite, say)
 
-    # Journal entries by file name: units (shards or legacy parts) and finished legacy split files.
-    finished = dict(done)
-    pending, resumed = _pending_units(plan, finished)
-    for split in splits:
-        if record_format == "legacy":
-            _advance_legacy_split(plan, split, finished, appended)
+        # Journal entries by file name: units (shards or legacy parts) and finished legacy split files.
+        finished = dict(done)
+        pending, resumed = _pending_units(plan, finished)
+        for split in splits:
+            if record_format == "legacy":
+                _advance_legacy_split(plan, split, finished, appended)
 
-    total = sum(len(unit.names) for unit in plan.units)
-    progress = _progress_bar(console)
-    task = progress.add_task("preparing", total=total, completed=resumed, resumed=resumed)
-    settings = (plan.archive, plan.record_format, skip_bad, str(plan.work_dir), str(plan.out))
-    unit_split = {unit.file_name: unit.split for unit in plan.units}
-    try:
-        # Workers start before the progress bar's refresh thread, so a fork copies no running
-        # thread; closing() stops them on an error before this job's files are removed.
-        with contextlib.closing(_Workers(pending, workers, context, settings)) as runner, progress:
-            for result in runner.results(lambda n: progress.advance(task, n)):
-                if result.error is not None:
-                    raise BadPatchError(*result.error)
-                entry = {
-                    "file": result.file_name,
-                    "bytes": result.size,
-                    "patches": result.written,
-                    "skipped": [list(item) for item in result.skipped],
-                }
-                _journal_append(plan.work_dir, entry)
-                finished[result.file_name] = entry
-                split = unit_split[result.file_name]
-                if record_format == "legacy":
-                    _advance_legacy_split(plan, split, finished, appended)
-            progress.update(task, completed=total)
-    except BadPatchError:
-        _discard_job(plan)
-        raise
-    except BaseException:
-        # Interrupted or failed for another reason: finished files stay for a restart.
-        if plan.work_dir.exists():
-            _remove_temporaries(plan.work_dir)
-        raise
+        total = sum(len(unit.names) for unit in plan.units)
+        progress = _progress_bar(console)
+        task = progress.add_task("preparing", total=total, completed=resumed, resumed=resumed)
+        settings = (plan.archive, plan.record_format, skip_bad, str(plan.work_dir), str(plan.out))
+        unit_split = {unit.file_name: unit.split for unit in plan.units}
+        try:
+            # Workers start before the progress bar's refresh thread, so a fork copies no running
+            # thread; closing() stops them on an error before this job's files are removed.
+            with contextlib.closing(_Workers(pending, workers, context, settings)) as runner, progress:
+                for result in runner.results(lambda n: progress.advance(task, n)):
+                    if result.error is not None:
+                        raise BadPatchError(*result.error)
+                    entry = {
+                        "file": result.file_name,
+                        "bytes": result.size,
+                        "patches": result.written,
+                        "skipped": [list(item) for item in result.skipped],
+                    }
+                    _journal_append(plan.work_dir, entry)
+                    finished[result.file_name] = entry
+                    split = unit_split[result.file_name]
+                    if record_format == "legacy":
+                        _advance_legacy_split(plan, split, finished, appended)
+                progress.update(task, completed=total)
+        except BadPatchError:
+            _discard_job(plan)
+            raise
+        except BaseException:
+            # Interrupted or failed for another reason: finished files stay for a restart.
+            if plan.work_dir.exists():
+                _remove_temporaries(plan.work_dir)
+            raise
 
-    # Tallies in list order, whatever order the workers finished in: missing folders first, then
-    # unreadable patches, each in list order.
-    written = {split: 0 for split in splits}
-    skipped = {split: [item for item in missing if item.split == split] for split in splits}
-    for split in splits:
-        for entry in _split_entries(plan, split, finished):
-            written[split] += entry["patches"]
-            skipped[split].extend(SkippedPatch(split, *item) for item in entry["skipped"])
-    all_skipped = [item for split in splits for item in skipped[split]]
-    if skip_bad:
-        _write_atomically(plan.out / SKIPPED_REPORT_NAME, _skipped_report(all_skipped), plan.work_dir)
-    manifest = _manifest(plan, written, {split: len(skipped[split]) for split in splits}, skip_bad)
-    _write_atomically(plan.out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", plan.work_dir)
-    shutil.rmtree(plan.work_dir)
+        # Tallies in list order, whatever order the workers finished in: missing folders first, then
+        # unreadable patches, each in list order.
+        written = {split: 0 for split in splits}
+        skipped = {split: [item for item in missing if item.split == split] for split in splits}
+        for split in splits:
+            for entry in _split_entries(plan, split, finished):
+                written[split] += entry["patches"]
+                skipped[split].extend(SkippedPatch(split, *item) for item in entry["skipped"])
+        all_skipped = [item for split in splits for item in skipped[split]]
+        if skip_bad:
+            _write_atomically(plan.out / SKIPPED_REPORT_NAME, _skipped_report(all_skipped), plan.work_dir)
+        manifest = _manifest(plan, written, {split: len(skipped[split]) for split in splits}, skip_bad)
+        _write_atomically(plan.out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", plan.work_dir)
+        shutil.rmtree(plan.work_dir)
 
-    summary = PrepareSummary(
-        out=plan.out,
-        record_format=record_format,
-        files=dict(plan.files),
-        patches=written,
-        skipped=tuple(all_skipped),
-        seconds=time.perf_counter() - started,
-        resumed_patches=resumed,
-    )
-    if show_progress:
-        _print_summary(summary, Console(file=sys.stdout, highlight=False))
-    return summary
+        summary = PrepareSummary(
+            out=plan.out,
+            record_format=record_format,
+            files=dict(plan.files),
+            patches=written,
+            skipped=tuple(all_skipped),
+            seconds=time.perf_counter() - started,
+            resumed_patches=resumed,
+        )
+        if show_progress:
+            _print_summary(summary, Console(file=sys.stdout, highlight=False))
+        return summary

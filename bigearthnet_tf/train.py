@@ -58,6 +58,7 @@ from bigearthnet_tf.input_pipeline import (
     count_records,
     make_dataset,
 )
+from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.metrics import compute_metrics
 from bigearthnet_tf.models import build_model, input_keys
 
@@ -128,8 +129,14 @@ def train(
     chief = is_chief(strategy)
     console = console or Console(quiet=not chief)
     seed_everything(config.seed)
-    plan = plan_training(config, strategy, console)
-    with precision_policy(config.mixed_precision) as policy, StopSignals() as stop:
+    # One training per out_dir (the chief writes; other workers of a cluster share its out_dir).
+    lock = (
+        output_lock(config.out_dir, "train", f"out_dir {config.out_dir}")
+        if chief
+        else contextlib.nullcontext()
+    )
+    with lock, precision_policy(config.mixed_precision) as policy, StopSignals() as stop:
+        plan = plan_training(config, strategy, console)
         start = find_starting_point(config)
         model, optimizer, progress_state = build_model_and_optimizer(config, start, plan, strategy, policy)
         if chief:

@@ -564,11 +564,12 @@ def test_v1_snow_cloud_on_the_real_example_patches(example_paths, tmp_path, caps
     for folder in example_paths.s1.iterdir():
         metadata = json.loads((folder / f"{folder.name}{V1_METADATA_SUFFIX}").read_text())
         pairs[metadata["corresponding_s2_patch"]] = folder.name
-    for split in ("train", "val", "test"):
+    for split in ("train", "test"):  # none of the six is on the official val list: no val files
         listed = [name for name in common_list(f"{split}.csv.bz2") if name in set(names)]
         rows = record_features(split_files(official, split), "patch_name", "patch_name_s1")
         assert rows == [(name, pairs[name]) for name in listed]
-    assert prepared_counts(official) == {"train": 4, "val": 0, "test": 1}
+    assert not [name for name in common_list("val.csv.bz2") if name in set(names)]
+    assert prepared_counts(official) == {"train": 4, "test": 1}
 
     # v1 has nothing to include: the official lists already leave these patches out.
     code, err = cli_error(

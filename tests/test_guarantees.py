@@ -205,3 +205,128 @@ def test_two_sentinel_1_patches_claiming_one_sentinel_2_patch(tmp_path):
         BadPatchError, match=f"claimed by several Sentinel-1 patches: {first.name} and {second.name}"
     ):
         archive.s1_name(claimed)
+
+
+# --- 3. the operating system's refusals are user errors ---------------------------------------------
+
+
+def test_a_full_disk_while_publishing_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    """ENOSPC injected at the rename that publishes an evaluation's files: exit 1, one line naming
+    the path and the reason, no temporary folder left, and a rerun (with space again) succeeds."""
+    import errno
+
+    from bigearthnet_tf import files
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    root = write_synthetic_archive(tmp_path / "archive", patches=24, seed=2)
+    records = tmp_path / "records"
+    cli("prepare", "-r", root, "-o", records, "--splits", root / "train.csv", root / "test.csv")
+    config = tmp_path / "c.json"
+    out_dir = tmp_path / "run"
+    config.write_text(json.dumps({
+        "model_name": "K-BranchCNN-Tiny", "label_type": "BigEarthNet-19", "batch_size": 8, "nb_epoch": 1,
+        "learning_rate": 1e-3, "out_dir": str(out_dir), "tr_tf_record_files": str(records / "train-*"),
+        "test_tf_record_files": str(records / "test-*"), "model_file": str(out_dir),
+    }))  # fmt: skip
+    cli("train", config)
+    real_replace = os.replace
+
+    def full_disk(source, target, *args, **kwargs):
+        if Path(target).parent.name == "eval":  # the rename that publishes the set
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(target))
+        return real_replace(source, target, *args, **kwargs)
+
+    capsys.readouterr()
+    with monkeypatch.context() as patched:
+        patched.setattr(files.os, "replace", full_disk)
+        code, error = cli_error(capsys, "evaluate", config)
+    assert code == 1 and error.count("\n") == 1
+    results = out_dir / "eval" / "iteration-2-test"  # the run folder's newest checkpoint on the test split
+    assert error.strip() == f"error: {results}: No space left on device"
+    assert not list((out_dir / "eval").glob(".*")) and not results.exists()
+    cli("evaluate", config)
+    assert (results / "eval_result.json").is_file()
+
+
+def test_an_output_path_that_is_a_file(tmp_path, capsys, patch_archive):
+    root, _ = patch_archive
+    blocker = tmp_path / "out"
+    blocker.write_text("mine")
+    code, error = cli_error(capsys, "prepare", "-r", root, "-o", blocker / "records", "--splits", "official")
+    errors = [line for line in error.splitlines() if line.startswith("error:")]
+    assert code == 1 and errors == [f"error: {blocker / 'records'}: Not a directory"]
+    assert blocker.read_text() == "mine"
+
+
+def test_error_lines_are_short_whatever_the_bad_value(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"x" * 5_000_000: 1, "batch_size": 1, "out_dir": "o"}))
+    code, error = cli_error(capsys, "train", config)
+    assert code == 2 and len(error) < 1_200 and "unknown key 'xxxx" in error
+
+
+# --- 4. two runs on one output never corrupt each other ---------------------------------------------
+
+
+HOLD_LOCK = """
+import sys, time
+from bigearthnet_tf.locks import output_lock
+with output_lock(sys.argv[1], sys.argv[2], "test"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(folder: Path, kind: str):
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder), kind], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "held"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_second_prepare_refuses_while_the_first_runs_and_not_after_it_was_killed(
+    patch_archive, tmp_path, capsys
+):
+    root, _ = patch_archive
+    out = tmp_path / "out"
+    argv = ("prepare", "-r", root, "-o", out, "--splits", "official")
+    with lock_held_by_another_process(out, "prepare") as holder:
+        code, error = cli_error(capsys, *argv)
+        assert code == 1
+        assert (
+            f"output folder {out} is being written by another bigearthnet prepare (process {holder.pid})"
+            in error
+        )
+        assert not list(out.glob("*.tfrecord"))
+    cli(*argv)  # killed holder (SIGKILL): the kernel released its lock
+    assert list(out.glob("train-*.tfrecord"))
+    assert not list(out.glob(".bigearthnet-*"))  # the lock file goes with its holder's release
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_train_and_evaluate_refuse_a_busy_out_dir(tmp_path, capsys, kind):
+    config = tmp_path / "c.json"
+    out_dir = tmp_path / "run"
+    config.write_text(json.dumps({
+        "model_name": "K-BranchCNN-Tiny", "label_type": "BigEarthNet-19", "batch_size": 8, "nb_epoch": 1,
+        "learning_rate": 1e-3, "out_dir": str(out_dir), "tr_tf_record_files": str(config),
+        "test_tf_record_files": str(config), "model_file": str(config),
+    }))  # fmt: skip
+    from bigearthnet_tf.config import load_config
+    from bigearthnet_tf.evaluate import evaluate
+    from bigearthnet_tf.train import train
+
+    with lock_held_by_another_process(out_dir, kind):
+        with pytest.raises(
+            UserError, match=f"out_dir {out_dir} is being written by another bigearthnet {kind}"
+        ):
+            (train if kind == "train" else evaluate)(load_config(config, kind))

@@ -676,12 +676,18 @@ def test_official_splits_on_a_partial_archive(archive, tmp_path, example_names, 
     kept = sum(len(names) for names in expected.values())
     assert 0 < kept < len(example_names)  # one example patch is on the snow/cloud lists
     manifest = json.loads((out / MANIFEST_NAME).read_text())
+    # A split the partial archive leaves empty gets no file and no manifest entry, and is named.
+    empty = [split for split, names in expected.items() if not names]
+    assert empty == ["val"]
     assert {split: info["patches"] for split, info in manifest["splits"].items()} == {
-        split: len(names) for split, names in expected.items()
+        split: len(names) for split, names in expected.items() if names
     }
     for split, names in expected.items():
         assert [r["name"] for r in read_default(sorted(out.glob(f"{split}-*.tfrecord")))] == names
-    assert f"official v1 splits: {kept:,} of {listed:,} listed patches" in capsys.readouterr().err
+    printed = capsys.readouterr().err
+    assert f"official v1 splits: {kept:,} of {listed:,} listed patches" in printed
+    assert "split val: none of its patches is left to prepare; no val files are written" in printed
+    assert not list(out.glob("val*"))
 
 
 def test_official_splits_need_at_least_one_listed_patch(tmp_path, example_paths, example_names):
