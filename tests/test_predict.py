@@ -386,6 +386,10 @@ def test_command_line(synthetic_v1, v1_setup, tmp_path, capsys):
     assert "holds none of the patches of the official v1 splits" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "missing_patch"), "--model", str(base)])
-    assert capsys.readouterr().err.strip().endswith(
-        "missing_patch: no such patch folder; --skip-bad predicts the other patches and lists the bad ones"
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "missing_patch: no such patch folder; --skip-bad predicts the other patches and lists the bad ones"
+        )
     )
