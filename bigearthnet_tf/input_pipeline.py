@@ -117,6 +117,11 @@ TFRECORD_OVERHEAD_BYTES = 16  # per record: uint64 length, masked CRC of it, mas
 MIN_FILES_PER_PIPELINE = 4  # below this, sharding by file leaves pipelines badly unbalanced
 
 _CORRUPT_TAG = "corrupt or truncated TFRecord file:"
+_PAYLOAD_TAG = "record payload of the wrong size:"
+_PAYLOAD_PATTERN = re.compile(
+    r"\[" + re.escape(_PAYLOAD_TAG) + r"\] \[(?P<path>.*?)\] \[patch\] \[(?P<patch>.*?)\] \[(?P<key>\w+)\] "
+    r"\[holds\] \[(?P<bytes>\d+)\] \[bytes, expected\] \[(?P<expected>\d+)\]"
+)
 _CORRUPT_PATTERN = re.compile(
     r"\[" + re.escape(_CORRUPT_TAG) + r"\] \[(?P<path>.*?)\] \[readable bytes:\] \[(?P<read>\d+)\] "
     r"\[of\] \[(?P<size>\d+)\]"
@@ -474,6 +479,41 @@ def decode_bands(features: Mapping[str, tf.Tensor], kind: str, modality: str = "
     return inputs
 
 
+def _checked_payloads(features: dict[str, tf.Tensor], paths: tf.Tensor, name_key: str | None) -> dict:
+    """`features` once every raw payload of the batch has its exact byte length; else an assertion
+    that `corrupt_files_as_user_errors` turns into a UserError naming the file and the patch."""
+    checks = []
+    groups = {key: (len(bands), size, 2) for key, (bands, size) in S2_GROUPS.items()}
+    groups[S1_INPUT_KEY] = (len(constants.S1_BAND_NAMES), constants.PATCH_SIZE, 4)
+    names = features[name_key] if name_key is not None else tf.strings.as_string(tf.range(tf.size(paths)))
+    for key, (channels, size, itemsize) in groups.items():
+        if key not in features:
+            continue
+        expected = size * size * channels * itemsize
+        lengths = tf.strings.length(features[key])
+        wrong = tf.where(tf.not_equal(lengths, expected))[:, 0]
+        first = tf.concat([wrong, tf.zeros([1], wrong.dtype)], axis=0)[0]  # the first wrong one, else 0
+        checks.append(
+            tf.debugging.Assert(
+                tf.size(wrong) == 0,
+                [
+                    _PAYLOAD_TAG,
+                    tf.gather(paths, first),
+                    "patch",
+                    tf.gather(names, first),
+                    key,
+                    "holds",
+                    tf.gather(lengths, first),
+                    "bytes, expected",
+                    expected,
+                ],
+                summarize=1,
+            )
+        )
+    with tf.control_dependencies(checks):
+        return {key: tf.identity(value) for key, value in features.items()}
+
+
 def decode_labels(features: Mapping[str, tf.Tensor], label_type: str) -> tf.Tensor:
     """The int64 multi-hot of ``label_type`` -> float32 (batch, classes), the dtype the loss takes."""
     return tf.cast(features[label_key(label_type)], tf.float32)
@@ -486,12 +526,20 @@ def parse_batch(
     label_type: str | None,
     modality: str = "S2",
     name_key: str | None = None,
+    paths: tf.Tensor | None = None,
+    check_name_key: str | None = None,
 ) -> tuple[dict[str, tf.Tensor], tf.Tensor] | dict[str, tf.Tensor]:
     """A batch (vector) of serialized Examples -> ``(inputs, labels)``, or ``inputs`` without a label type.
 
-    With ``name_key``, ``inputs["patch_name"]`` holds the patch names (read from ``name_key``).
+    With ``name_key``, ``inputs["patch_name"]`` holds the patch names (read from ``name_key``). With
+    ``paths`` (each record's file), every raw pixel payload's byte length is checked before it is
+    decoded: a record whose checksums are valid but whose payload is not (a band of the wrong size,
+    written by another tool) fails naming the file and the patch (``check_name_key`` holds the names).
     """
-    features = tf.io.parse_example(serialized, feature_spec(kind, label_type, modality, name_key))
+    spec = feature_spec(kind, label_type, modality, name_key or check_name_key)
+    features = tf.io.parse_example(serialized, spec)
+    if paths is not None and kind == DEFAULT_FORMAT:
+        features = _checked_payloads(features, paths, check_name_key or name_key)
     inputs = decode_bands(features, kind, modality)
     if name_key is not None:
         inputs["patch_name"] = features[name_key]
@@ -530,7 +578,7 @@ def _verified_records(
     skip_corrupt: bool,
     counter: CorruptRecordCounter | None,
 ) -> tf.data.Dataset:
-    """The serialized records of one file; fails naming the file (or skips, counted) if it is unreadable.
+    """(serialized record, path) of one file; fails naming the file (or skips, counted) if it is unreadable.
 
     ``ignore_errors`` makes the reader end the file quietly at a bad CRC or truncated record; an empty
     end-of-file chunk then compares the bytes delivered with the file size, which is the only way to learn
@@ -580,7 +628,8 @@ def _verified_records(
 
             check = tf.cond(complete, lambda: tf.constant(True), report)
         with tf.control_dependencies([check]):
-            return (read_bytes, read_records), tf.identity(records)
+            # Each record travels with its file's path, so a bad payload can be named (see parse_batch).
+            return (read_bytes, read_records), (tf.identity(records), tf.fill(tf.shape(records), path))
 
     chunks = chunks.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), account)
     return chunks.unbatch()
@@ -595,6 +644,13 @@ def corrupt_files_as_user_errors() -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as error:
+        payload = _PAYLOAD_PATTERN.search(error.message or "")
+        if payload:
+            raise UserError(
+                f"{payload['path']}: the record of patch {payload['patch']} has valid checksums but its "
+                f"{payload['key']} holds {payload['bytes']} bytes, expected {payload['expected']}; the file "
+                "was not written by this format's writer or is damaged: prepare it again"
+            ) from None
         match = _CORRUPT_PATTERN.search(error.message or "")
         if match:
             raise UserError(
@@ -803,8 +859,13 @@ def make_dataset(
         label_type=label_type,
         modality=modality,
         name_key=record_format.name_key if with_names else None,
+        check_name_key=record_format.name_key,
     )
-    batches = batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = batches.map(
+        lambda serialized, paths: parse(serialized, paths=paths),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     if input_context is not None:
         # We shard ourselves; stop tf.distribute from sharding the already-sharded pipeline again.
         options = tf.data.Options()

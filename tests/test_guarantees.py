@@ -330,3 +330,47 @@ def test_train_and_evaluate_refuse_a_busy_out_dir(tmp_path, capsys, kind):
             UserError, match=f"out_dir {out_dir} is being written by another bigearthnet {kind}"
         ):
             (train if kind == "train" else evaluate)(load_config(config, kind))
+
+
+# --- 6. every record is checked before it is trusted ------------------------------------------------
+
+
+def test_a_record_with_valid_checksums_but_a_wrong_payload(tmp_path, capsys):
+    """A band of the wrong byte length, written with correct framing and checksums (as another tool
+    could): training, evaluation and stats stop with one line naming the file and the patch."""
+    import tensorflow as tf
+
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    root = write_synthetic_archive(tmp_path / "archive", patches=24, seed=4)
+    records = tmp_path / "records"
+    cli("prepare", "-r", root, "-o", records, "--splits", root / "train.csv", root / "test.csv")
+    damaged = records / "test-00000-of-00001.tfrecord"
+    examples = [tf.train.Example.FromString(raw.numpy()) for raw in tf.data.TFRecordDataset(str(damaged))]
+    victim = examples[2]
+    patch = victim.features.feature["patch_name"].bytes_list.value[0].decode()
+    band = victim.features.feature["bands_20m"].bytes_list
+    band.value[0] = band.value[0][:-2]  # one pixel short; the TFRecord writer computes fresh checksums
+    with tf.io.TFRecordWriter(str(damaged)) as writer:
+        for example in examples:
+            writer.write(example.SerializeToString())
+    expected = (
+        f"error: {damaged}: the record of patch {patch} has valid checksums but its bands_20m holds "
+        f"{6 * 60 * 60 * 2 - 2} bytes, expected {6 * 60 * 60 * 2}"
+    )
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({
+        "model_name": "K-BranchCNN-Tiny", "label_type": "BigEarthNet-19", "batch_size": 4, "nb_epoch": 1,
+        "learning_rate": 1e-3, "out_dir": str(tmp_path / "run"), "tr_tf_record_files": str(damaged),
+        "test_tf_record_files": str(damaged), "model_file": str(tmp_path / "run"),
+    }))  # fmt: skip
+    for argv in (("train", config), ("stats", damaged, "--out", tmp_path / "stats.json")):
+        code, error = cli_error(capsys, *argv)
+        lines = [line for line in error.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(lines) == 1 and lines[0].startswith(expected), argv
+        assert "Traceback" not in error
+    cli("train", config, "--set", f"tr_tf_record_files={records / 'train-00000-of-00001.tfrecord'}")
+    code, error = cli_error(capsys, "evaluate", config)
+    assert code == 1 and [line for line in error.splitlines() if line.startswith("error:")][0].startswith(
+        expected
+    )
