@@ -16,7 +16,8 @@ of ours, only the band order and the class names, which travel with the model:
   reading, `class_names`, `band_order`, `input_keys` (JSON), `model_name`, `label_type`, `modality`,
   `outputs`.
 - `keras` (`.keras`): the checkpoint's model wrapped, same inputs, last layer `probabilities` (a
-  sigmoid); the metadata JSON beside it as `<name>.metadata.json`.
+  sigmoid), with the metadata JSON inside the file (zip entry `bigearthnet_tf/metadata.json`), so the
+  model and its metadata are one file.
 
 The metadata JSON (`EXPORT_FORMAT`, version 1) holds: `outputs` ("probabilities"), `output_name`,
 `model_name`, `label_type`, `modality`, `num_classes`, `class_names` (in output order), `input_keys`,
@@ -55,9 +56,9 @@ from typing import Any
 from bigearthnet_tf.checkpoints import PROBABILITIES_LAYER
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import make_readable
+from bigearthnet_tf.files import TEMPORARY_MARK, make_readable, publish_folder, remove_stale_temporaries
 from bigearthnet_tf.locks import output_lock
-from bigearthnet_tf.predict import Predictor, keras_metadata_path, load_predictor
+from bigearthnet_tf.predict import KERAS_METADATA_ENTRY, Predictor, keras_metadata_path, load_predictor
 from bigearthnet_tf.thresholds import stored_thresholds
 
 __all__ = [
@@ -92,7 +93,7 @@ class ExportResult:
     path: Path
     format: str
     metadata: dict[str, Any]
-    metadata_file: Path | None  # the sidecar JSON (keras) or the assets.extra file (saved_model)
+    metadata_file: Path | None  # the assets.extra file (saved_model); None: inside the file (onnx, keras)
 
 
 def export_model(
@@ -128,13 +129,15 @@ def export_model(
     metadata = export_metadata(predictor)
     wrapped = probability_model(predictor)
     with output_lock(out.parent, f"export-{out.name}", f"export {out}"):
+        remove_stale_temporaries(out.parent, out.name)  # what a killed export of this output left
         if format == "saved_model":
             metadata_file = _export_saved_model(wrapped, metadata, out)
         elif format == "onnx":
             _export_onnx(wrapped, metadata, out)
             metadata_file = None
         else:
-            metadata_file = _export_keras(wrapped, metadata, out)
+            _export_keras(wrapped, metadata, out)
+            metadata_file = None
     return ExportResult(out, format, metadata, metadata_file)
 
 
@@ -228,14 +231,14 @@ def _export_saved_model(wrapped, metadata: dict[str, Any], out: Path) -> Path:
         }
 
     archive.add_endpoint(METADATA_ENDPOINT, metadata_fn)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMPORARY_MARK}", dir=out.parent))
     try:
         archive.write_out(str(temporary), verbose=False)
         asset = temporary / METADATA_ASSET
         asset.parent.mkdir(parents=True, exist_ok=True)
         asset.write_text(text + "\n", encoding="utf-8")
         _make_tree_readable(temporary)
-        _replace_folder(temporary, out)
+        publish_folder(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -259,7 +262,9 @@ def _export_onnx(wrapped, metadata: dict[str, Any], out: Path) -> None:
 
     _register_erfc_conversion()
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.onnx", dir=out.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{out.name}{TEMPORARY_MARK}", suffix=".onnx", dir=out.parent
+    )
     os.close(handle)
     try:
         specs = [
@@ -347,22 +352,29 @@ def _name_onnx_batch_dimension(graph_model) -> None:
             dimension.dim_param = ONNX_BATCH_DIMENSION
 
 
-def _export_keras(wrapped, metadata: dict[str, Any], out: Path) -> Path:
-    sidecar = keras_metadata_path(out)
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.keras", dir=out.parent)
+def _export_keras(wrapped, metadata: dict[str, Any], out: Path) -> None:
+    """The model and its metadata in one `.keras` file (a zip: Keras ignores our entry), written under
+    a temporary name and renamed into place, so a kill leaves the old file or the new one."""
+    import zipfile
+
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{out.name}{TEMPORARY_MARK}", suffix=".keras", dir=out.parent
+    )
     os.close(handle)
     try:
         os.unlink(temporary)  # Keras writes the zip itself
         wrapped.save(temporary)
+        with zipfile.ZipFile(temporary, "a") as archive:
+            archive.writestr(KERAS_METADATA_ENTRY, json.dumps(metadata, indent=2, allow_nan=False) + "\n")
         make_readable(temporary)
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
         os.replace(temporary, out)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    from bigearthnet_tf.files import write_text_atomically
-
-    write_text_atomically(sidecar, json.dumps(metadata, indent=2, allow_nan=False) + "\n")
-    return sidecar
+    # A 0.1-style sidecar beside the file described the model just replaced: it goes.
+    keras_metadata_path(out).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,23 +391,6 @@ def _statistics(predictor: Predictor) -> dict[str, list[float]]:
 def _keras_name(name: str) -> str:
     """A Keras model name: letters, digits, `_`, `-` and `.` only."""
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move folder `new` onto `target`; an existing `target` is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        old.rmdir()
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_tree_readable(folder: Path) -> None:

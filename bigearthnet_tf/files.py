@@ -6,18 +6,21 @@
 
 - `write_text_atomically`: a temporary file in the same folder, fsynced, then `os.replace`d; readers
   see the old file or the new one.
-- `publish_folder`: a set of files (an evaluation's results) is written into a temporary folder beside
-  the target, then renamed into place as a whole; replacing an existing set goes through a rename of
-  the old one aside, so at every instant the target holds the complete old set or the complete new
-  one. Temporary folders that a killed run left are removed by `remove_stale_temporaries`.
+- `publish_folder`: a set of files (an evaluation's results, a SavedModel) is written into a temporary
+  folder beside the target, then renamed into place as a whole; an existing set is swapped with it
+  atomically, so at every instant the target holds the complete old set or the complete new one.
+  Temporary folders that a killed run left are removed by `remove_stale_temporaries`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import glob
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -102,29 +105,72 @@ def new_temporary_folder(target: str | os.PathLike[str]) -> Path:
 
 
 def publish_folder(temporary: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
-    """Move the finished folder `temporary` to `target` as a whole, replacing an existing `target`."""
+    """Move the finished folder `temporary` to `target` as a whole, replacing an existing `target`.
+
+    An existing target is swapped with the new folder in one atomic `renameat2(RENAME_EXCHANGE)` (Linux)
+    and then removed. Where the kernel or file system cannot swap, the old folder is renamed aside
+    first; a kill between the two renames is repaired by `remove_stale_temporaries` (it puts the old
+    folder back), so a reader never finds a mix.
+    """
     temporary, target = Path(temporary), Path(target)
     for path in temporary.iterdir():
         if path.is_file():
             with open(path, "rb") as stream:
                 os.fsync(stream.fileno())
-    if target.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARK}old-", dir=target.parent))
-        os.replace(target, aside / target.name)  # old set aside in one rename, then the new in one
+    if not target.exists():
+        os.replace(temporary, target)
+    elif exchange(temporary, target):
+        shutil.rmtree(temporary, ignore_errors=True)  # it now holds the old set
+    else:
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARK}{ASIDE}", dir=target.parent))
+        os.replace(target, aside / target.name)
         os.replace(temporary, target)
         shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(temporary, target)
     fsync_directory(target.parent)
     return target
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary folders and files that killed runs left in `folder`; return them."""
+def exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    if _renameat2 is None:
+        return False
+    result = _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the kernel or the file system cannot swap: fall back to two renames
+    raise OSError(error, os.strerror(error), os.fspath(second))
+
+
+def _load_renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_renameat2 = _load_renameat2() if sys.platform.startswith("linux") else None
+ASIDE = "old-"  # marks the folder holding an old set during a two-rename replacement
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Remove the temporary folders and files that killed runs left in `folder` (only those of output
+    `name` when given); return them. Call it while holding the output's lock."""
     folder = Path(folder)
     removed = []
     if folder.is_dir():
-        for path in folder.glob(f".*{TEMPORARY_MARK}*"):
+        # A two-rename replacement killed in between: its old set goes back where it was.
+        for aside in folder.glob(f".{glob.escape(name) if name else '*'}{TEMPORARY_MARK}{ASIDE}*"):
+            for old in aside.iterdir() if aside.is_dir() else ():
+                if not (folder / old.name).exists():
+                    os.replace(old, folder / old.name)
+        for path in folder.glob(f".{glob.escape(name) if name else '*'}{TEMPORARY_MARK}*"):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

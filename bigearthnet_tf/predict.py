@@ -87,6 +87,7 @@ __all__ = [
     "PatchReader",
     "load_predictor",
     "keras_metadata_path",
+    "keras_export_metadata",
     "predict",
     "tune_thresholds",
     "resolve_thresholds",
@@ -144,9 +145,7 @@ def load_predictor(path: str | os.PathLike[str]) -> Predictor:
     saved_order = meta.get("band_order") or {}
     band_order = {key: tuple(saved_order.get(key, INPUTS[key][1])) for key in keys}
     if source.suffix == checkpoints.KERAS_SUFFIX:
-        sidecar = keras_metadata_path(source)
-        if sidecar.is_file():
-            meta = {**meta, **read_json_object(sidecar, "model metadata file")}
+        meta = {**meta, **(keras_export_metadata(source) or {})}
         if not meta.get("modality"):
             meta["modality"] = _modality_of(keys)
         model_sha256 = checkpoints.file_sha256(source)
@@ -161,8 +160,29 @@ def load_predictor(path: str | os.PathLike[str]) -> Predictor:
 
 
 def keras_metadata_path(path: str | os.PathLike[str]) -> Path:
-    """The metadata file `export` writes beside a `.keras` model (`m.keras` -> `m.metadata.json`)."""
+    """Where bigearthnet-tf 0.1 wrote an exported `.keras` model's metadata (`m.metadata.json`)."""
     return Path(path).with_suffix(".metadata.json")
+
+
+KERAS_METADATA_ENTRY = "bigearthnet_tf/metadata.json"  # inside the `.keras` zip, beside Keras' own files
+
+
+def keras_export_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The export metadata of a `.keras` file: inside it (`export` writes it there, so model and
+    metadata are one file), else in a 0.1-style sidecar; None for a plain Keras file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if KERAS_METADATA_ENTRY in archive.namelist():
+                document = json.loads(archive.read(KERAS_METADATA_ENTRY))
+                if not isinstance(document, dict):
+                    raise UserError(f"model file {path}: {KERAS_METADATA_ENTRY} is not a JSON object")
+                return document
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UserError(f"model file {path}: its metadata cannot be read: {error}") from None
+    sidecar = keras_metadata_path(path)
+    return read_json_object(sidecar, "model metadata file") if sidecar.is_file() else None
 
 
 def _modality_of(keys: Sequence[str]) -> str:
@@ -801,6 +821,6 @@ def resolve_thresholds(
             )
         if console is not None:
             console.print(
-                f"using the per-class thresholds in {keras_metadata_path(predictor.source)}", markup=False
+                f"using the per-class thresholds in the metadata of {predictor.source}", markup=False
             )
     return np.array([per_class.get(name, base) for name in predictor.class_names], dtype=np.float64)

@@ -212,9 +212,13 @@ def test_keras_file_loads_in_safe_mode_and_predicts(s2, synthetic_v1, tmp_path):
     print(f".keras vs Keras: max |diff| = {difference:.2e}")
     assert difference <= EXPORT_ATOL
     assert loaded.layers[-1].name == "probabilities"
-    sidecar = json.loads((tmp_path / "model.metadata.json").read_text())
-    assert result.metadata_file == tmp_path / "model.metadata.json"
-    check_metadata(sidecar, BIGEARTHNET_19_LABELS, ("bands_10m", "bands_20m", "bands_60m"))
+    # The metadata travels inside the one file (no sidecar to get out of step with it).
+    import zipfile
+
+    with zipfile.ZipFile(out) as archive:
+        embedded = json.loads(archive.read("bigearthnet_tf/metadata.json"))
+    assert result.metadata_file is None and not (tmp_path / "model.metadata.json").exists()
+    check_metadata(embedded, BIGEARTHNET_19_LABELS, ("bands_10m", "bands_20m", "bands_60m"))
 
     # predict takes the exported file (no second sigmoid) and gives the checkpoint's probabilities.
     folders = sorted((synthetic_v1 / "BigEarthNet-v1.0").iterdir())[:4]
@@ -250,3 +254,49 @@ def test_refusals_and_command_line(s2, tmp_path, capsys):
         main(["export", "--model", str(base), "--format", "keras", "--out", str(out)])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.strip() == f"error: {out} already exists; pass --overwrite to replace it"
+
+
+@pytest.mark.parametrize(
+    ("export_format", "swap"), [("keras", None), ("saved_model", "atomic"), ("saved_model", "two renames")]
+)
+def test_a_killed_export_leaves_the_old_export_whole_and_is_cleaned_up(
+    s2, tmp_path, monkeypatch, export_format, swap
+):
+    """A kill at the rename that publishes an export leaves the earlier export complete (or, where a
+    folder cannot be swapped atomically, the next export puts it back); leftovers are removed."""
+    import os
+
+    from bigearthnet_tf import files
+
+    _, base, _, _, _ = s2
+    out = tmp_path / ("m.keras" if export_format == "keras" else "m_saved_model")
+    export_model(base, export_format, out)
+
+    def snapshot():
+        return sorted((p.relative_to(tmp_path), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+
+    before = snapshot()
+    real_replace = os.replace
+
+    def killed_rename(source, target, *args, **kwargs):
+        if os.fspath(target) == os.fspath(out):
+            raise KeyboardInterrupt  # as SIGINT at the rename
+        return real_replace(source, target, *args, **kwargs)
+
+    def killed_exchange(first, second):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(files.os, "replace", killed_rename)
+        patched.setattr(files, "exchange", killed_exchange if swap == "atomic" else lambda *_: False)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(base, export_format, out, overwrite=True)
+    if swap == "two renames":  # killed between its renames: the old export was moved aside
+        assert not out.exists() and list(tmp_path.glob(f".{out.name}.tmp-old-*"))
+        files.remove_stale_temporaries(tmp_path, out.name)  # what the next export does first
+    assert snapshot() == before  # the old export, whole; nothing half-written beside it
+    stale = tmp_path / f".{out.name}.tmp-killed"
+    stale.mkdir()
+    (stale / "half").write_bytes(b"x")
+    export_model(base, export_format, out, overwrite=True)
+    assert not stale.exists()
