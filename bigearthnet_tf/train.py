@@ -512,8 +512,15 @@ def make_train_step(
     optimizer: keras.optimizers.Optimizer,
     strategy: tf.distribute.Strategy,
     config: Config,
+    element_spec: Any = None,
 ) -> Callable[[Any, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
-    """`step(batch, iteration) -> (loss, non_finite_gradients)`: one synchronous update on all replicas."""
+    """`step(batch, iteration) -> (loss, non_finite_gradients)`: one synchronous update on all replicas.
+
+    With the batches' `element_spec` (batch dimension None unless batches are all full) the step is
+    traced once for every batch shape. A resumed run whose first batch is the last, partial one then
+    runs the very graph of an uninterrupted run, so its floating-point results are the same bit for bit
+    (a graph traced for one static shape can pick other kernels, which round differently).
+    """
     keys = input_keys(model)
     loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     seed = tf.constant(config.seed, tf.int64)
@@ -555,7 +562,9 @@ def make_train_step(
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss, tf.cast(tf.logical_not(finite), tf.float32)
 
-    @tf.function(reduce_retracing=True)
+    signature = None if element_spec is None else [element_spec, tf.TensorSpec([], tf.int64)]
+
+    @tf.function(reduce_retracing=True, input_signature=signature)
     def step(batch, iteration):
         inputs, labels = batch
         loss, non_finite = strategy.run(replica_step, args=(inputs, labels, iteration))
@@ -602,9 +611,9 @@ class TrainingLoop:
             ):
                 self.saved_at = iterations_done  # the run's final checkpoint is already there
             return self._finish(iterations_done, stopped_early=False)
-        step = make_train_step(self.model, self.optimizer, self.strategy, config)
         corrupt = CorruptRecordCounter() if config.skip_corrupt_records else None
         batches = training_batches(config, self.strategy, self.plan, iterations_done, corrupt)
+        step = make_train_step(self.model, self.optimizer, self.strategy, config, batches.element_spec)
         validation = self._validation_data()
         writer = self._summary_writer()
         iteration = iterations_done

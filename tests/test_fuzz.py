@@ -837,8 +837,12 @@ def _read_patch_outcome(files: list[_ParquetFile], root: Path):
     rows = [row for file in files for row in file.rows() if row["patch_id"] == V2_ID]
     if not rows:
         return "bad", V2_METADATA, "patch is not listed in the archive's metadata"
-    row = rows[-1]  # a patch listed twice: the last entry counts
-    labels = row["labels"] or []
+    if len(rows) > 1:  # a patch listed twice contradicts itself: refused, whatever the rows say
+        return "bad", V2_METADATA, "listed twice in the metadata"
+    row = rows[0]
+    if row["labels"] is None:  # null is no answer; an empty list means no labels
+        return "bad", V2_METADATA, re.escape("its labels cell is null (an empty list [] means no labels)")
+    labels = row["labels"]
     unknown = [label for label in labels if label not in BIGEARTHNET_19_LABELS]
     if unknown:
         return "bad", V2_METADATA, re.escape(f"unknown label {unknown[0]!r}")

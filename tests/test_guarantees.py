@@ -374,3 +374,49 @@ def test_a_record_with_valid_checksums_but_a_wrong_payload(tmp_path, capsys):
     assert code == 1 and [line for line in error.splitlines() if line.startswith("error:")][0].startswith(
         expected
     )
+
+
+# --- 8. promises hold at the edges ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_resume_with_only_the_last_partial_batch_left_is_bit_identical(tmp_path, epochs):
+    """22 training records in batches of 4 per epoch: iterations 1..6 per epoch, the 6th holding two
+    records. A run resumed from the checkpoint just before the last (partial) batch ends with exactly
+    the weights of the uninterrupted run."""
+    from bigearthnet_tf import checkpoints
+    from bigearthnet_tf.config import load_config
+    from bigearthnet_tf.synth import write_synthetic_archive
+    from bigearthnet_tf.train import train
+
+    root = write_synthetic_archive(tmp_path / "archive", patches=36, seed=6)
+    records = tmp_path / "records"
+    cli("prepare", "-r", root, "-o", records, "--splits", root / "train.csv", root / "val.csv")
+    train_records = len((root / "train.csv").read_text().split())
+    assert train_records % 4 != 0
+    total = -(-epochs * train_records // 4)  # the last batch partial
+
+    def run(out_dir: Path):
+        config = tmp_path / f"{out_dir.name}.json"
+        config.write_text(json.dumps({
+            "model_name": "K-BranchCNN-Tiny", "label_type": "BigEarthNet-19", "batch_size": 4, "nb_epoch": epochs,
+            "learning_rate": 1e-3, "out_dir": str(out_dir), "tr_tf_record_files": str(records / "train-*"),
+            "save_checkpoint_per_iteration": 1, "shuffle_buffer_size": 50, "resume": "auto",
+            "val_tf_record_files": str(records / "val-*"), "augmentation": True,
+        }))  # fmt: skip
+        return train(load_config(config))
+
+    reference = run(tmp_path / "reference")
+    assert reference.iterations == total
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "reference", resumed_dir)
+    final = checkpoints.checkpoint_base(resumed_dir / "models", total)
+    for path in checkpoints.checkpoint_files(final).values():
+        path.unlink(missing_ok=True)  # as if killed before the last iteration's checkpoint
+    assert checkpoints.latest_complete_checkpoint(resumed_dir / "models").name == f"iteration-{total - 1}"
+    resumed = run(resumed_dir)
+    assert resumed.iterations == total
+    expected = checkpoints.load_checkpoint(reference.final_checkpoint).model.get_weights()
+    got = checkpoints.load_checkpoint(resumed.final_checkpoint).model.get_weights()
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
