@@ -399,7 +399,8 @@ def test_resume_with_only_the_last_partial_batch_left_is_bit_identical(tmp_path,
     def run(out_dir: Path):
         config = tmp_path / f"{out_dir.name}.json"
         config.write_text(json.dumps({
-            "model_name": "K-BranchCNN-Tiny", "label_type": "BigEarthNet-19", "batch_size": 4, "nb_epoch": epochs,
+            "model_name": "K-BranchCNN-Tiny", "label_type": "BigEarthNet-19", "batch_size": 4,
+            "nb_epoch": epochs,
             "learning_rate": 1e-3, "out_dir": str(out_dir), "tr_tf_record_files": str(records / "train-*"),
             "save_checkpoint_per_iteration": 1, "shuffle_buffer_size": 50, "resume": "auto",
             "val_tf_record_files": str(records / "val-*"), "augmentation": True,
@@ -420,3 +421,70 @@ def test_resume_with_only_the_last_partial_batch_left_is_bit_identical(tmp_path,
     got = checkpoints.load_checkpoint(resumed.final_checkpoint).model.get_weights()
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_refused_file_never_leaves_a_worker_waiting(patch_archive, tmp_path, capsys):
+    root, names = patch_archive
+    band = root / names[3] / f"{names[3]}_B11.tif"
+    band.unlink()
+    os.mkfifo(band)
+    with no_hang(60):
+        code, error = cli_error(
+            capsys, "prepare", "-r", root, "-o", tmp_path / "out", "--splits", "official", "--workers", "2"
+        )
+    assert code == 1 and f"patch {names[3]}: {band.name}: cannot read: not a regular file" in error
+
+
+@pytest.mark.parametrize("command", ["stats", "predict", "config"])
+def test_permission_denied_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch, command, patch_archive):
+    """The write that a command's output ends with is refused (as a read-only folder would refuse it
+    for a user other than root): exit 1, one line with the path and the reason, nothing left behind."""
+    import errno
+
+    from bigearthnet_tf import files
+
+    root, names = patch_archive
+    records = tmp_path / "records"
+    cli("prepare", "-r", root, "-o", records, "--splits", "official")
+    capsys.readouterr()
+    target = tmp_path / "outputs" / {"stats": "stats.json", "predict": "p.csv", "config": "run"}[command]
+    real_replace = os.replace
+
+    def refuse(source, destination, *args, **kwargs):
+        if os.fspath(destination).startswith(os.fspath(tmp_path / "outputs")):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(destination))
+        return real_replace(source, destination, *args, **kwargs)
+
+    if command == "stats":
+        argv = ("stats", records, "--out", target)
+    elif command == "predict":
+        from bigearthnet_tf import checkpoints
+        from bigearthnet_tf.models import build_model
+
+        base = checkpoints.save_checkpoint(
+            tmp_path / "m" / "best", build_model("K-BranchCNN-Tiny", 19), model_name="K-BranchCNN-Tiny",
+            label_type="BigEarthNet-19", modality="S2", iteration=1,
+        )  # fmt: skip
+        argv = ("predict", root / names[0], "--model", base, "--out", target)
+    else:
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({
+            "model_name": "K-BranchCNN-Tiny", "label_type": "BigEarthNet-19", "batch_size": 2, "nb_epoch": 1,
+            "learning_rate": 1e-3, "out_dir": str(target), "tr_tf_record_files": str(records / "train-*"),
+        }))  # fmt: skip
+        argv = ("train", config)
+        target = target / "config.json"
+    real_link = os.link
+
+    def refuse_link(source, destination, *args, **kwargs):
+        if os.fspath(destination).startswith(os.fspath(tmp_path / "outputs")):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(destination))
+        return real_link(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setattr(files.os, "replace", refuse)
+    monkeypatch.setattr(os, "link", refuse_link)  # how stats publishes without replacing
+    code, error = cli_error(capsys, *argv)
+    lines = [line for line in error.splitlines() if line.startswith("error:")]
+    assert code == 1 and lines == [f"error: {target}: Permission denied"]
+    assert not [path for path in (tmp_path / "outputs").rglob("*") if path.is_file() and ".tmp" in path.name]
