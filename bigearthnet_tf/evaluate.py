@@ -34,7 +34,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,8 @@ from bigearthnet_tf import checkpoints
 from bigearthnet_tf.config import STORED_THRESHOLDS, Config, save_config
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import (
-    make_readable,
     new_temporary_folder,
+    open_atomically,
     publish_folder,
     remove_stale_temporaries,
     write_text_atomically,
@@ -301,24 +300,15 @@ def write_predictions_csv(
     header = [PATCH_NAME_COLUMN, *class_names]
     if predictions.labels is not None:
         header += [TRUE_PREFIX + name for name in class_names]
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(header)
-            number = f"{{:.{PROBABILITY_DECIMALS}f}}"
-            for index in range(samples):
-                row = [names[index], *(number.format(p) for p in probabilities[index])]
-                if predictions.labels is not None:
-                    row += [str(int(v)) for v in predictions.labels[index]]
-                writer.writerow(row)
-            stream.flush()
-            os.fsync(stream.fileno())
-        make_readable(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with open_atomically(path) as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        number = f"{{:.{PROBABILITY_DECIMALS}f}}"
+        for index in range(samples):
+            row = [names[index], *(number.format(p) for p in probabilities[index])]
+            if predictions.labels is not None:
+                row += [str(int(v)) for v in predictions.labels[index]]
+            writer.writerow(row)
     return path
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import glob
@@ -22,7 +23,9 @@ import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 TEMPORARY_MARK = ".tmp-"  # in the names of files and folders being written
 
@@ -74,17 +77,20 @@ def make_readable(path: str | os.PathLike[str]) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`.
+@contextlib.contextmanager
+def open_atomically(path: str | os.PathLike[str]) -> Iterator[TextIO]:
+    """A text stream whose content replaces `path` when the block ends without an exception.
 
-    Readers see the old file or the new one, never a partial one, even if the process dies mid-write.
+    It writes to a temporary file in the same folder, fsyncs it and moves it onto `path`; readers see
+    the old file or the new one, never a partial one, even if the process dies mid-write. On an
+    exception the temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         make_readable(temporary)
@@ -92,7 +98,13 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` atomically (see `open_atomically`); return `path`."""
+    with open_atomically(path) as stream:
+        stream.write(text)
+    return Path(path)
 
 
 def new_temporary_folder(target: str | os.PathLike[str]) -> Path:

@@ -42,7 +42,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ from bigearthnet_tf.archive import (
 )
 from bigearthnet_tf.constants import BANDS_BY_NAME, DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import make_readable, write_text_atomically
+from bigearthnet_tf.files import open_atomically, write_text_atomically
 from bigearthnet_tf.inference import collect_predictions, logits_function, sigmoid
 from bigearthnet_tf.jsonfiles import read_json_object
 from bigearthnet_tf.thresholds import (
@@ -592,7 +591,8 @@ def predict(
         if emit:
             _write_predictions(result, sys.stdout, ".csv")
     else:
-        _write_atomically(out_path, lambda stream: _write_predictions(result, stream, out_path.suffix))
+        with open_atomically(out_path) as stream:
+            _write_predictions(result, stream, out_path.suffix)
     for _, reason in skipped:
         console.print(f"skipped {reason}", markup=False, highlight=False, soft_wrap=True)
     if skipped:
@@ -664,21 +664,6 @@ def _write_predictions(result: PredictionResult, stream: io.TextIOBase, suffix: 
         writer.writerow(
             [name, *split_cell, *(number.format(p) for p in row), LABEL_SEPARATOR.join(patch_labels)]
         )
-
-
-def _write_atomically(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
-    """Stream into a temporary file beside `path`, fsync, then move it onto `path`."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        make_readable(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class _progress:
