@@ -139,3 +139,24 @@ def test_chart_with_a_class_without_positives_and_with_a_2019_dict(tmp_path):
         "macro_f1_score_class_avg": "0.7",
     }
     png_size(save_per_class_chart(legacy, ["a", "b"], tmp_path / "legacy.png"))
+
+
+def test_chart_names_its_context_marks_zeros_and_says_what_each_macro_average_includes():
+    """Three classes: one predicted well, one never predicted (F1 0, AP > 0), one without positives."""
+    from bigearthnet_tf.report import per_class_figure
+
+    names = ("Alpha", "Beta", "Gamma")
+    truth = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    probabilities = np.array([[0.9, 0.4, 0.1], [0.8, 0.2, 0.2], [0.2, 0.45, 0.1], [0.7, 0.3, 0.3]])
+    metrics = compute_metrics(truth, probabilities, class_names=names)
+    assert metrics["macro_f1_score_class1"] == 0.0 and metrics["macro_average_precision_class1"] > 0
+    figure = per_class_figure(metrics, names, "Tiny on three", context="runs/x/models/best on test.tfrecord")
+    texts = [text.get_text() for text in figure.findobj(lambda artist: hasattr(artist, "get_text"))]
+    axes = figure.axes[0]
+    assert any("runs/x/models/best on test.tfrecord" in text for text in [axes.get_title(), *texts])
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert any(label.startswith("macro F1") and label.endswith("(all 3 classes)") for label in labels)
+    assert any(
+        label.startswith("macro AP") and label.endswith("(2 classes with positives)") for label in labels
+    )
+    assert "F1 0" in texts and "no positives" in texts
