@@ -201,7 +201,7 @@ def run_demo(
         ("per-class chart", evaluation.chart),
         ("configs (re-run with train.py / eval.py)", config_path),
     ):
-        console.print(f"  {label + ':':<44}{path}")
+        console.print(f"  {label + ':':<44}{path}", soft_wrap=True, markup=False)
     console.print(
         f"  micro F1 {metrics['micro_f1_score']:.3f} · macro AP {metrics['macro_average_precision']:.3f}"
         f" · micro AP {metrics['micro_average_precision']:.3f}"
