@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,8 @@ def run_demo(
         ("per-class chart", evaluation.chart),
         ("configs (re-run with train.py / eval.py)", config_path),
     ):
-        console.print(f"  {label + ':':<44}{path}", soft_wrap=True, markup=False)
+        # Plain print: paths are never wrapped, whatever the terminal's width.
+        print(f"  {label + ':':<44}{path}", file=sys.stderr)
     console.print(
         f"  micro F1 {metrics['micro_f1_score']:.3f} · macro AP {metrics['macro_average_precision']:.3f}"
         f" · micro AP {metrics['micro_average_precision']:.3f}"
