@@ -118,6 +118,11 @@ MIN_FILES_PER_PIPELINE = 4  # below this, sharding by file leaves pipelines badl
 
 _CORRUPT_TAG = "corrupt or truncated TFRecord file:"
 _PAYLOAD_TAG = "record payload of the wrong size:"
+# What parse_example says when a list of a record (a band of the 2019 schema) has the wrong length.
+_LIST_LENGTH_PATTERN = re.compile(
+    r"Key: (?P<key>[^,]+), Index: \d+\.\s+Number of (?P<kind>\w+) values != expected\.\s+"
+    r"Values size: (?P<got>\d+) but output shape: \[(?P<shape>[\d, ]*)\]"
+)
 _PAYLOAD_PATTERN = re.compile(
     r"\[" + re.escape(_PAYLOAD_TAG) + r"\] \[(?P<path>.*?)\] \[patch\] \[(?P<patch>.*?)\] \[(?P<key>\w+)\] "
     r"\[holds\] \[(?P<bytes>\d+)\] \[bytes, expected\] \[(?P<expected>\d+)\]"
@@ -650,6 +655,13 @@ def corrupt_files_as_user_errors() -> Iterator[None]:
                 f"{payload['path']}: the record of patch {payload['patch']} has valid checksums but its "
                 f"{payload['key']} holds {payload['bytes']} bytes, expected {payload['expected']}; the file "
                 "was not written by this format's writer or is damaged: prepare it again"
+            ) from None
+        listed = _LIST_LENGTH_PATTERN.search(error.message or "")
+        if listed:
+            raise UserError(
+                f"a record holds {listed['got']} {listed['kind']} values under {listed['key']}, expected "
+                f"{listed['shape'] or 1}: a file of these records is damaged or of another schema; prepare "
+                "it again"
             ) from None
         match = _CORRUPT_PATTERN.search(error.message or "")
         if match:

@@ -488,3 +488,26 @@ def test_permission_denied_is_one_line_naming_the_path(tmp_path, capsys, monkeyp
     lines = [line for line in error.splitlines() if line.startswith("error:")]
     assert code == 1 and lines == [f"error: {target}: Permission denied"]
     assert not [path for path in (tmp_path / "outputs").rglob("*") if path.is_file() and ".tmp" in path.name]
+
+
+def test_a_2019_schema_record_with_a_band_of_the_wrong_length(tmp_path, capsys):
+    """The 2019 schema stores each band as an int64 list: one value short is one line naming the key."""
+    import tensorflow as tf
+
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    root = write_synthetic_archive(tmp_path / "archive", patches=12, seed=5)
+    records = tmp_path / "records"
+    cli("prepare", "-r", root, "-o", records, "--splits", root / "train.csv", "--format", "legacy")
+    path = records / "train.tfrecord"
+    examples = [tf.train.Example.FromString(raw.numpy()) for raw in tf.data.TFRecordDataset(str(path))]
+    examples[1].features.feature["B01"].int64_list.value.pop()
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for example in examples:
+            writer.write(example.SerializeToString())
+    code, error = cli_error(capsys, "stats", path, "--out", tmp_path / "stats.json")
+    lines = [line for line in error.splitlines() if line.startswith("error:")]
+    assert code == 1 and lines == [
+        "error: a record holds 399 int64 values under B01, expected 400: a file of these records is damaged "
+        "or of another schema; prepare it again"
+    ]
