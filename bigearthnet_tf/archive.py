@@ -29,6 +29,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -103,7 +104,7 @@ _S1_JSON_SCAN_LIMIT = 50_000
 _ORIGINAL_SET = frozenset(ORIGINAL_LABELS)
 _INDEX_19 = {name: index for index, name in enumerate(BIGEARTHNET_19_LABELS)}
 # (band name, expected shape) in archive order; computed once because read_patch runs per patch.
-_S2_SHAPES = tuple((name, (BANDS_BY_NAME[name].size,) * 2) for name in S2_BAND_NAMES)
+_S2_SHAPES = MappingProxyType({name: (BANDS_BY_NAME[name].size,) * 2 for name in S2_BAND_NAMES})
 _S1_SHAPE = (PATCH_SIZE, PATCH_SIZE)
 _UINT16 = np.dtype(np.uint16)
 _FLOAT32 = np.dtype(np.float32)
@@ -220,7 +221,7 @@ class Archive:
         """Read one patch (and its S1 twin when the archive has an S1 folder); BadPatchError if unusable."""
         folder = self.patch_folder(name)
         labels_43, labels_19 = self.read_labels(name)
-        bands = _read_s2_bands(folder, name)
+        bands = read_s2_bands(folder, name)
         if self.s1_dir is None:
             return Patch(name, bands, labels_43, labels_19)
         s1_name = self.s1_name(name)
@@ -232,6 +233,27 @@ class Archive:
         if self.version == 1:
             return _read_v1_labels(self.patch_folder(name), name)
         return None, self._v2_labels(name)
+
+    def patch_names(self) -> list[str]:
+        """The names of the S2 patch folders on disk, sorted."""
+        if self.version == 1:
+            return sorted(entry.name for entry in os.scandir(self.s2_dir) if entry.is_dir())
+        names = []
+        for product in os.scandir(self.s2_dir):
+            if product.is_dir():
+                names.extend(entry.name for entry in os.scandir(product.path) if entry.is_dir())
+        return sorted(names)
+
+    def present_official_splits(self) -> dict[str, list[str]]:
+        """The official splits, for v1 only the patches present (the v1 lists name every patch, and a
+        partial archive is normal; the v2 parquet describes the archive it comes with)."""
+        splits = self.official_splits()
+        if self.version == 1:
+            absent = set(self.missing_patches([name for names in splits.values() for name in names]))
+            splits = {
+                split: [name for name in names if name not in absent] for split, names in splits.items()
+            }
+        return splits
 
     def missing_patches(self, names: Iterable[str]) -> list[str]:
         """The names among `names` that have no S2 patch folder, in the order given."""
@@ -387,12 +409,12 @@ def _read_v1_labels(folder: str, name: str) -> tuple[tuple[str, ...], tuple[str,
     return labels_43, original_to_19(labels_43)
 
 
-def _read_s2_bands(folder: str, name: str) -> dict[str, np.ndarray]:
+def read_s2_bands(folder: str, name: str, bands: Iterable[str] = S2_BAND_NAMES) -> dict[str, np.ndarray]:
+    """The named S2 bands of patch `name` in `folder`, uint16 at native size; BadPatchError if unusable."""
     prefix = os.path.join(folder, name + "_")
-    bands = {}
-    for band, shape in _S2_SHAPES:
-        bands[band] = read_raster(prefix + band + ".tif", shape, _UINT16, name, folder)
-    return bands
+    return {
+        band: read_raster(prefix + band + ".tif", _S2_SHAPES[band], _UINT16, name, folder) for band in bands
+    }
 
 
 def read_s1_bands(folder: str, name: str, s1_name: str) -> dict[str, np.ndarray]:
@@ -419,6 +441,14 @@ def read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, f
 
 # --------------------------------------------------------------------------------------------
 # Split lists
+
+
+def read_split_lists(paths: Iterable[str | os.PathLike]) -> dict[str, list[str]]:
+    """Split name -> patch names of split list files (files naming the same split are joined)."""
+    splits: dict[str, list[str]] = {}
+    for path in paths:
+        splits.setdefault(split_name(path), []).extend(read_split_csv(path))
+    return splits
 
 
 def split_name(path: str | os.PathLike) -> str:

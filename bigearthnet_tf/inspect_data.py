@@ -162,21 +162,15 @@ def _is_archive(path: Path) -> bool:
 
 
 def _archive_summaries(root: Path, split_files, official: bool) -> list[SplitSummary]:
-    from bigearthnet_tf.archive import open_archive, read_split_csv, split_name
+    from bigearthnet_tf.archive import open_archive, read_split_lists
 
     archive = open_archive(root)
     if official:
-        groups = archive.official_splits()
-        if archive.version == 1:  # the official v1 lists name every patch; a partial archive is normal
-            for split, names in groups.items():
-                absent = set(archive.missing_patches(names))
-                groups[split] = [name for name in names if name not in absent]
+        groups = archive.present_official_splits()
     elif split_files:
-        groups = {}
-        for path in split_files:
-            groups.setdefault(split_name(path), []).extend(read_split_csv(path))
+        groups = read_split_lists(split_files)
     else:
-        groups = {"all": sorted(_all_patches(archive))}
+        groups = {"all": archive.patch_names()}
     summaries = []
     for split, names in groups.items():
         summary = SplitSummary(split)
@@ -193,15 +187,6 @@ def _archive_summaries(root: Path, split_files, official: bool) -> list[SplitSum
             summary.add(values)
         summaries.append(summary)
     return summaries
-
-
-def _all_patches(archive) -> list[str]:
-    s2 = Path(archive.s2_dir)
-    if archive.version == 1:
-        return [entry.name for entry in os.scandir(s2) if entry.is_dir()]
-    return [
-        entry.name for product in os.scandir(s2) if product.is_dir() for entry in os.scandir(product.path)
-    ]
 
 
 # --- views --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,12 +60,11 @@ from bigearthnet_tf.archive import (
     BadPatchError,
     check_patch_name,
     open_archive,
-    read_raster,
     read_s1_bands,
-    read_split_csv,
-    split_name,
+    read_s2_bands,
+    read_split_lists,
 )
-from bigearthnet_tf.constants import BANDS_BY_NAME, DEFAULT_THRESHOLD
+from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import open_atomically, write_text_atomically
 from bigearthnet_tf.inference import collect_predictions, logits_function, sigmoid
@@ -224,21 +223,13 @@ class PatchReader:
             s2_bands, s1_bands = patch.bands, patch.s1_bands
         else:
             wanted = {band for key in self._s2_keys for band in self.band_order[key]}
-            s2_bands = _read_s2_bands(location.folder, location.name, wanted)
+            s2_bands = read_s2_bands(location.folder, location.name, wanted)
             s1_bands = _read_s1_twin(location) if self._needs_s1 else None
         arrays = {}
         for key, bands in self.band_order.items():
             source = s1_bands if key == S1_INPUT else s2_bands
             arrays[key] = np.stack([source[band] for band in bands], axis=-1)  # type: ignore[index]
         return arrays
-
-
-def _read_s2_bands(folder: str, name: str, bands: Iterable[str]) -> dict[str, np.ndarray]:
-    prefix = os.path.join(folder, name + "_")
-    return {
-        band: read_raster(prefix + band + ".tif", (BANDS_BY_NAME[band].size,) * 2, _UINT16, name, folder)
-        for band in bands
-    }
 
 
 def _read_s1_twin(location: _PatchLocation) -> dict[str, np.ndarray]:
@@ -347,26 +338,19 @@ def locate_archive(
                 )
         archive = open_archive(root, version=archive.version, s1_root=s1_root)
     if official:
-        splits = archive.official_splits()
+        splits = archive.present_official_splits()
     elif split_files:
-        splits = {}
-        for path in split_files:
-            splits.setdefault(split_name(path), []).extend(read_split_csv(path))
+        splits = read_split_lists(split_files)
     else:
-        splits = {None: _patch_folders_on_disk(archive)}
+        splits = {None: archive.patch_names()}
     if split is not None:
         if split not in splits:
             known = ", ".join(str(name) for name in splits if name is not None) or "none (no --splits)"
             raise UserError(f"--split {split!r}: no such split; the splits given are {known}")
         splits = {split: splits[split]}
     pairs = [(name, split_of) for split_of, names in splits.items() for name in names]
-    if (
-        official and archive.version == 1
-    ):  # the official v1 lists name every patch; a partial archive is normal
-        present = set(name for name, _ in pairs) - set(archive.missing_patches([name for name, _ in pairs]))
-        pairs = [(name, split_of) for name, split_of in pairs if name in present]
-        if not pairs:
-            raise UserError(f"{root} holds none of the patches of the official v1 splits")
+    if official and archive.version == 1 and not pairs:
+        raise UserError(f"{root} holds none of the patches of the official v1 splits")
     first_split = dict(reversed(pairs))  # a patch in two lists is predicted once, under its first split
     if not first_split:
         raise UserError(f"no patches to predict in {root}")
@@ -374,16 +358,6 @@ def locate_archive(
         _PatchLocation(name, archive.patch_folder(name), archive, first_split[name])
         for name in dict.fromkeys(n for n, _ in pairs)
     ]
-
-
-def _patch_folders_on_disk(archive: Archive) -> list[str]:
-    if archive.version == 1:
-        return sorted(entry.name for entry in os.scandir(archive.s2_dir) if entry.is_dir())
-    names = []
-    for product in os.scandir(archive.s2_dir):
-        if product.is_dir():
-            names.extend(entry.name for entry in os.scandir(product.path) if entry.is_dir())
-    return sorted(names)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def show(
 
 
 def _folder_patches(folders: Sequence[Path], model, s1_root) -> list[QuickLookPatch]:
+    from bigearthnet_tf.archive import read_s2_bands
     from bigearthnet_tf.predict import check_patch_folders
 
     check_patch_folders(folders)
@@ -72,21 +73,9 @@ def _folder_patches(folders: Sequence[Path], model, s1_root) -> list[QuickLookPa
     patches = []
     for folder in folders:
         name = folder.name or folder.resolve().name
-        bands = _read_10m(folder, name)
+        bands = read_s2_bands(str(folder), name, BANDS_10M)
         patches.append(QuickLookPatch(name, bands, _folder_labels(folder, name), predicted.get(name)))
     return patches
-
-
-def _read_10m(folder: Path, name: str) -> dict[str, np.ndarray]:
-    from bigearthnet_tf.archive import read_raster
-
-    size = 120
-    return {
-        band: read_raster(
-            str(folder / f"{name}_{band}.tif"), (size, size), np.dtype("<u2"), name, str(folder)
-        )
-        for band in BANDS_10M
-    }
 
 
 def _folder_labels(folder: Path, name: str) -> tuple[str, ...] | None:
