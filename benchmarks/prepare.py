@@ -14,6 +14,17 @@ file once so the page cache is warm, then times on the same archive:
   `--naive-patches` patches of the same lists, as its rate does not depend on the count.
 
 Prints patches/s for each and the ratios to the naive converter.
+
+    python benchmarks/prepare.py --archive-files [--patches 12000] [--synthetic-v2 2000]
+
+times preparation from the downloaded archive files instead: the scaled archive packed as `.tar`,
+`.tar.gz` (gzip -1) and `.tar.zst` (zstd -3), each prepared with a cold page cache, and the extracted
+folders cold and warm; beside them, what the disk gives (the `.tar` read alone, cold) and what
+Python's `tarfile` and `zlib` manage on one core. The page cache is dropped through
+`/proc/sys/vm/drop_caches` where this runs as root; elsewhere it says so and the "cold" figures are
+warm ones. Then a synthetic v2 archive with Sentinel-1, packed as two `.tar.zst` files beside its
+metadata, is prepared with the official splits, and its shards are compared with those prepared
+from its folders (they must be the same bytes).
 """
 
 from __future__ import annotations
@@ -141,6 +152,163 @@ def time_prepare(
     return time.perf_counter() - started, summary.total_patches
 
 
+def drop_page_cache() -> bool:
+    """Empty the page cache (root only); False where that is not possible."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def pack(folder: Path, arcname: str, target: Path, names: list[str] | None = None) -> None:
+    """`folder` as an uncompressed tar (GNU format, as GNU tar writes), members under `arcname`."""
+    import tarfile
+
+    with tarfile.open(target, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(folder, arcname=arcname, recursive=names is None)
+        for name in names or ():
+            tar.add(folder / name, arcname=f"{arcname}/{name}")
+
+
+def compress(tar: Path) -> dict[str, Path]:
+    """The .tar.gz (gzip -1) and .tar.zst (zstd -3) of `tar`, written with the libraries prepare reads with."""
+    import zstandard
+    from isal import igzip
+
+    gz, zst = tar.with_name(tar.name + ".gz"), tar.with_name(tar.name + ".zst")
+    with open(tar, "rb") as source, igzip.open(gz, "wb", compresslevel=1) as target:
+        shutil.copyfileobj(source, target, 4 << 20)
+    with open(tar, "rb") as source, open(zst, "wb") as target:
+        zstandard.ZstdCompressor(level=3).copy_stream(source, target)
+    return {".tar.gz": gz, ".tar.zst": zst}
+
+
+def baselines(tar: Path, gz: Path, patches: int, cold: bool) -> None:
+    """What the disk and Python's own modules manage, for comparison."""
+    import tarfile
+    import zlib
+
+    drop_page_cache() if cold else None
+    started = time.perf_counter()
+    with open(tar, "rb") as handle:
+        while handle.read(4 << 20):
+            pass
+    print(
+        f"  .tar read alone{' (cold)' if cold else ''}: {patches / (time.perf_counter() - started):,.0f} patches/s"
+    )
+    started = time.perf_counter()
+    with tarfile.open(tar, "r|") as stream:
+        for member in stream:
+            if member.isfile():
+                stream.extractfile(member).read()
+    print(
+        f"  Python tarfile streaming the .tar (warm), one core: {patches / (time.perf_counter() - started):,.0f} patches/s"
+    )
+    started = time.perf_counter()
+    inflate = zlib.decompressobj(31)
+    with open(gz, "rb") as handle:
+        while chunk := handle.read(4 << 20):
+            inflate.decompress(chunk)
+    print(
+        f"  Python zlib inflating the .tar.gz (warm), one core: {patches / (time.perf_counter() - started):,.0f} patches/s"
+    )
+
+
+def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> None:
+    from bigearthnet_tf.prepare import prepare
+
+    examples = example_archive(base / "examples").s2
+    lists = build_archive(base, patches, examples)
+    archive = base / "archive"
+    tar = base / "BigEarthNet-S2-v1.0.tar"
+    pack(archive, "BigEarthNet-v1.0", tar)
+    files = {".tar": tar, **compress(tar)}
+    sizes = ", ".join(f"{suffix} {path.stat().st_size / 1e9:.2f} GB" for suffix, path in files.items())
+    print(f"scaled archive: {patches:,} patches; {sizes}")
+    cold = drop_page_cache()
+    print(
+        "page cache: dropped before each cold run"
+        if cold
+        else "page cache: cannot drop it (not root); 'cold' runs are warm"
+    )
+    baselines(tar, files[".tar.gz"], patches, cold)
+
+    def run(label: str, root: Path, target: float | None, drop: bool = True) -> float:
+        out = base / f"out{label.replace(' ', '-')}"
+        if drop:
+            drop_page_cache()
+        started = time.perf_counter()
+        summary = prepare(root, out, split_files=list(lists.values()), workers=workers, show_progress=False)
+        seconds = time.perf_counter() - started
+        assert summary.total_patches == patches, summary.total_patches
+        rate = patches / seconds
+        stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in summary.stage_seconds.items())
+        verdict = (
+            "" if target is None else f" (target >= {target:,.0f}: {'met' if rate >= target else 'missed'})"
+        )
+        print(f"  prepare from {label}: {rate:,.0f} patches/s{verdict}; {stages}")
+        shutil.rmtree(out)
+        return rate
+
+    print(f"prepare, {workers} workers, default format:")
+    rates = {
+        ".tar": run(".tar, cold", tar, 3000),
+        ".tar.gz": run(".tar.gz, cold", files[".tar.gz"], 1800),
+        ".tar.zst": run(".tar.zst, cold", files[".tar.zst"], 2500),
+        "folders cold": run("extracted folders, cold", archive, 1200),
+    }
+    warm_page_cache(archive)
+    rates["folders warm"] = run("extracted folders, warm", archive, None, drop=False)
+    print(
+        "ratios to the extracted folders, cold: "
+        + ", ".join(f"{label} {rate / rates['folders cold']:.2f}x" for label, rate in rates.items())
+    )
+    synthetic_v2(base, synthetic, workers)
+
+
+def synthetic_v2(base: Path, patches: int, workers: int) -> None:
+    """A synthetic v2 archive with S1 packed as two .tar.zst files: same shards as from its folders."""
+    import filecmp
+
+    from bigearthnet_tf.prepare import prepare
+    from bigearthnet_tf.synth import write_synthetic_archive
+
+    root = write_synthetic_archive(base / "v2", patches=patches, version=2, with_s1=True)
+    packed = base / "v2-files"
+    packed.mkdir()
+    for name in ("metadata.parquet", "metadata_for_patches_with_snow_cloud_or_shadow.parquet"):
+        shutil.copyfile(root / name, packed / name)
+    for folder in ("BigEarthNet-S2", "BigEarthNet-S1"):
+        pack(root / folder, folder, base / f"{folder}.tar")
+        compress(base / f"{folder}.tar")
+        (base / f"{folder}.tar.zst").rename(packed / f"{folder}.tar.zst")
+    options = {"official_splits": True, "workers": workers, "show_progress": False}
+    from_folders = prepare(root, base / "v2-out-folders", s1_root=root, **options)
+    drop_page_cache()
+    started = time.perf_counter()
+    from_files = prepare(
+        packed / "BigEarthNet-S2.tar.zst",
+        base / "v2-out-files",
+        s1_root=packed / "BigEarthNet-S1.tar.zst",
+        **options,
+    )
+    seconds = time.perf_counter() - started
+    same = all(
+        filecmp.cmp(base / "v2-out-folders" / name, base / "v2-out-files" / name, shallow=False)
+        for names in from_folders.files.values()
+        for name in names
+    )
+    print(
+        f"synthetic v2 with S1, two .tar.zst files: {from_files.total_patches:,} patches in {seconds:.1f} s "
+        f"= {from_files.total_patches / seconds:,.0f} patches/s; shards {'identical to' if same else 'DIFFER from'} "
+        "those from the folders"
+    )
+    assert same and from_files.total_patches == from_folders.total_patches
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -151,10 +319,22 @@ def main(argv: list[str] | None = None) -> None:
         "--naive-patches", type=int, default=600, help="patches the naive converter converts (default 600)"
     )
     parser.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument(
+        "--archive-files", action="store_true", help="time preparing from .tar/.tar.gz/.tar.zst"
+    )
+    parser.add_argument(
+        "--synthetic-v2", type=int, default=2000, help="patches of the synthetic v2 archive (--archive-files)"
+    )
     args = parser.parse_args(argv)
 
     workers = args.workers or len(os.sched_getaffinity(0))
     base = Path(tempfile.mkdtemp(prefix="bigearthnet-bench-", dir=args.dir))
+    if args.archive_files:
+        try:
+            archive_files(base, args.patches if args.patches != 3000 else 12_000, workers, args.synthetic_v2)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return
     try:
         examples = example_archive(base / "examples").s2
         started = time.perf_counter()

@@ -22,6 +22,7 @@ leading zero (`S2B_MSIL2A_20170924T93020_69_24`).
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import functools
 import importlib.resources
 import json
@@ -44,7 +45,7 @@ from bigearthnet_tf.constants import (
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import InputFileError, check_regular_file, read_input_file
-from bigearthnet_tf.tiff import TiffError, read_band
+from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES, TiffError, decode_band, read_band
 
 __all__ = [
     "Patch",
@@ -219,14 +220,33 @@ class Archive:
 
     def read_patch(self, name: str) -> Patch:
         """Read one patch (and its S1 twin when the archive has an S1 folder); BadPatchError if unusable."""
+        return self.with_s1(decode_patch_files(self, name, self.read_patch_files(name)))
+
+    def read_patch_files(self, name: str) -> dict[str, object] | None:
+        """The raw files of S2 patch `name`: file name -> bytes, or the OSError reading it raised
+        (absent files are left out; `decode_patch_files` names them); None if there is no such
+        folder. Only I/O: threads can run many of these at once on a cold disk."""
         folder = self.patch_folder(name)
-        labels_43, labels_19 = self.read_labels(name)
-        bands = read_s2_bands(folder, name)
+        files: dict[str, object] = {}
+        for file_name in patch_file_names(self.version, name):
+            limit = MAX_METADATA_FILE_BYTES if file_name.endswith(".json") else MAX_BAND_FILE_BYTES
+            try:
+                files[file_name] = read_input_file(os.path.join(folder, file_name), limit)
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                files[file_name] = error
+        if not files and not os.path.isdir(folder):
+            return None
+        return files
+
+    def with_s1(self, patch: Patch) -> Patch:
+        """`patch` with the bands of its Sentinel-1 twin, when this archive has an S1 folder."""
         if self.s1_dir is None:
-            return Patch(name, bands, labels_43, labels_19)
-        s1_name = self.s1_name(name)
-        s1_bands = read_s1_bands(self.s1_folder(s1_name), name, s1_name)
-        return Patch(name, bands, labels_43, labels_19, s1_name, s1_bands)
+            return patch
+        s1_name = self.s1_name(patch.name)
+        s1_bands = read_s1_bands(self.s1_folder(s1_name), patch.name, s1_name)
+        return dataclasses.replace(patch, s1_name=s1_name, s1_bands=s1_bands)
 
     def read_labels(self, name: str) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
         """(43-class labels or None for v2, 19-class labels) of patch `name`; BadPatchError if unusable."""
@@ -390,8 +410,28 @@ def _read_v1_labels(folder: str, name: str) -> tuple[tuple[str, ...], tuple[str,
         raise BadPatchError(name, file_name, "missing metadata file") from None
     except OSError as error:
         raise BadPatchError(name, file_name, f"cannot read: {error.strerror}") from None
+    return decode_v1_labels(raw, name, file_name)
+
+
+def patch_file_names(version: int, name: str) -> list[str]:
+    """The files of S2 patch `name` that preparation reads: the labels JSON (v1), then the bands."""
+    bands = [f"{name}_{band}.tif" for band in S2_BAND_NAMES]
+    return [name + V1_METADATA_SUFFIX, *bands] if version == 1 else bands
+
+
+def _file_bytes(files: Mapping[str, object], file_name: str, name: str, missing: str):
+    data = files.get(file_name)
+    if data is None:
+        raise BadPatchError(name, file_name, missing)
+    if isinstance(data, OSError):
+        raise BadPatchError(name, file_name, f"cannot read: {data.strerror}")
+    return data
+
+
+def decode_v1_labels(raw, name: str, file_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The labels in the bytes of a v1 `<name>_labels_metadata.json`; BadPatchError if unusable."""
     try:
-        metadata = json.loads(raw)
+        metadata = json.loads(bytes(raw))
     except (ValueError, RecursionError) as error:  # also too deep nesting, integers over 4,300 digits
         raise BadPatchError(name, file_name, f"malformed JSON: {error}") from None
     if not isinstance(metadata, dict) or "labels" not in metadata:
@@ -423,6 +463,50 @@ def read_s1_bands(folder: str, name: str, s1_name: str) -> dict[str, np.ndarray]
     return {
         band: read_raster(prefix + band + ".tif", _S1_SHAPE, _FLOAT32, name, folder) for band in S1_BAND_NAMES
     }
+
+
+def decode_patch_files(
+    archive: Archive,
+    name: str,
+    files: Mapping[str, object] | None,
+    s1_name: str | None = None,
+    s1_files: Mapping[str, object] | None = None,
+) -> Patch:
+    """`Archive.read_patch` for a patch whose files are in memory (file name -> bytes-like, or
+    None for a patch without a folder), as `Archive.read_patch_files` or an archive file give
+    them; the same checks, in the same order, and the same BadPatchErrors."""
+    if files is None and archive.version == 1:
+        raise BadPatchError(name, archive.patch_folder(name), "no such patch folder")
+    if archive.version == 1:
+        file_name = name + V1_METADATA_SUFFIX
+        raw = _file_bytes(files, file_name, name, "missing metadata file")
+        labels_43, labels_19 = decode_v1_labels(raw, name, file_name)
+    else:
+        labels_43, labels_19 = archive.read_labels(name)
+        if files is None:  # the metadata's faults come first for v2, which has no labels file
+            raise BadPatchError(name, archive.patch_folder(name), "no such patch folder")
+    bands = {
+        band: decode_raster(files, f"{name}_{band}.tif", _S2_SHAPES[band], _UINT16, name)
+        for band in S2_BAND_NAMES
+    }
+    if s1_name is None:
+        return Patch(name, bands, labels_43, labels_19)
+    s1_bands = {
+        band: decode_raster(s1_files or {}, f"{s1_name}_{band}.tif", _S1_SHAPE, _FLOAT32, name)
+        for band in S1_BAND_NAMES
+    }
+    return Patch(name, bands, labels_43, labels_19, s1_name, s1_bands)
+
+
+def decode_raster(
+    files: Mapping[str, object], file_name: str, shape: tuple[int, int], dtype: np.dtype, name: str
+) -> np.ndarray:
+    """One band of patch `name` from `files`; every failure is a BadPatchError naming the file."""
+    data = _file_bytes(files, file_name, name, "missing band file")
+    try:
+        return decode_band(data, shape, dtype)
+    except TiffError as error:
+        raise BadPatchError(name, file_name, error.reason) from None
 
 
 def read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, folder: str) -> np.ndarray:

@@ -487,7 +487,14 @@ def split_choice(args: argparse.Namespace) -> tuple[list[Path] | None, bool]:
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `prepare`; the 2019 prep_splits.py flags keep their names."""
-    parser.add_argument("-r", "--root_folder", "--root", type=Path, required=True, help="archive root folder")
+    parser.add_argument(
+        "-r",
+        "--root_folder",
+        "--root",
+        type=Path,
+        required=True,
+        help="archive root folder, or the downloaded archive file (.tar, .tar.gz, .tar.zst), not extracted",
+    )
     parser.add_argument("-o", "--out_folder", "--out", type=Path, required=True, help="output folder")
     add_split_arguments(parser)
     parser.add_argument("--format", choices=("default", "legacy"), default="default", help="record format")
@@ -506,7 +513,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable patches and report them")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--version", type=int, choices=(1, 2), default=None, help="archive version (auto)")
-    parser.add_argument("--s1-root", type=Path, default=None, help="Sentinel-1 archive root (adds VV, VH)")
+    parser.add_argument(
+        "--s1-root",
+        type=Path,
+        default=None,
+        help="Sentinel-1 archive root folder or archive file (adds VV, VH)",
+    )
 
 
 def next_step(args: argparse.Namespace, error: UserError) -> str | None:

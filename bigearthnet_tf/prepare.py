@@ -68,7 +68,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +79,7 @@ from bigearthnet_tf.archive import (
     V2_METADATA,
     Archive,
     BadPatchError,
+    decode_patch_files,
     open_archive,
     read_split_csv,
     split_name,
@@ -97,7 +98,18 @@ from bigearthnet_tf.constants import (
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.locks import output_lock
+from bigearthnet_tf.prepare_stream import (
+    SPOOL_DIR_NAME,
+    SpoolIndex,
+    StreamJob,
+    archive_identity,
+    copy_records,
+    open_spool,
+    peek_version,
+    stream_to_spool,
+)
 from bigearthnet_tf.records import FORMAT_VERSION, SERIALIZERS, RecordWriter
+from bigearthnet_tf.tarstream import ArchiveFileError, is_archive_file
 
 __all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "MANIFEST_NAME"]
 
@@ -117,6 +129,9 @@ _TFRECORD_SUFFIX = ".tfrecord"
 _TEMP_SUFFIX = ".tmp"
 _SHARD_GLOB = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]" + _TFRECORD_SUFFIX
 _PROGRESS_POLL_SECONDS = 0.1
+# Patches each worker reads ahead from folders, each in a thread of its own: a cold disk delivers
+# several times more small files per second with many reads in flight than with one.
+READ_AHEAD = 16
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,8 @@ class PrepareSummary:
     skipped: tuple[SkippedPatch, ...]
     seconds: float
     resumed_patches: int = 0
+    # Where the time went, summed over threads and workers: read, decompress, parse, encode, write.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_patches(self) -> int:
@@ -158,6 +175,9 @@ class _Unit:
     index: int
     file_name: str  # final name: a shard in `out`, or a part in the work folder
     names: tuple[str, ...]
+    # From an archive file: per name its record in the spool (spool, offset, length) or its fault
+    # (file, reason); None when patches are read from folders.
+    places: tuple[tuple, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +187,7 @@ class _UnitResult:
     size: int
     skipped: tuple[tuple[str, str, str], ...]  # (patch, file, reason)
     error: tuple[str, str, str] | None = None  # the first bad patch when not skipping
+    seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)  # read, encode, write
 
 
 @dataclass
@@ -178,6 +199,7 @@ class _Plan:
     archive: Archive
     splits: dict[str, list[str]]
     units: list[_Unit]
+    index: SpoolIndex | None = None  # what the stream phase encoded, for an archive file
     # Final files in `out` per split, in order.
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)
     fingerprint: str = ""
@@ -201,13 +223,17 @@ def _plan_units(plan: _Plan) -> None:
     for split, names in plan.splits.items():
         if plan.record_format == "default":
             chunks = _chunks(names, plan.shard_size)
-            shard_names = [_shard_name(split, i, len(chunks)) for i in range(len(chunks))]
-            plan.units.extend(_Unit(split, i, shard_names[i], chunk) for i, chunk in enumerate(chunks))
-            plan.files[split] = tuple(shard_names)
+            file_names = [_shard_name(split, i, len(chunks)) for i in range(len(chunks))]
+            plan.files[split] = tuple(file_names)
         else:
             chunks = _chunks(names, LEGACY_PART_SIZE)
-            plan.units.extend(_Unit(split, i, _part_name(split, i), chunk) for i, chunk in enumerate(chunks))
+            file_names = [_part_name(split, i) for i in range(len(chunks))]
             plan.files[split] = (split + _TFRECORD_SUFFIX,)
+        for i, chunk in enumerate(chunks):
+            places = None
+            if plan.index is not None:
+                places = tuple(plan.index.records.get(name) or plan.index.bad[name] for name in chunk)
+            plan.units.append(_Unit(split, i, file_names[i], chunk, places))
 
 
 def _fingerprint(plan: _Plan, skip_bad: bool) -> str:
@@ -274,8 +300,13 @@ def _resolve_splits(
     include_snow_cloud: bool,
     skip_bad: bool,
     say: Callable[[str], None],
+    missing_of: Callable[[dict[str, list[str]]], dict[str, list[str]]] | None = None,
 ) -> tuple[dict[str, list[str]], list[SkippedPatch]]:
-    """Split name -> patch names in list order, and the listed patches that have no folder (skip_bad)."""
+    """Split name -> patch names in list order, and the listed patches that have no folder (skip_bad).
+
+    `missing_of(splits)` gives per split the names that are not in the archive (default: those
+    without a folder; for an archive file, those its stream did not hold)."""
+    missing_of = missing_of or (lambda splits: _missing_patches(archive, splits))
     if include_snow_cloud and (archive.version != 2 or not official_splits):
         raise UserError(
             "--include-snow-cloud applies to the official v2 splits only (the v1 lists and user CSVs "
@@ -290,7 +321,7 @@ def _resolve_splits(
             )
         splits = archive.official_splits(include_snow_cloud=include_snow_cloud)
         listed = sum(len(names) for names in splits.values())
-        missing = {name for names in _missing_patches(archive, splits).values() for name in names}
+        missing = {name for names in missing_of(splits).values() for name in names}
         if len(missing) == listed:
             raise UserError(
                 f"none of the {listed:,} patches of the official v{archive.version} splits is in "
@@ -333,7 +364,7 @@ def _resolve_splits(
                 say(f"{split}: left out {len(names) - len(kept):,} snow/cloud/shadow patches")
             splits[split] = kept
 
-    for split, missing in _missing_patches(archive, splits).items():
+    for split, missing in missing_of(splits).items():
         if not missing:
             continue
         if not skip_bad:
@@ -375,18 +406,19 @@ _record_format = "default"
 _skip_bad = False
 _work_dir = ""
 _out = ""
+_spool_dir = ""
 _on_patch: Callable[[], None] = lambda: None  # noqa: E731
 
 
 def _init_worker(
-    archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str, counter
+    archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str, spool_dir: str, counter
 ) -> None:
     """Worker set-up: remember the job and count patches in a shared counter for the progress bar."""
     import signal
 
     # The parent handles Ctrl-C and terminates the pool; workers must not die mid-write on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _configure(archive, record_format, skip_bad, work_dir, out)
+    _configure(archive, record_format, skip_bad, work_dir, out, spool_dir)
 
     def count_patch() -> None:
         with counter.get_lock():
@@ -396,35 +428,96 @@ def _init_worker(
     _on_patch = count_patch
 
 
-def _configure(archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str) -> None:
-    global _archive, _record_format, _skip_bad, _work_dir, _out
-    _archive, _record_format, _skip_bad, _work_dir, _out = archive, record_format, skip_bad, work_dir, out
+def _configure(
+    archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str, spool_dir: str
+) -> None:
+    global _archive, _record_format, _skip_bad, _work_dir, _out, _spool_dir
+    _archive, _record_format, _skip_bad = archive, record_format, skip_bad
+    _work_dir, _out, _spool_dir = work_dir, out, spool_dir
+
+
+def _read_ahead(names: Sequence[str], pool: ThreadPoolExecutor) -> Iterator[tuple[str, Future]]:
+    """(name, future of its raw files) in order, with up to READ_AHEAD reads in flight."""
+    futures: list[tuple[str, Future]] = []
+    for name in names:
+        futures.append((name, pool.submit(_archive.read_patch_files, name)))
+        if len(futures) > READ_AHEAD:
+            yield futures.pop(0)
+    yield from futures
 
 
 def _write_unit(unit: _Unit) -> _UnitResult:
     """Read, encode and write one unit to a temporary file, then rename it to its final name."""
-    serialize = SERIALIZERS[_record_format]
     temporary = os.path.join(_work_dir, f"{unit.file_name}.{os.getpid()}{_TEMP_SUFFIX}")
     final_dir = _out if _record_format == "default" else _work_dir
+    try:
+        if unit.places is None:
+            result = _encode_unit(unit, temporary)
+        else:
+            result = _copy_unit(unit, temporary)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    if result.error is None:
+        os.replace(temporary, os.path.join(final_dir, unit.file_name))
+    return result
+
+
+def _encode_unit(unit: _Unit, temporary: str) -> _UnitResult:
+    """Read the unit's patches from their folders (reads run ahead in threads), encode, write."""
+    serialize = SERIALIZERS[_record_format]
     skipped: list[tuple[str, str, str]] = []
-    with RecordWriter(temporary) as writer:
-        for name in unit.names:
+    read = encode = write = 0.0
+    with RecordWriter(temporary) as writer, ThreadPoolExecutor(READ_AHEAD, "patch-reader") as pool:
+        for name, future in _read_ahead(unit.names, pool):
+            started = time.perf_counter()
+            files = future.result()
+            waited = time.perf_counter()
             try:
-                record = serialize(_archive.read_patch(name))
+                record = serialize(_archive.with_s1(decode_patch_files(_archive, name, files)))
             except BadPatchError as error:
                 if not _skip_bad:
                     writer.close()
                     os.unlink(temporary)
                     return _UnitResult(unit.file_name, 0, 0, (), (error.patch, error.file, error.reason))
                 skipped.append((error.patch, error.file, error.reason))
+                encoded = time.perf_counter()
             else:
+                encoded = time.perf_counter()
                 writer.write(record)
+            read += waited - started
+            encode += encoded - waited
+            write += time.perf_counter() - encoded
             _on_patch()
+        started = time.perf_counter()
         writer.flush(sync=True)
+        write += time.perf_counter() - started
         written = writer.count
-    size = os.path.getsize(temporary)
-    os.replace(temporary, os.path.join(final_dir, unit.file_name))
-    return _UnitResult(unit.file_name, written, size, tuple(skipped))
+    return _UnitResult(
+        unit.file_name, written, os.path.getsize(temporary), tuple(skipped), seconds=(read, encode, write)
+    )
+
+
+def _copy_unit(unit: _Unit, temporary: str) -> _UnitResult:
+    """Write the unit from records the stream phase encoded into the spool, in list order."""
+    started = time.perf_counter()
+    skipped = [(name, *place) for name, place in zip(unit.names, unit.places, strict=True) if len(place) == 2]
+    if skipped and not _skip_bad:
+        return _UnitResult(unit.file_name, 0, 0, (), skipped[0])
+    records = [place for place in unit.places if len(place) == 3]
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        copy_records(fd, records, _spool_dir)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for _ in unit.names:
+        _on_patch()
+    seconds = (0.0, 0.0, time.perf_counter() - started)
+    return _UnitResult(
+        unit.file_name, len(records), os.path.getsize(temporary), tuple(skipped), seconds=seconds
+    )
 
 
 # --- the job folder: fingerprint, journal, clean-up ------------------------------------------------
@@ -722,6 +815,9 @@ def _print_summary(summary: PrepareSummary, console) -> None:
     )
     if summary.resumed_patches:
         lines.append(f"  resumed: {summary.resumed_patches:,} patches were already done by an earlier run")
+    if summary.stage_seconds:
+        stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary.stage_seconds.items())
+        lines.append(f"  time: {stages} (summed over threads and worker processes)")
     console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
@@ -862,6 +958,110 @@ class _Workers:
         self._executor = None
 
 
+def _open_archive_file(
+    path: str | os.PathLike, version: int | None, s1_root: str | os.PathLike | None
+) -> Archive:
+    """The `Archive` of an archive file: its version (from its members), where the v2 metadata is
+    (beside the file), and the Sentinel-1 folder when S1 is a folder rather than a file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"archive file {path} does not exist or is not a file")
+    found = peek_version(path)
+    if version is not None and version != found:
+        raise UserError(f"{path} holds a v{found} archive, not v{version}")
+    top = os.path.dirname(os.path.abspath(path))
+    if found == 2 and not os.path.isfile(os.path.join(top, V2_METADATA)):
+        raise UserError(f"{path}: a v2 archive needs {V2_METADATA} beside it, in {top}")
+    s1_dir = None
+    if s1_root is not None and not is_archive_file(s1_root):
+        s1_dir = open_archive(top if found == 2 else s1_root, version=found, s1_root=s1_root).s1_dir
+    elif s1_root is not None and peek_version(os.fspath(s1_root), s1=True) != found:
+        raise UserError(f"{s1_root} is not a Sentinel-1 archive of the same version (v{found}) as {path}")
+    return Archive(version=found, root=top if found == 2 else path, s2_dir=path, s1_dir=s1_dir)
+
+
+def _stream_phase(
+    archive: Archive,
+    root: str | os.PathLike,
+    s1_root: str | os.PathLike | None,
+    listed: dict[str, list[str]],
+    record_format: str,
+    shard_size: int | None,
+    workers: int,
+    skip_bad: bool,
+    overwrite: bool,
+    context,
+    out: Path,
+    console,
+    say: Callable[[str], None],
+) -> SpoolIndex:
+    """Stream the archive file into the spool (`prepare_stream`), with a progress bar in bytes and patches."""
+    s1_file = os.fspath(s1_root) if s1_root is not None and archive.s1_dir is None else None
+    spool_dir = out / SPOOL_DIR_NAME
+    job = {
+        "format": record_format,
+        "format_version": FORMAT_VERSION,
+        "skip_bad": skip_bad,
+        "version": archive.version,
+        "s2": archive_identity(os.fspath(root)),
+        "s1": archive_identity(s1_file) if s1_file else archive.s1_dir and os.path.realpath(archive.s1_dir),
+        "splits": listed,
+        "created_by": __version__,
+    }
+    resumable = (spool_dir / "job.json").exists() or (out / WORK_DIR_NAME / _JOB_FILE).exists()
+    if not overwrite and not resumable:
+        # Refuse existing outputs now rather than after a whole pass over the archive.
+        stub = _Plan(out, out / WORK_DIR_NAME, record_format, shard_size, archive, listed, [])
+        _plan_units(stub)
+        stale = _stale_outputs(stub)
+        if stale:
+            more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+            raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
+    done = open_spool(spool_dir, job, overwrite, say)
+    names = {name for names in listed.values() for name in names}
+    stream_job = StreamJob(
+        archive, os.fspath(root), s1_file, names, record_format, workers, skip_bad, spool_dir, context
+    )
+    progress = _stream_progress(console)
+    size = os.path.getsize(root)
+    tasks = {
+        "bytes": progress.add_task(f"reading {os.path.basename(root)}", total=size, unit="bytes"),
+        "patches": progress.add_task("encoding", total=len(names), completed=len(done), unit="patches"),
+    }
+    try:
+        return stream_to_spool(
+            stream_job, done, say, lambda kind, count: progress.update(tasks[kind], completed=count), progress
+        )
+    except (BadPatchError, ArchiveFileError):
+        shutil.rmtree(spool_dir, ignore_errors=True)
+        raise
+
+
+def _stream_progress(console):
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class AmountColumn(ProgressColumn):
+        """Done / total and the rate over this run, in bytes or patches."""
+
+        def render(self, task) -> Text:
+            bytes_ = task.fields.get("unit") == "bytes"
+            scale, unit = (1e6, "MB") if bytes_ else (1, "patches")
+            done = f"{task.completed / scale:,.0f}/{(task.total or 0) / scale:,.0f} {unit}"
+            rate = f"{task.completed / scale / task.elapsed:,.0f} {unit}/s" if task.elapsed else "--"
+            return Text(f"{done}  {rate}", style="progress.data.speed")
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        AmountColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
 def prepare(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -927,17 +1127,57 @@ def prepare(
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
 
     context = _worker_context() if workers > 1 else None
-    archive = open_archive(root, version=version, s1_root=s1_root)
-    splits, missing = _resolve_splits(
-        archive, split_files, official_splits, exclude_snow_cloud, include_snow_cloud, skip_bad, say
-    )
+    from_file = is_archive_file(root)
+    split_args = (split_files, official_splits, exclude_snow_cloud, include_snow_cloud, skip_bad)
+    if from_file:
+        archive = _open_archive_file(root, version, s1_root)
+        # Which listed patches the file holds is known only after streaming it: here the lists
+        # are checked, quietly; the stream phase then tells which ones are absent.
+        listed, _ = _resolve_splits(
+            archive, *split_args, lambda message: None, missing_of=lambda splits: dict.fromkeys(splits, [])
+        )
+    else:
+        archive = open_archive(root, version=version, s1_root=s1_root)
+        splits, missing = _resolve_splits(archive, *split_args, say)
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():
         raise UserError(f"output folder {out_path} exists and is not a folder")
     out_path.mkdir(parents=True, exist_ok=True)
     # One writer per output folder: a second run would remove this one's temporary files.
     with output_lock(out_path, "prepare", f"output folder {out_path}"):
-        plan = _Plan(out_path, out_path / WORK_DIR_NAME, record_format, shard_size, archive, splits, [])
+        index = None
+        if from_file:
+            index = _stream_phase(
+                archive,
+                root,
+                s1_root,
+                listed,
+                record_format,
+                shard_size,
+                workers,
+                skip_bad,
+                overwrite,
+                context,
+                out_path,
+                console,
+                say,
+            )
+            try:
+                splits, missing = _resolve_splits(
+                    archive,
+                    *split_args,
+                    say,
+                    missing_of=lambda splits: {
+                        split: [name for name in names if name not in index.present]
+                        for split, names in splits.items()
+                    },
+                )
+            except UserError:  # listed patches the file does not hold: this job ends here
+                shutil.rmtree(out_path / SPOOL_DIR_NAME, ignore_errors=True)
+                raise
+        plan = _Plan(
+            out_path, out_path / WORK_DIR_NAME, record_format, shard_size, archive, splits, [], index
+        )
         _plan_units(plan)
         plan.fingerprint = _fingerprint(plan, skip_bad)
         done, appended = _start_or_resume(plan, overwrite, say)
@@ -951,8 +1191,18 @@ def prepare(
 
         total = sum(len(unit.names) for unit in plan.units)
         progress = _progress_bar(console)
-        task = progress.add_task("preparing", total=total, completed=resumed, resumed=resumed)
-        settings = (plan.archive, plan.record_format, skip_bad, str(plan.work_dir), str(plan.out))
+        description = "writing shards" if from_file else "preparing"
+        task = progress.add_task(description, total=total, completed=resumed, resumed=resumed)
+        spool_dir = out_path / SPOOL_DIR_NAME
+        settings = (
+            plan.archive,
+            plan.record_format,
+            skip_bad,
+            str(plan.work_dir),
+            str(plan.out),
+            str(spool_dir),
+        )
+        stage_seconds = dict(index.seconds) if index is not None else {}
         unit_split = {unit.file_name: unit.split for unit in plan.units}
         try:
             # Workers start before the progress bar's refresh thread, so a fork copies no running
@@ -961,6 +1211,8 @@ def prepare(
                 for result in runner.results(lambda n: progress.advance(task, n)):
                     if result.error is not None:
                         raise BadPatchError(*result.error)
+                    for stage, seconds in zip(("read", "encode", "write"), result.seconds, strict=True):
+                        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
                     entry = {
                         "file": result.file_name,
                         "bytes": result.size,
@@ -975,6 +1227,7 @@ def prepare(
                 progress.update(task, completed=total)
         except BadPatchError:
             _discard_job(plan)
+            shutil.rmtree(spool_dir, ignore_errors=True)
             raise
         except BaseException:
             # Interrupted or failed for another reason: finished files stay for a restart.
@@ -996,6 +1249,7 @@ def prepare(
         manifest = _manifest(plan, written, {split: len(skipped[split]) for split in splits}, skip_bad)
         _write_atomically(plan.out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", plan.work_dir)
         shutil.rmtree(plan.work_dir)
+        shutil.rmtree(spool_dir, ignore_errors=True)
 
         summary = PrepareSummary(
             out=plan.out,
@@ -1004,7 +1258,8 @@ def prepare(
             patches=written,
             skipped=tuple(all_skipped),
             seconds=time.perf_counter() - started,
-            resumed_patches=resumed,
+            resumed_patches=resumed if index is None else index.resumed,
+            stage_seconds=stage_seconds,
         )
         if show_progress:
             _print_summary(summary, Console(file=sys.stdout, highlight=False))

@@ -432,6 +432,7 @@ class RecordWriter:
     def __init__(self, path: str | Path, *, append: bool = False) -> None:
         self.path = Path(path)
         self.count = 0
+        self.bytes_written = 0  # by this writer, framing included
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         self._fd: int | None = os.open(self.path, flags, 0o666)
 
@@ -445,6 +446,7 @@ class RecordWriter:
         if written != expected:  # a short write (rare on regular files): write the rest in one go
             os.write(self._fd, b"".join(bytes(b) for b in buffers)[written:])
         self.count += 1
+        self.bytes_written += expected
 
     def flush(self, *, sync: bool = False) -> None:
         """Nothing is buffered in Python; with `sync=True`, wait until the bytes are on the disk."""

@@ -15,6 +15,7 @@ so synthetic archives exercise the same reading path as real ones.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import struct
 from collections.abc import Sequence
@@ -82,14 +83,18 @@ class _Unsupported(Exception):
 
 def read_band(path: str | os.PathLike, shape: Sequence[int], dtype: np.dtype | type | str) -> np.ndarray:
     """Read a single-band TIFF as a 2-D array; raise TiffError unless it has this shape and dtype."""
+    return decode_band(_read_file(path), shape, dtype)
+
+
+def decode_band(data, shape: Sequence[int], dtype: np.dtype | type | str) -> np.ndarray:
+    """`read_band` for the bytes of a TIFF file already in memory (a bytes-like object)."""
     expected_shape = (int(shape[0]), int(shape[1]))
     expected_dtype = np.dtype(dtype)
-    data = _read_file(path)
     try:
         array = _parse_simple_tiff(data, expected_shape, expected_dtype)
     except _Unsupported:
-        _check_declared_raster(path, expected_shape, expected_dtype)
-        array = _read_with_tifffile(path)
+        _check_declared_raster(io.BytesIO(data), expected_shape, expected_dtype)
+        array = _read_with_tifffile(io.BytesIO(data))
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
     if array.shape != expected_shape:

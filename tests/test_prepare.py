@@ -469,7 +469,7 @@ def test_restart_after_a_simulated_crash_keeps_finished_shards(archive, tmp_path
     run(archive, reference, shard_size=1)
 
     out = tmp_path / "out"
-    real_read = prepare_module.Archive.read_patch
+    real_read = prepare_module.Archive.read_patch_files
     calls = []
 
     def dying_read(self, name):
@@ -478,10 +478,10 @@ def test_restart_after_a_simulated_crash_keeps_finished_shards(archive, tmp_path
             raise SimulatedKill
         return real_read(self, name)
 
-    monkeypatch.setattr(prepare_module.Archive, "read_patch", dying_read)
+    monkeypatch.setattr(prepare_module.Archive, "read_patch_files", dying_read)
     with pytest.raises(SimulatedKill):
         run(archive, out, shard_size=1)
-    monkeypatch.setattr(prepare_module.Archive, "read_patch", real_read)
+    monkeypatch.setattr(prepare_module.Archive, "read_patch_files", real_read)
 
     finished = {path.name: path.stat().st_ino for path in out.glob("*.tfrecord")}
     assert sorted(finished) == [f"train-0000{i}-of-00004.tfrecord" for i in range(3)]
@@ -549,6 +549,17 @@ def wait_for_blocked_shard(process: subprocess.Popen, out: Path, train_shards: s
         time.sleep(0.05)
 
 
+def wait_until_group_gone(group: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process group {group} outlived SIGKILL")
+
+
 def test_restart_after_sigkill(archive, tmp_path, example_names):
     """A real SIGKILL of the whole process group while a worker is blocked reading a patch."""
     blocked = example_names[4]  # the first val patch: all train shards finish before it
@@ -559,6 +570,7 @@ def test_restart_after_sigkill(archive, tmp_path, example_names):
         wait_for_blocked_shard(process, out, train_shards)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        wait_until_group_gone(process.pid)  # forked workers hold the output lock until they are gone
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -615,7 +627,7 @@ def test_legacy_restart_keeps_finished_parts(archive, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     run(archive, reference, record_format="legacy")
     out = tmp_path / "out"
-    real_read = prepare_module.Archive.read_patch
+    real_read = prepare_module.Archive.read_patch_files
     calls = []
 
     def dying_read(self, name):
@@ -624,10 +636,10 @@ def test_legacy_restart_keeps_finished_parts(archive, tmp_path, monkeypatch):
             raise SimulatedKill
         return real_read(self, name)
 
-    monkeypatch.setattr(prepare_module.Archive, "read_patch", dying_read)
+    monkeypatch.setattr(prepare_module.Archive, "read_patch_files", dying_read)
     with pytest.raises(SimulatedKill):
         run(archive, out, record_format="legacy")
-    monkeypatch.setattr(prepare_module.Archive, "read_patch", real_read)
+    monkeypatch.setattr(prepare_module.Archive, "read_patch_files", real_read)
     assert tfrecord_files(out) == []  # no split is complete yet
     # The two finished parts were appended to the split's partial file and deleted.
     assert list((out / WORK_DIR_NAME).glob("train.part-*")) == []
@@ -649,7 +661,7 @@ def reference_records(folder: Path, count: int) -> list[bytes]:
 def test_restart_with_other_arguments_is_refused(archive, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(
-        prepare_module.Archive, "read_patch", lambda self, name: (_ for _ in ()).throw(SimulatedKill)
+        prepare_module.Archive, "read_patch_files", lambda self, name: (_ for _ in ()).throw(SimulatedKill)
     )
     with pytest.raises(SimulatedKill):
         run(archive, out, shard_size=1)

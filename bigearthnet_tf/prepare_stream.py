@@ -1,0 +1,821 @@
+"""Encode the patches of an archive file (.tar, .tar.gz, .tar.zst) in one streaming pass.
+
+`stream_to_spool` is the first phase of `prepare` when the archive is a file. The tar members arrive
+in whatever order the file has them; records must come out in list order, sharded as from the
+extracted folder. So this phase encodes each wanted patch as soon as all its files have streamed
+past and appends the record to a spool file in the job's work folder; `prepare` then writes the
+shards (or legacy parts) from the spool in list order with `os.copy_file_range`, through the same
+planning, journal and resume code as for folders.
+
+Why a spool and not shards at once: which patches a shard holds depends on which listed patches are
+in the archive at all (absent ones are dropped from the lists before sharding, as for folders), and
+that is known only at the end of the stream. The spool costs one in-kernel copy of the output.
+
+Pipeline (memory bounded by the block ring, whatever the archive size):
+
+- a reader thread fills 32 MB shared-memory blocks with the decompressed stream (`tarstream`);
+- the main thread parses the headers, groups members by patch folder, and hands each complete
+  patch (the places of its files in the blocks) to a worker process in batches;
+- workers map the blocks read-only, decode the TIFFs, serialize the record and append it to their
+  batch's spool file; a block is refilled once no batch or incomplete patch needs it. Files of
+  incomplete patches in a block about to be refilled (a tar whose patch members are not
+  contiguous) are first copied to a spill file.
+
+Sentinel-1 in a second archive file is read first, in a pass of its own: the wanted VV/VH files
+are indexed (an uncompressed .tar is read in place later) or copied to a store file (compressed),
+so that the S2 pass finds each twin by an index lookup. Pairing needs only the S1 archive and the
+v2 metadata or the v1 S1 JSON files, and the two archives' orders need not agree.
+
+Resume: finished spool files are journalled (`spool.jsonl`); a rerun streams the archive again but
+decodes only the patches no finished spool file holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigearthnet_tf.archive import (
+    V1_METADATA_SUFFIX,
+    V2_METADATA,
+    Archive,
+    BadPatchError,
+    decode_patch_files,
+    read_s1_bands,
+    v2_product,
+    v2_s1_product,
+)
+from bigearthnet_tf.constants import S1_BAND_NAMES, S2_BAND_NAMES
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.records import SERIALIZERS, RecordWriter
+from bigearthnet_tf.tarstream import (
+    DIRECTORY,
+    LINK,
+    REGULAR,
+    ArchiveFileError,
+    ArchiveStream,
+    BlockRing,
+    BlockViews,
+    Member,
+    TarParser,
+    safe_name,
+    start_filling,
+)
+from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES
+
+SPOOL_DIR_NAME = ".prepare-spool"
+_JOB_FILE = "job.json"
+_JOURNAL_FILE = "spool.jsonl"
+_S1_INDEX_FILE = "s1-index.json"
+_S1_STORE_FILE = "s1-store.bin"
+_SPILL_FILE = "spill.bin"
+BATCH_PATCHES = 48  # patches per worker task: ~8 MB of input, a few tens of ms of work
+_POLL_SECONDS = 0.05
+
+# A file reference as workers get it: ("b", ((block, offset, length), ...)) in the block ring, or
+# ("f", path, offset, length) in a file (the uncompressed S1 tar, the S1 store, the spill file).
+Ref = tuple
+
+
+# --- what the archive files hold -----------------------------------------------------------------
+
+
+def _folder_and_file(name: str) -> tuple[str, str, str] | None:
+    """(parent of the patch folder, patch folder, file) of a member path `.../<folder>/<folder>_x`."""
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if len(parts) < 2 or not parts[-1].startswith(parts[-2] + "_"):
+        return None
+    return (parts[-3] if len(parts) > 2 else "", parts[-2], parts[-1])
+
+
+def _layout_version(parent: str, folder: str, s1: bool) -> int:
+    """2 if the patch folder sits in its v2 product folder, else 1."""
+    try:
+        product = v2_s1_product(folder) if s1 else v2_product(folder)
+    except UserError:
+        return 1
+    return 2 if parent == product else 1
+
+
+def peek_version(path: str, *, s1: bool = False) -> int:
+    """The archive version (1 or 2) of an archive file, from the first patch file in it."""
+    stream = ArchiveStream(path)
+    try:
+        buffer = bytearray(4 << 20)
+        length = stream.readinto(buffer)
+    finally:
+        stream.close()
+    parser = TarParser(path, [bytes(buffer[:length])], MAX_BAND_FILE_BYTES)
+    parser.feed(0, length, 0)
+    try:
+        for member in parser.members(lambda name: None):
+            found = _folder_and_file(member.name) if member.kind == REGULAR else None
+            if found is not None:
+                return _layout_version(found[0], found[1], s1)
+    except ArchiveFileError:
+        pass  # the stream pass reports it with its context
+    kind = "Sentinel-1" if s1 else "Sentinel-2"
+    raise UserError(f"{path}: no BigEarthNet {kind} patch files at its start; is this a BigEarthNet archive?")
+
+
+def archive_identity(path: str) -> list:
+    """What identifies an archive file for resuming: its real path, size and modification time."""
+    info = os.stat(path)
+    return [os.path.realpath(path), info.st_size, info.st_mtime_ns]
+
+
+# --- the result of the stream phase ---------------------------------------------------------------
+
+
+@dataclass
+class SpoolIndex:
+    """Where each encoded patch's framed record is, which patches are bad, which were in the archive."""
+
+    records: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # name -> (spool, offset, length)
+    bad: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (file, reason)
+    present: set[str] = field(default_factory=set)  # listed names with a folder or file in the archive
+    seconds: dict[str, float] = field(default_factory=dict)  # read, decompress, parse, encode, write
+    resumed: int = 0  # patches encoded by an earlier run
+
+
+@dataclass
+class _Stats:
+    encode: float = 0.0
+    write: float = 0.0
+    parse: float = 0.0
+
+
+# --- workers ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _WorkerState:
+    archive: Archive
+    serialize: Callable
+    spool_dir: str
+    views: BlockViews | None
+
+
+_state: _WorkerState | None = None
+
+
+def _init_worker(archive: Archive, record_format: str, spool_dir: str, block_paths: list[str]) -> None:
+    global _state
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _state = _WorkerState(archive, SERIALIZERS[record_format], spool_dir, BlockViews(block_paths))
+
+
+def _read_ref(ref: Ref):
+    if ref[0] == "b":
+        return _state.views.read(ref[1])
+    _, path, offset, length = ref
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def _encode_batch(task: int, patches: list[tuple]) -> tuple[str, list, float, float]:
+    """Encode `patches` ((name, {file: ref}, s1) each) into spool file `task`; per patch
+    [name, offset, length, None] or, if it is bad, [name, None, None, [file, reason]]."""
+    spool = f"spool-{task:07d}.tfrecord"
+    path = os.path.join(_state.spool_dir, spool)
+    entries = []
+    encode = write = 0.0
+    with RecordWriter(path) as writer:
+        for name, refs, s1 in patches:
+            started = time.perf_counter()
+            try:
+                record = _state.serialize(_decode(name, refs, s1))
+            except BadPatchError as error:
+                entries.append([name, None, None, [error.file, error.reason]])
+                encode += time.perf_counter() - started
+                continue
+            before = writer.bytes_written
+            middle = time.perf_counter()
+            writer.write(record)
+            entries.append([name, before, writer.bytes_written - before, None])
+            encode += middle - started
+            write += time.perf_counter() - middle
+        # Not synced: the spool is temporary, and data the kernel never writes back costs the disk
+        # nothing. A kill loses nothing; after a power failure, journal sizes (synced) that files
+        # no longer reach (ext4 and xfs extend a file only with its data) make those spools redone.
+    return spool, entries, encode, write
+
+
+def _decode(name: str, refs: dict[str, Ref], s1):
+    files = {file: _read_ref(ref) for file, ref in refs.items()}
+    archive = _state.archive
+    if s1 is None and archive.s1_dir is not None:  # S1 in a folder beside an S2 archive file
+        patch = decode_patch_files(archive, name, files)
+        s1_name = archive.s1_name(name)
+        s1_bands = read_s1_bands(archive.s1_folder(s1_name), name, s1_name)
+        return type(patch)(patch.name, patch.bands, patch.labels_43, patch.labels_19, s1_name, s1_bands)
+    if s1 is None:
+        return decode_patch_files(archive, name, files)
+    if s1[0] == "bad":
+        raise BadPatchError(name, s1[1], s1[2])
+    s1_name, s1_refs = s1
+    return decode_patch_files(
+        archive, name, files, s1_name, {file: _read_ref(ref) for file, ref in s1_refs.items()}
+    )
+
+
+# --- the job folder ----------------------------------------------------------------------------------
+
+
+def _fingerprint(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def open_spool(spool_dir: Path, job: dict, overwrite: bool, say: Callable[[str], None]) -> dict[str, tuple]:
+    """Make the spool folder ready for `job`; return what an earlier run of the same job encoded."""
+    fingerprint = _fingerprint(job)
+    try:
+        previous = json.loads((spool_dir / _JOB_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous != fingerprint:
+        if previous is not None and not overwrite:
+            raise UserError(
+                f"{spool_dir} holds an unfinished preparation with other arguments; rerun that "
+                "command to finish it, or pass --overwrite to discard it"
+            )
+        if spool_dir.exists():
+            shutil.rmtree(spool_dir)
+        spool_dir.mkdir(parents=True)
+        (spool_dir / _JOB_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+        return {}
+    done: dict[str, tuple] = {}
+    kept: set[str] = set()
+    try:
+        lines = (spool_dir / _JOURNAL_FILE).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill
+        path = spool_dir / entry["spool"]
+        if path.exists() and path.stat().st_size == entry["bytes"]:
+            kept.add(entry["spool"])
+            for name, offset, length, fault in entry["patches"]:
+                done[name] = (entry["spool"], offset, length) if fault is None else tuple(fault)
+    for entry in os.scandir(spool_dir):
+        if entry.name.startswith("spool-") and entry.name not in kept:
+            os.unlink(entry.path)
+    if done:
+        say(f"resuming: {len(done):,} patches were encoded by an earlier run")
+    return done
+
+
+def _journal(spool_dir: Path, entry: dict) -> None:
+    with open(spool_dir / _JOURNAL_FILE, "a", encoding="utf-8") as journal:
+        journal.write(json.dumps(entry) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+
+
+# --- streaming -------------------------------------------------------------------------------------
+
+
+class _Ring:
+    """The block ring with reference counts: a block goes back to the reader when neither a batch
+    in flight nor an incomplete patch points into it and the parser is past it."""
+
+    def __init__(self, blocks: int) -> None:
+        self.ring = BlockRing(blocks)
+        self.refs = [0] * blocks
+        self.retired: set[int] = set()
+        self.free_queue: queue.Queue | None = None
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        self._maybe_free(block)
+
+    def retire(self, block: int) -> None:
+        self.retired.add(block)
+        self._maybe_free(block)
+
+    def _maybe_free(self, block: int) -> None:
+        if block in self.retired and self.refs[block] == 0:
+            self.retired.discard(block)
+            self.free_queue.put(block)
+
+
+class _Spill:
+    """Where the files of incomplete patches go when their block is needed again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self._file = None
+        self.size = 0
+
+    def put(self, data: bytes) -> Ref:
+        if self._file is None:
+            self._file = open(self.path, "ab")
+            self.size = self._file.tell()
+        self._file.write(data)
+        self._file.flush()  # workers read it with pread
+        ref = ("f", self.path, self.size, len(data))
+        self.size += len(data)
+        return ref
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _stream(
+    path: str,
+    blocks: int,
+    wants: Callable[[str, str], bool],
+    on_member: Callable[[Member], None],
+    after_block: Callable[[int], None],
+    ring: _Ring,
+    wait_for_work: Callable[[], None],
+    progress: Callable[[int], None],
+    stats: _Stats,
+) -> tuple[ArchiveStream, ArchiveFileError | None]:
+    """Parse every member of archive file `path`, calling `on_member`; `after_block(block)` once a
+    block is parsed. Returns the stream (for its timings) and the error that ended it early, if any."""
+    stream = ArchiveStream(path)
+    free, filled, thread = start_filling(stream, ring.ring)
+    ring.free_queue = free
+    for block in range(blocks):
+        free.put(block)
+    parser = TarParser(path, ring.ring.maps, MAX_BAND_FILE_BYTES)
+    failure: ArchiveFileError | None = None
+    try:
+        while True:
+            try:
+                item = filled.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                wait_for_work()
+                continue
+            if item is None:
+                parser.check_complete()
+                break
+            if isinstance(item, BaseException):
+                raise item
+            block, length, offset = item
+            started = time.perf_counter()
+            parser.feed(block, length, offset)
+            for member in parser.members(wants):
+                on_member(member)
+            stats.parse += time.perf_counter() - started
+            for done in parser.released:
+                ring.retire(done)
+            parser.released.clear()
+            after_block(block)
+            progress(stream.bytes_read)
+            wait_for_work()
+    except ArchiveFileError as error:
+        failure = error
+    finally:
+        free.put(None)
+        thread.join()
+        stream.close()
+    return stream, failure
+
+
+@dataclass
+class StreamJob:
+    """Everything `stream_to_spool` needs to know."""
+
+    archive: Archive  # version, v2 metadata root; s1_dir for S1 in a folder
+    s2_path: str
+    s1_path: str | None  # an S1 archive file
+    names: set[str]  # every listed patch
+    record_format: str
+    workers: int
+    skip_bad: bool
+    spool_dir: Path
+    context: object  # multiprocessing context, None for workers == 1
+
+
+def stream_to_spool(
+    job: StreamJob,
+    done: dict[str, tuple],
+    say: Callable[[str], None],
+    progress: Callable[[str, int], None],
+    display,
+) -> SpoolIndex:
+    """Encode every listed patch of the archive file not in `done` into spool files (see the module
+    docstring); `progress(kind, completed)` with kind "bytes" or "patches". `display` (a context
+    manager: the progress bar) is entered once the worker processes exist, as its refresh thread
+    must not run while they are forked."""
+    index = SpoolIndex(resumed=len(done))
+    for name, place in done.items():
+        if len(place) == 3:
+            index.records[name] = place
+        else:
+            index.bad[name] = place
+    s1 = _s1_pass(job, say) if job.s1_path is not None else None
+    wanted = job.names - done.keys()
+    expected = frozenset(_expected_files(job.archive.version))
+    pending: dict[str, dict[str, Ref]] = {}  # incomplete patches: file -> ref
+    in_block: dict[int, set[str]] = {}  # block -> incomplete patches with a file in it
+    ready: list[tuple] = []
+    seen_files: dict[str, set[str]] = {}
+    stats = _Stats()
+    blocks = 2 * job.workers + 4
+    ring = _Ring(blocks)
+    spill = _Spill(job.spool_dir / _SPILL_FILE)
+    futures: dict[Future, list[int]] = {}
+    # Spool files of an earlier run are kept: number the new ones after them.
+    task_counter = [
+        max((int(n[6:13]) for n in os.listdir(job.spool_dir) if n.startswith("spool-")), default=0)
+    ]
+    encoded = [len(done)]
+    executor = None
+    if job.context is not None and job.workers > 1:
+        executor = ProcessPoolExecutor(
+            max_workers=job.workers,
+            mp_context=job.context,
+            initializer=_init_worker,
+            initargs=(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths),
+        )
+    else:
+        _init_worker(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if executor is not None:  # start every worker now, before any thread of ours runs
+        for future in [executor.submit(os.getpid) for _ in range(job.workers)]:
+            future.result()
+
+    def bad(name: str, file: str, reason: str) -> None:
+        if name in wanted:
+            wanted.discard(name)
+            index.bad[name] = (file, reason)
+            _unpin(name)
+
+    def _unpin(name: str) -> None:
+        for ref in pending.pop(name, {}).values():
+            if ref[0] == "b":
+                for block in {part[0] for part in ref[1]}:
+                    in_block.get(block, set()).discard(name)
+                    ring.release(block)
+
+    def wants(name: str) -> tuple[str, str, str] | None:
+        found = _folder_and_file(name)
+        if found is not None and found[1] in wanted and found[2][len(found[1]) + 1 :] in expected:
+            return found
+        return None
+
+    def expected_for(name: str) -> set[str]:
+        return {f"{name}_{suffix}" for suffix in expected}
+
+    def on_member(member: Member) -> None:
+        found = member.key or _folder_and_file(member.name)
+        folder = None
+        if found is not None:
+            folder = found[1]
+        elif member.kind == DIRECTORY:
+            folder = member.name.rstrip("/").rsplit("/", 1)[-1]
+        problem = safe_name(member.name) if member.name[:1] == "/" or ".." in member.name else None
+        if problem is not None:
+            if not job.skip_bad:
+                raise ArchiveFileError(job.s2_path, f"member {member.name}", problem)
+            if folder in job.names:
+                index.present.add(folder)
+                bad(folder, member.name, f"{problem} in {job.s2_path}")
+            else:
+                say(f"{job.s2_path}: member {member.name}: {problem}; ignored")
+            return
+        if folder is None or folder not in job.names:
+            return
+        index.present.add(folder)
+        if found is None or folder not in wanted:
+            return
+        file = found[2]
+        if file[len(folder) + 1 :] not in expected:
+            return
+        if member.kind == LINK:
+            bad(folder, file, f"is a link in {job.s2_path}, not a file")
+            return
+        if member.kind != REGULAR:
+            bad(folder, file, f"is not a regular file in {job.s2_path}")
+            return
+        if member.size > MAX_BAND_FILE_BYTES:
+            bad(
+                folder,
+                file,
+                f"{member.size:,} bytes, more than the {MAX_BAND_FILE_BYTES:,} a band file can hold",
+            )
+            return
+        files = seen_files.setdefault(folder, set())
+        if file in files:
+            bad(folder, file, f"is in {job.s2_path} twice")
+            return
+        files.add(file)
+        blocks_used = {part[0] for part in member.parts}
+        for block in blocks_used:
+            ring.refs[block] += 1
+            in_block.setdefault(block, set()).add(folder)
+        refs = pending.setdefault(folder, {})
+        refs[file] = ("b", member.parts)
+        if len(refs) == len(expected):
+            del pending[folder]
+            seen_files.pop(folder, None)
+            wanted.discard(folder)
+            for ref in refs.values():
+                if ref[0] == "b":
+                    for block in {part[0] for part in ref[1]}:
+                        in_block.get(block, set()).discard(folder)
+            ready.append((folder, refs, None if s1 is None else s1(folder)))
+
+    def spill_retired() -> None:
+        # Blocks the parser is past that incomplete patches still point into (a tar whose patch
+        # members are not contiguous): copy those files out so that the blocks can be refilled.
+        for block in list(ring.retired):
+            for name in list(in_block.pop(block, ())):
+                refs = pending[name]
+                for file, ref in list(refs.items()):
+                    if ref[0] == "b" and any(part[0] == block for part in ref[1]):
+                        refs[file] = spill.put(b"".join(ring.ring.maps[b][o : o + n] for b, o, n in ref[1]))
+                        for other in {part[0] for part in ref[1]}:
+                            ring.release(other)
+                for other, names in in_block.items():  # still pointing into other blocks?
+                    if name in names and not any(
+                        ref[0] == "b" and any(part[0] == other for part in ref[1]) for ref in refs.values()
+                    ):
+                        names.discard(name)
+
+    def dispatch(final: bool = False) -> None:
+        while len(ready) >= BATCH_PATCHES or (final and ready):
+            batch, ready[:] = ready[:BATCH_PATCHES], ready[BATCH_PATCHES:]
+            # The patches' holds on their blocks pass to the batch, released when it is done.
+            used = [
+                part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]
+            ]
+            task_counter[0] += 1
+            if executor is None:
+                finish(_encode_batch(task_counter[0], batch), used)
+            else:
+                futures[executor.submit(_encode_batch, task_counter[0], batch)] = used
+
+    def finish(result, used: list[int]) -> None:
+        spool, entries, encode, write = result
+        stats.encode += encode
+        stats.write += write
+        size = os.path.getsize(job.spool_dir / spool)
+        _journal(job.spool_dir, {"spool": spool, "bytes": size, "patches": entries})
+        for name, offset, length, fault in entries:
+            if fault is None:
+                index.records[name] = (spool, offset, length)
+            else:
+                index.bad[name] = tuple(fault)
+        for block in used:
+            ring.release(block)
+        encoded[0] += len(entries)
+        progress("patches", encoded[0])
+
+    def wait_for_work(block_until_one: bool = False) -> None:
+        if not futures:
+            return
+        done_now, _ = wait(list(futures), timeout=None if block_until_one else 0, return_when=FIRST_COMPLETED)
+        for future in done_now:
+            used = futures.pop(future)
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                raise UserError(
+                    "a worker process died unexpectedly (killed, or out of memory?); encoded patches "
+                    "are kept: run the same command again to resume"
+                ) from None
+            finish(result, used)
+
+    def after_block(block: int) -> None:
+        dispatch()
+        spill_retired()
+        # Keep a bounded number of batches queued: the reader needs free blocks, workers need work.
+        while len(futures) > 2 * job.workers:
+            wait_for_work(block_until_one=True)
+
+    try:
+        with display:
+            stream, failure = _stream(
+                job.s2_path,
+                blocks,
+                wants,
+                on_member,
+                after_block,
+                ring,
+                wait_for_work,
+                lambda count: progress("bytes", count),
+                stats,
+            )
+            dispatch(final=True)
+            while futures:
+                wait_for_work(block_until_one=True)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                if process.is_alive():
+                    process.terminate()
+            executor.shutdown(wait=True)
+        spill.close()
+        ring.ring.close()
+        (job.spool_dir / _SPILL_FILE).unlink(missing_ok=True)
+
+    if failure is not None:
+        if not job.skip_bad:
+            raise failure
+        say(f"{failure}; the patches not complete by then are skipped")
+        for name in sorted(wanted):
+            index.present.add(name)
+            index.bad[name] = (job.s2_path, f"not complete where the archive ends early ({failure.problem})")
+    else:
+        for name, refs in pending.items():
+            missing = sorted(expected_for(name) - refs.keys())
+            reason = (
+                "missing metadata file" if missing[0].endswith(V1_METADATA_SUFFIX) else "missing band file"
+            )
+            index.bad[name] = (missing[0], reason)
+    index.seconds = {
+        "read": stream.read_seconds,
+        "decompress": stream.decompress_seconds,
+        "parse": stats.parse,
+        "encode": stats.encode,
+        "write": stats.write,
+    }
+    return index
+
+
+def _expected_files(version: int) -> tuple[str, ...]:
+    suffixes = tuple(f"{band}.tif" for band in S2_BAND_NAMES)
+    return (*suffixes, V1_METADATA_SUFFIX[1:]) if version == 1 else suffixes
+
+
+# --- Sentinel-1 in its own archive file -----------------------------------------------------------------
+
+
+def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tuple]:
+    """Index the VV/VH files of the S1 twins of the listed patches; return name -> s1 argument of a batch."""
+    index_file = job.spool_dir / _S1_INDEX_FILE
+    if index_file.exists():  # an earlier run of this job got this far
+        found = json.loads(index_file.read_text(encoding="utf-8"))
+        return _s1_lookup(
+            job,
+            {name: (value[0], {f: tuple(r) for f, r in value[1].items()}) for name, value in found.items()},
+            found,
+        )
+    stream_probe = ArchiveStream(job.s1_path)
+    in_place = stream_probe.compression == "none"
+    stream_probe.close()
+    version = job.archive.version
+    wanted_s1: dict[str, str] | None = None  # s1 name -> S2 name (v2: from the metadata)
+    if version == 2:
+        from bigearthnet_tf.archive import _v2_metadata
+
+        metadata = _v2_metadata(job.archive.root)
+        wanted_s1 = {}
+        for name in job.names:
+            entry = metadata.get(name)
+            if entry is not None and entry[1]:
+                wanted_s1[entry[1]] = name
+    bands = {f"{band}.tif" for band in S1_BAND_NAMES}
+    store_path = job.spool_dir / _S1_STORE_FILE
+    store = None if in_place else open(store_path, "wb")
+    store_size = [0]
+    pending: dict[str, dict[str, object]] = {}
+    twins: dict[str, tuple[str, dict]] = {}  # S2 name -> (s1 name, {file: ref})
+    claims: dict[str, list[str]] = {}
+    ring = _Ring(4)
+
+    def wants(name: str) -> tuple[str, str, str] | None:
+        found = _folder_and_file(name)
+        if found is None:
+            return None
+        folder, file = found[1], found[2]
+        if wanted_s1 is not None and folder not in wanted_s1:
+            return None
+        if file[len(folder) + 1 :] in bands or (version == 1 and file == folder + V1_METADATA_SUFFIX):
+            return found
+        return None
+
+    def on_member(member: Member) -> None:
+        problem = safe_name(member.name)
+        if problem is not None:
+            if not job.skip_bad:
+                raise ArchiveFileError(job.s1_path, f"member {member.name}", problem)
+            say(f"{job.s1_path}: member {member.name}: {problem}; ignored")
+            return
+        if not member.parts:
+            return
+        folder, file = member.key[1:]
+        data = b"".join(ring.ring.maps[b][o : o + n] for b, o, n in member.parts)
+        files = pending.setdefault(folder, {})
+        if file.endswith(V1_METADATA_SUFFIX):
+            files["json"] = data
+        elif in_place:
+            files[file] = ("f", os.path.realpath(job.s1_path), member.offset, member.size)
+        else:
+            store.write(data)
+            files[file] = ("f", str(store_path), store_size[0], len(data))
+            store_size[0] += len(data)
+        needed = len(bands) + (1 if version == 1 else 0)
+        if len(files) == needed:
+            del pending[folder]
+            if version == 1:
+                s2_name = _corresponding_s2(files.pop("json"), folder, job.s1_path)
+            else:
+                s2_name = wanted_s1[folder]
+            if s2_name in job.names:
+                claims.setdefault(s2_name, []).append(folder)
+                twins[s2_name] = (folder, files)
+
+    say(f"indexing the Sentinel-1 archive {job.s1_path}")
+    try:
+        _, failure = _stream(
+            job.s1_path, 4, wants, on_member, lambda block: None, ring, lambda: None, lambda n: None, _Stats()
+        )
+    finally:
+        ring.ring.close()
+        if store is not None:
+            store.close()
+    if failure is not None:
+        if not job.skip_bad:
+            raise failure
+        say(f"{failure}; Sentinel-1 patches after that point are missing")
+    ambiguous = {name: folders for name, folders in claims.items() if len(folders) > 1}
+    serial = {
+        name: ([" and ".join(ambiguous[name]), None] if name in ambiguous else [twin[0], twin[1]])
+        for name, twin in twins.items()
+    }
+    text = json.dumps(serial)
+    temporary = index_file.with_suffix(".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, index_file)
+    return _s1_lookup(job, twins, serial)
+
+
+def _s1_lookup(job: StreamJob, twins: dict, serial: dict) -> Callable[[str], tuple]:
+    def lookup(name: str) -> tuple:
+        entry = serial.get(name)
+        if entry is None:
+            where = V2_METADATA if job.archive.version == 2 else job.s1_path
+            return ("bad", where, "no Sentinel-1 patch is paired with this patch")
+        if entry[1] is None:
+            return ("bad", job.s1_path, f"claimed by several Sentinel-1 patches: {entry[0]}")
+        return twins[name]
+
+    return lookup
+
+
+def _corresponding_s2(raw: bytes, s1_name: str, archive: str) -> str | None:
+    file_name = s1_name + V1_METADATA_SUFFIX
+    try:
+        metadata = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise UserError(
+            f"{archive}: Sentinel-1 patch {s1_name}: {file_name}: unreadable metadata ({error})"
+        ) from None
+    s2_name = metadata.get("corresponding_s2_patch") if isinstance(metadata, dict) else None
+    if not isinstance(s2_name, str) or not s2_name:
+        raise UserError(
+            f"{archive}: Sentinel-1 patch {s1_name}: {file_name}: no 'corresponding_s2_patch' key"
+        )
+    return s2_name
+
+
+def copy_records(target_fd: int, places: Iterable[tuple[str, int, int]], spool_dir: str) -> None:
+    """Append the framed records at `places` ((spool, offset, length), ...) to `target_fd`, in order;
+    adjacent records of one spool file are copied in one call, in the kernel where possible."""
+    runs: list[list] = []
+    for spool, offset, length in places:
+        if runs and runs[-1][0] == spool and runs[-1][1] + runs[-1][2] == offset:
+            runs[-1][2] += length
+        else:
+            runs.append([spool, offset, length])
+    handles: dict[str, int] = {}
+    try:
+        for spool, offset, length in runs:
+            fd = handles.get(spool)
+            if fd is None:
+                fd = handles[spool] = os.open(os.path.join(spool_dir, spool), os.O_RDONLY)
+            while length > 0:
+                try:
+                    copied = os.copy_file_range(fd, target_fd, length, offset)
+                except OSError:
+                    copied = os.write(target_fd, os.pread(fd, min(length, 8 << 20), offset))
+                if copied <= 0:
+                    raise OSError(f"could not copy from {spool}")
+                offset += copied
+                length -= copied
+    finally:
+        for fd in handles.values():
+            os.close(fd)

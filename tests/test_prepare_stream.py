@@ -1,0 +1,362 @@
+"""Preparing straight from archive files (.tar, .tar.gz, .tar.zst): same shards as from the folders,
+bounded memory whatever the member order, resume, and one clear line for every kind of damage."""
+
+from __future__ import annotations
+
+import filecmp
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+from isal import igzip
+
+from bigearthnet_tf import prepare_stream, tarstream
+from bigearthnet_tf.archive import BadPatchError
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.prepare import MANIFEST_NAME, prepare
+
+
+def _compressed(data: bytes, name: str) -> bytes:
+    if name.endswith(".gz"):
+        return igzip.compress(data, compresslevel=1)
+    if name.endswith(".zst"):
+        return zstandard.ZstdCompressor(level=3).compress(data)
+    return data
+
+
+def _pack(folder: Path, arcname: str, target: Path, order: list[str] | None = None) -> Path:
+    """`folder` as a tar (members in `order`, relative paths, when given), compressed by suffix."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        if order is None:
+            tar.add(folder, arcname=arcname)
+        else:
+            for relative in order:
+                tar.add(folder / relative, arcname=f"{arcname}/{relative}", recursive=False)
+    target.write_bytes(_compressed(buffer.getvalue(), target.name))
+    return target
+
+
+def _same_shards(expected: Path, actual: Path) -> None:
+    manifest = json.loads((expected / MANIFEST_NAME).read_text())
+    names = [name for split in manifest["splits"].values() for name in split["files"]]
+    assert names
+    for name in names:
+        assert filecmp.cmp(expected / name, actual / name, shallow=False), name
+    assert sorted(p.name for p in actual.glob("*.tfrecord")) == sorted(names)
+    assert not (actual / prepare_stream.SPOOL_DIR_NAME).exists()
+
+
+@pytest.fixture(scope="module")
+def v1_files(example_paths, tmp_path_factory):
+    """The six real example patches as .tar, .tar.gz and .tar.zst, split lists, the folder outputs."""
+    base = tmp_path_factory.mktemp("v1_files")
+    names = sorted(path.name for path in example_paths.s2.iterdir())
+    (base / "train.csv").write_text("\n".join(names[:4]) + "\n")
+    (base / "test.csv").write_text("\n".join(reversed(names[4:])) + "\n")  # not the archive's order
+    lists = [base / "train.csv", base / "test.csv"]
+    for record_format in ("default", "legacy"):
+        prepare(
+            example_paths.s2,
+            base / f"folder-{record_format}",
+            lists,
+            record_format=record_format,
+            shard_size=3 if record_format == "default" else None,
+            workers=1,
+            show_progress=False,
+        )
+    files = {
+        suffix: _pack(example_paths.s2, "BigEarthNet-v1.0", base / f"s2{suffix}")
+        for suffix in (".tar", ".tar.gz", ".tar.zst")
+    }
+    return base, lists, files, names
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz", ".tar.zst"])
+@pytest.mark.parametrize("record_format", ["default", "legacy"])
+def test_archive_file_gives_the_folder_shards(v1_files, tmp_path, suffix, record_format):
+    base, lists, files, _ = v1_files
+    summary = prepare(
+        files[suffix],
+        tmp_path / "out",
+        lists,
+        record_format=record_format,
+        shard_size=3 if record_format == "default" else None,
+        workers=2,
+        show_progress=False,
+    )
+    _same_shards(base / f"folder-{record_format}", tmp_path / "out")
+    assert summary.total_patches == 6
+    assert set(summary.stage_seconds) == {"read", "decompress", "parse", "encode", "write"}
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["patches"] == 6 and manifest["format"] == record_format
+
+
+def test_members_out_of_order_and_blocks_refilled(v1_files, example_paths, tmp_path, monkeypatch):
+    """Members of different patches interleaved, and blocks so small that files of incomplete
+    patches must be spilled before their block is refilled: still the folder's shards."""
+    base, lists, _, names = v1_files
+    files = {name: sorted(p.name for p in (example_paths.s2 / name).iterdir()) for name in names}
+    order = [f"{name}/{files[name][i]}" for i in range(13) for name in names]  # round robin
+    tar = _pack(example_paths.s2, "BigEarthNet-v1.0", tmp_path / "mixed.tar", order)
+    monkeypatch.setattr(tarstream, "BLOCK_BYTES", 64 << 10)
+    spilled = []
+    original = prepare_stream._Spill.put
+    monkeypatch.setattr(
+        prepare_stream._Spill, "put", lambda self, data: spilled.append(1) or original(self, data)
+    )
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        prepare(tar, out, lists, shard_size=3, workers=workers, show_progress=False)
+        _same_shards(base / "folder-default", out)
+    assert spilled
+
+
+def test_v2_with_s1_in_two_archive_files(synthetic_v2, tmp_path):
+    expected = tmp_path / "folders"
+    prepare(
+        synthetic_v2, expected, official_splits=True, s1_root=synthetic_v2, workers=1, show_progress=False
+    )
+    packed = tmp_path / "download"
+    packed.mkdir()
+    for name in ("metadata.parquet", "metadata_for_patches_with_snow_cloud_or_shadow.parquet"):
+        shutil.copyfile(synthetic_v2 / name, packed / name)
+    s2 = _pack(synthetic_v2 / "BigEarthNet-S2", "BigEarthNet-S2", packed / "BigEarthNet-S2.tar.zst")
+    s1 = _pack(synthetic_v2 / "BigEarthNet-S1", "BigEarthNet-S1", packed / "BigEarthNet-S1.tar")
+    prepare(s2, tmp_path / "files", official_splits=True, s1_root=s1, workers=2, show_progress=False)
+    _same_shards(expected, tmp_path / "files")
+    # S1 compressed too: its files are copied to the spool's store rather than read in place.
+    s1_zst = _pack(synthetic_v2 / "BigEarthNet-S1", "BigEarthNet-S1", packed / "BigEarthNet-S1.tar.zst")
+    prepare(s2, tmp_path / "files2", official_splits=True, s1_root=s1_zst, workers=1, show_progress=False)
+    _same_shards(expected, tmp_path / "files2")
+
+
+def test_v1_s1_archive_file_pairs_through_its_json(synthetic_v1_s1, tmp_path):
+    lists = sorted(synthetic_v1_s1.glob("*.csv"))
+    expected = tmp_path / "folders"
+    prepare(synthetic_v1_s1, expected, lists, s1_root=synthetic_v1_s1, workers=1, show_progress=False)
+    s2 = _pack(synthetic_v1_s1 / "BigEarthNet-v1.0", "BigEarthNet-v1.0", tmp_path / "s2.tar.gz")
+    s1 = _pack(synthetic_v1_s1 / "BigEarthNet-S1-v1.0", "BigEarthNet-S1-v1.0", tmp_path / "s1.tar.gz")
+    prepare(s2, tmp_path / "files", lists, s1_root=s1, workers=2, show_progress=False)
+    _same_shards(expected, tmp_path / "files")
+
+
+def test_listed_patches_absent_from_the_file(v1_files, example_paths, tmp_path):
+    """Absent patches shift the shards exactly as absent folders do; without skip_bad an error."""
+    _, lists, _, names = v1_files
+    partial_folder = tmp_path / "partial"
+    partial_folder.mkdir()
+    for name in names[1:]:
+        shutil.copytree(example_paths.s2 / name, partial_folder / name)
+    tar = _pack(partial_folder, "BigEarthNet-v1.0", tmp_path / "partial.tar")
+    with pytest.raises(BadPatchError, match=f"patch {names[0]}: .*no such patch folder"):
+        prepare(tar, tmp_path / "out", lists, shard_size=3, workers=1, show_progress=False)
+    assert not list((tmp_path / "out").glob("*.tfrecord"))
+    options = {"shard_size": 3, "skip_bad": True, "workers": 1, "show_progress": False}
+    prepare(partial_folder, tmp_path / "expected", lists, **options)
+    prepare(tar, tmp_path / "out", lists, **options)
+    _same_shards(tmp_path / "expected", tmp_path / "out")
+    assert "no such patch folder" in (tmp_path / "out" / "skipped.csv").read_text()
+
+
+def _raw_tar(members: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    """A tar of (name, data or None, type flag) members."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data, flag in members:
+            info = tarfile.TarInfo(name)
+            info.type = flag
+            if flag == tarfile.SYMTYPE:
+                info.linkname = "elsewhere.tif"
+            if data is not None and flag == tarfile.REGTYPE:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def _patch_members(example_paths, name: str, skip: str | None = None) -> list:
+    folder = example_paths.s2 / name
+    return [
+        (f"BigEarthNet-v1.0/{name}/{p.name}", p.read_bytes(), tarfile.REGTYPE)
+        for p in sorted(folder.iterdir())
+        if p.name != skip
+    ]
+
+
+def _one_split(tmp_path: Path, names: list[str]) -> list[Path]:
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join(names) + "\n")
+    return [path]
+
+
+def _refused(root: Path, tmp_path: Path, lists, match: str, **options) -> None:
+    out = tmp_path / "refused"
+    with pytest.raises(UserError, match=match) as caught:
+        prepare(root, out, lists, workers=1, show_progress=False, **options)
+    assert "\n" not in str(caught.value)
+    assert not list(out.glob("*.tfrecord")) and not (out / MANIFEST_NAME).exists()
+    assert not (out / prepare_stream.SPOOL_DIR_NAME).exists()
+
+
+def test_truncated_archive_one_line_then_skip_bad_writes_the_rest(v1_files, example_paths, tmp_path):
+    _, _, files, names = v1_files
+    lists = _one_split(tmp_path, names)
+    whole = _raw_tar([m for name in names for m in _patch_members(example_paths, name)])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    _refused(
+        cut, tmp_path, lists, r"cut\.tar: member BigEarthNet-v1.0/.*: the archive ends inside this member"
+    )
+    summary = prepare(cut, tmp_path / "out", lists, skip_bad=True, workers=1, show_progress=False)
+    assert 0 < summary.total_patches < 6
+    assert len(summary.skipped) == 6 - summary.total_patches
+    assert all("archive ends early" in item.reason for item in summary.skipped)
+    # Compressed files cut short say so too.
+    gz = tmp_path / "cut.tar.gz"
+    gz.write_bytes(files[".tar.gz"].read_bytes()[:-2000])
+    _refused(gz, tmp_path, lists, r"cut\.tar\.gz: .*(ends early|ends inside|end-of-archive)")
+
+
+@pytest.mark.parametrize(
+    "suffix,match", [(".tar.gz", "corrupt gzip data|gzip data ends early"), (".tar.zst", "corrupt zstd data")]
+)
+def test_corrupt_compressed_block(v1_files, tmp_path, suffix, match):
+    _, _, files, names = v1_files
+    data = bytearray(files[suffix].read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(bytes(data))
+    _refused(bad, tmp_path, _one_split(tmp_path, names), rf"bad{suffix.replace('.', '[.]')}: .*({match})")
+
+
+def test_bad_header_checksum(example_paths, tmp_path):
+    names = sorted(p.name for p in example_paths.s2.iterdir())[:2]
+    first = _patch_members(example_paths, names[0])
+    data = bytearray(_raw_tar(first + _patch_members(example_paths, names[1])))
+    second_header = 512 + -(-len(first[0][1]) // 512) * 512
+    data[second_header + 10] ^= 0x55  # inside the name of the second member
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    lists = _one_split(tmp_path, names)
+    _refused(bad, tmp_path, lists, r"bad\.tar: the header after member .*: bad header checksum")
+
+
+@pytest.mark.parametrize("name", ["../evil.tif", "/abs/evil.tif", "BigEarthNet-v1.0/../x/x_B01.tif"])
+def test_unsafe_member_names(example_paths, tmp_path, name):
+    names = sorted(p.name for p in example_paths.s2.iterdir())[:2]
+    members = _patch_members(example_paths, names[0]) + [(name, b"x", tarfile.REGTYPE)]
+    members += _patch_members(example_paths, names[1])
+    tar = tmp_path / "unsafe.tar"
+    tar.write_bytes(_raw_tar(members))
+    lists = _one_split(tmp_path, names)
+    problem = "(absolute member name|member name with '[.][.]')"
+    _refused(tar, tmp_path, lists, rf"unsafe\.tar: member {name.replace('.', '[.]')}: {problem}")
+    summary = prepare(tar, tmp_path / "out", lists, skip_bad=True, workers=1, show_progress=False)
+    assert summary.total_patches == 2
+
+
+def test_link_and_incomplete_patch(example_paths, tmp_path):
+    names = sorted(p.name for p in example_paths.s2.iterdir())[:3]
+    linked = [
+        (m[0], None, tarfile.SYMTYPE) if m[0].endswith("_B02.tif") else m
+        for m in _patch_members(example_paths, names[0])
+    ]
+    members = linked + _patch_members(example_paths, names[1])
+    members += _patch_members(example_paths, names[2], skip=f"{names[2]}_B12.tif")
+    tar = tmp_path / "odd.tar"
+    tar.write_bytes(_raw_tar(members))
+    lists = _one_split(tmp_path, names)
+    with pytest.raises(
+        BadPatchError, match=rf"patch {names[0]}: {names[0]}_B02\.tif: is a link in .*odd\.tar"
+    ):
+        prepare(tar, tmp_path / "refused", lists, workers=1, show_progress=False)
+    summary = prepare(tar, tmp_path / "out", lists, skip_bad=True, workers=2, show_progress=False)
+    assert summary.total_patches == 1
+    assert {(item.patch, item.file, item.reason) for item in summary.skipped} == {
+        (names[0], f"{names[0]}_B02.tif", f"is a link in {tar}, not a file"),
+        (names[2], f"{names[2]}_B12.tif", "missing band file"),
+    }
+
+
+def test_not_an_archive(tmp_path, v1_files):
+    _, lists, _, _ = v1_files
+    for name, data, match in [
+        ("notes.tar", b"hello" * 200, "not a tar, .tar.gz or .tar.zst file"),
+        ("x.tar.bz2", b"BZh91AY&SY" + bytes(600), "a bzip2 file"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        _refused(path, tmp_path, lists, match)
+    _refused(tmp_path / "missing.tar.gz", tmp_path, lists, "does not exist")
+
+
+def test_resume_after_interruption(v1_files, tmp_path, monkeypatch):
+    base, lists, files, _ = v1_files
+    monkeypatch.setattr(prepare_stream, "BATCH_PATCHES", 2)
+    calls = []
+    original = prepare_stream._encode_batch
+
+    def interrupted(task, patches):
+        calls.append(task)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(task, patches)
+
+    monkeypatch.setattr(prepare_stream, "_encode_batch", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(files[".tar.zst"], out, lists, shard_size=3, workers=1, show_progress=False)
+    assert (out / prepare_stream.SPOOL_DIR_NAME / "spool.jsonl").exists()
+    calls.clear()
+    monkeypatch.setattr(
+        prepare_stream, "_encode_batch", lambda task, patches: calls.append(task) or original(task, patches)
+    )
+    summary = prepare(files[".tar.zst"], out, lists, shard_size=3, workers=1, show_progress=False)
+    assert summary.resumed_patches == 2 and len(calls) == 2  # the 4 patches left, two per batch
+    _same_shards(base / "folder-default", out)
+
+
+def test_existing_outputs_refused_before_streaming(v1_files, tmp_path):
+    base, lists, files, _ = v1_files
+    out = tmp_path / "out"
+    prepare(files[".tar"], out, lists, shard_size=3, workers=1, show_progress=False)
+    with pytest.raises(UserError, match="exists.*pass --overwrite"):
+        prepare(files[".tar"], out, lists, shard_size=3, workers=1, show_progress=False)
+    prepare(files[".tar"], out, lists, shard_size=3, workers=1, overwrite=True, show_progress=False)
+    _same_shards(base / "folder-default", out)
+
+
+def test_command_line(v1_files, tmp_path):
+    base, lists, files, _ = v1_files
+    out = tmp_path / "cli"
+    arguments = ["-o", str(out), "-n", *map(str, lists), "--shard-size", "3", "--workers", "2"]
+    done = subprocess.run(
+        ["bigearthnet", "prepare", "-r", str(files[".tar.gz"]), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "MB/s" in done.stderr and "patches/s" in done.stderr
+    assert "time: read" in done.stdout
+    _same_shards(base / "folder-default", out)
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(files[".tar"].read_bytes()[:20000])
+    done = subprocess.run(
+        ["bigearthnet", "prepare", "-r", str(bad), "-o", str(tmp_path / "bad-out"), "-n", *map(str, lists)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]  # after the progress bars, one line says what is wrong
+    assert "bad.tar: member BigEarthNet-v1.0/" in last and "the archive ends inside this member" in last
+    assert "Traceback" not in done.stderr and not list((tmp_path / "bad-out").glob("*.tfrecord"))
