@@ -499,6 +499,16 @@ def _encode_unit(unit: _Unit, temporary: str) -> _UnitResult:
     )
 
 
+def _is_whole_file(records: list[tuple[str, int, int]], path: str) -> bool:
+    """Whether `records` ((spool, offset, length), ...) are one spool file from its start to its end."""
+    position = 0
+    for spool, offset, length in records:
+        if spool != records[0][0] or offset != position:
+            return False
+        position += length
+    return os.path.getsize(path) == position
+
+
 def _copy_unit(unit: _Unit, temporary: str) -> _UnitResult:
     """Write the unit from records the stream phase encoded into the spool, in list order."""
     started = time.perf_counter()
@@ -506,12 +516,22 @@ def _copy_unit(unit: _Unit, temporary: str) -> _UnitResult:
     if skipped and not _skip_bad:
         return _UnitResult(unit.file_name, 0, 0, (), skipped[0])
     records = [place for place in unit.places if len(place) == 3]
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        copy_records(fd, records, _spool_dir)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    spool = os.path.join(_spool_dir, records[0][0]) if records else ""
+    if records and _is_whole_file(records, spool):
+        # The common case: one worker wrote exactly this unit, in order. Rename it, once on disk.
+        fd = os.open(spool, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(spool, temporary)
+    else:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            copy_records(fd, records, _spool_dir)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     for _ in unit.names:
         _on_patch()
     seconds = (0.0, 0.0, time.perf_counter() - started)
@@ -1008,19 +1028,35 @@ def _stream_phase(
         "splits": listed,
         "created_by": __version__,
     }
+    # The shards (or legacy parts) if the file holds every listed patch: the stream phase hands
+    # patches to workers shard by shard, so that each spool file is a shard in the common case.
+    tentative = _Plan(out, out / WORK_DIR_NAME, record_format, shard_size, archive, listed, [])
+    _plan_units(tentative)
+    units = {
+        name: (i, place) for i, unit in enumerate(tentative.units) for place, name in enumerate(unit.names)
+    }
     resumable = (spool_dir / "job.json").exists() or (out / WORK_DIR_NAME / _JOB_FILE).exists()
     if not overwrite and not resumable:
         # Refuse existing outputs now rather than after a whole pass over the archive.
-        stub = _Plan(out, out / WORK_DIR_NAME, record_format, shard_size, archive, listed, [])
-        _plan_units(stub)
-        stale = _stale_outputs(stub)
+        stale = _stale_outputs(tentative)
         if stale:
             more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
             raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
     done = open_spool(spool_dir, job, overwrite, say)
     names = {name for names in listed.values() for name in names}
+    unit_patches = shard_size if record_format == "default" else LEGACY_PART_SIZE
     stream_job = StreamJob(
-        archive, os.fspath(root), s1_file, names, record_format, workers, skip_bad, spool_dir, context
+        archive,
+        os.fspath(root),
+        s1_file,
+        names,
+        units,
+        unit_patches,
+        record_format,
+        workers,
+        skip_bad,
+        spool_dir,
+        context,
     )
     progress = _stream_progress(console)
     size = os.path.getsize(root)

@@ -45,6 +45,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bigearthnet_tf import tarstream
 from bigearthnet_tf.archive import (
     V1_METADATA_SUFFIX,
     V2_METADATA,
@@ -79,7 +80,7 @@ _JOURNAL_FILE = "spool.jsonl"
 _S1_INDEX_FILE = "s1-index.json"
 _S1_STORE_FILE = "s1-store.bin"
 _SPILL_FILE = "spill.bin"
-BATCH_PATCHES = 48  # patches per worker task: ~8 MB of input, a few tens of ms of work
+MAX_RING_BYTES = 1 << 30  # shared memory for the decompressed stream, at most
 _POLL_SECONDS = 0.05
 
 # A file reference as workers get it: ("b", ((block, offset, length), ...)) in the block ring, or
@@ -399,6 +400,8 @@ class StreamJob:
     s2_path: str
     s1_path: str | None  # an S1 archive file
     names: set[str]  # every listed patch
+    units: dict[str, tuple[int, int]]  # patch -> (its shard or legacy part, its place there)
+    unit_patches: int  # patches per shard or part
     record_format: str
     workers: int
     skip_bad: bool
@@ -428,10 +431,23 @@ def stream_to_spool(
     expected = frozenset(_expected_files(job.archive.version))
     pending: dict[str, dict[str, Ref]] = {}  # incomplete patches: file -> ref
     in_block: dict[int, set[str]] = {}  # block -> incomplete patches with a file in it
-    ready: list[tuple] = []
+    # Complete patches not handed to a worker yet, by shard (or legacy part), and per shard how many of
+    # its wanted patches are neither handed over nor bad: when all are ready the whole shard goes to
+    # one worker, which writes them in list order, and that spool file becomes the shard (renamed,
+    # not copied) when the file held every listed patch.
+    ready: dict[int, list[tuple]] = {}
+    open_count: dict[int, int] = {}
+    for name in wanted:
+        unit = job.units[name][0]
+        open_count[unit] = open_count.get(unit, 0) + 1
     seen_files: dict[str, set[str]] = {}
     stats = _Stats()
-    blocks = 2 * job.workers + 4
+    # Blocks for a shard being read while each worker encodes one (~180 kB a patch), within MAX_RING_BYTES.
+    unit_blocks = -(-job.unit_patches * 180_000 // tarstream.BLOCK_BYTES) + 1
+    blocks = min(
+        max(2 * job.workers + 4, (job.workers + 1) * unit_blocks + 3),
+        max(8, MAX_RING_BYTES // tarstream.BLOCK_BYTES),
+    )
     ring = _Ring(blocks)
     spill = _Spill(job.spool_dir / _SPILL_FILE)
     futures: dict[Future, list[int]] = {}
@@ -460,6 +476,10 @@ def stream_to_spool(
             wanted.discard(name)
             index.bad[name] = (file, reason)
             _unpin(name)
+            unit = job.units[name][0]
+            open_count[unit] -= 1
+            if ready.get(unit) and len(ready[unit]) == open_count[unit]:
+                dispatch(unit)
 
     def _unpin(name: str) -> None:
         for ref in pending.pop(name, {}).values():
@@ -534,7 +554,11 @@ def stream_to_spool(
                 if ref[0] == "b":
                     for block in {part[0] for part in ref[1]}:
                         in_block.get(block, set()).discard(folder)
-            ready.append((folder, refs, None if s1 is None else s1(folder)))
+            unit = job.units[folder][0]
+            group = ready.setdefault(unit, [])
+            group.append((folder, refs, None if s1 is None else s1(folder)))
+            if len(group) == open_count[unit]:
+                dispatch(unit)
 
     def spill_retired() -> None:
         # Blocks the parser is past that incomplete patches still point into (a tar whose patch
@@ -553,18 +577,23 @@ def stream_to_spool(
                     ):
                         names.discard(name)
 
-    def dispatch(final: bool = False) -> None:
-        while len(ready) >= BATCH_PATCHES or (final and ready):
-            batch, ready[:] = ready[:BATCH_PATCHES], ready[BATCH_PATCHES:]
-            # The patches' holds on their blocks pass to the batch, released when it is done.
-            used = [
-                part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]
-            ]
-            task_counter[0] += 1
-            if executor is None:
-                finish(_encode_batch(task_counter[0], batch), used)
-            else:
-                futures[executor.submit(_encode_batch, task_counter[0], batch)] = used
+    def dispatch(unit: int) -> None:
+        """Hand the ready patches of `unit` to a worker, in list order."""
+        batch = sorted(ready.pop(unit), key=lambda patch: job.units[patch[0]][1])
+        open_count[unit] -= len(batch)
+        # The patches' holds on their blocks pass to the batch, released when it is done.
+        used = [part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]]
+        task_counter[0] += 1
+        if executor is None:
+            finish(_encode_batch(task_counter[0], batch), used)
+        else:
+            futures[executor.submit(_encode_batch, task_counter[0], batch)] = used
+
+    def relieve() -> None:
+        """When nearly every block is held by patches waiting for the rest of their shard (an archive
+        whose order is not the lists' order), hand those over as they are, largest groups first."""
+        while len(ring.retired) >= blocks - 3 and ready:
+            dispatch(max(ready, key=lambda unit: len(ready[unit])))
 
     def finish(result, used: list[int]) -> None:
         spool, entries, encode, write = result
@@ -583,6 +612,7 @@ def stream_to_spool(
         progress("patches", encoded[0])
 
     def wait_for_work(block_until_one: bool = False) -> None:
+        relieve()
         if not futures:
             return
         done_now, _ = wait(list(futures), timeout=None if block_until_one else 0, return_when=FIRST_COMPLETED)
@@ -598,8 +628,8 @@ def stream_to_spool(
             finish(result, used)
 
     def after_block(block: int) -> None:
-        dispatch()
         spill_retired()
+        relieve()
         # Keep a bounded number of batches queued: the reader needs free blocks, workers need work.
         while len(futures) > 2 * job.workers:
             wait_for_work(block_until_one=True)
@@ -617,7 +647,8 @@ def stream_to_spool(
                 lambda count: progress("bytes", count),
                 stats,
             )
-            dispatch(final=True)
+            for unit in list(ready):
+                dispatch(unit)
             while futures:
                 wait_for_work(block_until_one=True)
     finally:

@@ -257,7 +257,7 @@ def _entry_struct(order: str, entry_count: int) -> struct.Struct:
     return struct.Struct(order + "HHII" * entry_count)
 
 
-def _check_declared_raster(path: str | os.PathLike, shape: tuple[int, int], dtype: np.dtype) -> None:
+def _check_declared_raster(source: io.BytesIO, shape: tuple[int, int], dtype: np.dtype) -> None:
     """Raise TiffError unless the first image's header declares this shape and type.
 
     Checked before tifffile decodes anything: a damaged header may declare gigapixels, which tifffile
@@ -266,7 +266,7 @@ def _check_declared_raster(path: str | os.PathLike, shape: tuple[int, int], dtyp
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as handle:
+        with tifffile.TiffFile(source) as handle:
             series = handle.series[0]
             declared_shape, declared_dtype = tuple(series.shape), np.dtype(series.dtype)
     except Exception as error:  # tifffile raises many types for damaged files
@@ -277,11 +277,12 @@ def _check_declared_raster(path: str | os.PathLike, shape: tuple[int, int], dtyp
         raise TiffError(f"pixel type is {declared_dtype.newbyteorder('=')}, expected {dtype}")
 
 
-def _read_with_tifffile(path: str | os.PathLike) -> np.ndarray:
+def _read_with_tifffile(source: io.BytesIO) -> np.ndarray:
     import tifffile  # imported here: the fast path never needs it
 
     try:
-        return tifffile.imread(path)
+        source.seek(0)
+        return tifffile.imread(source)
     except Exception as error:  # tifffile raises many types for damaged files
         if "imagecodecs" in str(error):  # a compression tifffile decodes only with imagecodecs
             raise TiffError(f"compressed ({error}); install the codecs: pip install imagecodecs") from error

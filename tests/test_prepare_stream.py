@@ -97,6 +97,30 @@ def test_archive_file_gives_the_folder_shards(v1_files, tmp_path, suffix, record
     assert manifest["patches"] == 6 and manifest["format"] == record_format
 
 
+def _count_copies(monkeypatch) -> list:
+    """Calls of `copy_records` in this process (workers=1): shards written by copying from the spool."""
+    import bigearthnet_tf.prepare as prepare_module
+
+    copies = []
+    original = prepare_module.copy_records
+    monkeypatch.setattr(prepare_module, "copy_records", lambda *args: copies.append(1) or original(*args))
+    return copies
+
+
+def test_spool_files_become_shards(v1_files, example_paths, tmp_path, monkeypatch):
+    """A worker gets a whole shard at a time and writes it in list order, whatever the archive's
+    order, so its spool file is renamed into place: the records are written once."""
+    _, _, files, names = v1_files
+    copies = _count_copies(monkeypatch)
+    shuffled = tmp_path / "train.csv"
+    shuffled.write_text("\n".join([names[0], names[5], names[1], names[4], names[2], names[3]]) + "\n")
+    options = {"shard_size": 3, "workers": 1, "show_progress": False}
+    prepare(example_paths.s2, tmp_path / "folder", [shuffled], **options)
+    prepare(files[".tar.gz"], tmp_path / "file", [shuffled], **options)
+    _same_shards(tmp_path / "folder", tmp_path / "file")
+    assert copies == []
+
+
 def test_members_out_of_order_and_blocks_refilled(v1_files, example_paths, tmp_path, monkeypatch):
     """Members of different patches interleaved, and blocks so small that files of incomplete
     patches must be spilled before their block is refilled: still the folder's shards."""
@@ -105,6 +129,7 @@ def test_members_out_of_order_and_blocks_refilled(v1_files, example_paths, tmp_p
     order = [f"{name}/{files[name][i]}" for i in range(13) for name in names]  # round robin
     tar = _pack(example_paths.s2, "BigEarthNet-v1.0", tmp_path / "mixed.tar", order)
     monkeypatch.setattr(tarstream, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(prepare_stream, "MAX_RING_BYTES", 8 * (64 << 10))  # less than the tar
     spilled = []
     original = prepare_stream._Spill.put
     monkeypatch.setattr(
@@ -115,6 +140,20 @@ def test_members_out_of_order_and_blocks_refilled(v1_files, example_paths, tmp_p
         prepare(tar, out, lists, shard_size=3, workers=workers, show_progress=False)
         _same_shards(base / "folder-default", out)
     assert spilled
+
+
+def test_shards_waiting_for_blocks_are_handed_over_in_parts(v1_files, example_paths, tmp_path, monkeypatch):
+    """Complete patches that wait for the rest of their shard hold blocks; when nearly all are held,
+    they go to workers as they are, and the shard is copied together from the parts in list order."""
+    _, lists, files, _ = v1_files
+    monkeypatch.setattr(tarstream, "BLOCK_BYTES", 64 << 10)
+    monkeypatch.setattr(prepare_stream, "MAX_RING_BYTES", 8 * (64 << 10))
+    copies = _count_copies(monkeypatch)
+    options = {"shard_size": 6, "workers": 1, "show_progress": False}
+    prepare(example_paths.s2, tmp_path / "folder", lists, **options)
+    prepare(files[".tar.zst"], tmp_path / "file", lists, **options)
+    _same_shards(tmp_path / "folder", tmp_path / "file")
+    assert copies
 
 
 def test_v2_with_s1_in_two_archive_files(synthetic_v2, tmp_path):
@@ -300,7 +339,6 @@ def test_not_an_archive(tmp_path, v1_files):
 
 def test_resume_after_interruption(v1_files, tmp_path, monkeypatch):
     base, lists, files, _ = v1_files
-    monkeypatch.setattr(prepare_stream, "BATCH_PATCHES", 2)
     calls = []
     original = prepare_stream._encode_batch
 
@@ -320,7 +358,8 @@ def test_resume_after_interruption(v1_files, tmp_path, monkeypatch):
         prepare_stream, "_encode_batch", lambda task, patches: calls.append(task) or original(task, patches)
     )
     summary = prepare(files[".tar.zst"], out, lists, shard_size=3, workers=1, show_progress=False)
-    assert summary.resumed_patches == 2 and len(calls) == 2  # the 4 patches left, two per batch
+    # Workers get a shard at a time: train-00000 (3 patches) was done; train-00001 and test-00000 are left.
+    assert summary.resumed_patches == 3 and len(calls) == 2
     _same_shards(base / "folder-default", out)
 
 

@@ -28,13 +28,13 @@ def no_fallback(monkeypatch):
 
 @pytest.fixture
 def fallback_calls(monkeypatch):
-    """Record the files read_band hands to tifffile."""
+    """Record the bytes read_band hands to tifffile (the file is read once, then decoded from memory)."""
     calls = []
     original = tiff._read_with_tifffile
 
-    def spy(path):
-        calls.append(path)
-        return original(path)
+    def spy(source):
+        calls.append(source.getvalue())
+        return original(source)
 
     monkeypatch.setattr(tiff, "_read_with_tifffile", spy)
     return calls
@@ -107,7 +107,7 @@ def test_other_tiffs_fall_back_to_tifffile(tmp_path, fallback_calls, options):
     path = tmp_path / "other.tif"
     tifffile.imwrite(path, values, photometric="minisblack", **options)
     np.testing.assert_array_equal(read_band(path, (64, 64), np.uint16), values)
-    assert fallback_calls == [path]
+    assert fallback_calls == [path.read_bytes()]
 
 
 def test_fallback_still_checks_size_and_type(tmp_path):
