@@ -129,9 +129,11 @@ _TFRECORD_SUFFIX = ".tfrecord"
 _TEMP_SUFFIX = ".tmp"
 _SHARD_GLOB = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]" + _TFRECORD_SUFFIX
 _PROGRESS_POLL_SECONDS = 0.1
-# Patches each worker reads ahead from folders, each in a thread of its own: a cold disk delivers
-# several times more small files per second with many reads in flight than with one.
+# Patches each worker reads ahead from folders, each in a thread of its own, once reads are slow: a
+# cold disk delivers several times more small files per second with many reads in flight than with one.
 READ_AHEAD = 16
+COLD_READ_SECONDS = 0.0005  # a patch's 13 files take ~60 us from the page cache, milliseconds from a disk
+COLD_READS = 3  # slow reads that tell a cold disk from a passing hiccup
 
 
 @dataclass(frozen=True)
@@ -436,14 +438,31 @@ def _configure(
     _work_dir, _out, _spool_dir = work_dir, out, spool_dir
 
 
-def _read_ahead(names: Sequence[str], pool: ThreadPoolExecutor) -> Iterator[tuple[str, Future]]:
-    """(name, future of its raw files) in order, with up to READ_AHEAD reads in flight."""
-    futures: list[tuple[str, Future]] = []
+def _patch_files(names: Sequence[str]) -> Iterator[tuple[str, dict | None]]:
+    """(name, its raw files) in order. Read here while reads are fast (a warm page cache: threads
+    would only cost CPU); once COLD_READS patches took longer than COLD_READ_SECONDS each, the rest
+    are read ahead in READ_AHEAD threads, so that a cold disk has many reads in flight."""
+    position = slow = 0
     for name in names:
-        futures.append((name, pool.submit(_archive.read_patch_files, name)))
-        if len(futures) > READ_AHEAD:
-            yield futures.pop(0)
-    yield from futures
+        started = time.perf_counter()
+        files = _archive.read_patch_files(name)
+        slow += time.perf_counter() - started > COLD_READ_SECONDS
+        position += 1
+        yield name, files
+        if slow >= COLD_READS:
+            break
+    rest = names[position:]
+    if not rest:
+        return
+    with ThreadPoolExecutor(READ_AHEAD, "patch-reader") as pool:
+        futures: list[tuple[str, Future]] = []
+        for name in rest:
+            futures.append((name, pool.submit(_archive.read_patch_files, name)))
+            if len(futures) > READ_AHEAD:
+                name, future = futures.pop(0)
+                yield name, future.result()
+        for name, future in futures:
+            yield name, future.result()
 
 
 def _write_unit(unit: _Unit) -> _UnitResult:
@@ -465,14 +484,17 @@ def _write_unit(unit: _Unit) -> _UnitResult:
 
 
 def _encode_unit(unit: _Unit, temporary: str) -> _UnitResult:
-    """Read the unit's patches from their folders (reads run ahead in threads), encode, write."""
+    """Read the unit's patches from their folders (`_patch_files`), encode, write."""
     serialize = SERIALIZERS[_record_format]
     skipped: list[tuple[str, str, str]] = []
     read = encode = write = 0.0
-    with RecordWriter(temporary) as writer, ThreadPoolExecutor(READ_AHEAD, "patch-reader") as pool:
-        for name, future in _read_ahead(unit.names, pool):
+    with RecordWriter(temporary) as writer:
+        patches = _patch_files(unit.names)
+        while True:
             started = time.perf_counter()
-            files = future.result()
+            name, files = next(patches, (None, None))
+            if name is None:
+                break
             waited = time.perf_counter()
             try:
                 record = serialize(_archive.with_s1(decode_patch_files(_archive, name, files)))

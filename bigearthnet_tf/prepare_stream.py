@@ -52,7 +52,6 @@ from bigearthnet_tf.archive import (
     Archive,
     BadPatchError,
     decode_patch_files,
-    read_s1_bands,
     v2_product,
     v2_s1_product,
 )
@@ -218,19 +217,13 @@ def _encode_batch(task: int, patches: list[tuple]) -> tuple[str, list, float, fl
 def _decode(name: str, refs: dict[str, Ref], s1):
     files = {file: _read_ref(ref) for file, ref in refs.items()}
     archive = _state.archive
-    if s1 is None and archive.s1_dir is not None:  # S1 in a folder beside an S2 archive file
-        patch = decode_patch_files(archive, name, files)
-        s1_name = archive.s1_name(name)
-        s1_bands = read_s1_bands(archive.s1_folder(s1_name), name, s1_name)
-        return type(patch)(patch.name, patch.bands, patch.labels_43, patch.labels_19, s1_name, s1_bands)
-    if s1 is None:
-        return decode_patch_files(archive, name, files)
+    if s1 is None:  # no S1, or S1 in a folder beside the S2 archive file (`with_s1` reads it)
+        return archive.with_s1(decode_patch_files(archive, name, files))
     if s1[0] == "bad":
         raise BadPatchError(name, s1[1], s1[2])
     s1_name, s1_refs = s1
-    return decode_patch_files(
-        archive, name, files, s1_name, {file: _read_ref(ref) for file, ref in s1_refs.items()}
-    )
+    s1_files = {file: _read_ref(ref) for file, ref in s1_refs.items()}
+    return decode_patch_files(archive, name, files, s1_name, s1_files)
 
 
 # --- the job folder ----------------------------------------------------------------------------------
