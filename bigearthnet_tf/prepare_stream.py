@@ -66,6 +66,7 @@ from bigearthnet_tf.tarstream import (
     ArchiveStream,
     BlockRing,
     BlockViews,
+    MappedFile,
     Member,
     TarParser,
     safe_name,
@@ -289,9 +290,10 @@ class _Ring:
     """The block ring with reference counts: a block goes back to the reader when neither a batch
     in flight nor an incomplete patch points into it and the parser is past it."""
 
-    def __init__(self, blocks: int) -> None:
-        self.ring = BlockRing(blocks)
-        self.refs = [0] * blocks
+    def __init__(self, storage: BlockRing | MappedFile) -> None:
+        self.ring = storage
+        self.mapped = isinstance(storage, MappedFile)  # never refilled: nothing to free or spill
+        self.refs = [0] * len(storage.maps)
         self.retired: set[int] = set()
         self.free_queue: queue.Queue | None = None
 
@@ -304,7 +306,7 @@ class _Ring:
         self._maybe_free(block)
 
     def _maybe_free(self, block: int) -> None:
-        if block in self.retired and self.refs[block] == 0:
+        if block in self.retired and self.refs[block] == 0 and not self.mapped:
             self.retired.discard(block)
             self.free_queue.put(block)
 
@@ -342,9 +344,10 @@ def _stream(
     wait_for_work: Callable[[], None],
     progress: Callable[[int], None],
     stats: _Stats,
-) -> tuple[ArchiveStream, ArchiveFileError | None]:
+) -> tuple[float, float, ArchiveFileError | None]:
     """Parse every member of archive file `path`, calling `on_member`; `after_block(block)` once a
-    block is parsed. Returns the stream (for its timings) and the error that ended it early, if any."""
+    block is parsed. Returns the seconds spent reading and decompressing, and the error that ended
+    the stream early, if any."""
     stream = ArchiveStream(path)
     free, filled, thread = start_filling(stream, ring.ring)
     ring.free_queue = free
@@ -374,7 +377,9 @@ def _stream(
                 ring.retire(done)
             parser.released.clear()
             after_block(block)
-            progress(stream.bytes_read)
+            if ring.mapped:
+                free.put(0)  # one more step of the file may be read ahead
+            progress(length if ring.mapped else stream.bytes_read)
             wait_for_work()
     except ArchiveFileError as error:
         failure = error
@@ -382,7 +387,8 @@ def _stream(
         free.put(None)
         thread.join()
         stream.close()
-    return stream, failure
+    read = ring.ring.read_seconds if ring.mapped else stream.read_seconds
+    return read, stream.decompress_seconds, failure
 
 
 @dataclass
@@ -441,7 +447,10 @@ def stream_to_spool(
         max(2 * job.workers + 4, (job.workers + 1) * unit_blocks + 3),
         max(8, MAX_RING_BYTES // tarstream.BLOCK_BYTES),
     )
-    ring = _Ring(blocks)
+    # An uncompressed tar is read in place (page cache, no copy); a compressed one through the ring.
+    in_place = ArchiveStream(job.s2_path)
+    in_place.close()
+    ring = _Ring(MappedFile(job.s2_path) if in_place.compression == "none" else BlockRing(blocks))
     spill = _Spill(job.spool_dir / _SPILL_FILE)
     futures: dict[Future, list[int]] = {}
     # Spool files of an earlier run are kept: number the new ones after them.
@@ -556,6 +565,8 @@ def stream_to_spool(
     def spill_retired() -> None:
         # Blocks the parser is past that incomplete patches still point into (a tar whose patch
         # members are not contiguous): copy those files out so that the blocks can be refilled.
+        if ring.mapped:
+            return
         for block in list(ring.retired):
             for name in list(in_block.pop(block, ())):
                 refs = pending[name]
@@ -629,7 +640,7 @@ def stream_to_spool(
 
     try:
         with display:
-            stream, failure = _stream(
+            read_seconds, decompress_seconds, failure = _stream(
                 job.s2_path,
                 blocks,
                 wants,
@@ -670,8 +681,8 @@ def stream_to_spool(
             )
             index.bad[name] = (missing[0], reason)
     index.seconds = {
-        "read": stream.read_seconds,
-        "decompress": stream.decompress_seconds,
+        "read": read_seconds,
+        "decompress": decompress_seconds,
         "parse": stats.parse,
         "encode": stats.encode,
         "write": stats.write,
@@ -718,7 +729,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
     pending: dict[str, dict[str, object]] = {}
     twins: dict[str, tuple[str, dict]] = {}  # S2 name -> (s1 name, {file: ref})
     claims: dict[str, list[str]] = {}
-    ring = _Ring(4)
+    ring = _Ring(BlockRing(4))
 
     def wants(name: str) -> tuple[str, str, str] | None:
         found = _folder_and_file(name)
@@ -764,7 +775,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
 
     say(f"indexing the Sentinel-1 archive {job.s1_path}")
     try:
-        _, failure = _stream(
+        *_, failure = _stream(
             job.s1_path, 4, wants, on_member, lambda block: None, ring, lambda: None, lambda n: None, _Stats()
         )
     finally:

@@ -113,9 +113,7 @@ class ArchiveStream:
         self._file = _CountingFile(self.path)
         self.decompress_seconds = 0.0
         if self.compression == "gzip":
-            from isal import igzip
-
-            self._reader = igzip.IGzipFile(fileobj=io.BufferedReader(self._file, _READ_CHUNK), mode="rb")
+            self._reader = _GzipReader(self._file)
         elif self.compression == "zstd":
             import zstandard
 
@@ -170,6 +168,47 @@ class ArchiveStream:
         if self._reader is not self._file:
             self._reader.close()
         self._file.close()
+
+
+class _GzipReader(io.RawIOBase):
+    """Gzip members (one, or several as pigz and bgzip write) inflated by `isal` straight from 4 MB
+    reads: half again as fast as `isal.igzip.IGzipFile`, whose buffering costs more than inflating."""
+
+    def __init__(self, source: _CountingFile) -> None:
+        from isal import isal_zlib
+
+        self._zlib = isal_zlib
+        self._source = source
+        self._inflate = isal_zlib.decompressobj(31)  # 31: a gzip header and trailer
+        self._pending = memoryview(b"")
+        self._chunk = bytearray(_READ_CHUNK)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            count = self._source.readinto(self._chunk)
+            data = memoryview(self._chunk)[:count]
+            if not count:
+                if not self._inflate.eof:
+                    raise EOFError("the gzip data ends early")
+                return 0
+            while data:
+                if self._inflate.eof:  # the next member of a multi-member file
+                    data = memoryview(self._inflate.unused_data + bytes(data))
+                    self._inflate = self._zlib.decompressobj(31)
+                    if not data.nbytes:
+                        break
+                out = self._inflate.decompress(data)
+                self._pending = memoryview(bytes(self._pending) + out) if self._pending else memoryview(out)
+                data = memoryview(self._inflate.unconsumed_tail)
+                if not self._inflate.eof:
+                    break
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
 
 
 def _compression(path: str, head: bytes) -> str:
@@ -233,6 +272,45 @@ class BlockRing:
         self.maps, self._fds, self._temporary = [], [], []
 
 
+class MappedFile:
+    """An uncompressed tar read in place: block 0 is the whole file, mapped read-only, and the page
+    cache is the buffer; nothing is copied on the way to the workers, who map it too.
+
+    `start_filling` hands it out in BLOCK_BYTES steps, each read into the page cache by the filling
+    thread first (the kernel is asked for the whole step at once, then the thread waits for it), so
+    the disk stays busy while the main thread parses what came before.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.paths = [path]
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self._fd).st_size
+        self.maps = [mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)]
+        self.read_seconds = 0.0
+
+    def close(self) -> None:
+        for block in self.maps:
+            try:
+                block.close()
+            except BufferError:
+                pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.maps = []
+
+    def fill(self, start: int, end: int) -> None:
+        """Bring bytes [start, end) into the page cache; return when they are there."""
+        started = time.perf_counter()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        block = self.maps[0]
+        for position in range(start, end, mmap.PAGESIZE):  # one byte a page: waits for the reads
+            block[position]
+        self.read_seconds += time.perf_counter() - started
+
+
 class BlockViews:
     """A worker's read-only maps of a ring's blocks (opened once per process)."""
 
@@ -251,10 +329,11 @@ class BlockViews:
 
 
 def start_filling(
-    stream: ArchiveStream, ring: BlockRing
+    stream: ArchiveStream, ring: BlockRing | MappedFile
 ) -> tuple[queue.Queue, queue.Queue, threading.Thread]:
     """A thread that fills free blocks in stream order: put block numbers into the first queue;
-    `(block, length, stream_offset)` come out of the second, then None at the end (or an exception)."""
+    `(block, length, stream_offset)` come out of the second, then None at the end (or an exception).
+    For a `MappedFile` each block number put in is a token for one more step of block 0."""
     free: queue.Queue = queue.Queue()
     filled: queue.Queue = queue.Queue()
 
@@ -265,6 +344,15 @@ def start_filling(
                 block = free.get()
                 if block is None:
                     return
+                if isinstance(ring, MappedFile):
+                    end = min(offset + BLOCK_BYTES, ring.size)
+                    ring.fill(offset, end)
+                    filled.put((0, end, 0))
+                    offset = end
+                    if end == ring.size:
+                        filled.put(None)
+                        return
+                    continue
                 length = stream.readinto(ring.maps[block])
                 filled.put((block, length, offset))
                 offset += length
@@ -353,7 +441,10 @@ class TarParser:
         self.released: list[int] = []
 
     def feed(self, block: int, length: int, offset: int) -> None:
-        self._blocks.append((block, offset, length))
+        if self._blocks and self._blocks[-1][:2] == (block, offset):  # more of a mapped file
+            self._blocks[-1] = (block, offset, length)
+        else:
+            self._blocks.append((block, offset, length))
         self._end = offset + length
 
     def members(self, wants) -> Iterator[Member]:
