@@ -152,6 +152,14 @@ def time_prepare(
     return time.perf_counter() - started, summary.total_patches
 
 
+def cpu_seconds() -> float:
+    """User and system CPU time of this process and its finished children (the workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def drop_page_cache() -> bool:
     """Empty the page cache (root only); False where that is not possible."""
     os.sync()
@@ -174,7 +182,7 @@ def pack(folder: Path, arcname: str, target: Path, names: list[str] | None = Non
 
 
 def compress(tar: Path) -> dict[str, Path]:
-    """The .tar.gz (gzip -1) and .tar.zst (zstd -3) of `tar`, written with the libraries prepare reads with."""
+    """The .tar.gz (gzip -1) and .tar.zst (zstd -3) of `tar`, written by the libraries prepare reads with."""
     import zstandard
     from isal import igzip
 
@@ -196,25 +204,22 @@ def baselines(tar: Path, gz: Path, patches: int, cold: bool) -> None:
     with open(tar, "rb") as handle:
         while handle.read(4 << 20):
             pass
-    print(
-        f"  .tar read alone{' (cold)' if cold else ''}: {patches / (time.perf_counter() - started):,.0f} patches/s"
-    )
+    rate = patches / (time.perf_counter() - started)
+    print(f"  .tar read alone{' (cold)' if cold else ''}: {rate:,.0f} patches/s")
     started = time.perf_counter()
     with tarfile.open(tar, "r|") as stream:
         for member in stream:
             if member.isfile():
                 stream.extractfile(member).read()
-    print(
-        f"  Python tarfile streaming the .tar (warm), one core: {patches / (time.perf_counter() - started):,.0f} patches/s"
-    )
+    rate = patches / (time.perf_counter() - started)
+    print(f"  Python tarfile streaming the .tar (warm), one core: {rate:,.0f} patches/s")
     started = time.perf_counter()
     inflate = zlib.decompressobj(31)
     with open(gz, "rb") as handle:
         while chunk := handle.read(4 << 20):
             inflate.decompress(chunk)
-    print(
-        f"  Python zlib inflating the .tar.gz (warm), one core: {patches / (time.perf_counter() - started):,.0f} patches/s"
-    )
+    rate = patches / (time.perf_counter() - started)
+    print(f"  Python zlib inflating the .tar.gz (warm), one core: {rate:,.0f} patches/s")
 
 
 def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> None:
@@ -227,7 +232,7 @@ def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> Non
     pack(archive, "BigEarthNet-v1.0", tar)
     files = {".tar": tar, **compress(tar)}
     sizes = ", ".join(f"{suffix} {path.stat().st_size / 1e9:.2f} GB" for suffix, path in files.items())
-    print(f"scaled archive: {patches:,} patches; {sizes}")
+    print(f"scaled archive: {patches:,} patches; {sizes}; load average {os.getloadavg()[0]:.1f}")
     cold = drop_page_cache()
     print(
         "page cache: dropped before each cold run"
@@ -240,16 +245,21 @@ def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> Non
         out = base / f"out{label.replace(' ', '-')}"
         if drop:
             drop_page_cache()
+        cpu = cpu_seconds()
         started = time.perf_counter()
         summary = prepare(root, out, split_files=list(lists.values()), workers=workers, show_progress=False)
         seconds = time.perf_counter() - started
+        cpu = cpu_seconds() - cpu
         assert summary.total_patches == patches, summary.total_patches
         rate = patches / seconds
         stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in summary.stage_seconds.items())
         verdict = (
             "" if target is None else f" (target >= {target:,.0f}: {'met' if rate >= target else 'missed'})"
         )
-        print(f"  prepare from {label}: {rate:,.0f} patches/s{verdict}; {stages}")
+        print(
+            f"  prepare from {label}: {rate:,.0f} patches/s{verdict}; "
+            f"{cpu / patches * 1e6:,.0f} CPU-us/patch; {stages}"
+        )
         shutil.rmtree(out)
         return rate
 
@@ -303,8 +313,8 @@ def synthetic_v2(base: Path, patches: int, workers: int) -> None:
     )
     print(
         f"synthetic v2 with S1, two .tar.zst files: {from_files.total_patches:,} patches in {seconds:.1f} s "
-        f"= {from_files.total_patches / seconds:,.0f} patches/s; shards {'identical to' if same else 'DIFFER from'} "
-        "those from the folders"
+        f"= {from_files.total_patches / seconds:,.0f} patches/s; shards "
+        f"{'identical to' if same else 'DIFFER from'} those from the folders"
     )
     assert same and from_files.total_patches == from_folders.total_patches
 
