@@ -439,7 +439,6 @@ def stream_to_spool(
     for name in wanted:
         unit = job.units[name][0]
         open_count[unit] = open_count.get(unit, 0) + 1
-    seen_files: dict[str, set[str]] = {}
     stats = _Stats()
     # Blocks for a shard being read while each worker encodes one (~180 kB a patch), within MAX_RING_BYTES.
     unit_blocks = -(-job.unit_patches * 180_000 // tarstream.BLOCK_BYTES) + 1
@@ -485,7 +484,7 @@ def stream_to_spool(
 
     def _unpin(name: str) -> None:
         for ref in pending.pop(name, {}).values():
-            if ref[0] == "b":
+            if ref[0] == "b" and not ring.mapped:
                 for block in {part[0] for part in ref[1]}:
                     in_block.get(block, set()).discard(name)
                     ring.release(block)
@@ -537,25 +536,23 @@ def stream_to_spool(
                 f"{member.size:,} bytes, more than the {MAX_BAND_FILE_BYTES:,} a band file can hold",
             )
             return
-        files = seen_files.setdefault(folder, set())
-        if file in files:
+        refs = pending.setdefault(folder, {})
+        if file in refs:
             bad(folder, file, f"is in {job.s2_path} twice")
             return
-        files.add(file)
-        blocks_used = {part[0] for part in member.parts}
-        for block in blocks_used:
-            ring.refs[block] += 1
-            in_block.setdefault(block, set()).add(folder)
-        refs = pending.setdefault(folder, {})
         refs[file] = ("b", member.parts)
+        if not ring.mapped:  # blocks are refilled: count who needs each
+            for block in {part[0] for part in member.parts}:
+                ring.refs[block] += 1
+                in_block.setdefault(block, set()).add(folder)
         if len(refs) == len(expected):
             del pending[folder]
-            seen_files.pop(folder, None)
             wanted.discard(folder)
-            for ref in refs.values():
-                if ref[0] == "b":
-                    for block in {part[0] for part in ref[1]}:
-                        in_block.get(block, set()).discard(folder)
+            if not ring.mapped:
+                for ref in refs.values():
+                    if ref[0] == "b":
+                        for block in {part[0] for part in ref[1]}:
+                            in_block.get(block, set()).discard(folder)
             unit = job.units[folder][0]
             group = ready.setdefault(unit, [])
             group.append((folder, refs, None if s1 is None else s1(folder)))
@@ -586,7 +583,13 @@ def stream_to_spool(
         batch = sorted(ready.pop(unit), key=lambda patch: job.units[patch[0]][1])
         open_count[unit] -= len(batch)
         # The patches' holds on their blocks pass to the batch, released when it is done.
-        used = [part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]]
+        used = (
+            []
+            if ring.mapped
+            else [
+                part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]
+            ]
+        )
         task_counter[0] += 1
         if executor is None:
             finish(_encode_batch(task_counter[0], batch), used)

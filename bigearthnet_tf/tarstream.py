@@ -24,6 +24,7 @@ import queue
 import tempfile
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -393,13 +394,19 @@ class Member:
     key: object = None  # what `wants` returned for it
 
 
+def _byte_sum(header: bytes) -> int:
+    """The sum of a 512-byte header's bytes, from Adler-32's running sum (1 + sum mod 65521): exact
+    for halves of 256 bytes, whose sums stay below 65521, and ten times faster than `sum`."""
+    return (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+
+
 def _checksum_problem(header: bytes) -> str | None:
     field = header[148:156].split(b"\0", 1)[0].strip()
     try:
         stored = int(field or b"x", 8)
     except ValueError:
         return f"header checksum field {bytes(header[148:156])!r} is not a number"
-    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    unsigned = _byte_sum(header) - sum(header[148:156]) + 8 * 32
     if stored == unsigned:
         return None
     signed = unsigned - 256 * sum(1 for byte in header if byte >= 128)  # old tars summed signed bytes
