@@ -187,9 +187,10 @@ def _read_ref(ref: Ref):
         os.close(fd)
 
 
-def _encode_batch(task: int, patches: list[tuple]) -> tuple[str, list, float, float]:
+def _encode_batch(task: int, patches: list[tuple], whole: bool) -> tuple[str, list, float, float]:
     """Encode `patches` ((name, {file: ref}, s1) each) into spool file `task`; per patch
-    [name, offset, length, None] or, if it is bad, [name, None, None, [file, reason]]."""
+    [name, offset, length, None] or, if it is bad, [name, None, None, [file, reason]]. `whole`:
+    they are a whole shard, whose spool file will most likely be renamed into place."""
     spool = f"spool-{task:07d}.tfrecord"
     path = os.path.join(_state.spool_dir, spool)
     entries = []
@@ -209,9 +210,13 @@ def _encode_batch(task: int, patches: list[tuple]) -> tuple[str, list, float, fl
             entries.append([name, before, writer.bytes_written - before, None])
             encode += middle - started
             write += time.perf_counter() - middle
-        # Not synced: the spool is temporary, and data the kernel never writes back costs the disk
-        # nothing. A kill loses nothing; after a power failure, journal sizes (synced) that files
-        # no longer reach (ext4 and xfs extend a file only with its data) make those spools redone.
+        if whole:  # synced now, while other patches are read: the shard it becomes must be on disk
+            started = time.perf_counter()
+            writer.flush(sync=True)
+            write += time.perf_counter() - started
+        # Other spool files are not synced: they are temporary (copied into shards, which are). A
+        # kill loses nothing; after a power failure, journal sizes (synced) that files no longer
+        # reach (ext4 and xfs extend a file only with its data) make those spools redone.
     return spool, entries, encode, write
 
 
@@ -439,6 +444,7 @@ def stream_to_spool(
     for name in wanted:
         unit = job.units[name][0]
         open_count[unit] = open_count.get(unit, 0) + 1
+    unit_sizes = dict(open_count) if not done else {}  # after a resume, no spool is a whole shard
     stats = _Stats()
     # Blocks for a shard being read while each worker encodes one (~180 kB a patch), within MAX_RING_BYTES.
     unit_blocks = -(-job.unit_patches * 180_000 // tarstream.BLOCK_BYTES) + 1
@@ -581,6 +587,7 @@ def stream_to_spool(
     def dispatch(unit: int) -> None:
         """Hand the ready patches of `unit` to a worker, in list order."""
         batch = sorted(ready.pop(unit), key=lambda patch: job.units[patch[0]][1])
+        whole = len(batch) == open_count[unit] == unit_sizes.get(unit)
         open_count[unit] -= len(batch)
         # The patches' holds on their blocks pass to the batch, released when it is done.
         used = (
@@ -592,9 +599,9 @@ def stream_to_spool(
         )
         task_counter[0] += 1
         if executor is None:
-            finish(_encode_batch(task_counter[0], batch), used)
+            finish(_encode_batch(task_counter[0], batch, whole), used)
         else:
-            futures[executor.submit(_encode_batch, task_counter[0], batch)] = used
+            futures[executor.submit(_encode_batch, task_counter[0], batch, whole)] = used
 
     def relieve() -> None:
         """When nearly every block is held by patches waiting for the rest of their shard (an archive

@@ -344,11 +344,11 @@ def test_resume_after_interruption(v1_files, tmp_path, monkeypatch):
     calls = []
     original = prepare_stream._encode_batch
 
-    def interrupted(task, patches):
+    def interrupted(task, patches, whole):
         calls.append(task)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(task, patches)
+        return original(task, patches, whole)
 
     monkeypatch.setattr(prepare_stream, "_encode_batch", interrupted)
     out = tmp_path / "out"
@@ -357,7 +357,9 @@ def test_resume_after_interruption(v1_files, tmp_path, monkeypatch):
     assert (out / prepare_stream.SPOOL_DIR_NAME / "spool.jsonl").exists()
     calls.clear()
     monkeypatch.setattr(
-        prepare_stream, "_encode_batch", lambda task, patches: calls.append(task) or original(task, patches)
+        prepare_stream,
+        "_encode_batch",
+        lambda task, patches, whole: calls.append(task) or original(task, patches, whole),
     )
     summary = prepare(files[".tar.zst"], out, lists, shard_size=3, workers=1, show_progress=False)
     # Workers get a shard at a time: train-00000 (3 patches) was done; train-00001 and test-00000 are left.
