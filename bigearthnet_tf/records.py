@@ -448,6 +448,12 @@ class RecordWriter:
         self.count += 1
         self.bytes_written += expected
 
+    def fileno(self) -> int:
+        """The file descriptor (for the kernel's hints)."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
     def flush(self, *, sync: bool = False) -> None:
         """Nothing is buffered in Python; with `sync=True`, wait until the bytes are on the disk."""
         if sync and self._fd is not None:
