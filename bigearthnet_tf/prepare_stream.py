@@ -475,8 +475,12 @@ def stream_to_spool(
         _init_worker(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if executor is not None:  # start every worker now, before any thread of ours runs
-        for future in [executor.submit(os.getpid) for _ in range(job.workers)]:
-            future.result()
+        try:
+            for future in [executor.submit(os.getpid) for _ in range(job.workers)]:
+                future.result()
+        except BrokenProcessPool:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise UserError("the worker processes could not start (out of memory?)") from None
 
     def bad(name: str, file: str, reason: str) -> None:
         if name in wanted:

@@ -304,19 +304,17 @@ class MappedFile:
     def fill(self, start: int, end: int) -> None:
         """Bring bytes [start, end) into the page cache; return when they are there.
 
-        Read with `preadv` into a small scratch buffer: it waits for the disk without holding the
-        GIL (a page fault on the map would hold it and stall the parsing thread), at the cost of
-        one copy from the page cache."""
+        Read with `preadv` into a scratch buffer: it waits for the disk without holding the GIL (a
+        page fault on the map would hold it and stall the parsing thread), at the cost of one copy
+        from the page cache."""
         started = time.perf_counter()
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_WILLNEED)
         if self._scratch is None:
-            self._scratch = bytearray(_READ_CHUNK)
+            self._scratch = bytearray(BLOCK_BYTES)
         position = start
-        while position < end:
-            count = os.preadv(
-                self._fd, [memoryview(self._scratch)[: min(_READ_CHUNK, end - position)]], position
-            )
+        while position < end:  # one call a step: the GIL is taken back once a step, not once a piece
+            count = os.preadv(self._fd, [memoryview(self._scratch)[: end - position]], position)
             if count <= 0:
                 break
             position += count
