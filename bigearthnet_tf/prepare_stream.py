@@ -66,11 +66,12 @@ from bigearthnet_tf.tarstream import (
     ArchiveStream,
     BlockRing,
     BlockViews,
+    Filler,
     MappedFile,
     Member,
+    ProcessFiller,
     TarParser,
     safe_name,
-    start_filling,
 )
 from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES
 
@@ -313,7 +314,8 @@ class _Ring:
     def _maybe_free(self, block: int) -> None:
         if block in self.retired and self.refs[block] == 0 and not self.mapped:
             self.retired.discard(block)
-            self.free_queue.put(block)
+            if self.free_queue is not None:
+                self.free_queue.put(block)
 
 
 class _Spill:
@@ -341,6 +343,7 @@ class _Spill:
 
 def _stream(
     path: str,
+    filler: Filler | ProcessFiller,
     blocks: int,
     wants: Callable[[str, str], bool],
     on_member: Callable[[Member], None],
@@ -353,17 +356,15 @@ def _stream(
     """Parse every member of archive file `path`, calling `on_member`; `after_block(block)` once a
     block is parsed. Returns the seconds spent reading and decompressing, and the error that ended
     the stream early, if any."""
-    stream = ArchiveStream(path)
-    free, filled, thread = start_filling(stream, ring.ring)
-    ring.free_queue = free
+    ring.free_queue = filler
     for block in range(blocks):
-        free.put(block)
+        filler.put(block)
     parser = TarParser(path, ring.ring.maps, MAX_BAND_FILE_BYTES)
     failure: ArchiveFileError | None = None
     try:
         while True:
             try:
-                item = filled.get(timeout=_POLL_SECONDS)
+                item = filler.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 wait_for_work()
                 continue
@@ -383,17 +384,15 @@ def _stream(
             parser.released.clear()
             after_block(block)
             if ring.mapped:
-                free.put(0)  # one more step of the file may be read ahead
-            progress(length if ring.mapped else stream.bytes_read)
+                filler.put(0)  # one more step of the file may be read ahead
+            progress(length if ring.mapped else filler.bytes_read)
             wait_for_work()
     except ArchiveFileError as error:
         failure = error
     finally:
-        free.put(None)
-        thread.join()
-        stream.close()
-    read = ring.ring.read_seconds if ring.mapped else stream.read_seconds
-    return read, stream.decompress_seconds, failure
+        ring.free_queue = None  # blocks freed from now on are not read into again
+        filler.close()
+    return filler.read_seconds, filler.decompress_seconds, failure
 
 
 @dataclass
@@ -652,10 +651,17 @@ def stream_to_spool(
         while len(futures) > 2 * job.workers:
             wait_for_work(block_until_one=True)
 
+    # The reader starts before the progress bar's thread (a fork copies no running thread). Inflating
+    # and decompressing run in a process of their own, reading a mapped tar in a thread.
+    if ring.mapped or job.context is None:
+        filler = Filler(job.s2_path, ring.ring)
+    else:
+        filler = ProcessFiller(job.s2_path, ring.ring, job.context)
     try:
         with display:
             read_seconds, decompress_seconds, failure = _stream(
                 job.s2_path,
+                filler,
                 blocks,
                 wants,
                 on_member,
@@ -790,7 +796,16 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
     say(f"indexing the Sentinel-1 archive {job.s1_path}")
     try:
         *_, failure = _stream(
-            job.s1_path, 4, wants, on_member, lambda block: None, ring, lambda: None, lambda n: None, _Stats()
+            job.s1_path,
+            Filler(job.s1_path, ring.ring),
+            4,
+            wants,
+            on_member,
+            lambda block: None,
+            ring,
+            lambda: None,
+            lambda n: None,
+            _Stats(),
         )
     finally:
         ring.ring.close()
