@@ -430,7 +430,10 @@ class ProcessFiller:
         self.decompress_seconds = 0.0
 
     def put(self, block: int | None) -> None:
-        self._connection.send(block)
+        try:
+            self._connection.send(block)
+        except OSError:  # the reader has reached the end and gone: it needs no more blocks
+            pass
 
     def get(self, timeout: float):
         if not self._connection.poll(timeout):
@@ -441,10 +444,7 @@ class ProcessFiller:
         return item
 
     def close(self) -> None:
-        try:
-            self._connection.send(None)
-        except OSError:
-            pass
+        self.put(None)
         self._process.join(timeout=5)
         if self._process.is_alive():
             self._process.terminate()
