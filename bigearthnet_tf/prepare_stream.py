@@ -445,10 +445,11 @@ def stream_to_spool(
         open_count[unit] = open_count.get(unit, 0) + 1
     unit_sizes = dict(open_count) if not done else {}  # after a resume, no spool is a whole shard
     stats = _Stats()
-    # Blocks for a shard being read while each worker encodes one (~180 kB a patch), within MAX_RING_BYTES.
+    # Blocks for a shard being read, one waiting and one per worker (~180 kB a patch), within
+    # MAX_RING_BYTES: with fewer, shards are handed over in parts and copied together afterwards.
     unit_blocks = -(-job.unit_patches * 180_000 // tarstream.BLOCK_BYTES) + 1
     blocks = min(
-        max(2 * job.workers + 4, (job.workers + 1) * unit_blocks + 3),
+        max(2 * job.workers + 4, (job.workers + 2) * unit_blocks + 3),
         max(8, MAX_RING_BYTES // tarstream.BLOCK_BYTES),
     )
     # An uncompressed tar is read in place (page cache, no copy); a compressed one through the ring.
@@ -647,8 +648,8 @@ def stream_to_spool(
     def after_block(block: int) -> None:
         spill_retired()
         relieve()
-        # Keep a bounded number of batches queued: the reader needs free blocks, workers need work.
-        while len(futures) > 2 * job.workers:
+        # One task waiting beside each worker's: the reader needs free blocks, workers need work.
+        while len(futures) > job.workers:
             wait_for_work(block_until_one=True)
 
     # The reader starts before the progress bar's thread (a fork copies no running thread). Inflating
