@@ -222,12 +222,30 @@ def baselines(tar: Path, gz: Path, patches: int, cold: bool) -> None:
     print(f"  Python zlib inflating the .tar.gz (warm), one core: {rate:,.0f} patches/s")
 
 
+def write_lists(target: Path, names: list[str]) -> dict[str, Path]:
+    """Split CSVs (60/20/20) of `names`, in the order given, in folder `target`."""
+    target.mkdir(exist_ok=True)
+    lists, start = {}, 0
+    for position, (split, fraction) in enumerate(SPLIT_FRACTIONS):
+        end = len(names) if position == len(SPLIT_FRACTIONS) - 1 else start + round(len(names) * fraction)
+        lists[split] = target / f"{split}.csv"
+        lists[split].write_text("".join(f"{name}\r\n" for name in names[start:end]))
+        start = end
+    return lists
+
+
 def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> None:
+    import random
+
     from bigearthnet_tf.prepare import prepare
 
     examples = example_archive(base / "examples").s2
-    lists = build_archive(base, patches, examples)
+    build_archive(base, patches, examples)
     archive = base / "archive"
+    # The lists follow the archive's order (names sorted, as tar wrote them), so each shard's
+    # patches stream past together; lists in a random order are timed at the end.
+    names = sorted(entry.name for entry in os.scandir(archive))
+    lists = write_lists(base / "lists", names)
     tar = base / "BigEarthNet-S2-v1.0.tar"
     pack(archive, "BigEarthNet-v1.0", tar)
     files = {".tar": tar, **compress(tar)}
@@ -242,6 +260,7 @@ def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> Non
     baselines(tar, files[".tar.gz"], patches, cold)
 
     def run(label: str, root: Path, target: float | None, drop: bool = True) -> float:
+        # `lists` as it is when called: the archive's order, then a random one.
         out = base / f"out{label.replace(' ', '-')}"
         if drop:
             drop_page_cache()
@@ -272,6 +291,10 @@ def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> Non
     }
     warm_page_cache(archive)
     rates["folders warm"] = run("extracted folders, warm", archive, None, drop=False)
+    random.Random(0).shuffle(names)
+    lists = write_lists(base / "shuffled", names)
+    rates[".tar, random lists"] = run(".tar, cold, lists in a random order", tar, None)
+    rates[".tar.zst, random lists"] = run(".tar.zst, cold, lists in a random order", files[".tar.zst"], None)
     print(
         "ratios to the extracted folders, cold: "
         + ", ".join(f"{label} {rate / rates['folders cold']:.2f}x" for label, rate in rates.items())
