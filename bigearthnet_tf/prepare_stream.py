@@ -439,6 +439,7 @@ def stream_to_spool(
     # one worker, which writes them in list order, and that spool file becomes the shard (renamed,
     # not copied) when the file held every listed patch.
     ready: dict[int, list[tuple]] = {}
+    ready_bytes = [0]  # of the files of ready patches
     open_count: dict[int, int] = {}
     for name in wanted:
         unit = job.units[name][0]
@@ -566,6 +567,7 @@ def stream_to_spool(
             unit = job.units[folder][0]
             group = ready.setdefault(unit, [])
             group.append((folder, refs, None if s1 is None else s1(folder)))
+            ready_bytes[0] += _ref_bytes(refs)
             if len(group) == open_count[unit]:
                 dispatch(unit)
 
@@ -591,6 +593,7 @@ def stream_to_spool(
     def dispatch(unit: int) -> None:
         """Hand the ready patches of `unit` to a worker, in list order."""
         batch = sorted(ready.pop(unit), key=lambda patch: job.units[patch[0]][1])
+        ready_bytes[0] -= sum(_ref_bytes(refs) for _, refs, _ in batch)
         whole = len(batch) == open_count[unit] == unit_sizes.get(unit)
         open_count[unit] -= len(batch)
         # The patches' holds on their blocks pass to the batch, released when it is done.
@@ -609,8 +612,10 @@ def stream_to_spool(
 
     def relieve() -> None:
         """When nearly every block is held by patches waiting for the rest of their shard (an archive
-        whose order is not the lists' order), hand those over as they are, largest groups first."""
-        while len(ring.retired) >= blocks - 3 and ready:
+        whose order is not the lists' order), hand those over as they are, largest groups first. A
+        mapped tar has no blocks to run out of, but waiting patches are bounded all the same: past
+        MAX_RING_BYTES the page cache might drop them before a worker reads them."""
+        while ready and (ready_bytes[0] > MAX_RING_BYTES if ring.mapped else len(ring.retired) >= blocks - 3):
             dispatch(max(ready, key=lambda unit: len(ready[unit])))
 
     def finish(result, used: list[int]) -> None:
@@ -709,6 +714,11 @@ def stream_to_spool(
         "write": stats.write,
     }
     return index
+
+
+def _ref_bytes(refs: dict[str, Ref]) -> int:
+    """The size of a patch's files from their references."""
+    return sum(sum(part[2] for part in ref[1]) if ref[0] == "b" else ref[3] for ref in refs.values())
 
 
 def _expected_files(version: int) -> tuple[str, ...]:

@@ -144,16 +144,20 @@ def test_members_out_of_order_and_blocks_refilled(v1_files, example_paths, tmp_p
     assert bool(spilled) == (suffix != ".tar")
 
 
-def test_shards_waiting_for_blocks_are_handed_over_in_parts(v1_files, example_paths, tmp_path, monkeypatch):
-    """Complete patches that wait for the rest of their shard hold blocks; when nearly all are held,
-    they go to workers as they are, and the shard is copied together from the parts in list order."""
+@pytest.mark.parametrize("suffix", [".tar.zst", ".tar"])
+def test_shards_waiting_for_blocks_are_handed_over_in_parts(
+    v1_files, example_paths, tmp_path, monkeypatch, suffix
+):
+    """Complete patches that wait for the rest of their shard hold blocks (or, from a mapped tar,
+    page cache); past the bound they go to workers as they are, and the shard is copied together
+    from the parts in list order."""
     _, lists, files, _ = v1_files
     monkeypatch.setattr(tarstream, "BLOCK_BYTES", 64 << 10)
     monkeypatch.setattr(prepare_stream, "MAX_RING_BYTES", 8 * (64 << 10))
     copies = _count_copies(monkeypatch)
     options = {"shard_size": 6, "workers": 1, "show_progress": False}
     prepare(example_paths.s2, tmp_path / "folder", lists, **options)
-    prepare(files[".tar.zst"], tmp_path / "file", lists, **options)
+    prepare(files[suffix], tmp_path / "file", lists, **options)
     _same_shards(tmp_path / "folder", tmp_path / "file")
     assert copies
 
