@@ -153,7 +153,7 @@ def test_shards_waiting_for_blocks_are_handed_over_in_parts(
     from the parts in list order."""
     _, lists, files, _ = v1_files
     monkeypatch.setattr(tarstream, "BLOCK_BYTES", 64 << 10)
-    monkeypatch.setattr(prepare_stream, "MAX_RING_BYTES", 8 * (64 << 10))
+    monkeypatch.setattr(prepare_stream, "MAX_RING_BYTES", 4 * (64 << 10))  # 8 blocks, at least
     copies = _count_copies(monkeypatch)
     options = {"shard_size": 6, "workers": 1, "show_progress": False}
     prepare(example_paths.s2, tmp_path / "folder", lists, **options)
