@@ -1195,6 +1195,11 @@ def prepare(
             archive, *split_args, lambda message: None, missing_of=lambda splits: dict.fromkeys(splits, [])
         )
     else:
+        if s1_root is not None and os.path.isfile(s1_root):
+            raise UserError(
+                f"--s1-root {s1_root} is an archive file; give the Sentinel-2 archive as a file too "
+                f"(-r <the .tar, .tar.gz or .tar.zst>), or the extracted Sentinel-1 folder"
+            )
         archive = open_archive(root, version=version, s1_root=s1_root)
         splits, missing = _resolve_splits(archive, *split_args, say)
     out_path = Path(out)

@@ -407,3 +407,14 @@ def test_command_line(v1_files, tmp_path):
     last = done.stderr.strip().splitlines()[-1]  # after the progress bars, one line says what is wrong
     assert "bad.tar: member BigEarthNet-v1.0/" in last and "the archive ends inside this member" in last
     assert "Traceback" not in done.stderr and not list((tmp_path / "bad-out").glob("*.tfrecord"))
+
+
+def test_s2_file_with_s1_folder_and_the_reverse(synthetic_v1_s1, tmp_path):
+    lists = sorted(synthetic_v1_s1.glob("*.csv"))
+    expected = tmp_path / "folders"
+    prepare(synthetic_v1_s1, expected, lists, s1_root=synthetic_v1_s1, workers=1, show_progress=False)
+    s2 = _pack(synthetic_v1_s1 / "BigEarthNet-v1.0", "BigEarthNet-v1.0", tmp_path / "s2.tar.zst")
+    prepare(s2, tmp_path / "files", lists, s1_root=synthetic_v1_s1, workers=2, show_progress=False)
+    _same_shards(expected, tmp_path / "files")
+    s1 = _pack(synthetic_v1_s1 / "BigEarthNet-S1-v1.0", "BigEarthNet-S1-v1.0", tmp_path / "s1.tar")
+    _refused(synthetic_v1_s1, tmp_path, lists, "--s1-root .*s1.tar is an archive file", s1_root=s1)
