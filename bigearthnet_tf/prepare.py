@@ -1105,8 +1105,9 @@ def _stream_progress(console):
         def render(self, task) -> Text:
             bytes_ = task.fields.get("unit") == "bytes"
             scale, unit = (1e6, "MB") if bytes_ else (1, "patches")
-            done = f"{task.completed / scale:,.0f}/{(task.total or 0) / scale:,.0f} {unit}"
-            rate = f"{task.completed / scale / task.elapsed:,.0f} {unit}/s" if task.elapsed else "--"
+            digits = 1 if bytes_ and (task.total or 0) < 100e6 else 0  # small files: 0.4/1.1 MB
+            done = f"{task.completed / scale:,.{digits}f}/{(task.total or 0) / scale:,.{digits}f} {unit}"
+            rate = f"{task.completed / scale / task.elapsed:,.{digits}f} {unit}/s" if task.elapsed else "--"
             return Text(f"{done}  {rate}", style="progress.data.speed")
 
     return Progress(

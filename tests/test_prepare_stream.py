@@ -418,3 +418,21 @@ def test_s2_file_with_s1_folder_and_the_reverse(synthetic_v1_s1, tmp_path):
     _same_shards(expected, tmp_path / "files")
     s1 = _pack(synthetic_v1_s1 / "BigEarthNet-S1-v1.0", "BigEarthNet-S1-v1.0", tmp_path / "s1.tar")
     _refused(synthetic_v1_s1, tmp_path, lists, "--s1-root .*s1.tar is an archive file", s1_root=s1)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+def test_every_tar_format_of_long_v2_names(synthetic_v2, tmp_path, tar_format):
+    """v2 member paths are ~150 characters: pax headers, ustar prefixes or GNU long-name records."""
+    expected = tmp_path / "folders"
+    prepare(synthetic_v2, expected, official_splits=True, workers=1, show_progress=False)
+    packed = tmp_path / "download"
+    packed.mkdir()
+    shutil.copyfile(synthetic_v2 / "metadata.parquet", packed / "metadata.parquet")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        tar.add(synthetic_v2 / "BigEarthNet-S2", arcname="./BigEarthNet-S2")
+    (packed / "BigEarthNet-S2.tar").write_bytes(buffer.getvalue())
+    prepare(
+        packed / "BigEarthNet-S2.tar", tmp_path / "file", official_splits=True, workers=1, show_progress=False
+    )
+    _same_shards(expected, tmp_path / "file")
