@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import errno
 import glob
+import json
 import os
 import shutil
 import stat
@@ -62,6 +63,15 @@ def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
         return buffer
     finally:
         os.close(fd)
+
+
+def append_synced_line(path: str | os.PathLike[str], entry: dict) -> None:
+    """Append `entry` as one JSON line to the journal `path` and wait until it is on the disk (a
+    torn last line, from a kill mid-write, is for the reader to skip)."""
+    with open(path, "a", encoding="utf-8") as journal:
+        journal.write(json.dumps(entry) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
 
 
 def check_regular_file(path: str | os.PathLike[str]) -> None:

@@ -97,6 +97,7 @@ from bigearthnet_tf.constants import (
     S2_BAND_NAMES,
 )
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import append_synced_line
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.prepare_stream import (
     SPOOL_DIR_NAME,
@@ -582,10 +583,7 @@ def _read_journal(work_dir: Path) -> dict[str, dict]:
 
 
 def _journal_append(work_dir: Path, entry: dict) -> None:
-    with open(work_dir / _JOURNAL_FILE, "a", encoding="utf-8") as journal:
-        journal.write(json.dumps(entry) + "\n")
-        journal.flush()
-        os.fsync(journal.fileno())
+    append_synced_line(work_dir / _JOURNAL_FILE, entry)
 
 
 def _write_atomically(path: Path, text: str, work_dir: Path) -> None:

@@ -57,6 +57,7 @@ from bigearthnet_tf.archive import (
 )
 from bigearthnet_tf.constants import S1_BAND_NAMES, S2_BAND_NAMES
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import append_synced_line
 from bigearthnet_tf.records import SERIALIZERS, RecordWriter
 from bigearthnet_tf.tarstream import (
     DIRECTORY,
@@ -280,13 +281,6 @@ def open_spool(spool_dir: Path, job: dict, overwrite: bool, say: Callable[[str],
     if done:
         say(f"resuming: {len(done):,} patches were encoded by an earlier run")
     return done
-
-
-def _journal(spool_dir: Path, entry: dict) -> None:
-    with open(spool_dir / _JOURNAL_FILE, "a", encoding="utf-8") as journal:
-        journal.write(json.dumps(entry) + "\n")
-        journal.flush()
-        os.fsync(journal.fileno())
 
 
 # --- streaming -------------------------------------------------------------------------------------
@@ -623,7 +617,7 @@ def stream_to_spool(
         stats.encode += encode
         stats.write += write
         size = os.path.getsize(job.spool_dir / spool)
-        _journal(job.spool_dir, {"spool": spool, "bytes": size, "patches": entries})
+        append_synced_line(job.spool_dir / _JOURNAL_FILE, {"spool": spool, "bytes": size, "patches": entries})
         for name, offset, length, fault in entries:
             if fault is None:
                 index.records[name] = (spool, offset, length)
