@@ -436,3 +436,66 @@ def test_every_tar_format_of_long_v2_names(synthetic_v2, tmp_path, tar_format):
         packed / "BigEarthNet-S2.tar", tmp_path / "file", official_splits=True, workers=1, show_progress=False
     )
     _same_shards(expected, tmp_path / "file")
+
+
+_BLOCKING_TASK = """
+import os, time
+from bigearthnet_tf import prepare_stream
+_encode = prepare_stream._encode_batch
+def _encode_batch(task, patches, whole):
+    if patches[0][0] == os.environ["BIGEARTHNET_TEST_BLOCKED_PATCH"]:
+        while True:
+            time.sleep(1)
+    return _encode(task, patches, whole)
+prepare_stream._encode_batch = _encode_batch
+"""
+
+
+def test_sigkill_during_the_stream_then_resume(v1_files, tmp_path):
+    """A real SIGKILL of the whole process group while a worker encodes the last shard: the rerun
+    keeps the journalled shards' encodings and writes the folder's bytes."""
+    import os
+    import signal
+    import sys
+    import time
+
+    base, lists, files, names = v1_files
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_BLOCKING_TASK)
+    repo = Path(__file__).resolve().parents[1]
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hooks), str(repo), os.environ.get("PYTHONPATH", "")]),
+        "BIGEARTHNET_TEST_BLOCKED_PATCH": names[5],  # the first of the test list: its shard blocks
+    }
+    out = tmp_path / "out"
+    arguments = ["prepare", "-r", str(files[".tar.gz"]), "-o", str(out), "-n", *map(str, lists)]
+    arguments += ["--shard-size", "3", "--workers", "2"]
+    command = [sys.executable, "-c", "from bigearthnet_tf.cli import main; main()", *arguments]
+    process = subprocess.Popen(command, env=environment, start_new_session=True, stderr=subprocess.PIPE)
+    journal = out / prepare_stream.SPOOL_DIR_NAME / "spool.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (journal.exists() and journal.read_text().count("\n") >= 2):  # both train shards
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the train shards were not encoded"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        while True:  # forked workers hold the output lock until they are gone
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the process group outlived SIGKILL"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stderr.close()
+    assert not (out / MANIFEST_NAME).exists()
+    summary = prepare(files[".tar.gz"], out, lists, shard_size=3, workers=2, show_progress=False)
+    assert summary.resumed_patches == 4
+    _same_shards(base / "folder-default", out)
