@@ -58,7 +58,7 @@ from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import TEMPORARY_MARK, make_readable, publish_folder, remove_stale_temporaries
 from bigearthnet_tf.locks import output_lock
-from bigearthnet_tf.predict import KERAS_METADATA_ENTRY, Predictor, keras_metadata_path, load_predictor
+from bigearthnet_tf.predictor import KERAS_METADATA_ENTRY, Predictor, keras_metadata_path, load_predictor
 from bigearthnet_tf.thresholds import stored_thresholds
 
 __all__ = [

@@ -130,7 +130,8 @@ def _predicted_for_inputs(model, files: list[str], count: int) -> list[tuple[str
     """The model's labels for the first `count` records, read with the inputs the model needs."""
     from bigearthnet_tf.inference import logits_function, sigmoid
     from bigearthnet_tf.input_pipeline import make_dataset
-    from bigearthnet_tf.predict import load_predictor, predicted_labels, resolve_thresholds
+    from bigearthnet_tf.predict import predicted_labels, resolve_thresholds
+    from bigearthnet_tf.predictor import load_predictor
 
     predictor = load_predictor(model)
     modality = predictor.meta.get("modality") or "S2"
