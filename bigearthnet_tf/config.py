@@ -41,12 +41,12 @@ from bigearthnet_tf.constants import DEFAULT_THRESHOLD, LABEL_TYPES, UPSAMPLING_
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.files import write_text_atomically
 from bigearthnet_tf.jsonfiles import json_type, read_json_object
+from bigearthnet_tf.layout import MODALITIES
 
 TRAIN = "train"
 EVALUATE = "evaluate"
 PURPOSES: tuple[str, ...] = (TRAIN, EVALUATE)
 
-MODALITIES: tuple[str, ...] = ("S2", "S1", "MM")
 DISTRIBUTIONS: tuple[str, ...] = ("auto", "mirrored", "multi_worker", "none")
 RESUME_MODES: tuple[str, ...] = ("never", "auto")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")

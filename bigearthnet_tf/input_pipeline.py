@@ -89,6 +89,7 @@ import tensorflow as tf
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.layout import INPUTS, S1_INPUT, S2_INPUTS, parse_modality
 from bigearthnet_tf.records import label_key
 
 logger = logging.getLogger(__name__)
@@ -96,18 +97,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_FORMAT = "default"
 LEGACY_FORMAT = "legacy"  # our legacy output and the files of the 2019 / 2021 scripts
 
-MODALITIES = ("S2", "S1", "MM")
-S2_INPUT_KEYS = ("bands_10m", "bands_20m", "bands_60m")
-S1_INPUT_KEY = "bands_s1"
-MODEL_INPUT_KEYS = {"S2": S2_INPUT_KEYS, "S1": (S1_INPUT_KEY,), "MM": (*S2_INPUT_KEYS, S1_INPUT_KEY)}
-SUPPORTED_FORMAT_VERSIONS = (1,)
-
 # Model input key -> (bands in channel order, side length in pixels) of each Sentinel-2 resolution group.
-S2_GROUPS: Mapping[str, tuple[tuple[str, ...], int]] = {
-    "bands_10m": (constants.BANDS_10M, constants.GROUP_SIZES["10m"]),
-    "bands_20m": (constants.BANDS_20M, constants.GROUP_SIZES["20m"]),
-    "bands_60m": (constants.BANDS_60M, constants.GROUP_SIZES["60m"]),
+_S2_GROUPS: Mapping[str, tuple[tuple[str, ...], int]] = {
+    key: (INPUTS[key].bands, INPUTS[key].size) for key in S2_INPUTS
 }
+SUPPORTED_FORMAT_VERSIONS = (1,)
 
 DEFAULT_SHUFFLE_MEMORY_MB = 1024  # cap of the record shuffle buffer; about 6,500 default-format S2 records
 DEFAULT_CYCLE_LENGTH = 16  # files read at once: mixes files, bounds open files and read buffers
@@ -292,11 +286,13 @@ def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> Rec
                 f"{path}: format_version {version} is not supported by this version of bigearthnet-tf "
                 f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); upgrade it or re-prepare"
             )
-        present = [check_bytes(key, len(bands) * size * size * 2) for key, (bands, size) in S2_GROUPS.items()]
+        present = [
+            check_bytes(key, len(bands) * size * size * 2) for key, (bands, size) in _S2_GROUPS.items()
+        ]
         if all(present):
             modalities.add("S2")
         size = constants.PATCH_SIZE
-        if check_bytes(S1_INPUT_KEY, size * size * len(constants.S1_BAND_NAMES) * 4):
+        if check_bytes(S1_INPUT, size * size * len(constants.S1_BAND_NAMES) * 4):
             modalities.add("S1")
     elif any(name in features for name in (*constants.S2_BAND_NAMES, *constants.S1_BAND_NAMES)):
         kind = LEGACY_FORMAT
@@ -336,19 +332,12 @@ def _missing_label_message(label_type: str, path: str, present: frozenset[str]) 
 
 def _missing_modality_message(modality: str, needs: str, path: str, kind: str) -> str:
     if needs == "S1":
-        keys = S1_INPUT_KEY if kind == DEFAULT_FORMAT else "VV and VH"
+        keys = S1_INPUT if kind == DEFAULT_FORMAT else "VV and VH"
         hint = "prepared without Sentinel-1 (--s1-root)? use modality 'S2'"
     else:
-        keys = ", ".join(S2_INPUT_KEYS) if kind == DEFAULT_FORMAT else "B01 ... B12"
+        keys = ", ".join(S2_INPUTS) if kind == DEFAULT_FORMAT else "B01 ... B12"
         hint = "a Sentinel-1-only file? use modality 'S1'"
     return f"modality {modality!r} needs {keys}, which {path} does not have ({hint})"
-
-
-def check_modality(modality: str) -> str:
-    """Return ``modality`` if it is one of ``MODALITIES``, else raise a UserError listing them."""
-    if modality not in MODALITIES:
-        raise UserError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
-    return modality
 
 
 def detect_format(
@@ -369,7 +358,7 @@ def detect_format(
     if label_type is not None:
         constants.class_names(label_type)  # raises a UserError listing the label types
     if modality is not None:
-        check_modality(modality)
+        parse_modality(modality)
     paths = list_files(files)
     formats: list[RecordFormat] = []
     for path in paths:
@@ -422,11 +411,11 @@ def feature_spec(
     Asking for nothing else is what lets 2019 files with a single label set, and v2 files without the
     43-class labels, be read for the label type they do have.
     """
-    check_modality(modality)
+    parse_modality(modality)
     spec: dict[str, tf.io.FixedLenFeature] = {}
     wants_s2, wants_s1 = modality in ("S2", "MM"), modality in ("S1", "MM")
     if kind == DEFAULT_FORMAT:
-        keys = (*(S2_INPUT_KEYS if wants_s2 else ()), *((S1_INPUT_KEY,) if wants_s1 else ()))
+        keys = (*(S2_INPUTS if wants_s2 else ()), *((S1_INPUT,) if wants_s1 else ()))
         spec.update({key: tf.io.FixedLenFeature([], tf.string) for key in keys})
     elif kind == LEGACY_FORMAT:
         if wants_s2:
@@ -467,10 +456,10 @@ def _stack_bands(features: Mapping[str, tf.Tensor], names: Sequence[str], size: 
 
 def decode_bands(features: Mapping[str, tf.Tensor], kind: str, modality: str = "S2") -> dict[str, tf.Tensor]:
     """Parsed features of a batch -> the model input dict of the modality, float32, channels last."""
-    check_modality(modality)
+    parse_modality(modality)
     inputs: dict[str, tf.Tensor] = {}
     if modality in ("S2", "MM"):
-        for key, (bands, size) in S2_GROUPS.items():
+        for key, (bands, size) in _S2_GROUPS.items():
             if kind == DEFAULT_FORMAT:
                 inputs[key] = _decode_group(features[key], tf.uint16, size, len(bands))
             else:
@@ -478,9 +467,9 @@ def decode_bands(features: Mapping[str, tf.Tensor], kind: str, modality: str = "
     if modality in ("S1", "MM"):
         size, names = constants.PATCH_SIZE, constants.S1_BAND_NAMES
         if kind == DEFAULT_FORMAT:
-            inputs[S1_INPUT_KEY] = _decode_group(features[S1_INPUT_KEY], tf.float32, size, len(names))
+            inputs[S1_INPUT] = _decode_group(features[S1_INPUT], tf.float32, size, len(names))
         else:
-            inputs[S1_INPUT_KEY] = _stack_bands(features, names, size)
+            inputs[S1_INPUT] = _stack_bands(features, names, size)
     return inputs
 
 
@@ -488,8 +477,8 @@ def _checked_payloads(features: dict[str, tf.Tensor], paths: tf.Tensor, name_key
     """`features` once every raw payload of the batch has its exact byte length; else an assertion
     that `corrupt_files_as_user_errors` turns into a UserError naming the file and the patch."""
     checks = []
-    groups = {key: (len(bands), size, 2) for key, (bands, size) in S2_GROUPS.items()}
-    groups[S1_INPUT_KEY] = (len(constants.S1_BAND_NAMES), constants.PATCH_SIZE, 4)
+    groups = {key: (len(bands), size, 2) for key, (bands, size) in _S2_GROUPS.items()}
+    groups[S1_INPUT] = (len(constants.S1_BAND_NAMES), constants.PATCH_SIZE, 4)
     names = features[name_key] if name_key is not None else tf.strings.as_string(tf.range(tf.size(paths)))
     for key, (channels, size, itemsize) in groups.items():
         if key not in features:
@@ -769,7 +758,7 @@ def make_dataset(
 
     Iterate inside :func:`corrupt_files_as_user_errors` to get a corrupt file as a UserError.
     """
-    check_modality(modality)
+    parse_modality(modality)
     _check_positive("batch_size", batch_size, 1)
     _check_positive("epochs", epochs, 1, allow_none=True)
     _check_positive("shuffle_buffer", shuffle_buffer, 0)

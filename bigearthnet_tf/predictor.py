@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.layout import S1_INPUT, modality_of
 from bigearthnet_tf.thresholds import thresholds_path
 
 __all__ = [
@@ -24,8 +24,6 @@ __all__ = [
     "keras_export_metadata",
     "KERAS_METADATA_ENTRY",
 ]
-
-S1_INPUT = "bands_s1"
 
 
 @dataclass(frozen=True)
@@ -100,10 +98,3 @@ def keras_export_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None
         raise UserError(f"model file {path}: its metadata cannot be read: {error}") from None
     sidecar = keras_metadata_path(path)
     return read_json_object(sidecar, "model metadata file") if sidecar.is_file() else None
-
-
-def modality_of(keys: Sequence[str]) -> str:
-    """S2, S1 or MM from a model's input keys."""
-    has_s1 = S1_INPUT in keys
-    has_s2 = any(key != S1_INPUT for key in keys)
-    return "MM" if has_s1 and has_s2 else "S1" if has_s1 else "S2"

@@ -88,16 +88,15 @@ from bigearthnet_tf.constants import (
     BANDS_BY_NAME,
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
-    GROUP_SIZES,
     ORIGINAL,
     ORIGINAL_LABELS,
     PATCH_SIZE,
-    RESOLUTION_GROUPS,
     S1_BAND_NAMES,
     S2_BAND_NAMES,
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line
+from bigearthnet_tf.layout import INPUTS, Modality, input_keys
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.prepare_stream import (
     SPOOL_DIR_NAME,
@@ -789,14 +788,9 @@ def _split_entries(plan: _Plan, split: str, finished: dict[str, dict]) -> list[d
 def _manifest(plan: _Plan, patches: dict[str, int], skipped: dict[str, int], skip_bad: bool) -> dict:
     with_s1 = plan.archive.s1_dir is not None
     if plan.record_format == "default":
-        bands = {f"bands_{group}": list(names) for group, names in RESOLUTION_GROUPS.items()}
-        shapes = {
-            f"bands_{group}": [GROUP_SIZES[group], GROUP_SIZES[group], len(names)]
-            for group, names in RESOLUTION_GROUPS.items()
-        }
-        if with_s1:
-            bands["bands_s1"] = list(S1_BAND_NAMES)
-            shapes["bands_s1"] = [PATCH_SIZE, PATCH_SIZE, len(S1_BAND_NAMES)]
+        inputs = [INPUTS[key] for key in input_keys(Modality.MM if with_s1 else Modality.S2)]
+        bands = {spec.key: list(spec.bands) for spec in inputs}
+        shapes = {spec.key: [spec.size, spec.size, len(spec.bands)] for spec in inputs}
     else:
         bands = {name: [name] for name in S2_BAND_NAMES}
         shapes = {name: [BANDS_BY_NAME[name].size] * 2 for name in S2_BAND_NAMES}

@@ -31,9 +31,6 @@ import google_crc32c
 import numpy as np
 
 from bigearthnet_tf.constants import (
-    BANDS_10M,
-    BANDS_20M,
-    BANDS_60M,
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
     ORIGINAL,
@@ -41,6 +38,7 @@ from bigearthnet_tf.constants import (
     S1_BAND_NAMES,
     S2_BAND_NAMES,
 )
+from bigearthnet_tf.layout import INPUTS, S2_INPUTS
 
 if TYPE_CHECKING:
     from bigearthnet_tf.archive import Patch
@@ -65,11 +63,7 @@ PATCH_NAME_S1 = "patch_name_s1"
 PATCH_NAME_S2 = "patch_name_s2"
 
 # Default-schema pixel groups: feature key -> band names, channels last in this order.
-DEFAULT_BAND_GROUPS: dict[str, tuple[str, ...]] = {
-    "bands_10m": BANDS_10M,
-    "bands_20m": BANDS_20M,
-    "bands_60m": BANDS_60M,
-}
+DEFAULT_BAND_GROUPS: dict[str, tuple[str, ...]] = {key: INPUTS[key].bands for key in S2_INPUTS}
 
 # Wire types and the tags of the messages above.
 _WIRE_LENGTH_DELIMITED = 2

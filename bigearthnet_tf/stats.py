@@ -49,6 +49,7 @@ import numpy as np
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.layout import INPUTS, input_keys, parse_modality
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -59,7 +60,6 @@ SUPPORTED_FILE_VERSIONS = (1,)
 TOP_LEVEL_KEYS = ("format", "version", "source", "records", "bands")
 BAND_KEYS = ("mean", "std", "pixels")
 
-MODALITIES = ("S2", "S1", "MM")
 # Band names per modality, in the order statistics are reported and saved.
 MODALITY_BANDS: Mapping[str, tuple[str, ...]] = {
     "S2": constants.S2_BAND_NAMES,
@@ -160,24 +160,14 @@ class BandStatistics:
 
 def default_statistics(modality: str = "MM") -> dict[str, tuple[float, float]]:
     """The given statistics of the modality's bands: BigEarthNet v1 for S2, the 2021 ones for S1."""
-    _check_modality(modality)
+    parse_modality(modality)
     given = {band.name: (band.mean, band.std) for band in (*constants.S2_BANDS, *constants.S1_BANDS)}
     return {name: given[name] for name in MODALITY_BANDS[modality]}
 
 
-def _check_modality(modality: str) -> str:
-    if modality not in MODALITIES:
-        raise UserError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
-    return modality
-
-
 def _input_groups(modality: str) -> dict[str, tuple[str, ...]]:
     """Model input key -> the band names of its channels, for the keys the modality reads."""
-    from bigearthnet_tf.input_pipeline import MODEL_INPUT_KEYS, S1_INPUT_KEY, S2_GROUPS
-
-    groups = {key: bands for key, (bands, _) in S2_GROUPS.items()}
-    groups[S1_INPUT_KEY] = constants.S1_BAND_NAMES
-    return {key: groups[key] for key in MODEL_INPUT_KEYS[modality]}
+    return {key: INPUTS[key].bands for key in input_keys(modality)}
 
 
 def _batch_moments(
@@ -261,7 +251,7 @@ def compute_band_statistics(
     if modality is None:
         present = input_pipeline.detect_format(paths).modalities
         modality = "MM" if present == {"S2", "S1"} else next(iter(sorted(present)), "S2")
-    _check_modality(modality)
+    parse_modality(modality)
     groups = _input_groups(modality)
     total = input_pipeline.count_records(paths)
     dataset = input_pipeline.make_dataset(paths, None, batch_size, modality=modality, shuffle_buffer=0)

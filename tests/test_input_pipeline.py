@@ -17,6 +17,7 @@ import tensorflow as tf
 from bigearthnet_tf import constants
 from bigearthnet_tf import input_pipeline as ip
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.layout import MODALITIES, S2_INPUTS, input_keys
 
 ORIGINAL, BEN19 = constants.ORIGINAL, constants.BIGEARTHNET_19
 VV_VALUE, VH_VALUE = -11.5, -23.25  # distinct constants: a swap of VV and VH cannot go unnoticed
@@ -203,7 +204,7 @@ def test_parse_batch_is_the_same_eagerly_and_inside_map(patches):
         np.testing.assert_array_equal(eager_inputs[key].numpy(), mapped_inputs[key].numpy())
     np.testing.assert_array_equal(eager_labels.numpy(), mapped_labels.numpy())
     # without a label type: inputs alone (prediction)
-    assert set(ip.parse_batch(serialized, kind="default", label_type=None)) == set(ip.S2_INPUT_KEYS)
+    assert set(ip.parse_batch(serialized, kind="default", label_type=None)) == set(S2_INPUTS)
 
 
 @pytest.mark.parametrize("kind", ["default", "legacy"])
@@ -211,7 +212,8 @@ def test_modalities_give_the_model_keys_and_never_swap_vv_and_vh(tmp_path, kind)
     patches = [make_patch(i, s1_constant=True) for i in range(3)]
     encode = default_example if kind == "default" else legacy_example
     path = write_records(tmp_path / "s1.tfrecord", [encode(p, s1=True) for p in patches])
-    for modality, keys in ip.MODEL_INPUT_KEYS.items():
+    for modality in MODALITIES:
+        keys = input_keys(modality)
         inputs, _ = collect(ip.make_dataset(path, BEN19, 2, modality=modality))
         assert tuple(inputs) == keys
     inputs, _ = collect(ip.make_dataset(path, BEN19, 3, modality="S1"))
@@ -224,7 +226,7 @@ def test_without_label_type_only_inputs_are_yielded(sharded_set):
     folder, names = sharded_set
     batches = list(ip.make_dataset(folder, None, 8, with_names=True).as_numpy_iterator())
     assert all(isinstance(batch, dict) for batch in batches)
-    assert set(batches[0]) == {*ip.S2_INPUT_KEYS, "patch_name"}
+    assert set(batches[0]) == {*S2_INPUTS, "patch_name"}
     assert sorted(n.decode() for batch in batches for n in batch["patch_name"]) == sorted(names)
 
 

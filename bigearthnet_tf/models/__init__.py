@@ -38,11 +38,11 @@ modality, e.g.::
         return keras.Sequential([backbone, keras.layers.Dense(num_classes)])
 """
 
+from bigearthnet_tf.layout import MODALITIES
 from bigearthnet_tf.models import kbranch, modern, reben, resnet, vgg  # noqa: F401  (registers the built-in models)
 from bigearthnet_tf.models.preprocessing import (
     DEFAULT_STATISTICS,
     INPUTS,
-    MODALITIES,
     STACKED_CHANNELS,
     BandStandardization,
     BicubicResize,

@@ -29,13 +29,13 @@ from types import MappingProxyType
 import keras
 
 from bigearthnet_tf.constants import BANDS_20M, BANDS_60M, S1_BAND_NAMES
+from bigearthnet_tf.layout import input_keys
 from bigearthnet_tf.models.preprocessing import (
     BANDS_10M_2019_ORDER,
     MM,
     S1,
     S2,
     Statistics,
-    check_modality,
     raw_inputs,
     resolve_statistics,
     standardized,
@@ -120,8 +120,7 @@ def _branch(x: keras.KerasTensor, blocks: tuple[ConvBlock, ...], config: KBranch
 
 def kbranch_input_keys(modality: str) -> tuple[str, ...]:
     """Input keys K-BranchCNN reads for `modality`."""
-    s2_keys = ("bands_10m", "bands_20m", "bands_60m")
-    return {S2: s2_keys, S1: ("bands_s1",), MM: (*s2_keys, "bands_s1")}[check_modality(modality)]
+    return input_keys(modality)  # all of them: the 60 m bands too
 
 
 def build_kbranch(

@@ -52,7 +52,8 @@ from keras import ops
 
 from bigearthnet_tf.constants import PATCH_SIZE
 from bigearthnet_tf.errors import ConfigError
-from bigearthnet_tf.models.preprocessing import S2, STACKED_CHANNELS, check_modality
+from bigearthnet_tf.layout import parse_modality
+from bigearthnet_tf.models.preprocessing import S2, STACKED_CHANNELS
 from bigearthnet_tf.models.registry import register_model
 
 # Reference defaults (see the module docstring).
@@ -133,7 +134,7 @@ class PositionEmbedding(keras.layers.Layer):
 
 def stacked_channels(modality: str) -> int:
     """Channels of the stacked 120x120 image that single-image networks see for `modality`."""
-    return len(STACKED_CHANNELS[check_modality(modality)])
+    return len(STACKED_CHANNELS[parse_modality(modality)])
 
 
 def _check_rate(name: str, value: float) -> float:

@@ -52,8 +52,6 @@ from keras import ops
 from bigearthnet_tf.constants import (
     BANDS_10M,
     BANDS_20M,
-    BANDS_60M,
-    GROUP_SIZES,
     PATCH_SIZE,
     RGB_NIR_SWIR_BANDS,
     S1_BAND_NAMES,
@@ -64,21 +62,13 @@ from bigearthnet_tf.constants import (
     UPSAMPLING_KERNELS,
 )
 from bigearthnet_tf.errors import ConfigError
+from bigearthnet_tf.layout import INPUTS as LAYOUT_INPUTS
+from bigearthnet_tf.layout import Modality, parse_modality
 
-S2 = "S2"
-S1 = "S1"
-MM = "MM"
-MODALITIES: tuple[str, ...] = (S2, S1, MM)
+S2, S1, MM = Modality.S2, Modality.S1, Modality.MM
 
-# Input key -> (side in pixels, channel names in the stored order).
-INPUTS = MappingProxyType(
-    {
-        "bands_10m": (GROUP_SIZES["10m"], BANDS_10M),
-        "bands_20m": (GROUP_SIZES["20m"], BANDS_20M),
-        "bands_60m": (GROUP_SIZES["60m"], BANDS_60M),
-        "bands_s1": (PATCH_SIZE, S1_BAND_NAMES),
-    }
-)
+# Input key -> (side in pixels, channel names in the stored order), from the one table of inputs.
+INPUTS = MappingProxyType({key: (spec.size, spec.bands) for key, spec in LAYOUT_INPUTS.items()})
 
 # The 2019 10 m channel order (B04, B03, B02, B08: red, green, blue, NIR), used by every model.
 BANDS_10M_2019_ORDER: tuple[str, ...] = RGB_NIR_SWIR_BANDS[: len(BANDS_10M)]
@@ -93,13 +83,6 @@ STACKED_CHANNELS = MappingProxyType(
 DEFAULT_STATISTICS = MappingProxyType({band.name: (band.mean, band.std) for band in (*S2_BANDS, *S1_BANDS)})
 
 Statistics = Mapping[str, tuple[float, float]]
-
-
-def check_modality(modality: str) -> str:
-    """Return `modality` if known, else raise ConfigError naming it and the accepted values."""
-    if modality not in MODALITIES:
-        raise ConfigError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
-    return modality
 
 
 def resolve_statistics(statistics: Statistics | None = None) -> dict[str, tuple[float, float]]:
@@ -307,7 +290,7 @@ def upsample(
 
 def stacked_input_keys(modality: str) -> tuple[str, ...]:
     """Input keys a single-image model (ResNet, VGG, wrapped plug-ins) reads for `modality`."""
-    check_modality(modality)
+    parse_modality(modality)
     keys = {S2: ("bands_10m", "bands_20m"), S1: ("bands_s1",)}
     return keys[S2] + keys[S1] if modality == MM else keys[modality]
 

@@ -33,6 +33,7 @@ import keras
 
 from bigearthnet_tf.constants import BANDS_10M, BANDS_20M, PATCH_SIZE, S1_BAND_NAMES
 from bigearthnet_tf.errors import ConfigError
+from bigearthnet_tf.layout import parse_modality
 from bigearthnet_tf.models import timm_nets
 from bigearthnet_tf.models.modern import _check_rate
 from bigearthnet_tf.models.preprocessing import (
@@ -41,9 +42,9 @@ from bigearthnet_tf.models.preprocessing import (
     S2,
     BandStandardization,
     Statistics,
-    check_modality,
     raw_inputs,
     resolve_statistics,
+    stacked_input_keys,
 )
 from bigearthnet_tf.models.registry import register_model
 
@@ -120,12 +121,6 @@ def reben_image(
     )(stacked)
 
 
-def input_keys_for(modality: str) -> tuple[str, ...]:
-    """The raw-band inputs a reBEN model of `modality` reads (B01 and B09 are in no reBEN model)."""
-    keys = {S2: ("bands_10m", "bands_20m"), S1: ("bands_s1",)}
-    return keys[S2] + keys[S1] if modality == MM else keys[modality]
-
-
 def build_reben(
     num_classes: int,
     modality: str = MM,
@@ -139,7 +134,7 @@ def build_reben(
     name: str = "reBEN-ResNet",
 ) -> keras.Model:
     """A reBEN model of `family` on our raw bands; outputs logits (batch, num_classes)."""
-    check_modality(modality)
+    parse_modality(modality)
     check_band_order(band_order)
     dropout = _check_rate("dropout", dropout)
     drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
@@ -151,7 +146,7 @@ def build_reben(
     image = keras.Input((PATCH_SIZE, PATCH_SIZE, channels), name="image")
     logits = timm_nets.NETWORKS[family](image, num_classes, arch, dropout, drop_path_rate)
     network = keras.Model(image, logits, name=NETWORK_LAYER)
-    inputs = raw_inputs(input_keys_for(modality))
+    inputs = raw_inputs(stacked_input_keys(modality))  # B01 and B09 are in no reBEN model
     stats = resolve_statistics(statistics)
     return keras.Model(inputs, network(reben_image(inputs, modality, band_order, stats)), name=name)
 

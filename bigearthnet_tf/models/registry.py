@@ -53,10 +53,10 @@ from types import MappingProxyType, ModuleType
 import keras
 
 from bigearthnet_tf.errors import ConfigError, UserError
+from bigearthnet_tf.layout import parse_modality
 from bigearthnet_tf.models.preprocessing import (
     INPUTS,
     Statistics,
-    check_modality,
     raw_inputs,
     resolve_statistics,
     stacked_image,
@@ -139,7 +139,7 @@ def build_model(
     spec = get_model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    check_modality(modality)
+    parse_modality(modality)
     resolved = resolve_statistics(statistics)
     builder = _load_builder(spec)
     parameters = _parameters(builder)

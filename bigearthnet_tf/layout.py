@@ -1,0 +1,76 @@
+"""The layout of the data, owned here once: modalities, and the inputs a record and a model carry.
+
+An input is one array of a patch: its key (in records, model inputs and statistics files), its bands in
+channel order, its side in pixels, its dtype and the modality it belongs to. A modality (S2, S1 or MM,
+both) selects inputs. Strings are parsed once, where they enter (a config, the command line, a file),
+with `parse_modality`; everything inside receives a `Modality`, which compares equal to its string.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from bigearthnet_tf.constants import BANDS_10M, BANDS_20M, BANDS_60M, GROUP_SIZES, PATCH_SIZE, S1_BAND_NAMES
+from bigearthnet_tf.errors import ConfigError
+
+
+class Modality(enum.StrEnum):
+    """Which sensors a model reads: Sentinel-2, Sentinel-1, or both (multi-modal)."""
+
+    S2 = "S2"
+    S1 = "S1"
+    MM = "MM"
+
+
+MODALITIES: tuple[Modality, ...] = tuple(Modality)
+
+
+@dataclass(frozen=True)
+class Input:
+    """One array of a patch as records store it and models read it (channels last)."""
+
+    key: str
+    bands: tuple[str, ...]
+    size: int  # pixels per side
+    dtype: str  # little-endian, as stored
+    modality: Modality  # S2 or S1
+
+
+S1_INPUT = "bands_s1"
+INPUTS = MappingProxyType(
+    {
+        spec.key: spec
+        for spec in (
+            Input("bands_10m", BANDS_10M, GROUP_SIZES["10m"], "<u2", Modality.S2),
+            Input("bands_20m", BANDS_20M, GROUP_SIZES["20m"], "<u2", Modality.S2),
+            Input("bands_60m", BANDS_60M, GROUP_SIZES["60m"], "<u2", Modality.S2),
+            Input(S1_INPUT, S1_BAND_NAMES, PATCH_SIZE, "<f4", Modality.S1),
+        )
+    }
+)
+S2_INPUTS: tuple[str, ...] = tuple(key for key, spec in INPUTS.items() if spec.modality == Modality.S2)
+
+
+def parse_modality(value: object) -> Modality:
+    """`value` as a Modality; ConfigError (a UserError) naming it and the choices otherwise."""
+    try:
+        return Modality(value)
+    except ValueError:
+        raise ConfigError(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}") from None
+
+
+def input_keys(modality: str) -> tuple[str, ...]:
+    """The record inputs of a modality, in record order (MM: the S2 inputs, then S1)."""
+    modality = parse_modality(modality)
+    return tuple(key for key, spec in INPUTS.items() if modality == Modality.MM or spec.modality == modality)
+
+
+def modality_of(keys: Iterable[str]) -> Modality:
+    """The modality of a model reading `keys`: S1 for the S1 input alone, MM for it and others, else S2."""
+    keys = tuple(keys)
+    has_s1 = S1_INPUT in keys
+    has_s2 = any(key != S1_INPUT for key in keys)
+    return Modality.MM if has_s1 and has_s2 else Modality.S1 if has_s1 else Modality.S2
