@@ -660,17 +660,27 @@ class AmbiguousPair(str):
 def _corresponding_s2(s1_dir: str, s1_name: str) -> str | None:
     file_name = s1_name + V1_METADATA_SUFFIX
     try:
-        metadata = json.loads(
-            read_input_file(os.path.join(s1_dir, s1_name, file_name), MAX_METADATA_FILE_BYTES)
-        )
+        raw = read_input_file(os.path.join(s1_dir, s1_name, file_name), MAX_METADATA_FILE_BYTES)
     except FileNotFoundError:
         return None  # not an S1 patch folder
-    except (OSError, ValueError, RecursionError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+    except OSError as error:
+        reason = error.strerror or error
         raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: unreadable metadata ({reason})") from None
+    return corresponding_s2(raw, s1_name)
+
+
+def corresponding_s2(raw, s1_name: str, where: str = "") -> str:
+    """The S2 patch named by the bytes of v1 S1 patch `s1_name`'s JSON; UserError (after `where: `,
+    when given) if they are not JSON or name none."""
+    problem = f"{where}: " if where else ""
+    problem += f"Sentinel-1 patch {s1_name}: {s1_name + V1_METADATA_SUFFIX}: "
+    try:
+        metadata = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"{problem}unreadable metadata ({error})") from None
     s2_name = metadata.get("corresponding_s2_patch") if isinstance(metadata, dict) else None
     if not isinstance(s2_name, str) or not s2_name:
-        raise UserError(f"Sentinel-1 patch {s1_name}: {file_name}: no 'corresponding_s2_patch' key")
+        raise UserError(f"{problem}no 'corresponding_s2_patch' key")
     return s2_name
 
 

@@ -1049,7 +1049,7 @@ def _stream_phase(
     units = {
         name: (i, place) for i, unit in enumerate(tentative.units) for place, name in enumerate(unit.names)
     }
-    resumable = (spool_dir / "job.json").exists() or (out / WORK_DIR_NAME / _JOB_FILE).exists()
+    resumable = (spool_dir / _JOB_FILE).exists() or (out / WORK_DIR_NAME / _JOB_FILE).exists()
     if not overwrite and not resumable:
         # Refuse existing outputs now rather than after a whole pass over the archive.
         stale = _stale_outputs(tentative)
@@ -1057,13 +1057,11 @@ def _stream_phase(
             more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
             raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
     done = open_spool(spool_dir, job, overwrite, say)
-    names = {name for names in listed.values() for name in names}
     unit_patches = shard_size if record_format == "default" else LEGACY_PART_SIZE
     stream_job = StreamJob(
         archive,
         os.fspath(root),
         s1_file,
-        names,
         units,
         unit_patches,
         record_format,
@@ -1076,7 +1074,7 @@ def _stream_phase(
     size = os.path.getsize(root)
     tasks = {
         "bytes": progress.add_task(f"reading {os.path.basename(root)}", total=size, unit="bytes"),
-        "patches": progress.add_task("encoding", total=len(names), completed=len(done), unit="patches"),
+        "patches": progress.add_task("encoding", total=len(units), completed=len(done), unit="patches"),
     }
     try:
         return stream_to_spool(

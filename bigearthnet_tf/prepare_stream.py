@@ -51,13 +51,14 @@ from bigearthnet_tf.archive import (
     V2_METADATA,
     Archive,
     BadPatchError,
+    corresponding_s2,
     decode_patch_files,
     v2_product,
     v2_s1_product,
 )
 from bigearthnet_tf.constants import S1_BAND_NAMES, S2_BAND_NAMES
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import append_synced_line
+from bigearthnet_tf.files import append_synced_line, write_text_atomically
 from bigearthnet_tf.records import SERIALIZERS, RecordWriter
 from bigearthnet_tf.tarstream import (
     DIRECTORY,
@@ -72,6 +73,7 @@ from bigearthnet_tf.tarstream import (
     Member,
     ProcessFiller,
     TarParser,
+    compression_of,
     safe_name,
 )
 from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES
@@ -257,7 +259,7 @@ def open_spool(spool_dir: Path, job: dict, overwrite: bool, say: Callable[[str],
         if spool_dir.exists():
             shutil.rmtree(spool_dir)
         spool_dir.mkdir(parents=True)
-        (spool_dir / _JOB_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+        write_text_atomically(spool_dir / _JOB_FILE, json.dumps({"fingerprint": fingerprint}) + "\n")
         return {}
     done: dict[str, tuple] = {}
     kept: set[str] = set()
@@ -396,8 +398,7 @@ class StreamJob:
     archive: Archive  # version, v2 metadata root; s1_dir for S1 in a folder
     s2_path: str
     s1_path: str | None  # an S1 archive file
-    names: set[str]  # every listed patch
-    units: dict[str, tuple[int, int]]  # patch -> (its shard or legacy part, its place there)
+    units: dict[str, tuple[int, int]]  # every listed patch -> (its shard or legacy part, its place there)
     unit_patches: int  # patches per shard or part
     record_format: str
     workers: int
@@ -424,7 +425,7 @@ def stream_to_spool(
         else:
             index.bad[name] = place
     s1 = _s1_pass(job, say) if job.s1_path is not None else None
-    wanted = job.names - done.keys()
+    wanted = job.units.keys() - done.keys()
     expected = frozenset(_expected_files(job.archive.version))
     pending: dict[str, dict[str, Ref]] = {}  # incomplete patches: file -> ref
     in_block: dict[int, set[str]] = {}  # block -> incomplete patches with a file in it
@@ -448,9 +449,8 @@ def stream_to_spool(
         max(8, MAX_RING_BYTES // tarstream.BLOCK_BYTES),
     )
     # An uncompressed tar is read in place (page cache, no copy); a compressed one through the ring.
-    in_place = ArchiveStream(job.s2_path)
-    in_place.close()
-    ring = _Ring(MappedFile(job.s2_path) if in_place.compression == "none" else BlockRing(blocks))
+    in_place = compression_of(job.s2_path) == "none"
+    ring = _Ring(MappedFile(job.s2_path) if in_place else BlockRing(blocks))
     spill = _Spill(job.spool_dir / _SPILL_FILE)
     futures: dict[Future, list[int]] = {}
     # Spool files of an earlier run are kept: number the new ones after them.
@@ -514,13 +514,13 @@ def stream_to_spool(
         if problem is not None:
             if not job.skip_bad:
                 raise ArchiveFileError(job.s2_path, f"member {member.name}", problem)
-            if folder in job.names:
+            if folder in job.units:
                 index.present.add(folder)
                 bad(folder, member.name, f"{problem} in {job.s2_path}")
             else:
                 say(f"{job.s2_path}: member {member.name}: {problem}; ignored")
             return
-        if folder is None or folder not in job.names:
+        if folder is None or folder not in job.units:
             return
         index.present.add(folder)
         if found is None or folder not in wanted:
@@ -733,9 +733,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
             {name: (value[0], {f: tuple(r) for f, r in value[1].items()}) for name, value in found.items()},
             found,
         )
-    stream_probe = ArchiveStream(job.s1_path)
-    in_place = stream_probe.compression == "none"
-    stream_probe.close()
+    in_place = compression_of(job.s1_path) == "none"
     version = job.archive.version
     wanted_s1: dict[str, str] | None = None  # s1 name -> S2 name (v2: from the metadata)
     if version == 2:
@@ -743,7 +741,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
 
         metadata = _v2_metadata(job.archive.root)
         wanted_s1 = {}
-        for name in job.names:
+        for name in job.units:
             entry = metadata.get(name)
             if entry is not None and entry[1]:
                 wanted_s1[entry[1]] = name
@@ -791,10 +789,10 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
         if len(files) == needed:
             del pending[folder]
             if version == 1:
-                s2_name = _corresponding_s2(files.pop("json"), folder, job.s1_path)
+                s2_name = corresponding_s2(files.pop("json"), folder, job.s1_path)
             else:
                 s2_name = wanted_s1[folder]
-            if s2_name in job.names:
+            if s2_name in job.units:
                 claims.setdefault(s2_name, []).append(folder)
                 twins[s2_name] = (folder, files)
 
@@ -825,10 +823,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
         name: ([" and ".join(ambiguous[name]), None] if name in ambiguous else [twin[0], twin[1]])
         for name, twin in twins.items()
     }
-    text = json.dumps(serial)
-    temporary = index_file.with_suffix(".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, index_file)
+    write_text_atomically(index_file, json.dumps(serial))
     return _s1_lookup(job, twins, serial)
 
 
@@ -843,22 +838,6 @@ def _s1_lookup(job: StreamJob, twins: dict, serial: dict) -> Callable[[str], tup
         return twins[name]
 
     return lookup
-
-
-def _corresponding_s2(raw: bytes, s1_name: str, archive: str) -> str | None:
-    file_name = s1_name + V1_METADATA_SUFFIX
-    try:
-        metadata = json.loads(raw)
-    except (ValueError, RecursionError) as error:
-        raise UserError(
-            f"{archive}: Sentinel-1 patch {s1_name}: {file_name}: unreadable metadata ({error})"
-        ) from None
-    s2_name = metadata.get("corresponding_s2_patch") if isinstance(metadata, dict) else None
-    if not isinstance(s2_name, str) or not s2_name:
-        raise UserError(
-            f"{archive}: Sentinel-1 patch {s1_name}: {file_name}: no 'corresponding_s2_patch' key"
-        )
-    return s2_name
 
 
 def copy_records(target_fd: int, places: Iterable[tuple[str, int, int]], spool_dir: str) -> None:

@@ -3,16 +3,18 @@
 The downloads of BigEarthNet are tar files of ~8 million small members. Python's `tarfile` spends
 most of a core per 1,300 patches on them; this reader does only what preparation needs:
 
-- `ArchiveStream` opens the file, tells the compression from its first bytes (gzip through `isal`,
-  zstd through `zstandard`, both several times faster than zlib and both releasing the GIL), and
-  counts compressed bytes and the seconds spent reading and decompressing.
+- `ArchiveStream` opens the file, tells the compression from its first bytes (`compression_of`: gzip
+  through `isal`, zstd through `zstandard`, both several times faster than zlib), and counts
+  compressed bytes and the seconds spent reading and decompressing.
 - `BlockRing` holds the decompressed stream in a few large blocks of shared memory (memfd on Linux),
   which worker processes map read-only: member data reaches them without being copied or pickled.
+  An uncompressed tar needs none: `MappedFile` maps the file itself.
 - `TarParser` walks the tar headers (ustar, GNU long names, pax) across those blocks and yields each
   member with the places of its data, checking header checksums and refusing unsafe names.
 
-A background thread fills free blocks (`start_filling`), so reading and decompressing overlap with
-parsing in the main thread and with encoding in the workers. Nothing here imports TensorFlow.
+A `Filler` thread (a `ProcessFiller` process for compressed files, whose inflating would otherwise
+share the GIL with the parser) fills free blocks, so reading and decompressing overlap with parsing
+in the main thread and with encoding in the workers. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -104,13 +106,7 @@ class ArchiveStream:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
-        try:
-            with open(self.path, "rb") as handle:
-                head = handle.read(_RECORD)
-            self.size = os.path.getsize(self.path)
-        except OSError as error:
-            raise UserError(f"cannot read archive file {self.path}: {error.strerror}") from None
-        self.compression = _compression(self.path, head)
+        self.compression = compression_of(self.path)
         self._file = _CountingFile(self.path)
         self.decompress_seconds = 0.0
         if self.compression == "gzip":
@@ -212,6 +208,16 @@ class _GzipReader(io.RawIOBase):
         return count
 
 
+def compression_of(path: str | os.PathLike) -> str:
+    """ "none", "gzip" or "zstd", from the first bytes of archive file `path`; UserError otherwise."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_RECORD)
+    except OSError as error:
+        raise UserError(f"cannot read archive file {path}: {error.strerror}") from None
+    return _compression(os.fspath(path), head)
+
+
 def _compression(path: str, head: bytes) -> str:
     if head.startswith(GZIP_MAGIC):
         return "gzip"
@@ -277,7 +283,7 @@ class MappedFile:
     """An uncompressed tar read in place: block 0 is the whole file, mapped read-only, and the page
     cache is the buffer; nothing is copied on the way to the workers, who map it too.
 
-    `start_filling` hands it out in BLOCK_BYTES steps, each read into the page cache by the filling
+    A `Filler` hands it out in BLOCK_BYTES steps, each read into the page cache by the filling
     thread first, so the disk stays busy while the main thread parses what came before.
     """
 
