@@ -37,11 +37,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bigearthnet_tf.constants import DEFAULT_THRESHOLD, LABEL_TYPES, UPSAMPLING_KERNELS
+from bigearthnet_tf.constants import DEFAULT_THRESHOLD, UPSAMPLING_KERNELS, LabelType
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.files import write_text_atomically
 from bigearthnet_tf.jsonfiles import json_type, read_json_object
-from bigearthnet_tf.layout import MODALITIES
+from bigearthnet_tf.layout import MODALITIES, Modality
 
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -284,7 +284,7 @@ class Config:
     batch_size: int
     out_dir: Path
     model_name: str | None = None  # required to train; evaluation takes it from the checkpoint
-    label_type: str | None = None  # idem
+    label_type: LabelType | None = None  # idem
     nb_epoch: int | None = None  # required to train
     learning_rate: float | None = None  # required to train
     save_checkpoint_after_iteration: int = 0
@@ -297,7 +297,7 @@ class Config:
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER
     training_size: int | None = None
     test_size: int | None = None
-    modality: str = "S2"
+    modality: Modality = Modality.S2
     # New keys.
     seed: int = DEFAULT_SEED
     distribution: str = "auto"
@@ -366,12 +366,13 @@ class _Rule:
     exclusive_minimum: bool = False
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    parse: Callable[[str], Any] | None = None  # a choice's typed value (an enum), made once here
 
 
 _RULES: Mapping[str, _Rule] = MappingProxyType(
     {
         "model_name": _Rule("model", required_for=(TRAIN,)),
-        "label_type": _Rule("choice", required_for=(TRAIN,), choices=tuple(LABEL_TYPES)),
+        "label_type": _Rule("choice", required_for=(TRAIN,), choices=tuple(LabelType), parse=LabelType),
         "batch_size": _Rule("int", required_for=(TRAIN, EVALUATE), minimum=1),
         "nb_epoch": _Rule("int", required_for=(TRAIN,), minimum=1),
         "learning_rate": _Rule("float", required_for=(TRAIN,), minimum=0, exclusive_minimum=True),
@@ -386,7 +387,7 @@ _RULES: Mapping[str, _Rule] = MappingProxyType(
         "shuffle_buffer_size": _Rule("int", minimum=0),
         "training_size": _Rule("int", minimum=1),
         "test_size": _Rule("int", minimum=1),
-        "modality": _Rule("choice", choices=MODALITIES),
+        "modality": _Rule("choice", choices=MODALITIES, parse=Modality),
         "seed": _Rule("int", minimum=0, maximum=SEED_MAX),
         "distribution": _Rule("choice", choices=DISTRIBUTIONS),
         "resume": _Rule("choice", choices=RESUME_MODES),
@@ -663,7 +664,7 @@ class _Checker:
             raise ConfigError(
                 f"{self.where}: key {name!r}: unknown value {_show(value)}{hint}; expected {accepted}"
             )
-        return value
+        return value if rule.parse is None else rule.parse(value)
 
     def _files(self, name: str, rule: _Rule, value: Any) -> tuple[str, ...]:
         entries = [value] if isinstance(value, str) else value

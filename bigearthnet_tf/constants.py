@@ -7,8 +7,11 @@ readers, writers, models and checkpoints agree. Orders matter: the 43 and 19 cla
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from types import MappingProxyType
+
+from bigearthnet_tf.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -152,21 +155,39 @@ ORIGINAL_TO_19 = MappingProxyType(
     {source: target for target, (_, sources) in enumerate(BIGEARTHNET_19_SOURCES) for source in sources}
 )
 
-# Label types as named in the 2019 configs and TFRecord keys.
-ORIGINAL = "original"
-BIGEARTHNET_19 = "BigEarthNet-19"
+
+class LabelType(enum.StrEnum):
+    """A label nomenclature, named as in the 2019 configs and TFRecord keys (compares equal to its name)."""
+
+    ORIGINAL = "original"
+    BIGEARTHNET_19 = "BigEarthNet-19"
+
+    def __repr__(self) -> str:  # messages quote the name users write, not the enum
+        return repr(self.value)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names in index order (the multi-hot order)."""
+        return LABEL_TYPES[self]
+
+
+ORIGINAL = LabelType.ORIGINAL
+BIGEARTHNET_19 = LabelType.BIGEARTHNET_19
 LABEL_TYPES = MappingProxyType({ORIGINAL: ORIGINAL_LABELS, BIGEARTHNET_19: BIGEARTHNET_19_LABELS})
+
+
+def parse_label_type(value: object) -> LabelType:
+    """`value` as a LabelType; a UserError naming it and the choices otherwise."""
+    try:
+        return LabelType(value)
+    except ValueError:
+        expected = ", ".join(LabelType)
+        raise UserError(f"unknown label_type {value!r}; expected one of {expected}") from None
 
 
 def class_names(label_type: str) -> tuple[str, ...]:
     """The class names of a label type, in index order."""
-    try:
-        return LABEL_TYPES[label_type]
-    except KeyError:
-        from bigearthnet_tf.errors import UserError
-
-        expected = ", ".join(LABEL_TYPES)
-        raise UserError(f"unknown label_type {label_type!r}; expected one of {expected}") from None
+    return parse_label_type(label_type).classes
 
 
 def original_to_19(original_names) -> tuple[str, ...]:

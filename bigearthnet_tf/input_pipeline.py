@@ -89,8 +89,7 @@ import tensorflow as tf
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.layout import INPUTS, S1_INPUT, S2_INPUTS, parse_modality
-from bigearthnet_tf.records import label_key
+from bigearthnet_tf.layout import INPUTS, S1_INPUT, S2_INPUTS, label_key, parse_modality
 
 logger = logging.getLogger(__name__)
 

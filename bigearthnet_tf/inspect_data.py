@@ -90,7 +90,7 @@ def _record_summaries(sources: Sequence[str | os.PathLike[str]]) -> list[SplitSu
     import tensorflow as tf
 
     from bigearthnet_tf.input_pipeline import corrupt_files_as_user_errors, detect_format, list_files
-    from bigearthnet_tf.records import label_key
+    from bigearthnet_tf.layout import label_key
 
     files = list_files([str(source) for source in sources])
     groups = _record_splits(files, [Path(source) for source in sources])

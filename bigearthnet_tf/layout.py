@@ -1,4 +1,5 @@
-"""The layout of the data, owned here once: modalities, and the inputs a record and a model carry.
+"""The layout of the data, owned here once: modalities, the inputs a record and a model carry, and
+the record keys of the labels.
 
 An input is one array of a patch: its key (in records, model inputs and statistics files), its bands in
 channel order, its side in pixels, its dtype and the modality it belongs to. A modality (S2, S1 or MM,
@@ -13,7 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from bigearthnet_tf.constants import BANDS_10M, BANDS_20M, BANDS_60M, GROUP_SIZES, PATCH_SIZE, S1_BAND_NAMES
+from bigearthnet_tf.constants import (
+    BANDS_10M,
+    BANDS_20M,
+    BANDS_60M,
+    GROUP_SIZES,
+    PATCH_SIZE,
+    S1_BAND_NAMES,
+    LabelType,
+    parse_label_type,
+)
 from bigearthnet_tf.errors import ConfigError
 
 
@@ -23,6 +33,9 @@ class Modality(enum.StrEnum):
     S2 = "S2"
     S1 = "S1"
     MM = "MM"
+
+    def __repr__(self) -> str:  # messages quote the name users write, not the enum
+        return repr(self.value)
 
 
 MODALITIES: tuple[Modality, ...] = tuple(Modality)
@@ -74,3 +87,16 @@ def modality_of(keys: Iterable[str]) -> Modality:
     has_s1 = S1_INPUT in keys
     has_s2 = any(key != S1_INPUT for key in keys)
     return Modality.MM if has_s1 and has_s2 else Modality.S1 if has_s1 else Modality.S2
+
+
+def label_names_key(label_type: str) -> str:
+    """The record key of a label type's class names, e.g. `BigEarthNet-19_labels` (the 2019 names)."""
+    return f"{parse_label_type(label_type)}_labels"
+
+
+def label_key(label_type: str) -> str:
+    """The record key of a label type's multi-hot vector, e.g. `BigEarthNet-19_labels_multi_hot`."""
+    return f"{label_names_key(label_type)}_multi_hot"
+
+
+LABEL_KEYS = MappingProxyType({label_type: label_key(label_type) for label_type in LabelType})

@@ -24,7 +24,6 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import google_crc32c
@@ -38,7 +37,7 @@ from bigearthnet_tf.constants import (
     S1_BAND_NAMES,
     S2_BAND_NAMES,
 )
-from bigearthnet_tf.layout import INPUTS, S2_INPUTS
+from bigearthnet_tf.layout import INPUTS, S2_INPUTS, label_key, label_names_key
 
 if TYPE_CHECKING:
     from bigearthnet_tf.archive import Patch
@@ -48,13 +47,10 @@ FORMAT_VERSION = 1
 
 # Feature keys shared by both schemas (the 2019 names).
 PATCH_NAME = "patch_name"
-ORIGINAL_LABELS_KEY = "original_labels"
-ORIGINAL_MULTI_HOT_KEY = "original_labels_multi_hot"
-BIGEARTHNET_19_LABELS_KEY = "BigEarthNet-19_labels"
-BIGEARTHNET_19_MULTI_HOT_KEY = "BigEarthNet-19_labels_multi_hot"
-MULTI_HOT_KEYS = MappingProxyType(
-    {ORIGINAL: ORIGINAL_MULTI_HOT_KEY, BIGEARTHNET_19: BIGEARTHNET_19_MULTI_HOT_KEY}
-)
+ORIGINAL_LABELS_KEY = label_names_key(ORIGINAL)
+ORIGINAL_MULTI_HOT_KEY = label_key(ORIGINAL)
+BIGEARTHNET_19_LABELS_KEY = label_names_key(BIGEARTHNET_19)
+BIGEARTHNET_19_MULTI_HOT_KEY = label_key(BIGEARTHNET_19)
 # Default schema only.
 FORMAT_VERSION_KEY = "format_version"
 BANDS_S1_KEY = "bands_s1"
@@ -284,11 +280,6 @@ def encode_example(features: Iterable[tuple[str, bytes]]) -> bytes:
 
 
 # --- the two schemas -----------------------------------------------------------------------------
-
-
-def label_key(label_type: str) -> str:
-    """The record key of a label type's multi-hot vector, e.g. `BigEarthNet-19_labels_multi_hot`."""
-    return MULTI_HOT_KEYS[label_type]
 
 
 def multi_hot(names: Iterable[str], classes: Sequence[str]) -> np.ndarray:
