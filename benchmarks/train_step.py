@@ -4,9 +4,9 @@
                                     [--mixed-precision] [--jit-compile] [--effects]
 
 Writes ``--records`` synthetic patches (band values drawn around the archive's per-band mean and std,
-realistic 43- and 19-class labels) in the default format, sharded, into a temporary folder, encoded with
-``bigearthnet_tf.records.encode_default`` as ``bigearthnet prepare`` encodes them. Then, for each model at
-its 2019 input (raw bands at native resolution, 120/60/20 px; the model selects, upsamples and
+realistic 43- and 19-class labels) in the default format, sharded, into a temporary folder, encoded
+with ``bigearthnet_tf.record_formats.DEFAULT.encode`` as ``bigearthnet prepare`` encodes them. Then, for
+each model at its 2019 input (raw bands at native resolution, 120/60/20 px; the model selects, upsamples and
 standardises in its first layers), it sets training up with the trainer's own functions
 (``bigearthnet_tf.train``: ``make_strategy``, ``precision_policy``, ``build_model_and_optimizer``,
 ``training_batches``, ``make_train_step``) from a config holding the 2019 hyper-parameters, so the step
@@ -75,7 +75,8 @@ from rich.console import Console  # noqa: E402
 from bigearthnet_tf import constants  # noqa: E402
 from bigearthnet_tf.archive import Patch  # noqa: E402
 from bigearthnet_tf.config import TRAIN, Config, config_from_dict  # noqa: E402
-from bigearthnet_tf.records import RecordWriter, encode_default, encode_legacy  # noqa: E402
+from bigearthnet_tf.record_formats import DEFAULT, LEGACY  # noqa: E402
+from bigearthnet_tf.records import RecordWriter  # noqa: E402
 from bigearthnet_tf.train import (  # noqa: E402
     StartingPoint,
     build_model_and_optimizer,
@@ -142,13 +143,13 @@ def write_records(folder: Path, records: int, shards: int, distinct: int = 256, 
         for i in range(records):
             source = patches[i % len(patches)]
             patch = dataclasses.replace(source, name=f"S2A_MSIL2A_20170613T101031_{i}_{i // len(patches)}")
-            record = encode_default(patch)
+            record = DEFAULT.encode(patch)
             total += len(record)
             writers[i % shards].write(record)
     finally:
         for writer in writers:
             writer.close()
-    legacy = sum(len(encode_legacy(patch)) for patch in patches) / len(patches)
+    legacy = sum(len(LEGACY.encode(patch)) for patch in patches) / len(patches)
     return RecordSet(files, records, total / records, legacy)
 
 

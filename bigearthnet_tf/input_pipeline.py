@@ -79,28 +79,29 @@ import glob
 import logging
 import os
 import re
-import struct
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import google_crc32c
+import numpy as np
 import tensorflow as tf
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.layout import INPUTS, S1_INPUT, S2_INPUTS, label_key, parse_modality
+from bigearthnet_tf.layout import INPUTS, Modality, input_keys, label_key, parse_modality
+from bigearthnet_tf.record_formats import (
+    FORMAT_VERSION_KEY,
+    NAME_KEYS,
+    Encoding,
+    RecordFormat,
+    Stored,
+    format_of,
+    parse_record_format,
+)
+from bigearthnet_tf.records import count_frames, read_frames
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FORMAT = "default"
-LEGACY_FORMAT = "legacy"  # our legacy output and the files of the 2019 / 2021 scripts
-
-# Model input key -> (bands in channel order, side length in pixels) of each Sentinel-2 resolution group.
-_S2_GROUPS: Mapping[str, tuple[tuple[str, ...], int]] = {
-    key: (INPUTS[key].bands, INPUTS[key].size) for key in S2_INPUTS
-}
-SUPPORTED_FORMAT_VERSIONS = (1,)
 
 DEFAULT_SHUFFLE_MEMORY_MB = 1024  # cap of the record shuffle buffer; about 6,500 default-format S2 records
 DEFAULT_CYCLE_LENGTH = 16  # files read at once: mixes files, bounds open files and read buffers
@@ -158,52 +159,10 @@ def list_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     return sorted(found)
 
 
-def _masked_crc(data: bytes) -> int:
-    """The TFRecord checksum: CRC32C, rotated and offset so that CRCs of CRCs stay well distributed."""
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _frames(path: str, with_data: bool) -> Iterator[tuple[int, bytes | None]]:
-    """Yield ``(offset, data or None)`` per record; raise ValueError where the framing breaks.
-
-    Without data only the 12-byte headers are read and the payload is seeked over, which makes counting
-    records cheap; the payload CRC is then not checked (``TFRecordDataset`` checks it while training).
-    """
-    with open(path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
-        offset = 0
-        while offset < size:
-            header = stream.read(12)
-            if len(header) < 12:
-                raise ValueError(f"truncated record header at byte {offset}")
-            (length,) = struct.unpack("<Q", header[:8])
-            if _masked_crc(header[:8]) != struct.unpack("<I", header[8:])[0]:
-                raise ValueError(f"bad length checksum at byte {offset}")
-            end = offset + 12 + length + 4
-            if end > size:
-                raise ValueError(f"truncated record at byte {offset}")
-            data = None
-            if with_data:
-                data = stream.read(length)
-                (data_crc,) = struct.unpack("<I", stream.read(4))
-                if _masked_crc(data) != data_crc:
-                    raise ValueError(f"bad data checksum in the record at byte {offset}")
-            else:
-                stream.seek(end)
-            yield offset, data
-            offset = end
-
-
 def _count_file(path: str, skip_corrupt: bool) -> int:
-    count = 0
-    try:
-        for _ in _frames(path, with_data=False):
-            count += 1
-    except ValueError as error:
-        if not skip_corrupt:
-            raise UserError(f"corrupt or truncated TFRecord file {path}: {error}") from None
-        count += 1  # the broken frame itself; what follows it cannot be framed
+    count, broken = count_frames(path)
+    if broken is not None and not skip_corrupt:
+        raise UserError(f"corrupt or truncated TFRecord file {path}: {broken}")
     return count
 
 
@@ -219,10 +178,10 @@ def count_records(
 
 
 @dataclass(frozen=True)
-class RecordFormat:
+class RecordFiles:
     """What the first records of a set of files hold (see :func:`detect_format`)."""
 
-    kind: str  # DEFAULT_FORMAT or LEGACY_FORMAT
+    format: RecordFormat
     label_types: frozenset[str]  # label types whose multi-hot key every file has
     modalities: frozenset[str]  # "S2" and/or "S1": the pixel keys every file has
     name_key: str | None  # "patch_name", or "patch_name_s2" in 2021 multimodal files
@@ -232,7 +191,7 @@ class RecordFormat:
 
 def _first_example(path: str, skip_corrupt: bool) -> tf.train.Example | None:
     try:
-        first = next(_frames(path, with_data=True), None)
+        first = next(read_frames(path, with_data=True), None)
     except ValueError as error:
         if skip_corrupt:
             return None
@@ -252,11 +211,11 @@ def _list_length(feature: tf.train.Feature) -> tuple[str | None, int]:
     return kind, len(getattr(feature, kind).value)
 
 
-def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> RecordFormat:
+def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> RecordFiles:
     """Classify one record and check the shapes of what it holds, so mistakes surface before training."""
     features = example.features.feature
 
-    def check(key: str, kind: str, length: int) -> bool:
+    def check(key: str, kind: str, length: int, nbytes: int | None = None) -> bool:
         if key not in features:
             return False
         found_kind, found_length = _list_length(features[key])
@@ -264,56 +223,43 @@ def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> Rec
             raise UserError(
                 f"{path}: key {key!r} holds {found_length} x {found_kind}, expected {length} x {kind}"
             )
-        return True
-
-    def check_bytes(key: str, nbytes: int) -> bool:
-        if not check(key, "bytes_list", 1):
-            return False
-        if len(features[key].bytes_list.value[0]) != nbytes:
+        if nbytes is not None and len(features[key].bytes_list.value[0]) != nbytes:
             raise UserError(
                 f"{path}: key {key!r} holds {len(features[key].bytes_list.value[0])} bytes, expected {nbytes}"
             )
         return True
 
-    modalities = set()
-    if "format_version" in features:
-        kind = DEFAULT_FORMAT
-        check("format_version", "int64_list", 1)
-        version = features["format_version"].int64_list.value[0]
-        if version not in SUPPORTED_FORMAT_VERSIONS:
-            raise UserError(
-                f"{path}: format_version {version} is not supported by this version of bigearthnet-tf "
-                f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); upgrade it or re-prepare"
-            )
-        present = [
-            check_bytes(key, len(bands) * size * size * 2) for key, (bands, size) in _S2_GROUPS.items()
-        ]
-        if all(present):
-            modalities.add("S2")
-        size = constants.PATCH_SIZE
-        if check_bytes(S1_INPUT, size * size * len(constants.S1_BAND_NAMES) * 4):
-            modalities.add("S1")
-    elif any(name in features for name in (*constants.S2_BAND_NAMES, *constants.S1_BAND_NAMES)):
-        kind = LEGACY_FORMAT
-        present = [check(band.name, "int64_list", band.size * band.size) for band in constants.S2_BANDS]
-        if all(present):
-            modalities.add("S2")
-        size = constants.PATCH_SIZE
-        present = [check(name, "float_list", size * size) for name in constants.S1_BAND_NAMES]
-        if all(present):
-            modalities.add("S1")
-    else:
+    def check_stored(stored: Stored) -> bool:
+        if stored.encoding is Encoding.RAW:
+            return check(stored.key, "bytes_list", 1, stored.nbytes)
+        return check(stored.key, stored.encoding.value, stored.values)
+
+    fmt = format_of(features)
+    if fmt is None:
         raise UserError(
             f"{path}: not a BigEarthNet record (neither format_version nor per-band keys such as B02); "
             f"keys: {', '.join(sorted(features)) or 'none'}"
         )
+    if fmt.format_version is not None:
+        check(FORMAT_VERSION_KEY, "int64_list", 1)
+        version = features[FORMAT_VERSION_KEY].int64_list.value[0]
+        if version != fmt.format_version:
+            raise UserError(
+                f"{path}: format_version {version} is not supported by this version of bigearthnet-tf "
+                f"(supported: {fmt.format_version}); upgrade it or re-prepare"
+            )
+    modalities = {
+        modality
+        for modality in (Modality.S2, Modality.S1)
+        if all([check_stored(stored) for stored in fmt.stored_keys(modality)])
+    }
     label_types = {
         label_type
         for label_type, names in constants.LABEL_TYPES.items()
         if check(label_key(label_type), "int64_list", len(names))
     }
-    name_key = next((key for key in ("patch_name", "patch_name_s2") if key in features), None)
-    return RecordFormat(kind, frozenset(label_types), frozenset(modalities), name_key, record_bytes, (path,))
+    name_key = next((key for key in NAME_KEYS if key in features), None)
+    return RecordFiles(fmt, frozenset(label_types), frozenset(modalities), name_key, record_bytes, (path,))
 
 
 def _missing_label_message(label_type: str, path: str, present: frozenset[str]) -> str:
@@ -329,14 +275,18 @@ def _missing_label_message(label_type: str, path: str, present: frozenset[str]) 
     return f"label_type {label_type!r} needs {key}, which {path} does not have (it has {has}; {hint})"
 
 
-def _missing_modality_message(modality: str, needs: str, path: str, kind: str) -> str:
-    if needs == "S1":
-        keys = S1_INPUT if kind == DEFAULT_FORMAT else "VV and VH"
+def _missing_modality_message(modality: str, needs: Modality, path: str, fmt: RecordFormat) -> str:
+    keys = [stored.key for stored in fmt.stored_keys(needs)]
+    if len(keys) > 3:
+        keys = sorted(keys)
+        described = f"{keys[0]} ... {keys[-1]}"
+    else:
+        described = " and ".join(keys) if len(keys) == 2 else ", ".join(keys)
+    if needs == Modality.S1:
         hint = "prepared without Sentinel-1 (--s1-root)? use modality 'S2'"
     else:
-        keys = ", ".join(S2_INPUTS) if kind == DEFAULT_FORMAT else "B01 ... B12"
         hint = "a Sentinel-1-only file? use modality 'S1'"
-    return f"modality {modality!r} needs {keys}, which {path} does not have ({hint})"
+    return f"modality {modality!r} needs {described}, which {path} does not have ({hint})"
 
 
 def detect_format(
@@ -346,7 +296,7 @@ def detect_format(
     *,
     with_names: bool = False,
     skip_corrupt: bool = False,
-) -> RecordFormat:
+) -> RecordFiles:
     """Peek at the first record of every file: format, label sets, modalities; check requirements.
 
     Given ``label_type``, ``modality`` or ``with_names``, every file must have the keys they need, or a
@@ -355,44 +305,44 @@ def detect_format(
     ``skip_corrupt``.
     """
     if label_type is not None:
-        constants.class_names(label_type)  # raises a UserError listing the label types
+        constants.parse_label_type(label_type)
     if modality is not None:
-        parse_modality(modality)
+        modality = parse_modality(modality)
     paths = list_files(files)
-    formats: list[RecordFormat] = []
+    found_files: list[RecordFiles] = []
     for path in paths:
         example = _first_example(path, skip_corrupt)
         if example is None:
             continue
         found = _file_format(path, example, example.ByteSize())
-        if formats and found.kind != formats[0].kind:
+        if found_files and found.format is not found_files[0].format:
             raise UserError(
-                f"{path} is in the {found.kind} format but {formats[0].files[0]} is in the "
-                f"{formats[0].kind} format; use files of one format together"
+                f"{path} is in the {found.format} format but {found_files[0].files[0]} is in the "
+                f"{found_files[0].format} format; use files of one format together"
             )
         if label_type is not None and label_type not in found.label_types:
             raise UserError(_missing_label_message(label_type, path, found.label_types))
         if modality is not None:
-            for needs in ("S2", "S1"):
-                if modality in (needs, "MM") and needs not in found.modalities:
-                    raise UserError(_missing_modality_message(modality, needs, path, found.kind))
+            for needs in (Modality.S2, Modality.S1):
+                if modality in (needs, Modality.MM) and needs not in found.modalities:
+                    raise UserError(_missing_modality_message(modality, needs, path, found.format))
         if with_names and found.name_key is None:
             raise UserError(f"with_names needs patch_name, which {path} does not have")
-        formats.append(found)
-    if not formats:
+        found_files.append(found)
+    if not found_files:
         raise UserError(f"no readable records in {', '.join(paths)}")
-    name_keys = {found.name_key for found in formats}
+    name_keys = {found.name_key for found in found_files}
     if with_names and len(name_keys) > 1:
         raise UserError(
             "with_names needs one patch name key, but the files mix "
             f"{' and '.join(sorted(str(key) for key in name_keys))}; use files of one kind together"
         )
-    return RecordFormat(
-        kind=formats[0].kind,
-        label_types=frozenset.intersection(*(found.label_types for found in formats)),
-        modalities=frozenset.intersection(*(found.modalities for found in formats)),
+    return RecordFiles(
+        format=found_files[0].format,
+        label_types=frozenset.intersection(*(found.label_types for found in found_files)),
+        modalities=frozenset.intersection(*(found.modalities for found in found_files)),
         name_key=name_keys.pop() if len(name_keys) == 1 else None,
-        record_bytes=max(found.record_bytes for found in formats),
+        record_bytes=max(found.record_bytes for found in found_files),
         files=tuple(paths),
     )
 
@@ -401,36 +351,22 @@ def detect_format(
 # Parsing and decoding (pure; eager or inside Dataset.map)
 # --------------------------------------------------------------------------------------------------
 
+# How each encoding is parsed: the feature's dtype, and whether it is one bytes value or a list.
+_PARSED_DTYPES = {Encoding.RAW: tf.string, Encoding.INT64_LIST: tf.int64, Encoding.FLOAT_LIST: tf.float32}
+
 
 def feature_spec(
-    kind: str, label_type: str | None, modality: str = "S2", name_key: str | None = None
+    kind: str | RecordFormat, label_type: str | None, modality: str = "S2", name_key: str | None = None
 ) -> dict[str, tf.io.FixedLenFeature]:
     """The ``tf.io.parse_example`` spec: only the keys that this label type and modality need.
 
     Asking for nothing else is what lets 2019 files with a single label set, and v2 files without the
     43-class labels, be read for the label type they do have.
     """
-    parse_modality(modality)
     spec: dict[str, tf.io.FixedLenFeature] = {}
-    wants_s2, wants_s1 = modality in ("S2", "MM"), modality in ("S1", "MM")
-    if kind == DEFAULT_FORMAT:
-        keys = (*(S2_INPUTS if wants_s2 else ()), *((S1_INPUT,) if wants_s1 else ()))
-        spec.update({key: tf.io.FixedLenFeature([], tf.string) for key in keys})
-    elif kind == LEGACY_FORMAT:
-        if wants_s2:
-            spec.update(
-                {
-                    band.name: tf.io.FixedLenFeature([band.size * band.size], tf.int64)
-                    for band in constants.S2_BANDS
-                }
-            )
-        if wants_s1:
-            size = constants.PATCH_SIZE
-            spec.update(
-                {name: tf.io.FixedLenFeature([size * size], tf.float32) for name in constants.S1_BAND_NAMES}
-            )
-    else:
-        raise ValueError(f"unknown record format {kind!r}")
+    for stored in parse_record_format(kind).stored_keys(parse_modality(modality)):
+        shape = [] if stored.encoding is Encoding.RAW else [stored.values]
+        spec[stored.key] = tf.io.FixedLenFeature(shape, _PARSED_DTYPES[stored.encoding])
     if label_type is not None:
         spec[label_key(label_type)] = tf.io.FixedLenFeature(
             [len(constants.class_names(label_type))], tf.int64
@@ -453,37 +389,34 @@ def _stack_bands(features: Mapping[str, tf.Tensor], names: Sequence[str], size: 
     return tf.stack(planes, axis=-1)
 
 
-def decode_bands(features: Mapping[str, tf.Tensor], kind: str, modality: str = "S2") -> dict[str, tf.Tensor]:
+def decode_bands(
+    features: Mapping[str, tf.Tensor], kind: str | RecordFormat, modality: str = "S2"
+) -> dict[str, tf.Tensor]:
     """Parsed features of a batch -> the model input dict of the modality, float32, channels last."""
-    parse_modality(modality)
+    fmt = parse_record_format(kind)
     inputs: dict[str, tf.Tensor] = {}
-    if modality in ("S2", "MM"):
-        for key, (bands, size) in _S2_GROUPS.items():
-            if kind == DEFAULT_FORMAT:
-                inputs[key] = _decode_group(features[key], tf.uint16, size, len(bands))
-            else:
-                inputs[key] = _stack_bands(features, bands, size)
-    if modality in ("S1", "MM"):
-        size, names = constants.PATCH_SIZE, constants.S1_BAND_NAMES
-        if kind == DEFAULT_FORMAT:
-            inputs[S1_INPUT] = _decode_group(features[S1_INPUT], tf.float32, size, len(names))
+    for key in input_keys(modality):
+        spec, stored = INPUTS[key], fmt.stored(key)
+        if len(stored) == 1 and stored[0].encoding is Encoding.RAW:
+            dtype = tf.as_dtype(np.dtype(spec.dtype))
+            inputs[key] = _decode_group(features[stored[0].key], dtype, spec.size, len(spec.bands))
         else:
-            inputs[S1_INPUT] = _stack_bands(features, names, size)
+            inputs[key] = _stack_bands(features, [item.key for item in stored], spec.size)
     return inputs
 
 
-def _checked_payloads(features: dict[str, tf.Tensor], paths: tf.Tensor, name_key: str | None) -> dict:
+def _checked_payloads(
+    features: dict[str, tf.Tensor], fmt: RecordFormat, paths: tf.Tensor, name_key: str | None
+) -> dict:
     """`features` once every raw payload of the batch has its exact byte length; else an assertion
     that `corrupt_files_as_user_errors` turns into a UserError naming the file and the patch."""
     checks = []
-    groups = {key: (len(bands), size, 2) for key, (bands, size) in _S2_GROUPS.items()}
-    groups[S1_INPUT] = (len(constants.S1_BAND_NAMES), constants.PATCH_SIZE, 4)
     names = features[name_key] if name_key is not None else tf.strings.as_string(tf.range(tf.size(paths)))
-    for key, (channels, size, itemsize) in groups.items():
-        if key not in features:
+    for stored in fmt.stored_keys(Modality.MM):
+        if stored.key not in features or stored.encoding is not Encoding.RAW:
             continue
-        expected = size * size * channels * itemsize
-        lengths = tf.strings.length(features[key])
+        expected = stored.nbytes
+        lengths = tf.strings.length(features[stored.key])
         wrong = tf.where(tf.not_equal(lengths, expected))[:, 0]
         first = tf.concat([wrong, tf.zeros([1], wrong.dtype)], axis=0)[0]  # the first wrong one, else 0
         checks.append(
@@ -494,7 +427,7 @@ def _checked_payloads(features: dict[str, tf.Tensor], paths: tf.Tensor, name_key
                     tf.gather(paths, first),
                     "patch",
                     tf.gather(names, first),
-                    key,
+                    stored.key,
                     "holds",
                     tf.gather(lengths, first),
                     "bytes, expected",
@@ -515,7 +448,7 @@ def decode_labels(features: Mapping[str, tf.Tensor], label_type: str) -> tf.Tens
 def parse_batch(
     serialized: tf.Tensor,
     *,
-    kind: str,
+    kind: str | RecordFormat,
     label_type: str | None,
     modality: str = "S2",
     name_key: str | None = None,
@@ -529,11 +462,12 @@ def parse_batch(
     decoded: a record whose checksums are valid but whose payload is not (a band of the wrong size,
     written by another tool) fails naming the file and the patch (``check_name_key`` holds the names).
     """
-    spec = feature_spec(kind, label_type, modality, name_key or check_name_key)
+    fmt = parse_record_format(kind)
+    spec = feature_spec(fmt, label_type, modality, name_key or check_name_key)
     features = tf.io.parse_example(serialized, spec)
-    if paths is not None and kind == DEFAULT_FORMAT:
-        features = _checked_payloads(features, paths, check_name_key or name_key)
-    inputs = decode_bands(features, kind, modality)
+    if paths is not None:
+        features = _checked_payloads(features, fmt, paths, check_name_key or name_key)
+    inputs = decode_bands(features, fmt, modality)
     if name_key is not None:
         inputs["patch_name"] = features[name_key]
     if label_type is None:
@@ -766,9 +700,7 @@ def make_dataset(
 
     # 1. List the files and check, before any reading, that they hold what was asked for.
     paths = list_files(files)
-    record_format = detect_format(
-        paths, label_type, modality, with_names=with_names, skip_corrupt=skip_corrupt
-    )
+    found = detect_format(paths, label_type, modality, with_names=with_names, skip_corrupt=skip_corrupt)
 
     # 2. Shard for distribution. File sharding happens here, on the sorted list, so that the
     #    pipelines' subsets are disjoint; record sharding happens after reading (step 5).
@@ -788,7 +720,7 @@ def make_dataset(
     if policy == "record":
         epoch_records = max(0, (epoch_records - pipeline_id + num_pipelines - 1) // num_pipelines)
 
-    buffer = effective_shuffle_buffer(shuffle_buffer, record_format.record_bytes, shuffle_memory_mb)
+    buffer = effective_shuffle_buffer(shuffle_buffer, found.record_bytes, shuffle_memory_mb)
     if buffer < shuffle_buffer:
         logger.info(
             "shuffle buffer: %d records asked, %d used (%.0f MiB budget at %.0f KiB per record; "
@@ -796,13 +728,13 @@ def make_dataset(
             shuffle_buffer,
             buffer,
             shuffle_memory_mb,
-            record_format.record_bytes / 1024,
+            found.record_bytes / 1024,
             min(len(paths), cycle_length),
         )
     logger.info(
         "input pipeline: %d %s-format file(s), shard %s (%d of %d), batch %d, shuffle buffer %d",
         len(paths),
-        record_format.kind,
+        found.format,
         policy,
         pipeline_id,
         num_pipelines,
@@ -855,11 +787,11 @@ def make_dataset(
     batches = records.batch(local_batch, drop_remainder=drop_remainder)
     parse = functools.partial(
         parse_batch,
-        kind=record_format.kind,
+        kind=found.format,
         label_type=label_type,
         modality=modality,
-        name_key=record_format.name_key if with_names else None,
-        check_name_key=record_format.name_key,
+        name_key=found.name_key if with_names else None,
+        check_name_key=found.name_key,
     )
     batches = batches.map(
         lambda serialized, paths: parse(serialized, paths=paths),

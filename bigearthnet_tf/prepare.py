@@ -10,7 +10,7 @@ Output layout in `out`:
   the shard count depends only on the list and `shard_size`, never on `workers`, so a restarted run
   finds the same shards. A split always has at least one shard (an empty list gives one empty file).
 - legacy format: exactly one `<split>.tfrecord` per split in the 2019 schema. Workers write parts of
-  `LEGACY_PART_SIZE` patches; each part is appended, in list order, to the split's partial file as
+  `LegacyFormat.part_size` patches; each part is appended, in list order, to the split's partial file as
   soon as the parts before it are in (then deleted), and the partial file is renamed when complete.
 - `dataset.json`, the manifest (written last; its presence means the set is complete)::
 
@@ -85,18 +85,14 @@ from bigearthnet_tf.archive import (
     split_name,
 )
 from bigearthnet_tf.constants import (
-    BANDS_BY_NAME,
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
     ORIGINAL,
     ORIGINAL_LABELS,
-    PATCH_SIZE,
-    S1_BAND_NAMES,
-    S2_BAND_NAMES,
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line
-from bigearthnet_tf.layout import INPUTS, Modality, input_keys
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.prepare_stream import (
     SPOOL_DIR_NAME,
@@ -108,7 +104,8 @@ from bigearthnet_tf.prepare_stream import (
     peek_version,
     stream_to_spool,
 )
-from bigearthnet_tf.records import FORMAT_VERSION, SERIALIZERS, RecordWriter
+from bigearthnet_tf.record_formats import FORMAT_VERSION, RecordFormat, parse_record_format
+from bigearthnet_tf.records import RecordWriter
 from bigearthnet_tf.tarstream import ArchiveFileError, is_archive_file
 
 __all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "MANIFEST_NAME"]
@@ -116,9 +113,6 @@ __all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "M
 # ~80 MB per shard in the default format (about 160 kB per S2 record): large enough for efficient
 # sequential reads, small enough that a few thousand patches still spread over all cores.
 DEFAULT_SHARD_SIZE = 512
-# Patches per worker task in the legacy format (parts are concatenated into one file per split).
-LEGACY_PART_SIZE = 256
-FORMATS = tuple(SERIALIZERS)
 
 MANIFEST_NAME = "dataset.json"
 SKIPPED_REPORT_NAME = "skipped.csv"
@@ -196,7 +190,7 @@ class _UnitResult:
 class _Plan:
     out: Path
     work_dir: Path
-    record_format: str
+    record_format: RecordFormat
     shard_size: int | None
     archive: Archive
     splits: dict[str, list[str]]
@@ -207,14 +201,6 @@ class _Plan:
     fingerprint: str = ""
 
 
-def _shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}{_TFRECORD_SUFFIX}"
-
-
-def _part_name(split: str, index: int) -> str:
-    return f"{split}.part-{index:05d}"
-
-
 def _chunks(names: Sequence[str], size: int) -> list[tuple[str, ...]]:
     """`names` cut into consecutive chunks of `size`; at least one (possibly empty) chunk."""
     count = max(1, math.ceil(len(names) / size))
@@ -222,15 +208,11 @@ def _chunks(names: Sequence[str], size: int) -> list[tuple[str, ...]]:
 
 
 def _plan_units(plan: _Plan) -> None:
+    fmt = plan.record_format
     for split, names in plan.splits.items():
-        if plan.record_format == "default":
-            chunks = _chunks(names, plan.shard_size)
-            file_names = [_shard_name(split, i, len(chunks)) for i in range(len(chunks))]
-            plan.files[split] = tuple(file_names)
-        else:
-            chunks = _chunks(names, LEGACY_PART_SIZE)
-            file_names = [_part_name(split, i) for i in range(len(chunks))]
-            plan.files[split] = (split + _TFRECORD_SUFFIX,)
+        chunks = _chunks(names, fmt.unit_patches(plan.shard_size))
+        file_names = fmt.unit_files(split, len(chunks))
+        plan.files[split] = fmt.split_files(split, len(chunks))
         for i, chunk in enumerate(chunks):
             places = None
             if plan.index is not None:
@@ -241,10 +223,10 @@ def _plan_units(plan: _Plan) -> None:
 def _fingerprint(plan: _Plan, skip_bad: bool) -> str:
     """A digest of everything that decides the output bytes; a restart resumes only when it matches."""
     job = {
-        "format": plan.record_format,
+        "format": plan.record_format.name,
         "format_version": FORMAT_VERSION,
         "shard_size": plan.shard_size,
-        "legacy_part_size": LEGACY_PART_SIZE,
+        "part_size": plan.record_format.part_size,
         "archive": [plan.archive.version, os.path.realpath(plan.archive.s2_dir)],
         "s1": None if plan.archive.s1_dir is None else os.path.realpath(plan.archive.s1_dir),
         "skip_bad": skip_bad,
@@ -404,7 +386,7 @@ def _without_empty_splits(splits: dict[str, list[str]], say: Callable[[str], Non
 
 # Set in each worker by `_init_worker` (or in the parent for in-process runs).
 _archive: Archive | None = None
-_record_format = "default"
+_record_format: RecordFormat | None = None
 _skip_bad = False
 _work_dir = ""
 _out = ""
@@ -413,7 +395,13 @@ _on_patch: Callable[[], None] = lambda: None  # noqa: E731
 
 
 def _init_worker(
-    archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str, spool_dir: str, counter
+    archive: Archive,
+    record_format: RecordFormat,
+    skip_bad: bool,
+    work_dir: str,
+    out: str,
+    spool_dir: str,
+    counter,
 ) -> None:
     """Worker set-up: remember the job and count patches in a shared counter for the progress bar."""
     import signal
@@ -431,7 +419,7 @@ def _init_worker(
 
 
 def _configure(
-    archive: Archive, record_format: str, skip_bad: bool, work_dir: str, out: str, spool_dir: str
+    archive: Archive, record_format: RecordFormat, skip_bad: bool, work_dir: str, out: str, spool_dir: str
 ) -> None:
     global _archive, _record_format, _skip_bad, _work_dir, _out, _spool_dir
     _archive, _record_format, _skip_bad = archive, record_format, skip_bad
@@ -468,7 +456,7 @@ def _patch_files(names: Sequence[str]) -> Iterator[tuple[str, dict | None]]:
 def _write_unit(unit: _Unit) -> _UnitResult:
     """Read, encode and write one unit to a temporary file, then rename it to its final name."""
     temporary = os.path.join(_work_dir, f"{unit.file_name}.{os.getpid()}{_TEMP_SUFFIX}")
-    final_dir = _out if _record_format == "default" else _work_dir
+    final_dir = _out if _record_format.sharded else _work_dir
     try:
         if unit.places is None:
             result = _encode_unit(unit, temporary)
@@ -485,7 +473,7 @@ def _write_unit(unit: _Unit) -> _UnitResult:
 
 def _encode_unit(unit: _Unit, temporary: str) -> _UnitResult:
     """Read the unit's patches from their folders (`_patch_files`), encode, write."""
-    serialize = SERIALIZERS[_record_format]
+    serialize = _record_format.serialize
     skipped: list[tuple[str, str, str]] = []
     read = encode = write = 0.0
     with RecordWriter(temporary) as writer:
@@ -625,7 +613,7 @@ def _start_or_resume(
     plan: _Plan, overwrite: bool, say: Callable[[str], None]
 ) -> tuple[dict[str, dict], dict[str, int]]:
     """Make the work folder ready; return the journal entries of what an earlier run finished, and
-    per legacy split the number of parts already appended (see `_resume_legacy`)."""
+    per legacy split the number of parts already appended (see `_resume_parts`)."""
     job_file = plan.work_dir / _JOB_FILE
     try:
         previous = json.loads(job_file.read_text(encoding="utf-8")).get("fingerprint")
@@ -636,7 +624,7 @@ def _start_or_resume(
         _remove_temporaries(plan.work_dir)
         journal = _read_journal(plan.work_dir)
         done = {}
-        parts = {unit.file_name for unit in plan.units} if plan.record_format == "legacy" else set()
+        parts = set() if plan.record_format.sharded else {unit.file_name for unit in plan.units}
         for name, entry in journal.items():
             path = (plan.work_dir if name in parts else plan.out) / name
             if path.exists() and path.stat().st_size == entry["bytes"]:
@@ -645,7 +633,7 @@ def _start_or_resume(
         for entry in os.scandir(plan.work_dir):
             if entry.name in parts and entry.name not in done:
                 os.unlink(entry.path)
-        appended = _resume_legacy(plan, journal, done) if plan.record_format == "legacy" else {}
+        appended = {} if plan.record_format.sharded else _resume_parts(plan, journal, done)
         if done:
             say(f"resuming an unfinished run in {plan.out}: {len(done)} finished file(s) kept")
         return done, appended
@@ -689,8 +677,8 @@ def _append_file(source: Path, target_fd: int) -> None:
                 os.write(target_fd, chunk)
 
 
-def _resume_legacy(plan: _Plan, journal: dict[str, dict], done: dict[str, dict]) -> dict[str, int]:
-    """Per legacy split, the parts already appended to its partial file by an earlier run.
+def _resume_parts(plan: _Plan, journal: dict[str, dict], done: dict[str, dict]) -> dict[str, int]:
+    """Per split written in parts, the parts already appended to its partial file by an earlier run.
 
     The partial file is cut back to the size the journal recorded (bytes appended after that were
     not recorded); if it is shorter than recorded (power loss), the split starts over. Appended
@@ -718,9 +706,7 @@ def _resume_legacy(plan: _Plan, journal: dict[str, dict], done: dict[str, dict])
     return appended
 
 
-def _advance_legacy_split(
-    plan: _Plan, split: str, finished: dict[str, dict], appended: dict[str, int]
-) -> None:
+def _join_parts(plan: _Plan, split: str, finished: dict[str, dict], appended: dict[str, int]) -> None:
     """Append the split's finished parts that are next in list order to its partial file; when all
     are in, rename it to `<split>.tfrecord`. Parts are deleted once appended, so the disk holds
     little more than one copy of the split."""
@@ -765,7 +751,7 @@ def _pending_units(plan: _Plan, finished: dict[str, dict]) -> tuple[list[_Unit],
     """Units still to write (largest first) and the number of patches an earlier run finished."""
     pending, resumed = [], 0
     for unit in plan.units:
-        split_done = plan.record_format == "legacy" and plan.files[unit.split][0] in finished
+        split_done = not plan.record_format.sharded and plan.files[unit.split][0] in finished
         if split_done or unit.file_name in finished:
             resumed += len(unit.names)
         else:
@@ -777,7 +763,7 @@ def _pending_units(plan: _Plan, finished: dict[str, dict]) -> tuple[list[_Unit],
 
 def _split_entries(plan: _Plan, split: str, finished: dict[str, dict]) -> list[dict]:
     """The journal entries that make up a finished split, in list order."""
-    if plan.record_format == "legacy":
+    if not plan.record_format.sharded:
         return [finished[plan.files[split][0]]]
     return [finished[unit.file_name] for unit in plan.units if unit.split == split]
 
@@ -787,25 +773,16 @@ def _split_entries(plan: _Plan, split: str, finished: dict[str, dict]) -> list[d
 
 def _manifest(plan: _Plan, patches: dict[str, int], skipped: dict[str, int], skip_bad: bool) -> dict:
     with_s1 = plan.archive.s1_dir is not None
-    if plan.record_format == "default":
-        inputs = [INPUTS[key] for key in input_keys(Modality.MM if with_s1 else Modality.S2)]
-        bands = {spec.key: list(spec.bands) for spec in inputs}
-        shapes = {spec.key: [spec.size, spec.size, len(spec.bands)] for spec in inputs}
-    else:
-        bands = {name: [name] for name in S2_BAND_NAMES}
-        shapes = {name: [BANDS_BY_NAME[name].size] * 2 for name in S2_BAND_NAMES}
-        if with_s1:
-            bands.update({name: [name] for name in S1_BAND_NAMES})
-            shapes.update({name: [PATCH_SIZE, PATCH_SIZE] for name in S1_BAND_NAMES})
+    modality = Modality.MM if with_s1 else Modality.S2
     label_types = [ORIGINAL, BIGEARTHNET_19] if plan.archive.version == 1 else [BIGEARTHNET_19]
     labels = {ORIGINAL: list(ORIGINAL_LABELS), BIGEARTHNET_19: list(BIGEARTHNET_19_LABELS)}
     return {
-        "format": plan.record_format,
-        "format_version": FORMAT_VERSION if plan.record_format == "default" else None,
+        "format": plan.record_format.name,
+        "format_version": plan.record_format.format_version,
         "archive_version": plan.archive.version,
         "modalities": ["S2", "S1"] if with_s1 else ["S2"],
-        "bands": bands,
-        "shapes": shapes,
+        "bands": plan.record_format.bands(modality),
+        "shapes": plan.record_format.shapes(modality),
         "label_types": label_types,
         "labels": {label_type: labels[label_type] for label_type in label_types},
         "shard_size": plan.shard_size,
@@ -1019,7 +996,7 @@ def _stream_phase(
     root: str | os.PathLike,
     s1_root: str | os.PathLike | None,
     listed: dict[str, list[str]],
-    record_format: str,
+    record_format: RecordFormat,
     shard_size: int | None,
     workers: int,
     skip_bad: bool,
@@ -1033,7 +1010,7 @@ def _stream_phase(
     s1_file = os.fspath(s1_root) if s1_root is not None and archive.s1_dir is None else None
     spool_dir = out / SPOOL_DIR_NAME
     job = {
-        "format": record_format,
+        "format": record_format.name,
         "format_version": FORMAT_VERSION,
         "skip_bad": skip_bad,
         "version": archive.version,
@@ -1057,7 +1034,7 @@ def _stream_phase(
             more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
             raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
     done = open_spool(spool_dir, job, overwrite, say)
-    unit_patches = shard_size if record_format == "default" else LEGACY_PART_SIZE
+    unit_patches = record_format.unit_patches(shard_size)
     stream_job = StreamJob(
         archive,
         os.fspath(root),
@@ -1116,7 +1093,7 @@ def prepare(
     out: str | os.PathLike,
     split_files: Sequence[str | os.PathLike] | None = None,
     official_splits: bool = False,
-    record_format: str = "default",
+    record_format: str | RecordFormat = "default",
     workers: int | None = None,
     shard_size: int | None = None,
     exclude_snow_cloud: bool = False,
@@ -1140,7 +1117,8 @@ def prepare(
             lists, restricted to the patches present under `root` (a partial archive is normal
             here, so absent patches are counted and reported, not errors; none present is an
             error). v2: the parquet's train/validation/test.
-        record_format: "default" (raw pixel bytes, sharded) or "legacy" (the 2019 schema).
+        record_format: a name in `record_formats.FORMATS`: "default" (raw pixel bytes, sharded) or
+            "legacy" (the 2019 schema, one file per split).
         workers: worker processes; default: all usable cores. 1 runs in this process.
         shard_size: patches per shard in the default format (default `DEFAULT_SHARD_SIZE`).
         exclude_snow_cloud: drop patches on the snow and cloud/shadow lists from split CSVs.
@@ -1163,15 +1141,14 @@ def prepare(
     def say(message: str) -> None:
         console.print(message, markup=False, highlight=False, soft_wrap=True)
 
-    if record_format not in FORMATS:
-        raise UserError(f"unknown record format {record_format!r}; expected one of {', '.join(FORMATS)}")
+    fmt = parse_record_format(record_format)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    if shard_size is not None and record_format != "default":
-        raise UserError("--shard-size applies to the default format only; legacy writes one file per split")
-    shard_size = DEFAULT_SHARD_SIZE if shard_size is None and record_format == "default" else shard_size
+    if shard_size is not None and not fmt.sharded:
+        raise UserError(f"--shard-size applies to sharded formats only; {fmt} writes one file per split")
+    shard_size = DEFAULT_SHARD_SIZE if shard_size is None and fmt.sharded else shard_size
     if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
 
@@ -1206,7 +1183,7 @@ def prepare(
                 root,
                 s1_root,
                 listed,
-                record_format,
+                fmt,
                 shard_size,
                 workers,
                 skip_bad,
@@ -1229,9 +1206,7 @@ def prepare(
             except UserError:  # listed patches the file does not hold: this job ends here
                 shutil.rmtree(out_path / SPOOL_DIR_NAME, ignore_errors=True)
                 raise
-        plan = _Plan(
-            out_path, out_path / WORK_DIR_NAME, record_format, shard_size, archive, splits, [], index
-        )
+        plan = _Plan(out_path, out_path / WORK_DIR_NAME, fmt, shard_size, archive, splits, [], index)
         _plan_units(plan)
         plan.fingerprint = _fingerprint(plan, skip_bad)
         done, appended = _start_or_resume(plan, overwrite, say)
@@ -1240,8 +1215,8 @@ def prepare(
         finished = dict(done)
         pending, resumed = _pending_units(plan, finished)
         for split in splits:
-            if record_format == "legacy":
-                _advance_legacy_split(plan, split, finished, appended)
+            if not fmt.sharded:
+                _join_parts(plan, split, finished, appended)
 
         total = sum(len(unit.names) for unit in plan.units)
         progress = _progress_bar(console)
@@ -1276,8 +1251,8 @@ def prepare(
                     _journal_append(plan.work_dir, entry)
                     finished[result.file_name] = entry
                     split = unit_split[result.file_name]
-                    if record_format == "legacy":
-                        _advance_legacy_split(plan, split, finished, appended)
+                    if not fmt.sharded:
+                        _join_parts(plan, split, finished, appended)
                 progress.update(task, completed=total)
         except BadPatchError:
             _discard_job(plan)
@@ -1307,7 +1282,7 @@ def prepare(
 
         summary = PrepareSummary(
             out=plan.out,
-            record_format=record_format,
+            record_format=fmt.name,
             files=dict(plan.files),
             patches=written,
             skipped=tuple(all_skipped),

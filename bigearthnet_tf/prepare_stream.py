@@ -59,7 +59,8 @@ from bigearthnet_tf.archive import (
 from bigearthnet_tf.constants import S1_BAND_NAMES, S2_BAND_NAMES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
-from bigearthnet_tf.records import SERIALIZERS, RecordWriter
+from bigearthnet_tf.record_formats import RecordFormat
+from bigearthnet_tf.records import RecordWriter
 from bigearthnet_tf.tarstream import (
     DIRECTORY,
     LINK,
@@ -174,10 +175,12 @@ class _WorkerState:
 _state: _WorkerState | None = None
 
 
-def _init_worker(archive: Archive, record_format: str, spool_dir: str, block_paths: list[str]) -> None:
+def _init_worker(
+    archive: Archive, record_format: RecordFormat, spool_dir: str, block_paths: list[str]
+) -> None:
     global _state
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    _state = _WorkerState(archive, SERIALIZERS[record_format], spool_dir, BlockViews(block_paths))
+    _state = _WorkerState(archive, record_format.serialize, spool_dir, BlockViews(block_paths))
 
 
 def _read_ref(ref: Ref):
@@ -400,7 +403,7 @@ class StreamJob:
     s1_path: str | None  # an S1 archive file
     units: dict[str, tuple[int, int]]  # every listed patch -> (its shard or legacy part, its place there)
     unit_patches: int  # patches per shard or part
-    record_format: str
+    record_format: RecordFormat
     workers: int
     skip_bad: bool
     spool_dir: Path

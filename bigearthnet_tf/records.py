@@ -1,4 +1,5 @@
-"""`tf.train.Example` encoding and TFRecord framing, written without TensorFlow.
+"""Record I/O without TensorFlow: `tf.train.Example` wire encoding, TFRecord framing and checksums,
+reading frames back and counting them.
 
 Preparation runs in worker processes that must start in milliseconds, so this module encodes the
 protobuf wire format by hand with numpy and frames records with `google-crc32c`. What it writes is
@@ -13,53 +14,21 @@ Wire format used (proto3, field numbers from tensorflow/core/example/{example,fe
     FloatList { repeated float value = 1 [packed]; }     # little-endian float32
     Int64List { repeated int64 value = 1 [packed]; }     # varints
 
-Two schemas are written (see docs/ARCHITECTURE.md): the default one (`format_version` 1, raw
-little-endian pixel bytes grouped by resolution) and the legacy 2019 one (one int64 list per band).
-Features are written in a fixed order, so the same patch always gives the same bytes.
+What a record holds (the schemas of our formats) is in `record_formats.py`; this module only knows
+messages, features and frames.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
 
-from bigearthnet_tf.constants import (
-    BIGEARTHNET_19,
-    BIGEARTHNET_19_LABELS,
-    ORIGINAL,
-    ORIGINAL_LABELS,
-    S1_BAND_NAMES,
-    S2_BAND_NAMES,
-)
-from bigearthnet_tf.layout import INPUTS, S2_INPUTS, label_key, label_names_key
-
-if TYPE_CHECKING:
-    from bigearthnet_tf.archive import Patch
-
-# Version of the default schema, stored in every record under `format_version`.
-FORMAT_VERSION = 1
-
-# Feature keys shared by both schemas (the 2019 names).
-PATCH_NAME = "patch_name"
-ORIGINAL_LABELS_KEY = label_names_key(ORIGINAL)
-ORIGINAL_MULTI_HOT_KEY = label_key(ORIGINAL)
-BIGEARTHNET_19_LABELS_KEY = label_names_key(BIGEARTHNET_19)
-BIGEARTHNET_19_MULTI_HOT_KEY = label_key(BIGEARTHNET_19)
-# Default schema only.
-FORMAT_VERSION_KEY = "format_version"
-BANDS_S1_KEY = "bands_s1"
-PATCH_NAME_S1 = "patch_name_s1"
-# Legacy multimodal (2021) schema only.
-PATCH_NAME_S2 = "patch_name_s2"
-
-# Default-schema pixel groups: feature key -> band names, channels last in this order.
-DEFAULT_BAND_GROUPS: dict[str, tuple[str, ...]] = {key: INPUTS[key].bands for key in S2_INPUTS}
+from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, ORIGINAL_LABELS
 
 # Wire types and the tags of the messages above.
 _WIRE_LENGTH_DELIMITED = 2
@@ -186,8 +155,8 @@ def _payload(array: np.ndarray) -> np.ndarray:
     return flat
 
 
-def _small_bytes_list(values: Iterable[bytes | str]) -> bytes:
-    """A serialized `Feature` holding a `BytesList` of small values, as one bytes object."""
+def bytes_list(values: Iterable[bytes | str]) -> bytes:
+    """A serialized `Feature` holding a `BytesList` of small values (str is UTF-8 encoded), as bytes."""
     items = []
     for value in values:
         data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
@@ -196,7 +165,7 @@ def _small_bytes_list(values: Iterable[bytes | str]) -> bytes:
     return _TAG_FIELD_1 + _varint(len(content)) + content
 
 
-def _raw_bytes_feature(array: np.ndarray) -> list[Buffer]:
+def raw_bytes(array: np.ndarray) -> list[Buffer]:
     """A serialized `Feature` whose `BytesList` holds one value, the raw bytes of `array`."""
     payload = _payload(array)
     value_head = _TAG_FIELD_1 + _varint(payload.size)
@@ -216,30 +185,27 @@ def _packed_feature(kind_tag: bytes, packed: np.ndarray) -> list[Buffer]:
     return [kind_tag + _varint(len(values_head) + payload.size) + values_head, payload]
 
 
-def _float_feature(values: np.ndarray) -> list[Buffer]:
+def float_list(values: np.ndarray) -> list[Buffer]:
+    """A serialized `Feature` holding a packed `FloatList` (row-major float32), as buffers."""
     return _packed_feature(_TAG_FIELD_2, np.asarray(values, dtype="<f4"))
 
 
-def _int64_feature(values: np.ndarray | Sequence[int]) -> list[Buffer]:
+def int64_list(values: np.ndarray | Sequence[int]) -> list[Buffer]:
+    """A serialized `Feature` holding a packed `Int64List` (row-major varints), as buffers."""
     return _packed_feature(_TAG_FIELD_3, _varint_array(np.asarray(values)))
-
-
-def bytes_feature(values: Iterable[bytes | str]) -> bytes:
-    """A serialized `Feature` holding a `BytesList` (str values are UTF-8 encoded)."""
-    return _small_bytes_list(values)
 
 
 def float_feature(values: np.ndarray) -> bytes:
     """A serialized `Feature` holding a packed `FloatList` (row-major float32)."""
-    return bytes(Serialized(_float_feature(values), 0))
+    return bytes(Serialized(float_list(values), 0))
 
 
 def int64_feature(values: np.ndarray | Sequence[int]) -> bytes:
     """A serialized `Feature` holding a packed `Int64List` (row-major)."""
-    return bytes(Serialized(_int64_feature(values), 0))
+    return bytes(Serialized(int64_list(values), 0))
 
 
-def _example(features: Iterable[tuple[str, list[Buffer] | bytes]]) -> Serialized:
+def example(features: Iterable[tuple[str, list[Buffer] | bytes]]) -> Serialized:
     """An `Example` from (key, serialized Feature as buffers) pairs, in the given order.
 
     Adjacent small buffers are merged, so a record is a handful of buffers: the bytes between
@@ -276,10 +242,10 @@ def _example(features: Iterable[tuple[str, list[Buffer] | bytes]]) -> Serialized
 
 def encode_example(features: Iterable[tuple[str, bytes]]) -> bytes:
     """A serialized `Example` from (key, serialized Feature) pairs, written in the given order."""
-    return bytes(_example(features))
+    return bytes(example(features))
 
 
-# --- the two schemas -----------------------------------------------------------------------------
+# --- labels -----------------------------------------------------------------------------------
 
 
 def multi_hot(names: Iterable[str], classes: Sequence[str]) -> np.ndarray:
@@ -299,83 +265,6 @@ def multi_hot(names: Iterable[str], classes: Sequence[str]) -> np.ndarray:
     return vector
 
 
-def _label_features(patch: Patch) -> list[tuple[str, list[Buffer] | bytes]]:
-    """Both label key pairs (the 43-class pair only when the patch has 43-class labels, i.e. v1)."""
-    features = []
-    if patch.labels_43 is not None:
-        features.append((ORIGINAL_LABELS_KEY, _small_bytes_list(patch.labels_43)))
-        features.append((ORIGINAL_MULTI_HOT_KEY, _int64_feature(multi_hot(patch.labels_43, ORIGINAL_LABELS))))
-    features.append((BIGEARTHNET_19_LABELS_KEY, _small_bytes_list(patch.labels_19)))
-    features.append(
-        (BIGEARTHNET_19_MULTI_HOT_KEY, _int64_feature(multi_hot(patch.labels_19, BIGEARTHNET_19_LABELS)))
-    )
-    return features
-
-
-def _stack(arrays: Sequence[np.ndarray], dtype: str) -> np.ndarray:
-    """Arrays of one shape stacked channels last, in the given little-endian dtype."""
-    stacked = np.empty((*arrays[0].shape, len(arrays)), dtype=dtype)
-    for channel, array in enumerate(arrays):
-        stacked[..., channel] = array
-    return stacked
-
-
-def serialize_default(patch: Patch) -> Serialized:
-    """`encode_default` without joining the buffers (what `prepare` writes)."""
-    features = [
-        (FORMAT_VERSION_KEY, _int64_feature([FORMAT_VERSION])),
-        (PATCH_NAME, _small_bytes_list([patch.name])),
-    ]
-    for key, band_names in DEFAULT_BAND_GROUPS.items():
-        pixels = _stack([patch.bands[name] for name in band_names], "<u2")
-        features.append((key, _raw_bytes_feature(pixels)))
-    features.extend(_label_features(patch))
-    if patch.s1_bands is not None:
-        pixels = _stack([patch.s1_bands[name] for name in S1_BAND_NAMES], "<f4")
-        features.append((BANDS_S1_KEY, _raw_bytes_feature(pixels)))
-        features.append((PATCH_NAME_S1, _small_bytes_list([patch.s1_name or ""])))
-    return _example(features)
-
-
-def serialize_legacy(patch: Patch) -> Serialized:
-    """`encode_legacy` without joining the buffers (what `prepare` writes)."""
-    features = [(name, _int64_feature(patch.bands[name])) for name in S2_BAND_NAMES]
-    features.extend(_label_features(patch))
-    features.append((PATCH_NAME, _small_bytes_list([patch.name])))
-    if patch.s1_bands is not None:
-        features.extend((name, _float_feature(patch.s1_bands[name])) for name in S1_BAND_NAMES)
-        features.append((PATCH_NAME_S1, _small_bytes_list([patch.s1_name or ""])))
-        features.append((PATCH_NAME_S2, _small_bytes_list([patch.name])))
-    return _example(features)
-
-
-def encode_default(patch: Patch) -> bytes:
-    """The patch as a serialized `tf.train.Example` in the default schema (`format_version` 1).
-
-    Keys, in this order: `format_version`, `patch_name`, `bands_10m`, `bands_20m`, `bands_60m`
-    (uint16 little-endian, channels last in constants.BANDS_10M/20M/60M order), `original_labels`,
-    `original_labels_multi_hot` (v1 only), `BigEarthNet-19_labels`, `BigEarthNet-19_labels_multi_hot`,
-    then with Sentinel-1 `bands_s1` (float32 little-endian (120, 120, 2): VV, VH) and `patch_name_s1`.
-    """
-    return bytes(serialize_default(patch))
-
-
-def encode_legacy(patch: Patch) -> bytes:
-    """The patch as a serialized `tf.train.Example` in the exact 2019 schema of prep_splits.py.
-
-    Keys: `B01` ... `B12` (int64 lists, row-major, native size), both label key pairs (the
-    `original_*` pair only for v1 patches), `patch_name`; with Sentinel-1 the 2021 multimodal keys
-    `VV`, `VH` (float lists of 14,400), `patch_name_s1` and `patch_name_s2` are added (`patch_name`
-    stays, holding the S2 name, so 2019 readers keep working).
-    """
-    return bytes(serialize_legacy(patch))
-
-
-# Record format name -> function returning the unjoined record, as `prepare` uses them.
-SERIALIZERS = {"default": serialize_default, "legacy": serialize_legacy}
-ENCODERS = {"default": encode_default, "legacy": encode_legacy}
-
-
 # --- TFRecord framing ----------------------------------------------------------------------------
 
 
@@ -384,7 +273,8 @@ def _mask(crc: int) -> int:
 
 
 def masked_crc32c(data: bytes) -> int:
-    """The CRC-32C of `data`, masked as TFRecord files store it."""
+    """The CRC-32C of `data`, masked as TFRecord files store it (rotated and offset, so that CRCs
+    of data holding CRCs stay well distributed)."""
     return _mask(google_crc32c.value(data))
 
 
@@ -455,3 +345,52 @@ class RecordWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# --- reading frames back -------------------------------------------------------------------------
+
+_HEADER_BYTES = _LENGTH.size + _CRC.size
+
+
+def read_frames(path: str | Path, *, with_data: bool) -> Iterator[tuple[int, bytes | None]]:
+    """Yield `(offset, data or None)` per record of a TFRecord file; ValueError where the framing breaks.
+
+    Without data only the 12-byte headers are read and the payloads are seeked over, which makes
+    counting cheap; the payload CRC is then not checked (`TFRecordDataset` checks it while reading).
+    """
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        offset = 0
+        while offset < size:
+            header = stream.read(_HEADER_BYTES)
+            if len(header) < _HEADER_BYTES:
+                raise ValueError(f"truncated record header at byte {offset}")
+            (length,) = _LENGTH.unpack_from(header)
+            if masked_crc32c(header[: _LENGTH.size]) != _CRC.unpack_from(header, _LENGTH.size)[0]:
+                raise ValueError(f"bad length checksum at byte {offset}")
+            end = offset + _HEADER_BYTES + length + _CRC.size
+            if end > size:
+                raise ValueError(f"truncated record at byte {offset}")
+            data = None
+            if with_data:
+                data = stream.read(length)
+                (data_crc,) = _CRC.unpack(stream.read(_CRC.size))
+                if masked_crc32c(data) != data_crc:
+                    raise ValueError(f"bad data checksum in the record at byte {offset}")
+            else:
+                stream.seek(end)
+            yield offset, data
+            offset = end
+
+
+def count_frames(path: str | Path) -> tuple[int, str | None]:
+    """Records in a TFRecord file from its headers, and what broke the framing (None if nothing).
+
+    A broken frame counts as one record: what follows it cannot be framed."""
+    count = 0
+    try:
+        for _ in read_frames(path, with_data=False):
+            count += 1
+    except ValueError as error:
+        return count + 1, str(error)
+    return count, None

@@ -27,7 +27,8 @@ from bigearthnet_tf.constants import (
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.evaluate import evaluate, sigmoid
 from bigearthnet_tf.metrics import compute_metrics
-from bigearthnet_tf.records import RecordWriter, encode_default
+from bigearthnet_tf.record_formats import DEFAULT
+from bigearthnet_tf.records import RecordWriter
 
 MODEL = "K-BranchCNN-Tiny"
 TEST_PATCHES = 12
@@ -93,7 +94,7 @@ def setup(tmp_path_factory):
     patches = make_patches(TEST_PATCHES, 11)
     with RecordWriter(folder / "test.tfrecord") as writer:
         for patch in patches:
-            writer.write(encode_default(patch))
+            writer.write(DEFAULT.encode(patch))
     models = {}
     for label_type, classes in LABEL_TYPES.items():
         keras.utils.set_random_seed(5)

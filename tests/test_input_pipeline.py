@@ -169,7 +169,7 @@ def sharded_set(tmp_path_factory) -> tuple[str, list[str]]:
 def test_decoding_gives_the_encoded_arrays_exactly(tmp_path, patches, kind):
     encode = default_example if kind == "default" else legacy_example
     path = write_records(tmp_path / "set.tfrecord", [encode(p, s1=True) for p in patches])
-    assert ip.detect_format(path).kind == kind
+    assert ip.detect_format(path).format.name == kind
 
     for label_type in (ORIGINAL, BEN19):
         ds = ip.make_dataset(path, label_type, batch_size=4, modality="MM", with_names=True)

@@ -33,6 +33,7 @@ from bigearthnet_tf.constants import (
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.prepare import MANIFEST_NAME, SKIPPED_REPORT_NAME, WORK_DIR_NAME, prepare
+from bigearthnet_tf.record_formats import LegacyFormat
 
 REPO = Path(__file__).resolve().parents[1]
 METADATA_SUFFIX = "_labels_metadata.json"
@@ -307,7 +308,7 @@ def test_output_is_deterministic_and_independent_of_workers(archive, tmp_path, m
 
     # Legacy: parts of 2 patches written by two workers, concatenated in list order.
     run(archive, tmp_path / "legacy-one", record_format="legacy", workers=1)
-    monkeypatch.setattr(prepare_module, "LEGACY_PART_SIZE", 1)
+    monkeypatch.setattr(LegacyFormat, "part_size", 1)
     run(archive, tmp_path / "legacy-parts", record_format="legacy", workers=2)
     assert folder_bytes(tmp_path / "legacy-one") == folder_bytes(tmp_path / "legacy-parts")
 
@@ -623,7 +624,7 @@ def test_a_killed_worker_fails_the_run_and_keeps_finished_shards(archive, tmp_pa
 
 
 def test_legacy_restart_keeps_finished_parts(archive, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "LEGACY_PART_SIZE", 1)
+    monkeypatch.setattr(LegacyFormat, "part_size", 1)
     reference = tmp_path / "reference"
     run(archive, reference, record_format="legacy")
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tifffile
 
-from bigearthnet_tf import records
+from bigearthnet_tf import record_formats, records
 from bigearthnet_tf.archive import Patch, open_archive
 from bigearthnet_tf.constants import (
     BANDS_10M,
@@ -73,13 +73,13 @@ def test_float_and_bytes_features_are_byte_identical_to_tensorflow():
     expected_bytes = tf.train.Feature(
         bytes_list=tf.train.BytesList(value=[s.encode() for s in strings])
     ).SerializeToString()
-    assert records.bytes_feature(strings) == expected_bytes
-    assert records.bytes_feature([]) == tf.train.Feature(bytes_list=tf.train.BytesList()).SerializeToString()
+    assert records.bytes_list(strings) == expected_bytes
+    assert records.bytes_list([]) == tf.train.Feature(bytes_list=tf.train.BytesList()).SerializeToString()
 
 
 def test_encode_example_parses_with_tensorflow():
     serialized = records.encode_example(
-        [("a", records.int64_feature([1, 2])), ("b", records.bytes_feature([b"\x00\xff"]))]
+        [("a", records.int64_feature([1, 2])), ("b", records.bytes_list([b"\x00\xff"]))]
     )
     example = tf.train.Example.FromString(serialized)
     assert list(example.features.feature["a"].int64_list.value) == [1, 2]
@@ -121,8 +121,8 @@ def expected_multi_hot(names, classes) -> list[int]:
 def test_default_schema_round_trips_the_real_patches(example_paths, example_patches):
     assert len(example_patches) == 6
     for patch in example_patches:
-        parsed = tf.io.parse_single_example(records.encode_default(patch), default_spec())
-        assert int(parsed["format_version"][0]) == records.FORMAT_VERSION
+        parsed = tf.io.parse_single_example(record_formats.DEFAULT.encode(patch), default_spec())
+        assert int(parsed["format_version"][0]) == record_formats.FORMAT_VERSION
         assert parsed["patch_name"].numpy().decode() == patch.name
         for key, bands, size in (
             ("bands_10m", BANDS_10M, 120),
@@ -145,15 +145,13 @@ def test_default_schema_round_trips_the_real_patches(example_paths, example_patc
             labels_19, BIGEARTHNET_19_LABELS
         )
         # Sentinel-1 keys appear only when the patch has S1 bands.
-        assert (
-            "bands_s1"
-            not in tf.train.Example.FromString(records.encode_default(_without_s1(patch))).features.feature
-        )
+        without_s1 = record_formats.DEFAULT.encode(_without_s1(patch))
+        assert "bands_s1" not in tf.train.Example.FromString(without_s1).features.feature
 
 
 def test_known_patch_labels(example_patches):
     patch = next(p for p in example_patches if p.name == EXAMPLE_PATCH)
-    example = tf.train.Example.FromString(records.encode_legacy(patch)).features.feature
+    example = tf.train.Example.FromString(record_formats.LEGACY.encode(patch)).features.feature
     assert [v.decode() for v in example["original_labels"].bytes_list.value] == list(EXAMPLE_LABELS)
     assert list(example["original_labels_multi_hot"].int64_list.value) == [
         1 if i in (11, 20) else 0 for i in range(43)
@@ -190,7 +188,7 @@ def legacy_spec_2019() -> dict:
 def test_legacy_schema_round_trips_the_real_patches(example_paths, example_patches):
     for patch in example_patches:
         plain = _without_s1(patch)
-        serialized = records.encode_legacy(plain)
+        serialized = record_formats.LEGACY.encode(plain)
         keys = set(tf.train.Example.FromString(serialized).features.feature)
         assert keys == {
             *S2_BAND_NAMES,
@@ -223,14 +221,14 @@ def test_sentinel1_keys_in_both_schemas(example_paths, example_patches):
         vh = tifffile.imread(folder / f"{patch.s1_name}_VH.tif")
         assert not np.array_equal(vv, vh)
 
-        default = tf.train.Example.FromString(records.encode_default(patch)).features.feature
+        default = tf.train.Example.FromString(record_formats.DEFAULT.encode(patch)).features.feature
         bands_s1 = np.frombuffer(default["bands_s1"].bytes_list.value[0], dtype="<f4").reshape(120, 120, 2)
         np.testing.assert_array_equal(bands_s1[..., 0], vv)
         np.testing.assert_array_equal(bands_s1[..., 1], vh)
         assert default["patch_name_s1"].bytes_list.value[0].decode() == patch.s1_name
 
         legacy = tf.io.parse_single_example(
-            records.encode_legacy(patch),
+            record_formats.LEGACY.encode(patch),
             {
                 "VV": tf.io.FixedLenFeature([14_400], tf.float32),
                 "VH": tf.io.FixedLenFeature([14_400], tf.float32),
@@ -253,7 +251,7 @@ def test_v2_patches_have_no_original_label_keys(example_patches):
         labels_43=None,
         labels_19=("Pastures",),
     )
-    for encode in (records.encode_default, records.encode_legacy):
+    for encode in (record_formats.DEFAULT.encode, record_formats.LEGACY.encode):
         features = tf.train.Example.FromString(encode(v2)).features.feature
         assert "original_labels" not in features and "original_labels_multi_hot" not in features
         assert [v.decode() for v in features["BigEarthNet-19_labels"].bytes_list.value] == ["Pastures"]
@@ -264,8 +262,8 @@ def test_v2_patches_have_no_original_label_keys(example_patches):
 
 def test_encoding_is_deterministic(example_patches):
     for patch in example_patches:
-        assert records.encode_default(patch) == records.encode_default(patch)
-        assert records.encode_legacy(patch) == records.encode_legacy(patch)
+        assert record_formats.DEFAULT.encode(patch) == record_formats.DEFAULT.encode(patch)
+        assert record_formats.LEGACY.encode(patch) == record_formats.LEGACY.encode(patch)
 
 
 def _without_s1(patch: Patch) -> Patch:
@@ -276,7 +274,7 @@ def _without_s1(patch: Patch) -> Patch:
 
 
 def test_framing_is_byte_identical_to_tf_record_writer(tmp_path, example_patches):
-    payloads = [records.encode_default(patch) for patch in example_patches] + [b"", b"x" * 300]
+    payloads = [record_formats.DEFAULT.encode(patch) for patch in example_patches] + [b"", b"x" * 300]
     ours = tmp_path / "ours.tfrecord"
     with records.RecordWriter(ours) as writer:
         for payload in payloads:

@@ -13,7 +13,8 @@ from bigearthnet_tf import constants
 from bigearthnet_tf.archive import Patch
 from bigearthnet_tf.cli import main
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.records import RecordWriter, encode_default, encode_legacy
+from bigearthnet_tf.record_formats import DEFAULT, LEGACY
+from bigearthnet_tf.records import RecordWriter
 from bigearthnet_tf.stats import (
     FILE_FORMAT,
     BandStatistic,
@@ -67,7 +68,7 @@ def make_patches(
     return patches
 
 
-def write_records(path, patches: list[Patch], encode=encode_default):
+def write_records(path, patches: list[Patch], encode=DEFAULT.encode):
     with RecordWriter(path) as writer:
         for patch in patches:
             writer.write(encode(patch))
@@ -111,7 +112,7 @@ def test_matches_numpy_on_every_band_at_native_resolution(mm_set):
 def test_legacy_records_give_the_same_statistics(tmp_path, mm_set):
     _, patches = mm_set
     default = write_records(tmp_path / "default.tfrecord", patches[:3])
-    legacy = write_records(tmp_path / "legacy.tfrecord", patches[:3], encode_legacy)
+    legacy = write_records(tmp_path / "legacy.tfrecord", patches[:3], LEGACY.encode)
     from_default = compute_band_statistics(default, "MM", show_progress=False)
     from_legacy = compute_band_statistics(legacy, "MM", show_progress=False)
     assert from_legacy.as_mapping() == from_default.as_mapping()

@@ -27,7 +27,8 @@ from bigearthnet_tf.config import config_from_dict
 from bigearthnet_tf.constants import ORIGINAL_LABELS, S2_BANDS, original_to_19
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.evaluate import evaluate
-from bigearthnet_tf.records import RecordWriter, encode_default
+from bigearthnet_tf.record_formats import DEFAULT
+from bigearthnet_tf.records import RecordWriter
 from bigearthnet_tf.train import TrainingDiverged, TrainingInterrupted, train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def make_patches(count: int, seed: int, with_s1: bool = False) -> list[Patch]:
 def write_records(path: Path, patches: list[Patch]) -> None:
     with RecordWriter(path) as writer:
         for patch in patches:
-            writer.write(encode_default(patch))
+            writer.write(DEFAULT.encode(patch))
 
 
 @pytest.fixture(scope="module")
