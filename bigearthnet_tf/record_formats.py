@@ -158,6 +158,12 @@ class RecordFormat(ABC):
             return [f"{split}-{i:05d}-of-{count:05d}{_TFRECORD_SUFFIX}" for i in range(count)]
         return [f"{split}.part-{i:05d}" for i in range(count)]
 
+    def file_glob(self, split: str) -> str:
+        """A glob pattern for the final files of a split, whatever their count (`split` escaped)."""
+        if self.sharded:
+            return f"{split}-{'[0-9]' * 5}-of-{'[0-9]' * 5}{_TFRECORD_SUFFIX}"
+        return split + _TFRECORD_SUFFIX
+
     def split_files(self, split: str, count: int) -> tuple[str, ...]:
         """The final files of a split written in `count` tasks."""
         return tuple(self.unit_files(split, count)) if self.sharded else (split + _TFRECORD_SUFFIX,)

@@ -20,6 +20,7 @@ import tensorflow as tf
 import tifffile
 
 from bigearthnet_tf import prepare as prepare_module
+from bigearthnet_tf import prepare_job
 from bigearthnet_tf.archive import BadPatchError, official_v1_splits, open_archive, snow_cloud_v1
 from bigearthnet_tf.cli import main as cli_main
 from bigearthnet_tf.constants import (
@@ -177,7 +178,7 @@ def assert_matches_archive(records: list[dict], archive: Path, names: list[str])
 def journaled_files(out: Path) -> list[str]:
     """Files an unfinished run has recorded as finished (its journal may end in a torn line)."""
     try:
-        lines = (out / WORK_DIR_NAME / prepare_module._JOURNAL_FILE).read_text().splitlines()
+        lines = (out / WORK_DIR_NAME / prepare_job.JOURNAL_FILE).read_text().splitlines()
     except FileNotFoundError:
         return []
     return [json.loads(line)["file"] for line in lines if line.endswith("}")]

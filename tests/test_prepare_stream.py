@@ -99,11 +99,11 @@ def test_archive_file_gives_the_folder_shards(v1_files, tmp_path, suffix, record
 
 def _count_copies(monkeypatch) -> list:
     """Calls of `copy_records` in this process (workers=1): shards written by copying from the spool."""
-    import bigearthnet_tf.prepare as prepare_module
+    import bigearthnet_tf.prepare_workers as prepare_workers
 
     copies = []
-    original = prepare_module.copy_records
-    monkeypatch.setattr(prepare_module, "copy_records", lambda *args: copies.append(1) or original(*args))
+    original = prepare_workers.copy_records
+    monkeypatch.setattr(prepare_workers, "copy_records", lambda *args: copies.append(1) or original(*args))
     return copies
 
 
