@@ -44,6 +44,7 @@ from rich.console import Console
 
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.config import STORED_THRESHOLDS, Config, save_config
+from bigearthnet_tf.console import progress_bar
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import (
     new_temporary_folder,
@@ -52,8 +53,12 @@ from bigearthnet_tf.files import (
     remove_stale_temporaries,
     write_text_atomically,
 )
-from bigearthnet_tf.inference import Predictions, collect_predictions, sigmoid  # noqa: F401  (public here too)
+from bigearthnet_tf.inference import Predictions, collect_predictions
+from bigearthnet_tf.input_pipeline import CorruptRecordCounter, count_records, make_dataset
 from bigearthnet_tf.locks import output_lock
+from bigearthnet_tf.metrics import compute_metrics
+from bigearthnet_tf.report import print_metrics_table, save_per_class_chart
+from bigearthnet_tf.thresholds import read_thresholds_file, stored_thresholds, thresholds_path
 
 EVAL_RESULT_NAME = "eval_result.json"
 PREDICTIONS_NAME = "predictions.csv"
@@ -88,9 +93,6 @@ def evaluate(config: Config, *, console: Console | None = None, overwrite: bool 
 
 
 def _evaluate(config: Config, *, console: Console | None, overwrite: bool) -> EvaluationResult:
-    from bigearthnet_tf.input_pipeline import CorruptRecordCounter, count_records, make_dataset
-    from bigearthnet_tf.metrics import compute_metrics
-    from bigearthnet_tf.report import print_metrics_table
 
     console = console or Console()
     model, _, meta = restore_model(config)
@@ -169,8 +171,6 @@ class Thresholds:
 def evaluation_thresholds(config: Config, meta: Mapping[str, Any], class_names: Sequence[str]) -> Thresholds:
     """The config's `threshold` for every class, or per-class thresholds (`thresholds`: "stored" beside
     the checkpoint by `predict --choose-thresholds`, or a JSON file); classes they omit keep `threshold`."""
-    from bigearthnet_tf.checkpoints import file_sha256
-    from bigearthnet_tf.thresholds import read_thresholds_file, stored_thresholds, thresholds_path
 
     base = float(config.threshold)
     if config.thresholds is None:
@@ -178,7 +178,7 @@ def evaluation_thresholds(config: Config, meta: Mapping[str, Any], class_names: 
     if config.thresholds == STORED_THRESHOLDS:
         model_file = Path(config.model_file)
         weights = (meta.get("files") or {}).get("weights") or {}
-        sha256 = weights.get("sha256") or file_sha256(model_file)
+        sha256 = weights.get("sha256") or checkpoints.file_sha256(model_file)
         per_class = stored_thresholds(model_file, sha256, class_names)
         if per_class is None:
             raise UserError(
@@ -221,7 +221,6 @@ def publish_results(
 
     Without `overwrite` an existing folder is never touched: the new results get the next free `-n`.
     """
-    from bigearthnet_tf.report import save_per_class_chart
 
     parent = Path(config.out_dir) / EVAL_DIR
     remove_stale_temporaries(parent)
@@ -315,10 +314,6 @@ def write_predictions_csv(
 @contextlib.contextmanager
 def _progress_bar(console: Console, total: int) -> Iterator[Callable[[], None]]:
     """A progress bar over the evaluation batches; yields a function that advances it by one batch."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "evaluating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
-    ) as bar:
+    with progress_bar(console, "batches") as bar:
         task = bar.add_task("evaluating", total=total)
         yield lambda: bar.advance(task)

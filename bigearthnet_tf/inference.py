@@ -1,5 +1,6 @@
 """Running a model over data: its logits as one traced function, over a whole dataset, and the numpy
-sigmoid and loss over the results. Shared by training (validation), evaluation and prediction.
+sigmoid and loss over the results; and a model's logits over patches read straight from their files.
+Shared by training (validation), evaluation and prediction.
 
 `logits_function(model)` is traced once per model: its input signature fixes everything but the batch
 size, so the last, smaller batch of a set and every later validation reuse the same graph (tracing a
@@ -9,13 +10,14 @@ new function per validation made TensorFlow warn about retracing, and cost time 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.patch_source import PatchLocation, PatchReader, batches
 
 _LOGITS_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -109,3 +111,31 @@ def sigmoid_cross_entropy(labels: np.ndarray, logits: np.ndarray) -> float:
     # max(x, 0) - x z + log(1 + exp(-|x|)): the stable form TensorFlow uses.
     losses = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
     return float(losses.mean())
+
+
+def logits_over_patches(
+    model,
+    reader: PatchReader,
+    locations: Sequence[PatchLocation],
+    *,
+    batch_size: int,
+    workers: int,
+    skip_bad: bool = False,
+    advance: Callable[[int], None] = lambda count: None,
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """The model's logits for patches read straight from their files (`patch_source`).
+
+    Returns the names of the patches read, their logits (patches, classes) and, with `skip_bad`, the
+    (name, reason) of each patch left out; `advance(n)` is called as patches are done.
+    """
+    apply = logits_function(model)
+    names: list[str] = []
+    outputs: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    for batch in batches(reader, locations, batch_size, workers, skip_bad, skipped):
+        if batch.names:
+            outputs.append(apply(batch.inputs).numpy()[: len(batch.names)])
+            names.extend(batch.names)
+        advance(batch.attempted)
+    logits = np.concatenate(outputs) if outputs else np.empty((0, 0), dtype=np.float32)
+    return names, logits, skipped

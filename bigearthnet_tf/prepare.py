@@ -50,10 +50,11 @@ keeps the job folder (journal, resume, joining parts, the manifest), `prepare_wo
 in worker processes, and `prepare_stream.py` (with `tarstream.py`) reads archive files.
 
 Workers (`workers`, default all usable cores; 1 runs in this process) import only numpy, the TIFF
-reader and `prepare_workers`, never TensorFlow (tests/test_layers.py guards this). They are forked when this process runs no other thread and
-has not loaded TensorFlow (the command line); otherwise (tests, the demo, notebooks) they come from a
-`forkserver`, a fresh interpreter. A worker killed from outside ends the run with a UserError; its
-finished shards stay for a restart. Ctrl-C stops the workers and keeps finished shards too.
+reader and `prepare_workers`, never TensorFlow (tests/test_layers.py guards this). They are forked
+when this process runs no other thread and has not loaded TensorFlow (the command line); otherwise
+(tests, the demo, notebooks) they come from a `forkserver`, a fresh interpreter. A worker killed from
+outside ends the run with a UserError; its finished shards stay for a restart. Ctrl-C stops the
+workers and keeps finished shards too.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+
 from bigearthnet_tf import __version__
 from bigearthnet_tf.archive import V2_METADATA, Archive, BadPatchError, open_archive
+from bigearthnet_tf.console import progress_bar, status_console
+from bigearthnet_tf.console import say as say_on
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import write_text_atomically
 from bigearthnet_tf.locks import output_lock
@@ -160,39 +165,6 @@ def _print_summary(summary: PrepareSummary, console) -> None:
     console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
-def _progress_bar(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class PatchRateColumn(ProgressColumn):
-        """Patches per second, smoothed by rich over the last seconds."""
-
-        def render(self, task) -> Text:
-            # Average over this run (patches done by an earlier run do not count).
-            done = task.completed - task.fields.get("resumed", 0)
-            if not task.elapsed or done <= 0:
-                return Text("-- patches/s", style="progress.data.speed")
-            return Text(f"{done / task.elapsed:,.0f} patches/s", style="progress.data.speed")
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        PatchRateColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def _open_archive_file(
     path: str | os.PathLike, version: int | None, s1_root: str | os.PathLike | None
 ) -> Archive:
@@ -271,7 +243,7 @@ def _stream_phase(
         spool_dir,
         context,
     )
-    progress = _stream_progress(console)
+    progress = progress_bar(console, amounts=True)
     size = os.path.getsize(root)
     tasks = {
         "bytes": progress.add_task(f"reading {os.path.basename(root)}", total=size, unit="bytes"),
@@ -284,32 +256,6 @@ def _stream_phase(
     except (BadPatchError, ArchiveFileError):
         shutil.rmtree(spool_dir, ignore_errors=True)
         raise
-
-
-def _stream_progress(console):
-    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class AmountColumn(ProgressColumn):
-        """Done / total and the rate over this run, in bytes or patches."""
-
-        def render(self, task) -> Text:
-            bytes_ = task.fields.get("unit") == "bytes"
-            scale, unit = (1e6, "MB") if bytes_ else (1, "patches")
-            digits = 1 if bytes_ and (task.total or 0) < 100e6 else 0  # small files: 0.4/1.1 MB
-            done = f"{task.completed / scale:,.{digits}f}/{(task.total or 0) / scale:,.{digits}f} {unit}"
-            rate = f"{task.completed / scale / task.elapsed:,.{digits}f} {unit}/s" if task.elapsed else "--"
-            return Text(f"{done}  {rate}", style="progress.data.speed")
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        AmountColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 def prepare(
@@ -358,12 +304,10 @@ def prepare(
         UserError: bad arguments, existing outputs without `overwrite`.
     """
     started = time.perf_counter()
-    from rich.console import Console
-
-    console = Console(stderr=True, quiet=not show_progress, highlight=False)
+    console = status_console(show_progress)
 
     def say(message: str) -> None:
-        console.print(message, markup=False, highlight=False, soft_wrap=True)
+        say_on(console, message)
 
     fmt = parse_record_format(record_format)
     if workers is None:
@@ -443,7 +387,7 @@ def prepare(
                 join_parts(plan, split, finished, appended)
 
         total = sum(len(unit.names) for unit in plan.units)
-        progress = _progress_bar(console)
+        progress = progress_bar(console, "patches")
         description = "writing shards" if from_file else "preparing"
         task = progress.add_task(description, total=total, completed=resumed, resumed=resumed)
         spool_dir = out_path / SPOOL_DIR_NAME

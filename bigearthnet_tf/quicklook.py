@@ -16,8 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from bigearthnet_tf.archive import V2_METADATA, V2_S2_FOLDER, BadPatchError, open_archive, read_s2_bands
 from bigearthnet_tf.constants import BANDS_10M, BIGEARTHNET_19, BIGEARTHNET_19_LABELS
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.patch_source import (
+    DEFAULT_BATCH_SIZE,
+    PatchReader,
+    check_patch_folders,
+    default_read_threads,
+    locate_folders,
+)
+from bigearthnet_tf.thresholds import predicted_labels, resolve_thresholds
 
 TRUE_COLOUR = ("B04", "B03", "B02")
 FALSE_COLOUR = ("B08", "B04", "B03")
@@ -65,9 +74,6 @@ def show(
 
 
 def _folder_patches(folders: Sequence[Path], model, s1_root) -> list[QuickLookPatch]:
-    from bigearthnet_tf.archive import read_s2_bands
-    from bigearthnet_tf.predict import check_patch_folders
-
     check_patch_folders(folders)
     predicted = _predicted_for_folders(folders, model, s1_root) if model is not None else {}
     patches = []
@@ -80,8 +86,6 @@ def _folder_patches(folders: Sequence[Path], model, s1_root) -> list[QuickLookPa
 
 def _folder_labels(folder: Path, name: str) -> tuple[str, ...] | None:
     """The BigEarthNet-19 labels of a patch folder: its v1 JSON, or its v2 archive's parquet."""
-    from bigearthnet_tf.archive import V2_METADATA, V2_S2_FOLDER, BadPatchError, open_archive
-
     if (folder / f"{name}{LABELS_FILE_SUFFIX}").is_file():
         return open_archive(folder.parent, version=1).read_labels(name)[1]
     top = folder.parent.parent
@@ -94,10 +98,17 @@ def _folder_labels(folder: Path, name: str) -> tuple[str, ...] | None:
 
 
 def _predicted_for_folders(folders, model, s1_root) -> dict[str, tuple[str, ...]]:
-    from bigearthnet_tf.predict import predict
+    from bigearthnet_tf.inference import logits_over_patches, sigmoid
+    from bigearthnet_tf.predictor import load_predictor
 
-    result = predict(model, folders, s1_root=s1_root, show_progress=False, emit=False)
-    return {name: tuple(labels) for name, labels in zip(result.names, result.labels, strict=True)}
+    predictor = load_predictor(model)
+    locations = locate_folders(folders, s1_root=s1_root, needs_s1=predictor.needs_s1)
+    reader = PatchReader(predictor.band_order, archive_mode=False)
+    names, logits, _ = logits_over_patches(
+        predictor.model, reader, locations, batch_size=DEFAULT_BATCH_SIZE, workers=default_read_threads()
+    )
+    labels = predicted_labels(sigmoid(logits), resolve_thresholds(predictor), predictor.class_names)
+    return {name: tuple(row) for name, row in zip(names, labels, strict=True)}
 
 
 def _record_patches(paths: Sequence[Path], limit: int, model) -> list[QuickLookPatch]:
@@ -130,7 +141,6 @@ def _predicted_for_inputs(model, files: list[str], count: int) -> list[tuple[str
     """The model's labels for the first `count` records, read with the inputs the model needs."""
     from bigearthnet_tf.inference import logits_function, sigmoid
     from bigearthnet_tf.input_pipeline import make_dataset
-    from bigearthnet_tf.predict import predicted_labels, resolve_thresholds
     from bigearthnet_tf.predictor import load_predictor
 
     predictor = load_predictor(model)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bigearthnet_tf import constants
+from bigearthnet_tf.console import progress_bar, status_console
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import INPUTS, input_keys, parse_modality
 
@@ -192,37 +193,6 @@ def _batch_moments(
     return records, reduced
 
 
-def _progress_bar(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class RecordRateColumn(ProgressColumn):
-        """Records per second, averaged over the run so far."""
-
-        def render(self, task) -> Text:
-            if not task.elapsed or not task.completed:
-                return Text("-- records/s", style="progress.data.speed")
-            return Text(f"{task.completed / task.elapsed:,.0f} records/s", style="progress.data.speed")
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RecordRateColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def compute_band_statistics(
     files: str | os.PathLike | Sequence[str | os.PathLike],
     modality: str | None = "S2",
@@ -243,8 +213,6 @@ def compute_band_statistics(
     Raises a :class:`UserError` for unreadable or unsuitable files, no records, or a constant band
     (its std of 0 could not standardise anything).
     """
-    from rich.console import Console
-
     from bigearthnet_tf import input_pipeline
 
     paths = input_pipeline.list_files(files)
@@ -261,8 +229,8 @@ def compute_band_statistics(
 
     moments = {key: Moments.empty(len(bands)) for key, bands in groups.items()}
     records = 0
-    console = Console(stderr=True, quiet=not show_progress, highlight=False)
-    with _progress_bar(console) as progress, input_pipeline.corrupt_files_as_user_errors():
+    console = status_console(show_progress)
+    with progress_bar(console, "records") as progress, input_pipeline.corrupt_files_as_user_errors():
         task = progress.add_task(f"statistics ({modality})", total=total)
         for batch_records, reduced in dataset:
             for key, (count, mean, m2) in reduced.items():

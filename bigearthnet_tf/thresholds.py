@@ -5,6 +5,11 @@ A class is predicted when its probability is >= its threshold (`DEFAULT_THRESHOL
 unless chosen). `predict --choose-thresholds` stores `<base>.thresholds.json` beside a checkpoint (a new
 file: the checkpoint's checksums stay untouched); it records the SHA-256 of the weights it was chosen
 for, and `stored_thresholds` refuses it for other weights, in `predict`, `export` and `evaluate` alike.
+
+Which thresholds a loaded model uses (`resolve_thresholds`), in this order: a `thresholds_file` (class
+-> threshold; classes it leaves out take `threshold`), else an explicit `threshold` for every class,
+else the stored thresholds (for an exported `.keras` model: those in its metadata file, carried over
+from the checkpoint), else 0.5. `predicted_labels` applies them.
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.jsonfiles import read_json_object
+
+if TYPE_CHECKING:
+    from bigearthnet_tf.predictor import Predictor
 
 THRESHOLDS_SUFFIX = ".thresholds.json"
 THRESHOLDS_FORMAT = "bigearthnet-tf-thresholds"
@@ -142,3 +151,46 @@ def stored_thresholds(
             "choose them again with bigearthnet predict --choose-thresholds, or delete the file"
         )
     return read_thresholds_file(path, class_names)
+
+
+def predicted_labels(
+    probabilities: np.ndarray, thresholds: np.ndarray | float, class_names: Sequence[str]
+) -> list[list[str]]:
+    """Per row, the class names whose probability is >= their threshold, in class order."""
+    chosen = np.asarray(probabilities) >= np.asarray(thresholds)
+    return [[class_names[i] for i in np.flatnonzero(row)] for row in chosen]
+
+
+def resolve_thresholds(
+    predictor: Predictor,
+    *,
+    threshold: float | None = None,
+    thresholds_file: str | os.PathLike[str] | None = None,
+    console=None,
+) -> np.ndarray:
+    """The threshold of each class of a loaded model, by the precedence of the module docstring."""
+    if threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold <= 1):
+        raise UserError(f"--threshold must be in (0, 1], got {threshold!r}")
+    base = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    per_class: dict[str, float] = {}
+    if thresholds_file is not None:
+        per_class = read_thresholds_file(thresholds_file, predictor.class_names)
+    elif threshold is None and predictor.thresholds_file.is_file():
+        per_class = stored_thresholds(predictor.source, predictor.model_sha256, predictor.class_names)
+        if console is not None:
+            console.print(
+                f"using the per-class thresholds stored in {predictor.thresholds_file}", markup=False
+            )
+    elif threshold is None and predictor.meta.get("thresholds"):
+        # An exported `.keras` model: the thresholds its metadata file carries from the checkpoint.
+        per_class = {str(name): float(value) for name, value in predictor.meta["thresholds"].items()}
+        unknown = sorted(set(per_class) - set(predictor.class_names))
+        if unknown:
+            raise UserError(
+                f"model {predictor.source}: its metadata has thresholds for unknown classes {unknown}"
+            )
+        if console is not None:
+            console.print(
+                f"using the per-class thresholds in the metadata of {predictor.source}", markup=False
+            )
+    return np.array([per_class.get(name, base) for name in predictor.class_names], dtype=np.float64)

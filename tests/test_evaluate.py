@@ -25,7 +25,8 @@ from bigearthnet_tf.constants import (
     original_to_19,
 )
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.evaluate import evaluate, sigmoid
+from bigearthnet_tf.evaluate import evaluate
+from bigearthnet_tf.inference import sigmoid
 from bigearthnet_tf.metrics import compute_metrics
 from bigearthnet_tf.record_formats import DEFAULT
 from bigearthnet_tf.records import RecordWriter

@@ -16,10 +16,11 @@ from bigearthnet_tf import checkpoints
 from bigearthnet_tf.cli import main
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, ORIGINAL_LABELS
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.evaluate import sigmoid
 from bigearthnet_tf.export import METADATA_ASSET, export_model
+from bigearthnet_tf.inference import sigmoid
 from bigearthnet_tf.models import INPUTS
-from bigearthnet_tf.predict import load_predictor, predict
+from bigearthnet_tf.predict import predict
+from bigearthnet_tf.predictor import load_predictor
 from bigearthnet_tf.thresholds import thresholds_path
 
 EXPORT_ATOL = 1e-4

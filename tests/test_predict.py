@@ -19,9 +19,11 @@ from bigearthnet_tf.cli import main
 from bigearthnet_tf.config import config_from_dict
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, S1_BAND_NAMES
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.evaluate import evaluate, sigmoid
+from bigearthnet_tf.evaluate import evaluate
+from bigearthnet_tf.inference import sigmoid
 from bigearthnet_tf.models import DEFAULT_STATISTICS, INPUTS
-from bigearthnet_tf.predict import PREDICTED_COLUMN, load_predictor, predict, tune_thresholds
+from bigearthnet_tf.predict import PREDICTED_COLUMN, predict, tune_thresholds
+from bigearthnet_tf.predictor import load_predictor
 from bigearthnet_tf.prepare import prepare
 from bigearthnet_tf.thresholds import choose_thresholds, thresholds_path
 
@@ -386,10 +388,21 @@ def test_command_line(synthetic_v1, v1_setup, tmp_path, capsys):
     assert "holds none of the patches of the official v1 splits" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "missing_patch"), "--model", str(base)])
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .endswith(
-            "missing_patch: no such patch folder; --skip-bad predicts the other patches and lists the bad ones"
-        )
+    expected = (
+        "missing_patch: no such patch folder; --skip-bad predicts the other patches and lists the bad ones"
     )
+    assert capsys.readouterr().err.strip().endswith(expected)
+
+
+def test_show_predicts_what_predict_predicts(synthetic_v1, v1_setup, tmp_path):
+    """`show --model` shows, per patch, exactly the labels `predict` writes for it."""
+    from bigearthnet_tf.quicklook import _folder_patches
+
+    _, base, _, _ = v1_setup
+    names = read_split_csv(synthetic_v1 / "test.csv")[:5]
+    folders = patch_folders(synthetic_v1, names)
+    result = predict(base, folders, show_progress=False, emit=False)
+    shown = _folder_patches(folders, base, None)
+    assert [patch.name for patch in shown] == names
+    assert [list(patch.predicted) for patch in shown] == result.labels
+    assert any(result.labels)  # some patch has a label, so the comparison is not of empty lists only

@@ -22,8 +22,8 @@ import pytest
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.cli import main
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS
-from bigearthnet_tf.evaluate import sigmoid
 from bigearthnet_tf.export import export_model
+from bigearthnet_tf.inference import sigmoid
 from bigearthnet_tf.models import input_keys
 from bigearthnet_tf.models.reben import REBEN_BAND_ORDERS, REBEN_STATISTICS
 from bigearthnet_tf.reben_import import import_reben

@@ -1,0 +1,102 @@
+"""The floors of the house (docs/ARCHITECTURE.md): what each module may import.
+
+Each check imports modules in a fresh interpreter and looks at what got loaded, so it sees imports at
+any depth, not only the ones written in the module itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "bigearthnet_tf"
+
+# Data preparation and the layout of the data: worker processes import these and must start in
+# milliseconds, and `prepare` forks workers only while TensorFlow is not loaded.
+WITHOUT_TENSORFLOW = (
+    "constants",
+    "errors",
+    "layout",
+    "files",
+    "jsonfiles",
+    "locks",
+    "tiff",
+    "archive",
+    "examples",
+    "synth",
+    "records",
+    "record_formats",
+    "tarstream",
+    "prepare_stream",
+    "prepare_splits",
+    "prepare_job",
+    "prepare_workers",
+    "prepare",
+    "cli",
+)
+HEAVY = ("tensorflow", "keras", "matplotlib", "jax", "torch")
+
+# Commands: modules that a command-line verb calls. None imports another (pieces two commands
+# share live a floor below); `demo` and `trial` run commands in sequence, which is their purpose.
+COMMANDS = (
+    "prepare",
+    "train",
+    "evaluate",
+    "predict",
+    "export",
+    "stats",
+    "inspect_data",
+    "quicklook",
+    "tf1_import",
+    "reben_import",
+)
+RUN_COMMANDS = {"demo": {"prepare", "train", "evaluate"}, "trial": {"train", "evaluate"}}
+
+
+def _loaded_after_import(modules: list[str]) -> list[str]:
+    code = (
+        "import json, sys\n"
+        f"for name in {modules!r}: __import__('bigearthnet_tf.' + name)\n"
+        f"print(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_preparation_and_layout_never_load_tensorflow():
+    assert _loaded_after_import(list(WITHOUT_TENSORFLOW)) == []
+
+
+def test_the_check_sees_tensorflow_when_it_is_loaded():
+    assert "tensorflow" in _loaded_after_import(["input_pipeline"])
+
+
+def _package_imports(module: str) -> set[str]:
+    """The package modules that `module` imports anywhere in its code (also inside functions)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bigearthnet_tf."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.ImportFrom) and node.module == "bigearthnet_tf":
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(
+                alias.name.split(".")[1] for alias in node.names if alias.name.startswith("bigearthnet_tf.")
+            )
+    return found
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_no_command_imports_another(command):
+    assert _package_imports(command) & set(COMMANDS) - {command} == set()
+
+
+@pytest.mark.parametrize(("runner", "runs"), sorted(RUN_COMMANDS.items()))
+def test_runners_import_only_the_commands_they_run(runner, runs):
+    assert _package_imports(runner) & set(COMMANDS) == runs
