@@ -27,16 +27,20 @@ import functools
 import importlib.resources
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import ClassVar
 
 import numpy as np
 
 from bigearthnet_tf.constants import (
     BANDS_BY_NAME,
+    BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
+    ORIGINAL,
     ORIGINAL_LABELS,
     PATCH_SIZE,
     S1_BAND_NAMES,
@@ -51,6 +55,9 @@ __all__ = [
     "Patch",
     "BadPatchError",
     "Archive",
+    "ArchiveV1",
+    "ArchiveV2",
+    "archive_class",
     "open_archive",
     "detect_version",
     "read_patch",
@@ -101,6 +108,8 @@ SPLIT_ALIASES: Mapping[str, str] = {"val": "validation", "validation": "val"}
 # Pairing S1 to S2 by reading every S1 JSON costs ~15 us per folder; past this many folders the
 # official table of bigearthnet-common (2 s to load) is cheaper for the names it knows.
 _S1_JSON_SCAN_LIMIT = 50_000
+# Checking this many names for a v1 patch folder costs about as much as listing the archive's folder.
+_STAT_EACH_LIMIT = 1_000
 
 _ORIGINAL_SET = frozenset(ORIGINAL_LABELS)
 _INDEX_19 = {name: index for index, name in enumerate(BIGEARTHNET_19_LABELS)}
@@ -203,20 +212,95 @@ def detect_version(root: str | os.PathLike) -> int:
 
 
 @dataclass(frozen=True)
-class Archive:
-    """Where an archive's patches are; `read_patch` reads one. Cheap to pickle (paths only)."""
+class Archive(ABC):
+    """Where an archive's patches are; `read_patch` reads one. Cheap to pickle (paths only).
 
-    version: int
+    What differs between the versions (folder layout, where labels and the S1 pairing come from, the
+    official splits) lives in `ArchiveV1` and `ArchiveV2`; `open_archive` picks one.
+    """
+
     root: str  # v1: the folder holding the patch folders; v2: the folder holding metadata.parquet
     s2_dir: str  # v1: same as root; v2: root/BigEarthNet-S2
     s1_dir: str | None = None  # folder holding the S1 patch folders (v1) or S1 product folders (v2)
 
+    version: ClassVar[int]
+    label_types: ClassVar[tuple[str, ...]]  # the label types its patches have
+    s2_folder_name: ClassVar[str]
+    s1_folder_name: ClassVar[str]
+    # Per S2 patch, the file that holds its labels, as a suffix of the patch name (None: labels are
+    # in the archive's metadata).
+    labels_file_suffix: ClassVar[str | None]
+    # The archive-wide metadata file beside the S2 folder: labels, splits and the S1 pairing (None:
+    # each patch's JSON holds its labels, and each S1 folder's JSON names its S2 twin).
+    metadata_file: ClassVar[str | None]
+    official_source: ClassVar[str]  # where the official splits come from, for messages
+    snow_cloud_optional: ClassVar[bool]  # whether official splits can keep snow/cloud patches
+
+    @classmethod
+    @abstractmethod
+    def locate(cls, root: Path) -> tuple[Path, Path]:
+        """(root, s2_dir) of an archive given its root (or, where the layout allows, its S2 folder);
+        UserError when this version's folders are not there."""
+
+    @classmethod
+    def locate_s1(cls, s1_root: str | os.PathLike) -> str:
+        """The folder of S1 patch folders (v1) or products (v2): `s1_root` or its folder of the
+        version's name; UserError if `s1_root` is not a folder."""
+        s1_path = Path(s1_root)
+        if not s1_path.is_dir():
+            raise UserError(f"Sentinel-1 root {s1_path} does not exist or is not a folder")
+        inside = s1_path / cls.s1_folder_name
+        return str(inside if inside.is_dir() else s1_path)
+
+    @abstractmethod
     def patch_folder(self, name: str) -> str:
         """The folder of S2 patch `name` (a string path; no check that it exists)."""
-        check_patch_name(name)
-        if self.version == 1:
-            return os.path.join(self.s2_dir, name)
-        return os.path.join(self.s2_dir, v2_product(name), name)
+
+    @abstractmethod
+    def s1_folder(self, s1_name: str) -> str:
+        """The folder of Sentinel-1 patch `s1_name`."""
+
+    @abstractmethod
+    def read_labels(self, name: str) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+        """(43-class labels or None for v2, 19-class labels) of patch `name`; BadPatchError if unusable."""
+
+    @abstractmethod
+    def labels_of(
+        self, name: str, files: Mapping[str, object] | None
+    ) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+        """`read_labels` for a patch whose files are in memory (None: no folder); the same checks."""
+
+    @abstractmethod
+    def patch_names(self) -> list[str]:
+        """The names of the S2 patch folders on disk, sorted."""
+
+    @abstractmethod
+    def official_splits(self, include_snow_cloud: bool = False) -> dict[str, list[str]]:
+        """The official split lists."""
+
+    @abstractmethod
+    def snow_cloud(self) -> frozenset[str]:
+        """The names of patches with seasonal snow, clouds or cloud shadows."""
+
+    @abstractmethod
+    def _paired_s1(self, name: str) -> str | None:
+        """The name of the S1 patch paired with S2 patch `name`, None if there is none; BadPatchError
+        for a pairing that contradicts itself."""
+
+    def s1_twins(self, names: Iterable[str]) -> dict[str, str] | None:
+        """S1 name -> S2 name for the S2 patches `names` that the archive's metadata pairs with one;
+        None where the pairing is in the S1 folders' files instead (v1)."""
+        return None
+
+    @property
+    def file_suffixes(self) -> tuple[str, ...]:
+        """What follows `<name>_` in the names of the files of a patch: the labels file, then the bands."""
+        labels = () if self.labels_file_suffix is None else (self.labels_file_suffix[1:],)
+        return (*labels, *(f"{band}.tif" for band in S2_BAND_NAMES))
+
+    def patch_file_names(self, name: str) -> list[str]:
+        """The files of S2 patch `name` that preparation reads: the labels file (v1), then the bands."""
+        return [f"{name}_{suffix}" for suffix in self.file_suffixes]
 
     def read_patch(self, name: str) -> Patch:
         """Read one patch (and its S1 twin when the archive has an S1 folder); BadPatchError if unusable."""
@@ -228,7 +312,7 @@ class Archive:
         folder. Only I/O: threads can run many of these at once on a cold disk."""
         folder = self.patch_folder(name)
         files: dict[str, object] = {}
-        for file_name in patch_file_names(self.version, name):
+        for file_name in self.patch_file_names(name):
             limit = MAX_METADATA_FILE_BYTES if file_name.endswith(".json") else MAX_BAND_FILE_BYTES
             try:
                 files[file_name] = read_input_file(os.path.join(folder, file_name), limit)
@@ -248,32 +332,11 @@ class Archive:
         s1_bands = read_s1_bands(self.s1_folder(s1_name), patch.name, s1_name)
         return dataclasses.replace(patch, s1_name=s1_name, s1_bands=s1_bands)
 
-    def read_labels(self, name: str) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
-        """(43-class labels or None for v2, 19-class labels) of patch `name`; BadPatchError if unusable."""
-        if self.version == 1:
-            return _read_v1_labels(self.patch_folder(name), name)
-        return None, self._v2_labels(name)
-
-    def patch_names(self) -> list[str]:
-        """The names of the S2 patch folders on disk, sorted."""
-        if self.version == 1:
-            return sorted(entry.name for entry in os.scandir(self.s2_dir) if entry.is_dir())
-        names = []
-        for product in os.scandir(self.s2_dir):
-            if product.is_dir():
-                names.extend(entry.name for entry in os.scandir(product.path) if entry.is_dir())
-        return sorted(names)
-
     def present_official_splits(self) -> dict[str, list[str]]:
-        """The official splits, for v1 only the patches present (the v1 lists name every patch, and a
-        partial archive is normal; the v2 parquet describes the archive it comes with)."""
+        """The official splits, with only the patches present on disk."""
         splits = self.official_splits()
-        if self.version == 1:
-            absent = set(self.missing_patches([name for names in splits.values() for name in names]))
-            splits = {
-                split: [name for name in names if name not in absent] for split, names in splits.items()
-            }
-        return splits
+        absent = set(self.missing_patches([name for names in splits.values() for name in names]))
+        return {split: [name for name in names if name not in absent] for split, names in splits.items()}
 
     def missing_patches(self, names: Iterable[str]) -> list[str]:
         """The names among `names` that have no S2 patch folder, in the order given."""
@@ -283,42 +346,110 @@ class Archive:
         """The Sentinel-1 patch paired with S2 patch `name`; BadPatchError if there is none."""
         if self.s1_dir is None:
             raise UserError("this archive was opened without a Sentinel-1 folder")
-        if self.version == 1:
-            s1_name = s1_pairs_v1(self.s1_dir).get(name)
-            where = self.s1_dir
-            if isinstance(s1_name, AmbiguousPair):
-                raise BadPatchError(name, where, f"claimed by several Sentinel-1 patches: {s1_name}")
-        else:
-            entry = _v2_metadata(self.root).get(name)
-            s1_name = None if entry is None else entry[1]
-            where = V2_METADATA
+        s1_name = self._paired_s1(name)
+        where = self.metadata_file or self.s1_dir
         if not s1_name:
             raise BadPatchError(name, where, "no Sentinel-1 patch is paired with this patch")
         try:
-            check_patch_name(s1_name)  # it becomes a path: metadata must not lead out of the S1 folder
-            if self.version == 2:
-                v2_s1_product(s1_name)
+            # It becomes a path: metadata must not lead out of the S1 folder.
+            self.s1_folder(check_patch_name(s1_name))
         except UserError:
             raise BadPatchError(name, where, f"invalid Sentinel-1 patch name {s1_name!r}") from None
         return s1_name
 
-    def official_splits(self, include_snow_cloud: bool = False) -> dict[str, list[str]]:
-        """The official split lists: bigearthnet-common's for v1, the parquet's for v2."""
-        if self.version == 1:
-            return official_v1_splits()
-        return official_v2_splits(self.root, include_snow_cloud=include_snow_cloud)
 
-    def snow_cloud(self) -> frozenset[str]:
-        """The names of patches with seasonal snow, clouds or cloud shadows."""
-        return snow_cloud_v1() if self.version == 1 else snow_cloud_v2(self.root)
+@dataclass(frozen=True)
+class ArchiveV1(Archive):
+    """BigEarthNet v1: a folder per patch, labels in its JSON; S1 folders name their S2 twin."""
+
+    version = 1
+    label_types = (ORIGINAL, BIGEARTHNET_19)
+    s2_folder_name = V1_S2_FOLDER
+    s1_folder_name = V1_S1_FOLDER
+    labels_file_suffix = V1_METADATA_SUFFIX
+    metadata_file = None
+    official_source = "the official v1 splits"
+    snow_cloud_optional = False
+
+    @classmethod
+    def locate(cls, root: Path) -> tuple[Path, Path]:
+        s2_dir = root / V1_S2_FOLDER if (root / V1_S2_FOLDER).is_dir() else root
+        return s2_dir, s2_dir
+
+    def patch_folder(self, name: str) -> str:
+        return os.path.join(self.s2_dir, check_patch_name(name))
 
     def s1_folder(self, s1_name: str) -> str:
-        """The folder of Sentinel-1 patch `s1_name` in this archive's layout."""
-        if self.version == 1:
-            return os.path.join(self.s1_dir, s1_name)
+        return os.path.join(self.s1_dir, s1_name)
+
+    def read_labels(self, name: str) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+        return _read_v1_labels(self.patch_folder(name), name)
+
+    def labels_of(
+        self, name: str, files: Mapping[str, object] | None
+    ) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+        if files is None:
+            raise BadPatchError(name, self.patch_folder(name), "no such patch folder")
+        file_name = name + V1_METADATA_SUFFIX
+        return decode_v1_labels(_file_bytes(files, file_name, name, "missing metadata file"), name, file_name)
+
+    def patch_names(self) -> list[str]:
+        return sorted(entry.name for entry in os.scandir(self.s2_dir) if entry.is_dir())
+
+    def missing_patches(self, names: Iterable[str]) -> list[str]:
+        # The official lists name 519,284 patches: a stat each costs seconds, one listing of the
+        # folder a fraction of that.
+        names = list(names)
+        if len(names) < _STAT_EACH_LIMIT:
+            return super().missing_patches(names)
+        with os.scandir(self.s2_dir) as entries:
+            present = {entry.name for entry in entries if entry.is_dir()}
+        return [name for name in names if name not in present]
+
+    def official_splits(self, include_snow_cloud: bool = False) -> dict[str, list[str]]:
+        """bigearthnet-common's lists (they name every patch; a partial archive holds some)."""
+        return official_v1_splits()
+
+    def snow_cloud(self) -> frozenset[str]:
+        return snow_cloud_v1()
+
+    def _paired_s1(self, name: str) -> str | None:
+        s1_name = s1_pairs_v1(self.s1_dir).get(name)
+        if isinstance(s1_name, AmbiguousPair):
+            raise BadPatchError(name, self.s1_dir, f"claimed by several Sentinel-1 patches: {s1_name}")
+        return s1_name
+
+
+@dataclass(frozen=True)
+class ArchiveV2(Archive):
+    """BigEarthNet v2 (reBEN): patches in product folders; labels, splits and the S1 pairing in
+    metadata.parquet."""
+
+    version = 2
+    label_types = (BIGEARTHNET_19,)
+    s2_folder_name = V2_S2_FOLDER
+    s1_folder_name = V2_S1_FOLDER
+    labels_file_suffix = None
+    metadata_file = V2_METADATA
+    official_source = f"the official v2 splits ({V2_METADATA})"
+    snow_cloud_optional = True
+
+    @classmethod
+    def locate(cls, root: Path) -> tuple[Path, Path]:
+        top = root.parent if root.name == V2_S2_FOLDER else root
+        if not (top / V2_METADATA).is_file():
+            raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_METADATA} is missing")
+        if not (top / V2_S2_FOLDER).is_dir():
+            raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_S2_FOLDER}/ is missing")
+        return top, top / V2_S2_FOLDER
+
+    def patch_folder(self, name: str) -> str:
+        return os.path.join(self.s2_dir, v2_product(check_patch_name(name)), name)
+
+    def s1_folder(self, s1_name: str) -> str:
         return os.path.join(self.s1_dir, v2_s1_product(s1_name), s1_name)
 
-    def _v2_labels(self, name: str) -> tuple[str, ...]:
+    def read_labels(self, name: str) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
         metadata = _v2_metadata(self.root)
         if name in metadata.repeated:
             raise BadPatchError(name, V2_METADATA, f"listed twice in the metadata: {metadata.repeated[name]}")
@@ -335,7 +466,57 @@ class Archive:
             raise BadPatchError(
                 name, V2_METADATA, f"unknown label {unknown[0]!r} (not one of the 19 BigEarthNet-19 labels)"
             )
-        return tuple(sorted(set(labels), key=_INDEX_19.__getitem__))
+        return None, tuple(sorted(set(labels), key=_INDEX_19.__getitem__))
+
+    def labels_of(
+        self, name: str, files: Mapping[str, object] | None
+    ) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
+        labels = self.read_labels(name)  # the metadata's faults come first: v2 has no labels file
+        if files is None:
+            raise BadPatchError(name, self.patch_folder(name), "no such patch folder")
+        return labels
+
+    def patch_names(self) -> list[str]:
+        names = []
+        for product in os.scandir(self.s2_dir):
+            if product.is_dir():
+                names.extend(entry.name for entry in os.scandir(product.path) if entry.is_dir())
+        return sorted(names)
+
+    def present_official_splits(self) -> dict[str, list[str]]:
+        """The parquet's splits: the metadata describes the archive it comes with."""
+        return self.official_splits()
+
+    def official_splits(self, include_snow_cloud: bool = False) -> dict[str, list[str]]:
+        return official_v2_splits(self.root, include_snow_cloud=include_snow_cloud)
+
+    def snow_cloud(self) -> frozenset[str]:
+        return snow_cloud_v2(self.root)
+
+    def s1_twins(self, names: Iterable[str]) -> dict[str, str] | None:
+        metadata = _v2_metadata(self.root)
+        twins = {}
+        for name in names:
+            entry = metadata.get(name)
+            if entry is not None and entry[1]:
+                twins[entry[1]] = name
+        return twins
+
+    def _paired_s1(self, name: str) -> str | None:
+        entry = _v2_metadata(self.root).get(name)
+        return None if entry is None else entry[1]
+
+
+ARCHIVE_VERSIONS: Mapping[int, type[Archive]] = MappingProxyType({1: ArchiveV1, 2: ArchiveV2})
+
+
+def archive_class(version: object) -> type[Archive]:
+    """The archive class of a version number; UserError naming it otherwise."""
+    try:
+        return ARCHIVE_VERSIONS[version]
+    except (KeyError, TypeError):
+        choices = " or ".join(map(str, ARCHIVE_VERSIONS))
+        raise UserError(f"unknown archive version {version!r}; expected {choices}") from None
 
 
 def open_archive(
@@ -345,31 +526,12 @@ def open_archive(
     root_path = Path(root)
     if version is None:
         version = detect_version(root_path)
-    elif version not in (1, 2):
-        raise UserError(f"unknown archive version {version!r}; expected 1 or 2")
-    elif not root_path.is_dir():
+    kind = archive_class(version)
+    if not root_path.is_dir():
         raise UserError(f"archive root {root_path} does not exist or is not a folder")
-
-    if version == 1:
-        s2_dir = root_path / V1_S2_FOLDER if (root_path / V1_S2_FOLDER).is_dir() else root_path
-        top = s2_dir
-        s1_folder_name = V1_S1_FOLDER
-    else:
-        top = root_path.parent if root_path.name == V2_S2_FOLDER else root_path
-        s2_dir = top / V2_S2_FOLDER
-        if not (top / V2_METADATA).is_file():
-            raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_METADATA} is missing")
-        if not s2_dir.is_dir():
-            raise UserError(f"{top} is not a BigEarthNet v2 archive: {V2_S2_FOLDER}/ is missing")
-        s1_folder_name = V2_S1_FOLDER
-
-    s1_dir = None
-    if s1_root is not None:
-        s1_path = Path(s1_root)
-        if not s1_path.is_dir():
-            raise UserError(f"Sentinel-1 root {s1_path} does not exist or is not a folder")
-        s1_dir = str(s1_path / s1_folder_name if (s1_path / s1_folder_name).is_dir() else s1_path)
-    return Archive(version=version, root=str(top), s2_dir=str(s2_dir), s1_dir=s1_dir)
+    top, s2_dir = kind.locate(root_path)
+    s1_dir = None if s1_root is None else kind.locate_s1(s1_root)
+    return kind(root=str(top), s2_dir=str(s2_dir), s1_dir=s1_dir)
 
 
 @functools.lru_cache(maxsize=8)
@@ -411,12 +573,6 @@ def _read_v1_labels(folder: str, name: str) -> tuple[tuple[str, ...], tuple[str,
     except OSError as error:
         raise BadPatchError(name, file_name, f"cannot read: {error.strerror}") from None
     return decode_v1_labels(raw, name, file_name)
-
-
-def patch_file_names(version: int, name: str) -> list[str]:
-    """The files of S2 patch `name` that preparation reads: the labels JSON (v1), then the bands."""
-    bands = [f"{name}_{band}.tif" for band in S2_BAND_NAMES]
-    return [name + V1_METADATA_SUFFIX, *bands] if version == 1 else bands
 
 
 def _file_bytes(files: Mapping[str, object], file_name: str, name: str, missing: str):
@@ -475,16 +631,7 @@ def decode_patch_files(
     """`Archive.read_patch` for a patch whose files are in memory (file name -> bytes-like, or
     None for a patch without a folder), as `Archive.read_patch_files` or an archive file give
     them; the same checks, in the same order, and the same BadPatchErrors."""
-    if files is None and archive.version == 1:
-        raise BadPatchError(name, archive.patch_folder(name), "no such patch folder")
-    if archive.version == 1:
-        file_name = name + V1_METADATA_SUFFIX
-        raw = _file_bytes(files, file_name, name, "missing metadata file")
-        labels_43, labels_19 = decode_v1_labels(raw, name, file_name)
-    else:
-        labels_43, labels_19 = archive.read_labels(name)
-        if files is None:  # the metadata's faults come first for v2, which has no labels file
-            raise BadPatchError(name, archive.patch_folder(name), "no such patch folder")
+    labels_43, labels_19 = archive.labels_of(name, files)
     bands = {
         band: decode_raster(files, f"{name}_{band}.tif", _S2_SHAPES[band], _UINT16, name)
         for band in S2_BAND_NAMES

@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bigearthnet_tf.archive import (
-    V1_S1_FOLDER,
     V2_METADATA,
-    V2_S1_FOLDER,
     V2_S2_FOLDER,
     Archive,
     BadPatchError,
@@ -177,7 +175,7 @@ def locate_archive(
     archive = open_archive(root)
     if needs_s1:
         if s1_root is None:  # the S1 folder often lies beside the S2 one
-            s1_folder = V1_S1_FOLDER if archive.version == 1 else V2_S1_FOLDER
+            s1_folder = archive.s1_folder_name
             candidates = [Path(archive.root), Path(archive.root).parent]
             s1_root = next((c for c in candidates if (c / s1_folder).is_dir()), None)
             if s1_root is None:
@@ -198,8 +196,8 @@ def locate_archive(
             raise UserError(f"--split {split!r}: no such split; the splits given are {known}")
         splits = {split: splits[split]}
     pairs = [(name, split_of) for split_of, names in splits.items() for name in names]
-    if official and archive.version == 1 and not pairs:
-        raise UserError(f"{root} holds none of the patches of the official v1 splits")
+    if official and not pairs:
+        raise UserError(f"{root} holds none of the patches of the official v{archive.version} splits")
     first_split = dict(reversed(pairs))  # a patch in two lists is predicted once, under its first split
     if not first_split:
         raise UserError(f"no patches to predict in {root}")

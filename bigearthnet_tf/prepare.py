@@ -72,7 +72,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bigearthnet_tf import __version__
-from bigearthnet_tf.archive import V2_METADATA, Archive, BadPatchError, open_archive
+from bigearthnet_tf.archive import Archive, BadPatchError, archive_class, open_archive
 from bigearthnet_tf.console import progress_bar, status_console
 from bigearthnet_tf.console import say as say_on
 from bigearthnet_tf.errors import UserError
@@ -176,15 +176,16 @@ def _open_archive_file(
     found = peek_version(path)
     if version is not None and version != found:
         raise UserError(f"{path} holds a v{found} archive, not v{version}")
+    kind = archive_class(found)
     top = os.path.dirname(os.path.abspath(path))
-    if found == 2 and not os.path.isfile(os.path.join(top, V2_METADATA)):
-        raise UserError(f"{path}: a v2 archive needs {V2_METADATA} beside it, in {top}")
+    if kind.metadata_file is not None and not os.path.isfile(os.path.join(top, kind.metadata_file)):
+        raise UserError(f"{path}: a v{found} archive needs {kind.metadata_file} beside it, in {top}")
     s1_dir = None
     if s1_root is not None and not is_archive_file(s1_root):
-        s1_dir = open_archive(top if found == 2 else s1_root, version=found, s1_root=s1_root).s1_dir
+        s1_dir = kind.locate_s1(s1_root)
     elif s1_root is not None and peek_version(os.fspath(s1_root), s1=True) != found:
         raise UserError(f"{s1_root} is not a Sentinel-1 archive of the same version (v{found}) as {path}")
-    return Archive(version=found, root=top if found == 2 else path, s2_dir=path, s1_dir=s1_dir)
+    return kind(root=top if kind.metadata_file else path, s2_dir=path, s1_dir=s1_dir)
 
 
 def _stream_phase(

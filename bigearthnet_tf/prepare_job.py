@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bigearthnet_tf import __version__
 from bigearthnet_tf.archive import Archive
-from bigearthnet_tf.constants import BIGEARTHNET_19, LABEL_TYPES, ORIGINAL
+from bigearthnet_tf.constants import LABEL_TYPES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
 from bigearthnet_tf.layout import Modality
@@ -302,7 +302,7 @@ def manifest(plan: Plan, patches: dict[str, int], skipped: dict[str, int], skip_
     """`dataset.json` of a finished job (its keys are documented in prepare.py)."""
     with_s1 = plan.archive.s1_dir is not None
     modality = Modality.MM if with_s1 else Modality.S2
-    label_types = [ORIGINAL, BIGEARTHNET_19] if plan.archive.version == 1 else [BIGEARTHNET_19]
+    label_types = list(plan.archive.label_types)
     return {
         "format": plan.record_format.name,
         "format_version": plan.record_format.format_version,

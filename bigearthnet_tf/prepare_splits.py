@@ -14,7 +14,6 @@ from pathlib import Path
 
 from bigearthnet_tf.archive import (
     SPLIT_ALIASES,
-    V2_METADATA,
     Archive,
     BadPatchError,
     read_split_csv,
@@ -31,19 +30,6 @@ class SkippedPatch:
     patch: str
     file: str
     reason: str
-
-
-def _missing_patches(archive: Archive, splits: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Per split, the names without a patch folder, in order.
-
-    v1 lists its one folder of patch folders once (a stat per name costs seconds over the 519,284
-    official names); v2 asks the archive, which knows its product folders.
-    """
-    if archive.version != 1:
-        return {split: archive.missing_patches(names) for split, names in splits.items()}
-    with os.scandir(archive.s2_dir) as entries:
-        present = {entry.name for entry in entries if entry.is_dir()}
-    return {split: [name for name in names if name not in present] for split, names in splits.items()}
 
 
 def _without_contradictions(
@@ -87,8 +73,10 @@ def resolve_splits(
 
     `missing_of(splits)` gives per split the names that are not in the archive (default: those
     without a folder; for an archive file, those its stream did not hold)."""
-    missing_of = missing_of or (lambda splits: _missing_patches(archive, splits))
-    if include_snow_cloud and (archive.version != 2 or not official_splits):
+    missing_of = missing_of or (
+        lambda splits: {split: archive.missing_patches(names) for split, names in splits.items()}
+    )
+    if include_snow_cloud and not (archive.snow_cloud_optional and official_splits):
         raise UserError(
             "--include-snow-cloud applies to the official v2 splits only (the v1 lists and user CSVs "
             "are taken as given; use --exclude-snow-cloud to drop flagged patches from CSVs)"
@@ -116,10 +104,9 @@ def resolve_splits(
                 f"official v{archive.version} splits: {listed - len(missing):,} of {listed:,} listed patches "
                 f"are in {archive.s2_dir}; preparing those"
             )
-        source = f"the official v{archive.version} splits" + (
-            f" ({V2_METADATA})" if archive.version == 2 else ""
+        splits, skipped = _without_contradictions(
+            splits, dict.fromkeys(splits, archive.official_source), skip_bad
         )
-        splits, skipped = _without_contradictions(splits, dict.fromkeys(splits, source), skip_bad)
         return _without_empty_splits(splits, say), skipped
 
     if not split_files:

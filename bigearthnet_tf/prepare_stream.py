@@ -48,7 +48,6 @@ from pathlib import Path
 from bigearthnet_tf import tarstream
 from bigearthnet_tf.archive import (
     V1_METADATA_SUFFIX,
-    V2_METADATA,
     Archive,
     BadPatchError,
     corresponding_s2,
@@ -56,7 +55,7 @@ from bigearthnet_tf.archive import (
     v2_product,
     v2_s1_product,
 )
-from bigearthnet_tf.constants import S1_BAND_NAMES, S2_BAND_NAMES
+from bigearthnet_tf.constants import S1_BAND_NAMES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
 from bigearthnet_tf.record_formats import RecordFormat
@@ -429,7 +428,7 @@ def stream_to_spool(
             index.bad[name] = place
     s1 = _s1_pass(job, say) if job.s1_path is not None else None
     wanted = job.units.keys() - done.keys()
-    expected = frozenset(_expected_files(job.archive.version))
+    expected = frozenset(job.archive.file_suffixes)
     pending: dict[str, dict[str, Ref]] = {}  # incomplete patches: file -> ref
     in_block: dict[int, set[str]] = {}  # block -> incomplete patches with a file in it
     # Complete patches not handed to a worker yet, by shard (or legacy part), and per shard how many of
@@ -718,11 +717,6 @@ def _ref_bytes(refs: dict[str, Ref]) -> int:
     return sum(sum(part[2] for part in ref[1]) if ref[0] == "b" else ref[3] for ref in refs.values())
 
 
-def _expected_files(version: int) -> tuple[str, ...]:
-    suffixes = tuple(f"{band}.tif" for band in S2_BAND_NAMES)
-    return (*suffixes, V1_METADATA_SUFFIX[1:]) if version == 1 else suffixes
-
-
 # --- Sentinel-1 in its own archive file -----------------------------------------------------------------
 
 
@@ -737,17 +731,8 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
             found,
         )
     in_place = compression_of(job.s1_path) == "none"
-    version = job.archive.version
-    wanted_s1: dict[str, str] | None = None  # s1 name -> S2 name (v2: from the metadata)
-    if version == 2:
-        from bigearthnet_tf.archive import _v2_metadata
-
-        metadata = _v2_metadata(job.archive.root)
-        wanted_s1 = {}
-        for name in job.units:
-            entry = metadata.get(name)
-            if entry is not None and entry[1]:
-                wanted_s1[entry[1]] = name
+    # S1 name -> S2 name from the archive's metadata (v2); None: each S1 folder's JSON names its twin.
+    wanted_s1 = job.archive.s1_twins(job.units)
     bands = {f"{band}.tif" for band in S1_BAND_NAMES}
     store_path = job.spool_dir / _S1_STORE_FILE
     store = None if in_place else open(store_path, "wb")
@@ -764,7 +749,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
         folder, file = found[1], found[2]
         if wanted_s1 is not None and folder not in wanted_s1:
             return None
-        if file[len(folder) + 1 :] in bands or (version == 1 and file == folder + V1_METADATA_SUFFIX):
+        if file[len(folder) + 1 :] in bands or (wanted_s1 is None and file == folder + V1_METADATA_SUFFIX):
             return found
         return None
 
@@ -788,10 +773,10 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
             store.write(data)
             files[file] = ("f", str(store_path), store_size[0], len(data))
             store_size[0] += len(data)
-        needed = len(bands) + (1 if version == 1 else 0)
+        needed = len(bands) + (1 if wanted_s1 is None else 0)
         if len(files) == needed:
             del pending[folder]
-            if version == 1:
+            if wanted_s1 is None:
                 s2_name = corresponding_s2(files.pop("json"), folder, job.s1_path)
             else:
                 s2_name = wanted_s1[folder]
@@ -834,7 +819,7 @@ def _s1_lookup(job: StreamJob, twins: dict, serial: dict) -> Callable[[str], tup
     def lookup(name: str) -> tuple:
         entry = serial.get(name)
         if entry is None:
-            where = V2_METADATA if job.archive.version == 2 else job.s1_path
+            where = job.archive.metadata_file or job.s1_path
             return ("bad", where, "no Sentinel-1 patch is paired with this patch")
         if entry[1] is None:
             return ("bad", job.s1_path, f"claimed by several Sentinel-1 patches: {entry[0]}")

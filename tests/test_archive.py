@@ -11,7 +11,8 @@ import pytest
 import tifffile
 
 from bigearthnet_tf.archive import (
-    Archive,
+    ArchiveV1,
+    ArchiveV2,
     BadPatchError,
     Patch,
     detect_version,
@@ -83,7 +84,7 @@ def _bad_patch(root, name=ONE) -> BadPatchError:
 
 def test_real_patches_read_pixel_identical_with_both_label_sets(example_paths):
     archive = open_archive(example_paths.s2)
-    assert archive == Archive(version=1, root=str(example_paths.s2), s2_dir=str(example_paths.s2))
+    assert archive == ArchiveV1(root=str(example_paths.s2), s2_dir=str(example_paths.s2))
     names = sorted(p.name for p in example_paths.s2.iterdir())
     for name in names:
         patch = archive.read_patch(name)
@@ -477,8 +478,8 @@ def test_v2_patch_reads_with_19_labels_only_and_unswapped_s1(tiny_v2, example_pa
     assert detect_version(tiny_v2 / "BigEarthNet-S2") == 2
     for root in (tiny_v2, tiny_v2 / "BigEarthNet-S2"):
         archive = open_archive(root, s1_root=tiny_v2)
-        assert archive == Archive(
-            2, str(tiny_v2), str(tiny_v2 / "BigEarthNet-S2"), str(tiny_v2 / "BigEarthNet-S1")
+        assert archive == ArchiveV2(
+            str(tiny_v2), str(tiny_v2 / "BigEarthNet-S2"), str(tiny_v2 / "BigEarthNet-S1")
         )
         patch = archive.read_patch(V2_ID)
         assert patch.labels_43 is None

@@ -17,8 +17,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "bigearthnet_tf"
 
 # Data preparation and the layout of the data: worker processes import these and must start in
-# milliseconds, and `prepare` forks workers only while TensorFlow is not loaded.
+# milliseconds, and `prepare` forks workers only while TensorFlow is not loaded. Reading patches
+# for a model, thresholds, metrics and the config stay numpy-only too (the command line starts fast).
 WITHOUT_TENSORFLOW = (
+    "console",
+    "config",
+    "metrics",
+    "thresholds",
+    "patch_source",
     "constants",
     "errors",
     "layout",
