@@ -58,9 +58,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bigearthnet_tf.constants import LABEL_TYPES, TF2_BICUBIC
+from bigearthnet_tf.constants import TF2_BICUBIC
+from bigearthnet_tf.constants import class_names as class_names_of
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import fsync_directory, make_readable
+from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.model_meta import ModelMeta
 
 FORMAT = "bigearthnet-tf-checkpoint"
 FORMAT_VERSION = 1
@@ -122,7 +125,7 @@ class LoadedCheckpoint(NamedTuple):
 
     model: Any  # keras.Model
     state: dict[str, np.ndarray] | None  # `optimizer/<i>` and `rng/<i>` arrays; None without a state file
-    meta: dict[str, Any]
+    meta: ModelMeta
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ def save_checkpoint(
     base = Path(base)
     files = checkpoint_files(base)
     base.parent.mkdir(parents=True, exist_ok=True)
-    class_names = _class_names(label_type)
+    class_names = class_names_of(label_type)
 
     # The old marker goes first: from here until the new one lands, this base name is incomplete.
     files["metadata"].unlink(missing_ok=True)
@@ -352,11 +355,20 @@ def restore_training_state(
 
 
 def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str, Any]:
-    """The metadata of a complete checkpoint; a missing, foreign or damaged one raises UserError.
+    """The metadata file of a complete checkpoint, as JSON; a missing, foreign or damaged one raises
+    UserError (its meaning is checked by `ModelMeta.from_checkpoint`).
 
     With `verify`, the size and SHA-256 of each listed file must match.
     """
-    base = Path(base)
+    return _read_checkpoint(Path(base), verify)[0]
+
+
+def read_model_meta(base: str | os.PathLike[str], verify: bool = True) -> ModelMeta:
+    """What checkpoint `base` means (see `read_metadata`)."""
+    return _read_checkpoint(Path(base), verify)[1]
+
+
+def _read_checkpoint(base: Path, verify: bool) -> tuple[dict[str, Any], ModelMeta]:
     path = checkpoint_files(base)["metadata"]
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
@@ -382,7 +394,8 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
             f"checkpoint {base}: format version {metadata.get('format_version')!r}; this version of "
             f"bigearthnet-tf reads {FORMAT_VERSION}"
         )
-    _check_structure(base, metadata)
+    _check_files_entry(base, metadata)
+    meta = ModelMeta.from_checkpoint(f"checkpoint {base}", metadata)
     if verify:
         located = checkpoint_files(base)
         for role, described in metadata["files"].items():
@@ -391,60 +404,23 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
                 raise UserError(
                     f"checkpoint {base}: {role} file {problem}; the checkpoint is incomplete or damaged"
                 )
-    return metadata
+    return metadata, meta
 
 
-# Metadata keys that loading relies on, with the JSON types they must have.
-_REQUIRED_METADATA: Mapping[str, type | tuple[type, ...]] = {
-    "model_name": str,
-    "label_type": str,
-    "modality": str,
-    "num_classes": int,
-    "class_names": list,
-    "input_keys": list,
-    "band_order": dict,
-    "statistics": dict,
-    "files": dict,
-}
 _FILE_SUFFIXES = {"weights": WEIGHTS_SUFFIX, "state": STATE_SUFFIX}
 
 
-def _check_structure(base: Path, metadata: Mapping[str, Any]) -> None:
-    """Refuse metadata whose keys have the wrong shape (a hand-edited or foreign file) with one line.
+def _check_files_entry(base: Path, metadata: Mapping[str, Any]) -> None:
+    """Refuse a `files` entry of the wrong shape with one line.
 
     Files are always found by the base name plus the role's suffix (the recorded name is informational),
     so metadata can never point the loader elsewhere, and a checkpoint renamed as a whole still loads.
     """
-
-    def malformed(key: str) -> UserError:
-        return UserError(f"checkpoint {base}: metadata key {key!r} is missing or malformed")
-
-    for key, kind in _REQUIRED_METADATA.items():
-        value = metadata.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise malformed(key)
-    if not all(isinstance(name, str) for name in metadata["class_names"] + metadata["input_keys"]):
-        raise malformed(
-            "class_names" if not all(isinstance(n, str) for n in metadata["class_names"]) else "input_keys"
-        )
-    if metadata["num_classes"] != len(metadata["class_names"]):
-        raise malformed("num_classes")
-    for key, bands in metadata["band_order"].items():
-        if not isinstance(bands, list) or not all(isinstance(band, str) for band in bands):
-            raise malformed(f"band_order.{key}")
-    for band, value in metadata["statistics"].items():
-        if not (
-            isinstance(value, list)
-            and len(value) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        ):
-            raise malformed(f"statistics.{band}")
-    for key in ("model_options", "source"):
-        if not isinstance(metadata.get(key, {}), dict | None):
-            raise malformed(key)
-    files = metadata["files"]
+    files = metadata.get("files")
+    if not isinstance(files, dict):
+        raise UserError(f"checkpoint {base}: metadata key 'files' is missing or malformed")
     if "weights" not in files:
-        raise malformed("files.weights")
+        raise UserError(f"checkpoint {base}: metadata key 'files.weights' is missing or malformed")
     for role, described in files.items():
         if (
             role not in _FILE_SUFFIXES
@@ -452,7 +428,7 @@ def _check_structure(base: Path, metadata: Mapping[str, Any]) -> None:
             or not isinstance(described.get("bytes"), int)
             or not isinstance(described.get("sha256"), str)
         ):
-            raise malformed(f"files.{role}")
+            raise UserError(f"checkpoint {base}: metadata key 'files.{role}' is missing or malformed")
 
 
 def is_complete(base: str | os.PathLike[str]) -> bool:
@@ -525,9 +501,9 @@ def load_checkpoint(
         return _load_keras_file(base, label_type=label_type, modality=modality)
     from bigearthnet_tf.models import build_model
 
-    meta = read_metadata(base, verify=True)
-    _check_meaning(base, meta, label_type=label_type, modality=modality, model_name=model_name)
-    saved_statistics = {band: tuple(value) for band, value in meta.get("statistics", {}).items()}
+    metadata, meta = _read_checkpoint(base, verify=True)
+    meta.check_request(f"checkpoint {base}", label_type=label_type, modality=modality, model_name=model_name)
+    saved_statistics = dict(meta.statistics)
     if statistics is not None:
         differ = sorted(
             band
@@ -540,32 +516,30 @@ def load_checkpoint(
                 f"{', '.join(differ)}; a model must see the statistics it was trained with"
             )
     options = {**network_options(meta), **(training_options or {})}
-    model = build_model(
-        meta["model_name"], meta["num_classes"], meta["modality"], saved_statistics, **options
-    )
+    model = build_model(meta.model_name, meta.num_classes, meta.modality, saved_statistics, **options)
     weights = checkpoint_files(base)["weights"]
     try:
         model.load_weights(str(weights))
     except (ValueError, KeyError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"checkpoint {base}: its weights do not fit model {meta['model_name']!r}: {first_line}"
+            f"checkpoint {base}: its weights do not fit model {meta.model_name!r}: {first_line}"
         ) from None
     state = None
-    if "state" in meta["files"]:
+    if "state" in metadata["files"]:
         with np.load(checkpoint_files(base)["state"], allow_pickle=False) as archive:
             state = {key: archive[key] for key in archive.files}
     return LoadedCheckpoint(model, state, meta)
 
 
-def network_options(meta: Mapping[str, Any]) -> dict[str, Any]:
+def network_options(meta: ModelMeta) -> dict[str, Any]:
     """The builder options recorded in checkpoint metadata; for checkpoints written before they were
     recorded, the TF2 bicubic kernel that every upsampling model used then."""
     from bigearthnet_tf.models.registry import model_option_names
 
-    if meta.get("model_options") is not None:
-        return dict(meta["model_options"])
-    return {"upsampling": TF2_BICUBIC} if "upsampling" in model_option_names(meta["model_name"]) else {}
+    if meta.model_options is not None:
+        return dict(meta.model_options)
+    return {"upsampling": TF2_BICUBIC} if "upsampling" in model_option_names(meta.model_name) else {}
 
 
 def library_versions() -> dict[str, str]:
@@ -593,57 +567,6 @@ def library_versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _class_names(label_type: str) -> tuple[str, ...]:
-    try:
-        return LABEL_TYPES[label_type]
-    except KeyError:
-        raise UserError(
-            f"unknown label_type {label_type!r}; expected one of {', '.join(LABEL_TYPES)}"
-        ) from None
-
-
-def _check_meaning(
-    base: Path,
-    meta: Mapping[str, Any],
-    *,
-    label_type: str | None,
-    modality: str | None,
-    model_name: str | None,
-) -> None:
-    """Refuse a checkpoint whose classes, bands, modality or model disagree with what is asked."""
-    from bigearthnet_tf.models import INPUTS
-
-    saved_type = meta.get("label_type")
-    if saved_type not in LABEL_TYPES:
-        raise UserError(f"checkpoint {base}: unknown label_type {saved_type!r} in its metadata")
-    if list(meta.get("class_names", [])) != list(LABEL_TYPES[saved_type]):
-        raise UserError(
-            f"checkpoint {base}: its class names are not the {saved_type} classes in index order; "
-            "refusing to read its outputs with the wrong classes"
-        )
-    if label_type is not None and label_type != saved_type:
-        raise UserError(
-            f"checkpoint {base} was trained for label_type {saved_type!r} ({len(LABEL_TYPES[saved_type])} "
-            f"classes) but the config asks for {label_type!r} ({len(LABEL_TYPES[label_type])} classes)"
-        )
-    if modality is not None and modality != meta.get("modality"):
-        raise UserError(
-            f"checkpoint {base} was trained on modality {meta.get('modality')!r} but the config asks "
-            f"for {modality!r}"
-        )
-    if model_name is not None and model_name != meta.get("model_name"):
-        raise UserError(
-            f"checkpoint {base} holds model {meta.get('model_name')!r} but the config names {model_name!r}"
-        )
-    for key, bands in meta.get("band_order", {}).items():
-        if key not in INPUTS or list(INPUTS[key][1]) != list(bands):
-            expected = list(INPUTS[key][1]) if key in INPUTS else "no such input"
-            raise UserError(
-                f"checkpoint {base}: input {key!r} has bands {bands} but this version reads {expected}; "
-                "refusing to feed the model the wrong bands"
-            )
-
-
 def _load_keras_file(path: Path, *, label_type: str | None, modality: str | None) -> LoadedCheckpoint:
     """An exported `.keras` model, opened in safe mode (no arbitrary code), with what can be checked."""
     import keras
@@ -657,27 +580,13 @@ def _load_keras_file(path: Path, *, label_type: str | None, modality: str | None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"model file {path}: cannot be loaded in safe mode: {first_line}") from None
     model = _logits_model(model)
-    num_classes = int(model.outputs[0].shape[-1])
-    if label_type is None:
-        matches = [name for name, classes in LABEL_TYPES.items() if len(classes) == num_classes]
-        if len(matches) != 1:
-            raise UserError(f"model file {path}: {num_classes} outputs match no label type; set label_type")
-        label_type = matches[0]
-    if len(LABEL_TYPES[label_type]) != num_classes:
-        raise UserError(
-            f"model file {path} outputs {num_classes} classes but label_type {label_type!r} has "
-            f"{len(LABEL_TYPES[label_type])}"
-        )
-    meta = {
-        "format": "keras",
-        "model_name": model.name,
-        "label_type": label_type,
-        "class_names": list(LABEL_TYPES[label_type]),
-        "num_classes": num_classes,
-        "modality": modality,
-        "input_keys": list(input_keys(model)),
-        "iteration": None,
-    }
+    where = f"model file {path}"
+    outputs = int(model.outputs[0].shape[-1])
+    meta = ModelMeta.of_model(where, model.name, outputs, input_keys(model), label_type)
+    document = keras_export_metadata(path)
+    if document is not None:
+        meta = meta.with_export(where, document)
+    meta.check_request(where, modality=modality)
     return LoadedCheckpoint(model, None, meta)
 
 
@@ -758,3 +667,29 @@ def _check_file(path: Path, described: Mapping[str, Any]) -> str | None:
     if file_sha256(path) != described.get("sha256"):
         return f"{path.name} does not match its SHA-256"
     return None
+
+
+def keras_metadata_path(path: str | os.PathLike[str]) -> Path:
+    """Where bigearthnet-tf 0.1 wrote an exported `.keras` model's metadata (`m.metadata.json`)."""
+    return Path(path).with_suffix(".metadata.json")
+
+
+KERAS_METADATA_ENTRY = "bigearthnet_tf/metadata.json"  # inside the `.keras` zip, beside Keras' own files
+
+
+def keras_export_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The export metadata of a `.keras` file: inside it (`export` writes it there, so model and
+    metadata are one file), else in a 0.1-style sidecar; None for a plain Keras file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if KERAS_METADATA_ENTRY in archive.namelist():
+                document = json.loads(archive.read(KERAS_METADATA_ENTRY))
+                if not isinstance(document, dict):
+                    raise UserError(f"model file {path}: {KERAS_METADATA_ENTRY} is not a JSON object")
+                return document
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UserError(f"model file {path}: its metadata cannot be read: {error}") from None
+    sidecar = keras_metadata_path(path)
+    return read_json_object(sidecar, "model metadata file") if sidecar.is_file() else None

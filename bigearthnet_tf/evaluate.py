@@ -57,6 +57,7 @@ from bigearthnet_tf.inference import Predictions, collect_predictions
 from bigearthnet_tf.input_pipeline import CorruptRecordCounter, count_records, make_dataset
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.metrics import compute_metrics
+from bigearthnet_tf.model_meta import ModelMeta
 from bigearthnet_tf.report import print_metrics_table, save_per_class_chart
 from bigearthnet_tf.thresholds import read_thresholds_file, stored_thresholds, thresholds_path
 
@@ -96,9 +97,7 @@ def _evaluate(config: Config, *, console: Console | None, overwrite: bool) -> Ev
 
     console = console or Console()
     model, _, meta = restore_model(config)
-    class_names = tuple(meta["class_names"])
-    label_type = meta["label_type"]
-    modality = meta.get("modality") or config.modality
+    class_names, label_type, modality = meta.class_names, meta.label_type, meta.modality
     thresholds = evaluation_thresholds(config, meta, class_names)
 
     files = list(config.test_tf_record_files)
@@ -125,7 +124,7 @@ def _evaluate(config: Config, *, console: Console | None, overwrite: bool) -> Ev
     if config.max_batches is not None:
         dataset, batches = dataset.take(config.max_batches), min(batches, config.max_batches)
     console.print(
-        f"evaluating {meta['model_name']} ({label_type}, {modality}) from {config.model_file} "
+        f"evaluating {meta.model_name} ({label_type}, {modality}) from {config.model_file} "
         f"on {records:,} patches"
     )
     with _progress_bar(console, batches) as advance:
@@ -168,7 +167,7 @@ class Thresholds:
     source: str  # "threshold", "stored <file>", or "file <path>"
 
 
-def evaluation_thresholds(config: Config, meta: Mapping[str, Any], class_names: Sequence[str]) -> Thresholds:
+def evaluation_thresholds(config: Config, meta: ModelMeta, class_names: Sequence[str]) -> Thresholds:
     """The config's `threshold` for every class, or per-class thresholds (`thresholds`: "stored" beside
     the checkpoint by `predict --choose-thresholds`, or a JSON file); classes they omit keep `threshold`."""
 
@@ -177,8 +176,7 @@ def evaluation_thresholds(config: Config, meta: Mapping[str, Any], class_names: 
         return Thresholds(base, f"{base:g} for every class", "threshold")
     if config.thresholds == STORED_THRESHOLDS:
         model_file = Path(config.model_file)
-        weights = (meta.get("files") or {}).get("weights") or {}
-        sha256 = weights.get("sha256") or checkpoints.file_sha256(model_file)
+        sha256 = meta.weights_sha256 or checkpoints.file_sha256(model_file)
         per_class = stored_thresholds(model_file, sha256, class_names)
         if per_class is None:
             raise UserError(
@@ -243,7 +241,7 @@ def publish_results(
             metrics,
             class_names,
             temporary / CHART_NAME,
-            title=f"{meta['model_name']} on {meta['label_type']}",
+            title=f"{meta.model_name} on {meta.label_type}",
             context=f"{config.model_file} on {data} ({len(predictions.logits):,} patches); "
             f"thresholds: {thresholds.description}",
         )

@@ -53,12 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigearthnet_tf.checkpoints import PROBABILITIES_LAYER
+from bigearthnet_tf.checkpoints import KERAS_METADATA_ENTRY, PROBABILITIES_LAYER, keras_metadata_path
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import TEMPORARY_MARK, make_readable, publish_folder, remove_stale_temporaries
 from bigearthnet_tf.locks import output_lock
-from bigearthnet_tf.predictor import KERAS_METADATA_ENTRY, Predictor, keras_metadata_path, load_predictor
+from bigearthnet_tf.predictor import Predictor, load_predictor
 from bigearthnet_tf.thresholds import stored_thresholds
 
 __all__ = [
@@ -153,7 +153,7 @@ def probability_model(predictor: Predictor):
     probabilities = keras.layers.Activation("sigmoid", dtype="float32", name=PROBABILITIES_LAYER)(
         model(inputs)
     )
-    name = f"{predictor.meta.get('model_name') or model.name}-probabilities"
+    name = f"{predictor.meta.model_name or model.name}-probabilities"
     return keras.Model(inputs, probabilities, name=_keras_name(name))
 
 
@@ -171,15 +171,14 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
             "dtype": "float32",
             "bands": list(predictor.band_order[key]),
         }
-    weights = (meta.get("files") or {}).get("weights") or {}
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
         "outputs": "probabilities",
         "output_name": PROBABILITIES_LAYER,
-        "model_name": meta.get("model_name"),
-        "label_type": meta.get("label_type"),
-        "modality": meta.get("modality"),
+        "model_name": meta.model_name,
+        "label_type": meta.label_type,
+        "modality": meta.modality,
         "num_classes": len(predictor.class_names),
         "class_names": list(predictor.class_names),
         "input_keys": list(predictor.input_keys),
@@ -191,8 +190,8 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
         "default_threshold": DEFAULT_THRESHOLD,
         "source": {
             "model": predictor.source.name,
-            "iteration": meta.get("iteration"),
-            "weights_sha256": weights.get("sha256") or predictor.model_sha256,
+            "iteration": meta.iteration,
+            "weights_sha256": meta.weights_sha256 or predictor.model_sha256,
         },
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -62,7 +62,7 @@ from bigearthnet_tf.patch_source import (
     locate_archive,
     locate_folders,
 )
-from bigearthnet_tf.predictor import Predictor, load_predictor, modality_of
+from bigearthnet_tf.predictor import Predictor, load_predictor
 from bigearthnet_tf.thresholds import (
     THRESHOLDS_FORMAT,
     THRESHOLDS_FORMAT_VERSION,
@@ -186,8 +186,8 @@ def predict(
     workers = workers or default_read_threads()
 
     console.print(
-        f"predicting {len(locations):,} patches with {predictor.meta.get('model_name')} "
-        f"({predictor.meta.get('label_type')}, {predictor.meta.get('modality')}) from {predictor.source}",
+        f"predicting {len(locations):,} patches with {predictor.meta.model_name} "
+        f"({predictor.meta.label_type}, {predictor.meta.modality}) from {predictor.source}",
         markup=False,
         soft_wrap=True,
     )
@@ -303,12 +303,12 @@ def tune_thresholds(
 
     console = console or status_console()
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
-    label_type = predictor.meta["label_type"]
+    label_type = predictor.meta.label_type
     dataset = make_dataset(
         list(map(str, validation_files)),
         label_type,
         batch_size,
-        modality=predictor.meta.get("modality") or modality_of(predictor.input_keys),
+        modality=predictor.meta.modality,
     )
     predictions = collect_predictions(predictor.model, dataset)
     if predictions.labels is None:

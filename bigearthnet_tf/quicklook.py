@@ -144,7 +144,7 @@ def _predicted_for_inputs(model, files: list[str], count: int) -> list[tuple[str
     from bigearthnet_tf.predictor import load_predictor
 
     predictor = load_predictor(model)
-    modality = predictor.meta.get("modality") or "S2"
+    modality = predictor.meta.modality
     dataset = make_dataset(files, None, count, modality=modality, shuffle_buffer=0)
     inputs = next(iter(dataset.take(1)))
     probabilities = sigmoid(logits_function(predictor.model)(inputs).numpy())

@@ -181,9 +181,9 @@ def resolve_thresholds(
             console.print(
                 f"using the per-class thresholds stored in {predictor.thresholds_file}", markup=False
             )
-    elif threshold is None and predictor.meta.get("thresholds"):
+    elif threshold is None and predictor.meta.thresholds:
         # An exported `.keras` model: the thresholds its metadata file carries from the checkpoint.
-        per_class = {str(name): float(value) for name, value in predictor.meta["thresholds"].items()}
+        per_class = {str(name): float(value) for name, value in predictor.meta.thresholds.items()}
         unknown = sorted(set(per_class) - set(predictor.class_names))
         if unknown:
             raise UserError(

@@ -60,6 +60,7 @@ from bigearthnet_tf.input_pipeline import (
 )
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.metrics import compute_metrics
+from bigearthnet_tf.model_meta import ModelMeta
 from bigearthnet_tf.models import build_model, input_keys
 
 ADAM_EPSILON = 1e-8  # tf.train.AdamOptimizer's default, which the 2019 models were trained with
@@ -352,8 +353,8 @@ class ProgressState:
         }
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any] | None) -> ProgressState:
-        saved = (meta or {}).get("training") or {}
+    def from_metadata(cls, meta: ModelMeta | None) -> ProgressState:
+        saved = (meta.training if meta is not None else None) or {}
         return cls(
             best_value=saved.get("best_" + SELECTION_METRIC),
             best_iteration=saved.get("best_iteration"),

@@ -301,7 +301,7 @@ def test_keras_file_loads_in_safe_mode_and_unsafe_code_is_refused(saved, tmp_pat
     path = tmp_path / "model.keras"
     model.save(path)
     restored, state, meta = checkpoints.load_checkpoint(path)
-    assert state is None and meta["label_type"] == "BigEarthNet-19" and meta["num_classes"] == 19
+    assert state is None and meta.label_type == "BigEarthNet-19" and meta.num_classes == 19
     sample = inputs(seed=4)
     np.testing.assert_allclose(model(sample, training=False), restored(sample, training=False), atol=1e-6)
 

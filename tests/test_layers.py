@@ -25,6 +25,7 @@ WITHOUT_TENSORFLOW = (
     "metrics",
     "thresholds",
     "patch_source",
+    "model_meta",
     "constants",
     "errors",
     "layout",

@@ -403,8 +403,8 @@ def test_save_imported_loads_with_our_checkpoints(tmp_path):
     model = import_tf1_checkpoint(prefix, "K-BranchCNN-Tiny", "original")
     base = save_imported(model, tmp_path / "run" / "models" / "iteration-3000")
     loaded = load_checkpoint(base, label_type="original", model_name="K-BranchCNN-Tiny")
-    assert loaded.meta["iteration"] == 3000 and loaded.meta["modality"] == "S2"
-    assert loaded.meta["label_type"] == "original"
+    assert loaded.meta.iteration == 3000 and loaded.meta.modality == "S2"
+    assert loaded.meta.label_type == "original"
     assert_imported_exactly(loaded.model, values)
     with pytest.raises(UserError, match="43 outputs but label_type 'BigEarthNet-19' has 19 classes"):
         save_imported(model, tmp_path / "run" / "models" / "iteration-1", label_type="BigEarthNet-19")
