@@ -4,7 +4,7 @@ A checkpoint's metadata file (checkpoints.py) and an exported `.keras` model (it
 inputs and the export metadata inside it) both become a `ModelMeta`. The checks that decide whether
 its outputs may be read at all happen here and nowhere else: the label type is known and its class
 names are that nomenclature's in index order, every input's band order is the one this library
-reads, and statistics are (mean, std) pairs. Without TensorFlow.
+reads, and statistics follow `stats.checked_statistics`. Without TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from bigearthnet_tf.constants import LABEL_TYPES, LabelType
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import INPUTS, Modality, modality_of
+from bigearthnet_tf.stats import checked_statistics
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class ModelMeta:
             modality=modality,
             class_names=tuple(class_names),
             band_order=band_order,
-            statistics=MappingProxyType({band: (float(m), float(s)) for band, (m, s) in statistics.items()}),
+            statistics=MappingProxyType(checked_statistics(statistics, f"{where}: statistics")),
             model_options=metadata.get("model_options"),
             iteration=iteration,
             weights_sha256=weights.get("sha256"),

@@ -43,6 +43,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,6 +69,10 @@ MODALITY_BANDS: Mapping[str, tuple[str, ...]] = {
     "MM": (*constants.S2_BAND_NAMES, *constants.S1_BAND_NAMES),
 }
 ALL_BANDS: tuple[str, ...] = MODALITY_BANDS["MM"]
+# Band name -> (mean, std) on raw values: BigEarthNet v1 S2 statistics and the 2021 S1 statistics.
+DEFAULT_STATISTICS: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {band.name: (band.mean, band.std) for band in (*constants.S2_BANDS, *constants.S1_BANDS)}
+)
 
 # Records per batch: large, since each batch is only reduced to a few numbers per band. A batch of 256
 # multimodal records is ~110 MB decoded as float32; measured peak RSS of a whole run 1.2 GB (0.9 GB with
@@ -161,9 +166,33 @@ class BandStatistics:
 
 def default_statistics(modality: str = "MM") -> dict[str, tuple[float, float]]:
     """The given statistics of the modality's bands: BigEarthNet v1 for S2, the 2021 ones for S1."""
-    parse_modality(modality)
-    given = {band.name: (band.mean, band.std) for band in (*constants.S2_BANDS, *constants.S1_BANDS)}
-    return {name: given[name] for name in MODALITY_BANDS[modality]}
+    return {name: DEFAULT_STATISTICS[name] for name in MODALITY_BANDS[parse_modality(modality)]}
+
+
+def checked_statistics(
+    values: Mapping[str, object], where: str, error: type[UserError] = UserError
+) -> dict[str, tuple[float, float]]:
+    """`{band: (mean, std)}` from `values` (band -> a (mean, std) pair), in band order; `error` naming
+    `where`, the band and the value unless each band is known and its mean finite, its std finite and > 0.
+
+    The one rule for statistics, wherever they come from: a statistics file, a config, a checkpoint.
+    """
+    unknown = [band for band in values if band not in DEFAULT_STATISTICS]
+    if unknown:
+        raise error(f"{where}: unknown band {unknown[0]!r}; expected some of {', '.join(DEFAULT_STATISTICS)}")
+    checked = {}
+    for band in sorted(values, key=ALL_BANDS.index):
+        value = values[band]
+        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+            raise error(f"{where}.{band} must be a (mean, std) pair, got {value!r}")
+        mean = _number(value[0], f"{where}.{band}.mean", error)
+        std = _number(value[1], f"{where}.{band}.std", error)
+        if not math.isfinite(mean):
+            raise error(f"{where}.{band}.mean must be finite, got {value[0]!r}")
+        if not (math.isfinite(std) and std > 0):
+            raise error(f"{where}.{band}.std must be finite and > 0, got {value[1]!r}")
+        checked[band] = (mean, std)
+    return checked
 
 
 def _input_groups(modality: str) -> dict[str, tuple[str, ...]]:
@@ -313,16 +342,14 @@ def save_statistics(stats: BandStatistics, path: str | os.PathLike, *, overwrite
     return path
 
 
-def _number(value: object, where: str) -> float:
+def _number(value: object, where: str, error: type[UserError] = UserError) -> float:
     # bool is an int in Python, but `true` is no mean.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UserError(f"{where} must be a number, got {value!r}")
+        raise error(f"{where} must be a number, got {value!r}")
     try:
         return float(value)
     except OverflowError:  # an integer beyond float range
-        raise UserError(
-            f"{where} must be a finite number, got an integer of {len(str(value))} digits"
-        ) from None
+        raise error(f"{where} must be a finite number, got an integer of {len(str(value))} digits") from None
 
 
 def _check_keys(document: Mapping, allowed: Sequence[str], required: Sequence[str], where: str) -> None:
@@ -388,27 +415,18 @@ def load_statistics(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
     bands = document["bands"]
     if not isinstance(bands, dict) or not bands:
         raise UserError(f"{path}: key 'bands' must be a non-empty object of band name -> {{mean, std}}")
-    statistics: dict[str, tuple[float, float]] = {}
-    for name in bands:
-        if name not in ALL_BANDS:
-            raise UserError(f"{path}: bands: unknown band {name!r}; expected some of {', '.join(ALL_BANDS)}")
-    for name in sorted(bands, key=ALL_BANDS.index):
-        entry, where = bands[name], f"{path}: bands.{name}"
+    pairs = {}
+    for name, entry in bands.items():
+        where = f"{path}: bands.{name}"
         if not isinstance(entry, dict):
             raise UserError(f"{where} must be an object with mean and std, got {entry!r}")
         _check_keys(entry, BAND_KEYS, ("mean", "std"), where)
-        mean = _number(entry["mean"], f"{where}.mean")
-        std = _number(entry["std"], f"{where}.std")
-        if not math.isfinite(mean):
-            raise UserError(f"{where}.mean must be finite, got {entry['mean']!r}")
-        if not (math.isfinite(std) and std > 0):
-            raise UserError(f"{where}.std must be finite and > 0, got {entry['std']!r}")
         if "pixels" in entry:
             pixels = entry["pixels"]
             if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1:
                 raise UserError(f"{where}.pixels must be a count >= 1, got {pixels!r}")
-        statistics[name] = (mean, std)
-    return statistics
+        pairs[name] = (entry["mean"], entry["std"])
+    return checked_statistics(pairs, f"{path}: bands")
 
 
 # --------------------------------------------------------------------------------------------------

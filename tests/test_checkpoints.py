@@ -196,6 +196,22 @@ def edit_metadata(base, change):
     path.write_text(json.dumps(meta))
 
 
+@pytest.mark.parametrize(
+    ("statistic", "message"),
+    [
+        ([400.0, 0.0], r"statistics\.B02\.std must be finite and > 0, got 0\.0"),
+        ([float("1e999"), 2.0], r"statistics\.B02\.mean must be finite"),
+    ],
+)
+def test_statistics_that_could_not_standardise_are_refused_on_loading(saved, tmp_path, statistic, message):
+    """The same rule as for statistics files and configs (stats.checked_statistics), naming the key."""
+    base, _, _ = saved
+    copy = copy_checkpoint(base, tmp_path)
+    edit_metadata(copy, lambda meta: meta["statistics"].update(B02=statistic))
+    with pytest.raises(UserError, match=rf"checkpoint .*iteration-7: {message}"):
+        checkpoints.load_checkpoint(copy)
+
+
 def test_reordered_classes_or_bands_are_refused(saved, tmp_path):
     base, _, _ = saved
     sorted_classes = copy_checkpoint(base, tmp_path / "a")

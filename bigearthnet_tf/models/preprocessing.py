@@ -41,7 +41,6 @@ train there. Matrix products compile everywhere and cost nothing on an accelerat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
@@ -55,8 +54,6 @@ from bigearthnet_tf.constants import (
     PATCH_SIZE,
     RGB_NIR_SWIR_BANDS,
     S1_BAND_NAMES,
-    S1_BANDS,
-    S2_BANDS,
     TF1_BICUBIC,
     TF2_BICUBIC,
     UPSAMPLING_KERNELS,
@@ -64,6 +61,7 @@ from bigearthnet_tf.constants import (
 from bigearthnet_tf.errors import ConfigError
 from bigearthnet_tf.layout import INPUTS as LAYOUT_INPUTS
 from bigearthnet_tf.layout import Modality, parse_modality
+from bigearthnet_tf.stats import DEFAULT_STATISTICS, checked_statistics
 
 S2, S1, MM = Modality.S2, Modality.S1, Modality.MM
 
@@ -79,30 +77,12 @@ STACKED_CHANNELS = MappingProxyType(
     {S2: RGB_NIR_SWIR_BANDS, S1: S1_BAND_NAMES, MM: (*RGB_NIR_SWIR_BANDS, *S1_BAND_NAMES)}
 )
 
-# Band name -> (mean, std) on raw values: BigEarthNet v1 S2 statistics and the 2021 S1 statistics.
-DEFAULT_STATISTICS = MappingProxyType({band.name: (band.mean, band.std) for band in (*S2_BANDS, *S1_BANDS)})
-
 Statistics = Mapping[str, tuple[float, float]]
 
 
 def resolve_statistics(statistics: Statistics | None = None) -> dict[str, tuple[float, float]]:
     """The default statistics with `statistics` (band name -> (mean, std)) laid over them, validated."""
-    resolved = dict(DEFAULT_STATISTICS)
-    for band, value in (statistics or {}).items():
-        if band not in DEFAULT_STATISTICS:
-            raise ConfigError(
-                f"statistics: unknown band {band!r}; expected some of {', '.join(DEFAULT_STATISTICS)}"
-            )
-        try:
-            mean, std = (float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"statistics: band {band}: expected (mean, std), got {value!r}") from None
-        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-            raise ConfigError(
-                f"statistics: band {band}: mean must be finite and std finite and > 0, got {value!r}"
-            )
-        resolved[band] = (mean, std)
-    return resolved
+    return {**DEFAULT_STATISTICS, **checked_statistics(statistics or {}, "statistics", ConfigError)}
 
 
 @keras.saving.register_keras_serializable(package="bigearthnet_tf")
