@@ -19,6 +19,7 @@ from bigearthnet_tf.constants import LABEL_TYPES, LabelType
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import INPUTS, Modality, modality_of
 from bigearthnet_tf.stats import checked_statistics
+from bigearthnet_tf.thresholds import checked_thresholds
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class ModelMeta:
                 f"{self.num_classes} {self.label_type} classes"
             )
         thresholds = document.get("thresholds")
-        if thresholds is not None and not isinstance(thresholds, dict):
-            raise UserError(f"{where}: its metadata key 'thresholds' is not an object")
+        if thresholds is not None:
+            thresholds = checked_thresholds(thresholds, self.class_names, f"{where}: metadata thresholds")
         modality = document.get("modality")
         return dataclasses.replace(
             self,

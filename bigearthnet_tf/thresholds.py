@@ -112,24 +112,32 @@ def read_thresholds_file(path: str | os.PathLike[str], class_names: Sequence[str
     Unknown class names and values outside (0, 1] raise a UserError naming them.
     """
     path = Path(path)
-    document = read_json_object(path, "thresholds file", max_bytes=MAX_BYTES)
+    return _file_thresholds(path, read_json_object(path, "thresholds file", max_bytes=MAX_BYTES), class_names)
+
+
+def _file_thresholds(path: Path, document: dict, class_names: Sequence[str]) -> dict[str, float]:
     mapping = (
         document.get("thresholds", document) if document.get("format") == THRESHOLDS_FORMAT else document
     )
+    return checked_thresholds(mapping, class_names, f"thresholds file {path}")
+
+
+def checked_thresholds(mapping: object, class_names: Sequence[str], where: str) -> dict[str, float]:
+    """Class name -> threshold from `mapping`; a UserError naming `where` unless it is an object of
+    the model's class names, each with a threshold in (0, 1]. The one rule for thresholds, wherever
+    they come from: a file, the stored file beside a checkpoint, an exported model's metadata."""
     if not isinstance(mapping, dict):
-        raise UserError(f"thresholds file {path}: expected an object of class name -> threshold")
+        raise UserError(f"{where}: expected an object of class name -> threshold")
     known = set(class_names)
     thresholds = {}
     for name, value in mapping.items():
         if name not in known:
             raise UserError(
-                f"thresholds file {path}: unknown class {name!r}; the model's classes are "
+                f"{where}: unknown class {name!r}; the model's classes are "
                 + ", ".join(repr(c) for c in class_names)
             )
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-            raise UserError(
-                f"thresholds file {path}: class {name!r}: threshold must be in (0, 1], got {value!r}"
-            )
+            raise UserError(f"{where}: class {name!r}: threshold must be in (0, 1], got {value!r}")
         thresholds[name] = float(value)
     return thresholds
 
@@ -150,7 +158,7 @@ def stored_thresholds(
             f"thresholds file {path} was chosen for other weights than those of {model} (SHA-256 differs); "
             "choose them again with bigearthnet predict --choose-thresholds, or delete the file"
         )
-    return read_thresholds_file(path, class_names)
+    return _file_thresholds(path, document, class_names)
 
 
 def predicted_labels(
@@ -182,13 +190,8 @@ def resolve_thresholds(
                 f"using the per-class thresholds stored in {predictor.thresholds_file}", markup=False
             )
     elif threshold is None and predictor.meta.thresholds:
-        # An exported `.keras` model: the thresholds its metadata file carries from the checkpoint.
-        per_class = {str(name): float(value) for name, value in predictor.meta.thresholds.items()}
-        unknown = sorted(set(per_class) - set(predictor.class_names))
-        if unknown:
-            raise UserError(
-                f"model {predictor.source}: its metadata has thresholds for unknown classes {unknown}"
-            )
+        # An exported `.keras` model: the thresholds its metadata carries from the checkpoint.
+        per_class = dict(predictor.meta.thresholds)
         if console is not None:
             console.print(
                 f"using the per-class thresholds in the metadata of {predictor.source}", markup=False

@@ -238,6 +238,29 @@ def test_keras_file_loads_in_safe_mode_and_predicts(s2, synthetic_v1, tmp_path):
     np.testing.assert_allclose(np.asarray(reloaded(inputs)), expected, atol=EXPORT_ATOL)
 
 
+def test_thresholds_in_an_exported_model_follow_the_thresholds_rule(s2, tmp_path):
+    """An exported file whose metadata was edited to hold a threshold outside (0, 1] is refused when
+    loaded, naming the file and the class (the rule of thresholds files, thresholds.checked_thresholds)."""
+    import zipfile
+
+    from bigearthnet_tf.checkpoints import KERAS_METADATA_ENTRY
+
+    _, base, _, _, _ = s2
+    out = export_model(base, "keras", tmp_path / "model.keras").path
+    edited = tmp_path / "edited.keras"
+    with zipfile.ZipFile(out) as source, zipfile.ZipFile(edited, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == KERAS_METADATA_ENTRY:
+                document = json.loads(data)
+                document["thresholds"]["Pastures"] = 1.5
+                data = json.dumps(document).encode()
+            target.writestr(item, data)
+    message = r"edited\.keras: metadata thresholds: class 'Pastures': threshold must be in \(0, 1\], got 1\.5"
+    with pytest.raises(UserError, match=message):
+        load_predictor(edited)
+
+
 def test_refusals_and_command_line(s2, tmp_path, capsys):
     _, base, _, _, _ = s2
     with pytest.raises(UserError, match="unknown export format 'tflite'"):
