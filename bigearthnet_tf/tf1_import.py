@@ -47,18 +47,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Protocol
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from bigearthnet_tf.checkpoints import iteration_of, refuse_existing, save_checkpoint
 from bigearthnet_tf.constants import LABEL_TYPES, class_names
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.models import build_model, get_model_spec, model_names
+from bigearthnet_tf.models.tf1_naming import BATCH_NORM_LEAVES, TF1Naming
 
 IMPORT_MODALITY = "S2"  # the 2019 models read Sentinel-2 only
 
@@ -73,100 +75,23 @@ REPORT_LIMIT = 6  # names listed per problem kind in an error message
 _CHECKPOINT_SUFFIXES = re.compile(r"\.(index|meta|data-\d+-of-\d+)$")
 _ITERATION = re.compile(r"iteration-(\d+)$")
 
-# Keras weight attribute -> variable leaf name, per naming convention.
-_SLIM_LEAVES = {"kernel": "weights", "bias": "biases"}
-_TF_LAYERS_LEAVES = {"kernel": "kernel", "bias": "bias"}
-_BATCH_NORM_LEAVES = {name: name for name in ("gamma", "beta", "moving_mean", "moving_variance")}
 
-
-# ---------------------------------------------------------------------------------------------
-# Naming rules: Keras layer name -> 2019 variable scope (None: the layer has no 2019 counterpart)
-
-
-def _resnet_scope(layer_name: str) -> str | None:
-    base, batch_norm = (layer_name[:-3], True) if layer_name.endswith("_bn") else (layer_name, False)
-    match = re.fullmatch(r"block(\d+)_unit_(\d+)_(shortcut|conv[123])", base)
-    if match:
-        block, unit, part = match.groups()
-        scope = f"block{block}/unit_{unit}/bottleneck_v1/{part}"
-    elif base == "conv1" or (base == "logits" and not batch_norm):
-        scope = base
-    else:
-        return None
-    return f"{scope}/BatchNorm" if batch_norm else scope
-
-
-def _vgg_scope(layer_name: str) -> str | None:
-    match = re.fullmatch(r"conv(\d+)_(\d+)", layer_name)
-    if match:
-        return f"conv{match.group(1)}/{layer_name}"
-    return layer_name if layer_name in ("fc6", "fc7", "fc8") else None
-
-
-def _kbranch_scope(layer_name: str) -> str | None:
-    parts = {"conv": "conv_layer", "fc": "fc_layer", "bn": "batch_norm"}
-    match = re.fullmatch(r"branch_(10m|20m|60m)_conv_block_(\d+)_(conv|bn)", layer_name)
-    if match:
-        resolution, index, part = match.groups()
-        return f"CNN_{resolution}_branch/conv_block_{index}/{parts[part]}"
-    match = re.fullmatch(r"branch_(10m|20m|60m)_fc_block_(fc|bn)", layer_name)
-    if match:
-        resolution, part = match.groups()
-        return f"CNN_{resolution}_branch/fc_block_0/{parts[part]}"
-    match = re.fullmatch(r"fusion_fc_block_(fc|bn)", layer_name)
-    if match:
-        return f"feature_fusion/fc_block_0/{parts[match.group(1)]}"
-    return "classification/fc_layer" if layer_name == "logits" else None
-
-
-@dataclass(frozen=True)
-class TF1Naming:
-    """How one model's weights were named in 2019: top scope, layer rule, leaf names, classifier."""
-
-    scope: str  # "" when the 2019 code had no top-level scope
-    layer_scope: Callable[[str], str | None]
-    leaves: Mapping[str, str]  # conv / dense weight attribute -> leaf name
-    classifier: str  # scope of the classifier layer, for the label-type hint
-
-    def name(self, path: str) -> str:
-        return f"{self.scope}/{path}" if self.scope else path
-
-
-def _resnet(scope: str) -> TF1Naming:
-    return TF1Naming(scope, _resnet_scope, _SLIM_LEAVES, "logits")
-
-
-def _vgg(scope: str) -> TF1Naming:
-    return TF1Naming(scope, _vgg_scope, _SLIM_LEAVES, "fc8")
-
-
-_KBRANCH = TF1Naming("", _kbranch_scope, _TF_LAYERS_LEAVES, "classification/fc_layer")
-
-TF1_NAMING: Mapping[str, TF1Naming] = MappingProxyType(
-    {
-        "ResNet50": _resnet("resnet_v1_50"),
-        "ResNet101": _resnet("resnet_v1_101"),
-        "ResNet152": _resnet("resnet_v1_152"),
-        "VGG16": _vgg("vgg_16"),
-        "VGG19": _vgg("vgg_19"),
-        "K-BranchCNN": _KBRANCH,
-        # Test twins (no 2019 checkpoints exist): same rules, scopes of our own.
-        "ResNet-Tiny": _resnet("resnet_v1_tiny"),
-        "VGG-Tiny": _vgg("vgg_tiny"),
-        "K-BranchCNN-Tiny": _KBRANCH,
-    }
-)
+def importable_models() -> tuple[str, ...]:
+    """The registered models that have 2019 TF1 checkpoints (their modules give their naming); the
+    2019 models first, their test twins last."""
+    names = [name for name in model_names() if get_model_spec(name).tf1 is not None]
+    return tuple(sorted(names, key=lambda name: name.endswith("-Tiny")))
 
 
 def tf1_naming(model_name: str) -> TF1Naming:
     """The 2019 naming of `model_name`; a model without 2019 checkpoints raises UserError."""
-    try:
-        return TF1_NAMING[model_name]
-    except KeyError:
+    naming = get_model_spec(model_name).tf1 if model_name in model_names() else None
+    if naming is None:
         raise UserError(
             f"model {model_name!r} has no 2019 TF1 checkpoints to import; importable models: "
-            f"{', '.join(TF1_NAMING)}"
-        ) from None
+            f"{', '.join(importable_models())}"
+        )
+    return naming
 
 
 def tf1_variable_map(model: keras.Model, model_name: str) -> dict[str, keras.Variable]:
@@ -183,7 +108,7 @@ def tf1_variable_map(model: keras.Model, model_name: str) -> dict[str, keras.Var
         if path is None:
             continue
         if isinstance(layer, keras.layers.BatchNormalization):
-            leaves = _BATCH_NORM_LEAVES
+            leaves = BATCH_NORM_LEAVES
         elif isinstance(layer, keras.layers.Conv2D | keras.layers.Dense):
             leaves = naming.leaves
         else:
@@ -350,7 +275,6 @@ def import_tf1_checkpoint(
     Every checkpoint variable (optimizer state aside) must fill one weight of the same shape and every
     weight must be filled; otherwise a TF1ImportError reports the differences and nothing is returned.
     """
-    from bigearthnet_tf.models import build_model
 
     tf1_naming(model_name)
     num_classes = len(class_names(label_type))
@@ -379,7 +303,6 @@ def save_imported(
     to the one whose class count equals the model's outputs, `iteration` to the N of an
     `iteration-<N>` base name (0 otherwise), so fine-tuning resumes the 2019 counter.
     """
-    from bigearthnet_tf.checkpoints import iteration_of, save_checkpoint
 
     model_name = model_name or model.name
     tf1_naming(model_name)
@@ -418,7 +341,6 @@ def convert_tf1_checkpoint(
 
     An existing checkpoint at `out_base` is replaced only with `overwrite`; a failed import writes nothing.
     """
-    from bigearthnet_tf.checkpoints import refuse_existing
 
     refuse_existing(out_base, overwrite)
     model = import_tf1_checkpoint(checkpoint_prefix, model_name, label_type)

@@ -22,6 +22,7 @@ one branch per input grid, rather than mixing dB backscatter with reflectance in
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -41,6 +42,7 @@ from bigearthnet_tf.models.preprocessing import (
     standardized,
 )
 from bigearthnet_tf.models.registry import register_model
+from bigearthnet_tf.models.tf1_naming import TF_LAYERS_LEAVES, TF1Naming
 
 CONV_DROPOUT = 0.25
 BRANCH_FC_DROPOUT = 0.5
@@ -157,7 +159,26 @@ def build_kbranch(
     return keras.Model(inputs, logits, name=name)
 
 
+def tf1_layer_scope(layer_name: str) -> str | None:
+    """The 2019 (tf.layers, no top scope) scope of one of our layers; the S1 branch has none."""
+    parts = {"conv": "conv_layer", "fc": "fc_layer", "bn": "batch_norm"}
+    match = re.fullmatch(r"branch_(10m|20m|60m)_conv_block_(\d+)_(conv|bn)", layer_name)
+    if match:
+        resolution, index, part = match.groups()
+        return f"CNN_{resolution}_branch/conv_block_{index}/{parts[part]}"
+    match = re.fullmatch(r"branch_(10m|20m|60m)_fc_block_(fc|bn)", layer_name)
+    if match:
+        resolution, part = match.groups()
+        return f"CNN_{resolution}_branch/fc_block_0/{parts[part]}"
+    match = re.fullmatch(r"fusion_fc_block_(fc|bn)", layer_name)
+    if match:
+        return f"feature_fusion/fc_block_0/{parts[match.group(1)]}"
+    return "classification/fc_layer" if layer_name == "logits" else None
+
+
+TF1 = TF1Naming("", tf1_layer_scope, TF_LAYERS_LEAVES, "classification/fc_layer")
+
 for _name, _config in K_BRANCH_VARIANTS.items():
-    register_model(_name, description="three native-resolution branches (+S1 branch), late fusion")(
+    register_model(_name, description="three native-resolution branches (+S1 branch), late fusion", tf1=TF1)(
         functools.partial(build_kbranch, config=_config, name=_name)
     )

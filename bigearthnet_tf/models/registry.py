@@ -36,6 +36,7 @@ Safety (issue 5): `model_name` in a config is only ever a key into this registry
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib
@@ -62,6 +63,7 @@ from bigearthnet_tf.models.preprocessing import (
     stacked_image,
     stacked_input_keys,
 )
+from bigearthnet_tf.models.tf1_naming import TF1Naming
 
 ENTRY_POINT_GROUP = "bigearthnet_tf.models"
 PLUGIN_ENV = "BIGEARTHNET_TF_MODEL_PLUGINS"
@@ -84,6 +86,7 @@ class ModelSpec:
     builder: ModelBuilder | None = None  # None until an entry point is loaded
     entry_point: importlib.metadata.EntryPoint | None = None
     description: str = ""
+    tf1: TF1Naming | None = None  # how its weights were named in 2019, for models with TF1 checkpoints
 
 
 _registry: dict[str, ModelSpec] = {}
@@ -92,12 +95,15 @@ _origins: list[str] = []  # origin of registrations happening now (a plugin bein
 _entry_points_scanned = False
 
 
-def register_model(name: str, *, description: str = "") -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator registering `builder(num_classes, modality="S2", statistics=None)` under `name`."""
+def register_model(
+    name: str, *, description: str = "", tf1: TF1Naming | None = None
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator registering `builder(num_classes, modality="S2", statistics=None)` under `name`;
+    `tf1`: how the 2019 code named its weights, when 2019 checkpoints of it exist."""
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
         origin = _origins[-1] if _origins else BUILTIN_ORIGIN
-        _add(ModelSpec(name=name, origin=origin, builder=builder, description=description))
+        _add(ModelSpec(name=name, origin=origin, builder=builder, description=description, tf1=tf1))
         return builder
 
     return decorator
@@ -216,7 +222,7 @@ def _add(spec: ModelSpec) -> None:
     existing = _registry.get(spec.name)
     if existing is not None and existing.origin == spec.origin:
         if existing.builder is None:  # an entry point's module registering its own builder on load
-            _registry[spec.name] = ModelSpec(spec.name, spec.origin, spec.builder, existing.entry_point)
+            _registry[spec.name] = dataclasses.replace(spec, entry_point=existing.entry_point)
         if existing.builder in (None, spec.builder):
             return
     if existing is not None:
@@ -255,7 +261,7 @@ def _load_builder(spec: ModelSpec) -> ModelBuilder:
         target = getattr(target, LEGACY_BUILDER_NAME, None)
     if not callable(target):
         raise UserError(f"{spec.origin}: does not name a callable model builder")
-    _registry[spec.name] = ModelSpec(spec.name, spec.origin, target, spec.entry_point, spec.description)
+    _registry[spec.name] = dataclasses.replace(spec, builder=target)
     return target
 
 

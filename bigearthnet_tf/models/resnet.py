@@ -22,6 +22,7 @@ Facts (BIGEARTHNET.md section 4, TF-Slim `resnet_v1` / `resnet_utils`):
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -39,6 +40,7 @@ from bigearthnet_tf.models.preprocessing import (
     stacked_input_keys,
 )
 from bigearthnet_tf.models.registry import register_model
+from bigearthnet_tf.models.tf1_naming import SLIM_LEAVES, TF1Naming
 
 BN_MOMENTUM = 0.997
 TINY_BN_MOMENTUM = 0.9
@@ -154,7 +156,25 @@ def build_resnet(
     return keras.Model(inputs, logits, name=name)
 
 
+def tf1_layer_scope(layer_name: str) -> str | None:
+    """The 2019 (TF-Slim resnet_v1) scope of one of our layers, below the model's top scope."""
+    base, batch_norm = (layer_name[:-3], True) if layer_name.endswith("_bn") else (layer_name, False)
+    match = re.fullmatch(r"block(\d+)_unit_(\d+)_(shortcut|conv[123])", base)
+    if match:
+        block, unit, part = match.groups()
+        scope = f"block{block}/unit_{unit}/bottleneck_v1/{part}"
+    elif base == "conv1" or (base == "logits" and not batch_norm):
+        scope = base
+    else:
+        return None
+    return f"{scope}/BatchNorm" if batch_norm else scope
+
+
+# Top scopes of the 2019 checkpoints (Tiny has none in 2019: the same rule, a scope of our own).
+TF1_SCOPES = {"ResNet50": "resnet_v1_50", "ResNet101": "resnet_v1_101", "ResNet152": "resnet_v1_152"}
+
 for _name, _config in RESNET_VARIANTS.items():
-    register_model(_name, description="TF-Slim resnet_v1 on the stacked 120x120 image")(
+    _tf1 = TF1Naming(TF1_SCOPES.get(_name, "resnet_v1_tiny"), tf1_layer_scope, SLIM_LEAVES, "logits")
+    register_model(_name, description="TF-Slim resnet_v1 on the stacked 120x120 image", tf1=_tf1)(
         functools.partial(build_resnet, config=_config, name=_name)
     )

@@ -15,6 +15,7 @@ Facts (BIGEARTHNET.md section 4, TF-Slim `vgg_16` / `vgg_19` and `vgg_arg_scope`
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -32,6 +33,7 @@ from bigearthnet_tf.models.preprocessing import (
     stacked_input_keys,
 )
 from bigearthnet_tf.models.registry import register_model
+from bigearthnet_tf.models.tf1_naming import SLIM_LEAVES, TF1Naming
 
 DROPOUT = 0.5  # slim's dropout_keep_prob=0.5
 
@@ -89,7 +91,19 @@ def build_vgg(
     return keras.Model(inputs, logits, name=name)
 
 
+def tf1_layer_scope(layer_name: str) -> str | None:
+    """The 2019 (TF-Slim vgg) scope of one of our layers, below the model's top scope."""
+    match = re.fullmatch(r"conv(\d+)_(\d+)", layer_name)
+    if match:
+        return f"conv{match.group(1)}/{layer_name}"
+    return layer_name if layer_name in ("fc6", "fc7", "fc8") else None
+
+
+# Top scopes of the 2019 checkpoints (Tiny has none in 2019: the same rule, a scope of our own).
+TF1_SCOPES = {"VGG16": "vgg_16", "VGG19": "vgg_19"}
+
 for _name, _config in VGG_VARIANTS.items():
-    register_model(_name, description="TF-Slim vgg on the stacked 120x120 image")(
+    _tf1 = TF1Naming(TF1_SCOPES.get(_name, "vgg_tiny"), tf1_layer_scope, SLIM_LEAVES, "fc8")
+    register_model(_name, description="TF-Slim vgg on the stacked 120x120 image", tf1=_tf1)(
         functools.partial(build_vgg, config=_config, name=_name)
     )
