@@ -37,11 +37,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from bigearthnet_tf.checkpoints import checkpoint_listing, resolve_checkpoint
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD, UPSAMPLING_KERNELS, LabelType
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.files import write_text_atomically
 from bigearthnet_tf.jsonfiles import json_type, read_json_object
 from bigearthnet_tf.layout import MODALITIES, Modality
+from bigearthnet_tf.stats import load_statistics
 
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -515,7 +517,6 @@ def read_statistics_file(path: str | os.PathLike[str]) -> dict[str, tuple[float,
     Bands the file does not name keep the BigEarthNet v1 / 2021 S1 statistics. A bad file is a
     ConfigError (exit code 2), since the config named it.
     """
-    from bigearthnet_tf.stats import load_statistics
 
     try:
         return load_statistics(path)
@@ -765,7 +766,6 @@ class _Checker:
         """The checkpoint that `value` means (`checkpoints.resolve_checkpoint`: a base name, one of its
         files, a run folder or a `.keras` file), as an absolute path; relative values are looked up in
         the working directory, then beside the config file."""
-        from bigearthnet_tf.checkpoints import checkpoint_listing, resolve_checkpoint
 
         entry = os.path.expanduser(value)
         candidates = [Path(entry)] if os.path.isabs(entry) else [base / entry for base in self._bases()]

@@ -21,8 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigearthnet_tf.config import config_from_dict
 from bigearthnet_tf.constants import BIGEARTHNET_19
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.evaluate import evaluate
+from bigearthnet_tf.files import write_text_atomically
+from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.prepare import prepare
+from bigearthnet_tf.synth import add_example_patches, write_synthetic_archive
+from bigearthnet_tf.train import train
 
 # Sized so that the demo learns (micro F1 0.94 on the synthetic test split, measured) within about
 # three and a half minutes on two busy CPU cores.
@@ -87,8 +94,6 @@ STATE_FILE = "demo.json"
 
 def _start_or_continue(out: Path, settings: dict, console) -> dict:
     """The demo's state in `out`: new for an empty or absent folder; read back to continue one."""
-    from bigearthnet_tf.files import write_text_atomically
-    from bigearthnet_tf.jsonfiles import read_json_object
 
     state_file = out / STATE_FILE
     if out.exists() and any(out.iterdir()):
@@ -109,8 +114,6 @@ def _start_or_continue(out: Path, settings: dict, console) -> dict:
 
 
 def _done(out: Path, state: dict, stage: str) -> None:
-    from bigearthnet_tf.files import write_text_atomically
-
     if stage not in state["done"]:
         state["done"].append(stage)
         write_text_atomically(out / STATE_FILE, json.dumps(state, indent=2) + "\n")
@@ -127,12 +130,6 @@ def run_demo(
 ) -> DemoResult:
     """Synthesise, prepare, train and evaluate; print where everything went and the metrics."""
     from rich.console import Console
-
-    from bigearthnet_tf.config import config_from_dict
-    from bigearthnet_tf.evaluate import evaluate
-    from bigearthnet_tf.prepare import prepare
-    from bigearthnet_tf.synth import add_example_patches, write_synthetic_archive
-    from bigearthnet_tf.train import train
 
     console = Console(stderr=True, highlight=False)
     out = default_demo_folder() if out is None else Path(out)

@@ -53,7 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigearthnet_tf.checkpoints import KERAS_METADATA_ENTRY, PROBABILITIES_LAYER, keras_metadata_path
+from bigearthnet_tf.checkpoints import (
+    KERAS_METADATA_ENTRY,
+    PROBABILITIES_LAYER,
+    keras_metadata_path,
+    library_versions,
+)
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import TEMPORARY_MARK, make_readable, publish_folder, remove_stale_temporaries
@@ -159,7 +164,6 @@ def probability_model(predictor: Predictor):
 
 def export_metadata(predictor: Predictor) -> dict[str, Any]:
     """The metadata every export carries (module docstring)."""
-    from bigearthnet_tf.checkpoints import library_versions
 
     meta = predictor.meta
     thresholds = stored_thresholds(predictor.source, predictor.model_sha256, predictor.class_names)

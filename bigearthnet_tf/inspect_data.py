@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bigearthnet_tf.archive import detect_version, open_archive, read_split_lists
 from bigearthnet_tf.constants import (
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
@@ -29,6 +30,8 @@ from bigearthnet_tf.constants import (
     ORIGINAL_TO_19,
 )
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.layout import label_key
+from bigearthnet_tf.report import save_figure_atomically
 
 MANIFEST = "dataset.json"
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
@@ -90,7 +93,6 @@ def _record_summaries(sources: Sequence[str | os.PathLike[str]]) -> list[SplitSu
     import tensorflow as tf
 
     from bigearthnet_tf.input_pipeline import corrupt_files_as_user_errors, detect_format, list_files
-    from bigearthnet_tf.layout import label_key
 
     files = list_files([str(source) for source in sources])
     groups = _record_splits(files, [Path(source) for source in sources])
@@ -150,8 +152,6 @@ def to_19(original: np.ndarray) -> np.ndarray:
 
 
 def _is_archive(path: Path) -> bool:
-    from bigearthnet_tf.archive import detect_version
-
     if not path.is_dir() or any(path.glob("*.tfrecord")) or (path / MANIFEST).is_file():
         return False
     try:
@@ -162,8 +162,6 @@ def _is_archive(path: Path) -> bool:
 
 
 def _archive_summaries(root: Path, split_files, official: bool) -> list[SplitSummary]:
-    from bigearthnet_tf.archive import open_archive, read_split_lists
-
     archive = open_archive(root)
     if official:
         groups = archive.present_official_splits()
@@ -229,8 +227,6 @@ def print_summaries(summaries: Sequence[SplitSummary]) -> None:
 def save_summary_chart(summaries: Sequence[SplitSummary], path: Path, title: str) -> Path:
     """A PNG: BigEarthNet-19 class shares per split (grouped bars) and labels per patch per split."""
     from matplotlib.figure import Figure
-
-    from bigearthnet_tf.report import save_figure_atomically
 
     figure = Figure(figsize=(11, 8), layout="constrained")
     classes, per_patch = figure.subplots(1, 2, width_ratios=(3, 1))

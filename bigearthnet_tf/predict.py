@@ -53,6 +53,7 @@ from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import open_atomically, write_text_atomically
 from bigearthnet_tf.inference import collect_predictions, logits_over_patches, sigmoid
+from bigearthnet_tf.input_pipeline import make_dataset
 from bigearthnet_tf.patch_source import (
     DEFAULT_BATCH_SIZE,
     PatchReader,
@@ -299,7 +300,6 @@ def tune_thresholds(
 
     Writes `<base>.thresholds.json` (atomically; an earlier one is replaced) and returns its path.
     """
-    from bigearthnet_tf.input_pipeline import make_dataset
 
     console = console or status_console()
     predictor = model if isinstance(model, Predictor) else load_predictor(model)

@@ -19,6 +19,7 @@ import numpy as np
 from bigearthnet_tf.archive import V2_METADATA, V2_S2_FOLDER, BadPatchError, open_archive, read_s2_bands
 from bigearthnet_tf.constants import BANDS_10M, BIGEARTHNET_19, BIGEARTHNET_19_LABELS
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.inference import logits_function, logits_over_patches, sigmoid
 from bigearthnet_tf.patch_source import (
     DEFAULT_BATCH_SIZE,
     PatchReader,
@@ -26,6 +27,8 @@ from bigearthnet_tf.patch_source import (
     default_read_threads,
     locate_folders,
 )
+from bigearthnet_tf.predictor import load_predictor
+from bigearthnet_tf.report import save_figure_atomically
 from bigearthnet_tf.thresholds import predicted_labels, resolve_thresholds
 
 TRUE_COLOUR = ("B04", "B03", "B02")
@@ -98,9 +101,6 @@ def _folder_labels(folder: Path, name: str) -> tuple[str, ...] | None:
 
 
 def _predicted_for_folders(folders, model, s1_root) -> dict[str, tuple[str, ...]]:
-    from bigearthnet_tf.inference import logits_over_patches, sigmoid
-    from bigearthnet_tf.predictor import load_predictor
-
     predictor = load_predictor(model)
     locations = locate_folders(folders, s1_root=s1_root, needs_s1=predictor.needs_s1)
     reader = PatchReader(predictor.band_order, archive_mode=False)
@@ -139,9 +139,7 @@ def _record_patches(paths: Sequence[Path], limit: int, model) -> list[QuickLookP
 
 def _predicted_for_inputs(model, files: list[str], count: int) -> list[tuple[str, ...]]:
     """The model's labels for the first `count` records, read with the inputs the model needs."""
-    from bigearthnet_tf.inference import logits_function, sigmoid
     from bigearthnet_tf.input_pipeline import make_dataset
-    from bigearthnet_tf.predictor import load_predictor
 
     predictor = load_predictor(model)
     modality = predictor.meta.modality
@@ -166,8 +164,6 @@ def save_quicklook(patch: QuickLookPatch, path: Path) -> Path:
     import textwrap
 
     from matplotlib.figure import Figure
-
-    from bigearthnet_tf.report import save_figure_atomically
 
     figure = Figure(figsize=(8, 5.2), layout="constrained")
     for axes, names, title in zip(

@@ -44,6 +44,7 @@ from bigearthnet_tf.constants import (
     original_to_19,
 )
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.examples import example_archive
 from bigearthnet_tf.tiff import encode_geotiff, utm_epsg
 
 __all__ = ["SynthClass", "CLASSES", "write_synthetic_archive", "add_example_patches", "SPLIT_FRACTIONS"]
@@ -601,7 +602,6 @@ def add_example_patches(
     the S1 twins are copied too when the archive has `BigEarthNet-S1-v1.0`. The names go to
     `csv_dir/<split>.csv` (default: beside the archive folder). Returns the S2 names added.
     """
-    from bigearthnet_tf.examples import example_archive
 
     root = Path(archive_root)
     s2_root = root / V1_S2_FOLDER

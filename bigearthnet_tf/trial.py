@@ -18,6 +18,8 @@ from rich.console import Console
 
 from bigearthnet_tf.config import EVALUATE, Config, config_from_dict
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.evaluate import evaluate
+from bigearthnet_tf.train import train
 
 
 def test_run(config: Config, batches: int, *, console: Console | None = None) -> dict[str, float]:
@@ -32,8 +34,6 @@ def test_run(config: Config, batches: int, *, console: Console | None = None) ->
         if config.purpose == EVALUATE:
             evaluation = trial
         else:
-            from bigearthnet_tf.train import train
-
             iteration_ends: list[float] = []
             started = time.perf_counter()
             result = train(trial, on_iteration=lambda *_: iteration_ends.append(time.perf_counter()))
@@ -50,7 +50,6 @@ def test_run(config: Config, batches: int, *, console: Console | None = None) ->
             evaluation = dataclasses.replace(
                 config_from_dict(raw, EVALUATE, source=config.source), max_batches=batches
             )
-        from bigearthnet_tf.evaluate import evaluate
 
         started = time.perf_counter()
         evaluate(evaluation, console=console)
