@@ -14,7 +14,9 @@ from pathlib import Path
 
 from bigearthnet_tf import __version__
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.layout import MODALITIES
 from bigearthnet_tf.quiet import import_tensorflow_quietly
+from bigearthnet_tf.record_formats import FORMATS
 
 DEFAULT_TEST_RUN_BATCHES = 3
 MAX_ERROR_CHARACTERS = 1000
@@ -306,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("files", nargs="+", help="TFRecord files, globs or folders (e.g. a split's shards)")
     stats.add_argument("--out", type=Path, required=True, help="statistics file to write (.json)")
     stats.add_argument(
-        "--modality", choices=("S2", "S1", "MM"), default=None, help="bands (default: all the files hold)"
+        "--modality", choices=MODALITIES, default=None, help="bands (default: all the files hold)"
     )
     stats.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
 
@@ -497,7 +499,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-o", "--out_folder", "--out", type=Path, required=True, help="output folder")
     add_split_arguments(parser)
-    parser.add_argument("--format", choices=("default", "legacy"), default="default", help="record format")
+    parser.add_argument("--format", choices=tuple(FORMATS), default="default", help="record format")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument(
         "--shard-size", type=int, default=None, help="patches per shard, default format (default: 512)"

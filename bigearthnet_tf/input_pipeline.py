@@ -88,7 +88,7 @@ import tensorflow as tf
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.layout import INPUTS, Modality, input_keys, label_key, parse_modality
+from bigearthnet_tf.layout import INPUTS, SENSORS, Modality, input_keys, label_key, parse_modality, sensors_of
 from bigearthnet_tf.record_formats import (
     FORMAT_VERSION_KEY,
     NAME_KEYS,
@@ -183,7 +183,7 @@ class RecordFiles:
 
     format: RecordFormat
     label_types: frozenset[str]  # label types whose multi-hot key every file has
-    modalities: frozenset[str]  # "S2" and/or "S1": the pixel keys every file has
+    modalities: frozenset[str]  # the sensors (layout.SENSORS) whose pixel keys every file has
     name_key: str | None  # "patch_name", or "patch_name_s2" in 2021 multimodal files
     record_bytes: int  # largest first record seen, to size the shuffle buffer
     files: tuple[str, ...]  # the files examined
@@ -250,7 +250,7 @@ def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> Rec
             )
     modalities = {
         modality
-        for modality in (Modality.S2, Modality.S1)
+        for modality in SENSORS
         if all([check_stored(stored) for stored in fmt.stored_keys(modality)])
     }
     label_types = {
@@ -323,8 +323,8 @@ def detect_format(
         if label_type is not None and label_type not in found.label_types:
             raise UserError(_missing_label_message(label_type, path, found.label_types))
         if modality is not None:
-            for needs in (Modality.S2, Modality.S1):
-                if modality in (needs, Modality.MM) and needs not in found.modalities:
+            for needs in sensors_of(modality):
+                if needs not in found.modalities:
                     raise UserError(_missing_modality_message(modality, needs, path, found.format))
         if with_names and found.name_key is None:
             raise UserError(f"with_names needs patch_name, which {path} does not have")

@@ -39,6 +39,8 @@ class Modality(enum.StrEnum):
 
 
 MODALITIES: tuple[Modality, ...] = tuple(Modality)
+# The modalities of one sensor each, in record order (MM reads all of them).
+SENSORS: tuple[Modality, ...] = (Modality.S2, Modality.S1)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,20 @@ def parse_modality(value: object) -> Modality:
         return Modality(value)
     except ValueError:
         raise ConfigError(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}") from None
+
+
+def sensors_of(modality: str) -> tuple[Modality, ...]:
+    """The sensors a modality reads: itself, or every sensor for MM."""
+    modality = parse_modality(modality)
+    return SENSORS if modality == Modality.MM else (modality,)
+
+
+def modality_of_sensors(sensors: Iterable[str]) -> Modality | None:
+    """The modality that reads exactly these sensors (None for none)."""
+    present = [sensor for sensor in SENSORS if sensor in set(sensors)]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else Modality.MM
 
 
 def input_keys(modality: str) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from bigearthnet_tf.archive import Archive
 from bigearthnet_tf.constants import LABEL_TYPES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
-from bigearthnet_tf.layout import Modality
+from bigearthnet_tf.layout import Modality, sensors_of
 from bigearthnet_tf.prepare_splits import SkippedPatch
 from bigearthnet_tf.prepare_stream import SpoolIndex
 from bigearthnet_tf.prepare_workers import TEMP_SUFFIX, Unit
@@ -307,7 +307,7 @@ def manifest(plan: Plan, patches: dict[str, int], skipped: dict[str, int], skip_
         "format": plan.record_format.name,
         "format_version": plan.record_format.format_version,
         "archive_version": plan.archive.version,
-        "modalities": ["S2", "S1"] if with_s1 else ["S2"],
+        "modalities": list(sensors_of(modality)),
         "bands": plan.record_format.bands(modality),
         "shapes": plan.record_format.shapes(modality),
         "label_types": label_types,

@@ -51,7 +51,7 @@ import numpy as np
 from bigearthnet_tf import constants
 from bigearthnet_tf.console import progress_bar, status_console
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.layout import INPUTS, input_keys, parse_modality
+from bigearthnet_tf.layout import INPUTS, Modality, input_keys, modality_of_sensors, parse_modality
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -247,7 +247,7 @@ def compute_band_statistics(
     paths = input_pipeline.list_files(files)
     if modality is None:
         present = input_pipeline.detect_format(paths).modalities
-        modality = "MM" if present == {"S2", "S1"} else next(iter(sorted(present)), "S2")
+        modality = modality_of_sensors(present) or Modality.S2
     parse_modality(modality)
     groups = _input_groups(modality)
     total = input_pipeline.count_records(paths)
