@@ -50,7 +50,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ import numpy as np
 from bigearthnet_tf.constants import TF2_BICUBIC
 from bigearthnet_tf.constants import class_names as class_names_of
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import fsync_directory, make_readable
+from bigearthnet_tf.files import fsync_directory, replace_atomically, write_text_atomically
 from bigearthnet_tf.jsonfiles import read_json_object
 from bigearthnet_tf.model_meta import ModelMeta
 
@@ -259,12 +258,14 @@ def save_checkpoint(
 
     # The old marker goes first: from here until the new one lands, this base name is incomplete.
     files["metadata"].unlink(missing_ok=True)
-    _replace_with(files["weights"], lambda temporary: model.save_weights(temporary))
+    replace_atomically(files["weights"], model.save_weights, suffix=WEIGHTS_SUFFIX)  # Keras insists on it
     written = {"weights": files["weights"]}
     optimizer_meta = None
     if optimizer is not None:
         state = training_state(model, optimizer)
-        _replace_with(files["state"], lambda temporary: _write_npz(temporary, state))
+        replace_atomically(
+            files["state"], lambda temporary: _write_npz(temporary, state), suffix=STATE_SUFFIX
+        )
         written["state"] = files["state"]
         optimizer_meta = {
             "class": type(_inner_optimizer(optimizer)).__name__,
@@ -299,7 +300,7 @@ def save_checkpoint(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     text = json.dumps(metadata, indent=2, allow_nan=False) + "\n"
-    _replace_with(files["metadata"], lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+    write_text_atomically(files["metadata"], text)
     fsync_directory(base.parent)
     return base
 
@@ -361,11 +362,6 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
     With `verify`, the size and SHA-256 of each listed file must match.
     """
     return _read_checkpoint(Path(base), verify)[0]
-
-
-def read_model_meta(base: str | os.PathLike[str], verify: bool = True) -> ModelMeta:
-    """What checkpoint `base` means (see `read_metadata`)."""
-    return _read_checkpoint(Path(base), verify)[1]
 
 
 def _read_checkpoint(base: Path, verify: bool) -> tuple[dict[str, Any], ModelMeta]:
@@ -616,26 +612,6 @@ def _optimizer_variables(optimizer) -> list:
 def _rng_variables(model) -> list:
     weights = {id(variable) for variable in model.weights}
     return [variable for variable in model.variables if id(variable) not in weights]
-
-
-def _replace_with(target: Path, write) -> None:
-    """Call `write(temporary_path)`, fsync the result, then move it onto `target` atomically."""
-    # The temporary name keeps the target's suffixes: Keras insists on `.weights.h5`.
-    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(WEIGHTS_SUFFIX) else target.suffix
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f"{_TEMPORARY_MARK}{suffix}", dir=target.parent
-    )
-    os.close(handle)
-    try:
-        os.unlink(temporary)  # some writers (h5py) refuse to open an existing empty file
-        write(temporary)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        make_readable(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:

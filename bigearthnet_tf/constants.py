@@ -46,7 +46,6 @@ BANDS_BY_NAME = MappingProxyType({band.name: band for band in S2_BANDS})
 BANDS_10M: tuple[str, ...] = ("B02", "B03", "B04", "B08")
 BANDS_20M: tuple[str, ...] = ("B05", "B06", "B07", "B8A", "B11", "B12")
 BANDS_60M: tuple[str, ...] = ("B01", "B09")
-RESOLUTION_GROUPS = MappingProxyType({"10m": BANDS_10M, "20m": BANDS_20M, "60m": BANDS_60M})
 GROUP_SIZES = MappingProxyType({"10m": 120, "20m": 60, "60m": 20})
 
 # Input of the 2019 ResNet and VGG models: the 10 m bands in this order, then the 20 m bands

@@ -24,7 +24,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -97,7 +97,7 @@ def open_atomically(path: str | os.PathLike[str]) -> Iterator[TextIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = _temporary_beside(path, "")
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             yield stream
@@ -108,6 +108,34 @@ def open_atomically(path: str | os.PathLike[str]) -> Iterator[TextIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def replace_atomically(
+    target: str | os.PathLike[str], write: Callable[[str], object], suffix: str = ""
+) -> Path:
+    """`open_atomically` for writers that take a path (Keras, NumPy): `write(temporary_path)` writes
+    the new file, which is fsynced and moved onto `target`. `suffix` ends the temporary name, for
+    writers that insist on theirs (Keras on `.weights.h5`)."""
+    target = Path(target)
+    handle, temporary = _temporary_beside(target, suffix)
+    os.close(handle)
+    try:
+        os.unlink(temporary)  # some writers (h5py) refuse to open an existing empty file
+        write(temporary)
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+        make_readable(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _temporary_beside(target: Path, suffix: str) -> tuple[int, str]:
+    """A new empty file beside `target` (the same file system, so it can be renamed onto it), named
+    `.<name>.<random>.tmp<suffix>`; `checkpoints.remove_temporaries` finds what a kill leaves."""
+    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:

@@ -21,7 +21,6 @@ from bigearthnet_tf.constants import (
     GROUP_SIZES,
     PATCH_SIZE,
     S1_BAND_NAMES,
-    LabelType,
     parse_label_type,
 )
 from bigearthnet_tf.errors import ConfigError
@@ -113,6 +112,3 @@ def label_names_key(label_type: str) -> str:
 def label_key(label_type: str) -> str:
     """The record key of a label type's multi-hot vector, e.g. `BigEarthNet-19_labels_multi_hot`."""
     return f"{label_names_key(label_type)}_multi_hot"
-
-
-LABEL_KEYS = MappingProxyType({label_type: label_key(label_type) for label_type in LabelType})

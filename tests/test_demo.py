@@ -55,7 +55,7 @@ def test_full_demo_learns(tmp_path):
 def test_an_interrupted_demo_continues(tmp_path, monkeypatch, capsys):
     """Killed during evaluation, the demo run again with the same --out keeps the finished stages
     (the archive and records are not rewritten, training has nothing left to do) and evaluates."""
-    from bigearthnet_tf import evaluate as evaluate_module
+    from bigearthnet_tf import demo as demo_module
 
     out = tmp_path / "demo"
     settings = {"patches": 40, "nb_epoch": 1, "batch_size": 8}
@@ -64,7 +64,7 @@ def test_an_interrupted_demo_continues(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patched:
-        patched.setattr(evaluate_module, "evaluate", killed)
+        patched.setattr(demo_module, "evaluate", killed)
         with pytest.raises(KeyboardInterrupt):
             run_demo(out, **settings)
     state = json.loads((out / "demo.json").read_text())

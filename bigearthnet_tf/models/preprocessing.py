@@ -309,14 +309,6 @@ def model_statistics(model: keras.Model) -> dict[str, tuple[float, float]]:
     return statistics
 
 
-def model_upsampling(model: keras.Model) -> str | None:
-    """The bicubic kernel of the model's upsampling layers; None when it upsamples nothing."""
-    kernels = {layer.kernel for layer in _all_layers(model) if isinstance(layer, BicubicResize)}
-    if len(kernels) > 1:
-        raise ValueError(f"{model.name}: upsampling layers disagree on the kernel: {sorted(kernels)}")
-    return kernels.pop() if kernels else None
-
-
 def _all_layers(layer: keras.layers.Layer):
     """`layer` and every layer nested in it (models wrapped in models included)."""
     yield layer
