@@ -8,6 +8,8 @@ readers, writers, models and checkpoints agree. Orders matter: the 43 and 19 cla
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -194,3 +196,47 @@ def original_to_19(original_names) -> tuple[str, ...]:
     indices = {ORIGINAL_LABELS.index(name) for name in original_names}
     targets = sorted({ORIGINAL_TO_19[i] for i in indices if i in ORIGINAL_TO_19})
     return tuple(BIGEARTHNET_19_LABELS[i] for i in targets)
+
+
+# Band name -> (mean, std) on raw values: BigEarthNet v1 S2 statistics and the 2021 S1 statistics.
+DEFAULT_STATISTICS: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {band.name: (band.mean, band.std) for band in (*S2_BANDS, *S1_BANDS)}
+)
+_STATISTICS_ORDER = tuple(DEFAULT_STATISTICS)
+
+
+def checked_statistics(
+    values: Mapping[str, object], where: str, error: type[UserError] = UserError
+) -> dict[str, tuple[float, float]]:
+    """`{band: (mean, std)}` from `values` (band -> a (mean, std) pair), in band order; `error` naming
+    `where`, the band and the value unless each band is known and its mean finite, its std finite and > 0.
+
+    The one rule for statistics, wherever they come from: a statistics file, a config, a checkpoint.
+    """
+    unknown = [band for band in values if band not in DEFAULT_STATISTICS]
+    if unknown:
+        raise error(f"{where}: unknown band {unknown[0]!r}; expected some of {', '.join(DEFAULT_STATISTICS)}")
+    checked = {}
+    for band in sorted(values, key=_STATISTICS_ORDER.index):
+        value = values[band]
+        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+            raise error(f"{where}.{band} must be a (mean, std) pair, got {value!r}")
+        mean = finite_number(value[0], f"{where}.{band}.mean", error)
+        std = finite_number(value[1], f"{where}.{band}.std", error)
+        if not math.isfinite(mean):
+            raise error(f"{where}.{band}.mean must be finite, got {value[0]!r}")
+        if not (math.isfinite(std) and std > 0):
+            raise error(f"{where}.{band}.std must be finite and > 0, got {value[1]!r}")
+        checked[band] = (mean, std)
+    return checked
+
+
+def finite_number(value: object, where: str, error: type[UserError] = UserError) -> float:
+    """`value` as a float; `error` naming `where` unless it is a JSON number (not a boolean)."""
+    # bool is an int in Python, but `true` is no mean.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise error(f"{where} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise error(f"{where} must be a finite number, got an integer of {len(str(value))} digits") from None

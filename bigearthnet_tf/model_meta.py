@@ -4,7 +4,7 @@ A checkpoint's metadata file (checkpoints.py) and an exported `.keras` model (it
 inputs and the export metadata inside it) both become a `ModelMeta`. The checks that decide whether
 its outputs may be read at all happen here and nowhere else: the label type is known and its class
 names are that nomenclature's in index order, every input's band order is the one this library
-reads, and statistics follow `stats.checked_statistics`. Without TensorFlow.
+reads, and statistics follow `constants.checked_statistics`. Without TensorFlow.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from bigearthnet_tf.constants import LABEL_TYPES, LabelType
+from bigearthnet_tf.constants import LABEL_TYPES, LabelType, checked_statistics
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import INPUTS, Modality, modality_of
-from bigearthnet_tf.stats import checked_statistics
 from bigearthnet_tf.thresholds import checked_thresholds
 
 

@@ -37,19 +37,18 @@ config does) stays cheap.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.console import progress_bar, status_console
+from bigearthnet_tf.constants import DEFAULT_STATISTICS, checked_statistics
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import INPUTS, Modality, input_keys, modality_of_sensors, parse_modality
 
@@ -69,10 +68,6 @@ MODALITY_BANDS: Mapping[str, tuple[str, ...]] = {
     "MM": (*constants.S2_BAND_NAMES, *constants.S1_BAND_NAMES),
 }
 ALL_BANDS: tuple[str, ...] = MODALITY_BANDS["MM"]
-# Band name -> (mean, std) on raw values: BigEarthNet v1 S2 statistics and the 2021 S1 statistics.
-DEFAULT_STATISTICS: Mapping[str, tuple[float, float]] = MappingProxyType(
-    {band.name: (band.mean, band.std) for band in (*constants.S2_BANDS, *constants.S1_BANDS)}
-)
 
 # Records per batch: large, since each batch is only reduced to a few numbers per band. A batch of 256
 # multimodal records is ~110 MB decoded as float32; measured peak RSS of a whole run 1.2 GB (0.9 GB with
@@ -167,32 +162,6 @@ class BandStatistics:
 def default_statistics(modality: str = "MM") -> dict[str, tuple[float, float]]:
     """The given statistics of the modality's bands: BigEarthNet v1 for S2, the 2021 ones for S1."""
     return {name: DEFAULT_STATISTICS[name] for name in MODALITY_BANDS[parse_modality(modality)]}
-
-
-def checked_statistics(
-    values: Mapping[str, object], where: str, error: type[UserError] = UserError
-) -> dict[str, tuple[float, float]]:
-    """`{band: (mean, std)}` from `values` (band -> a (mean, std) pair), in band order; `error` naming
-    `where`, the band and the value unless each band is known and its mean finite, its std finite and > 0.
-
-    The one rule for statistics, wherever they come from: a statistics file, a config, a checkpoint.
-    """
-    unknown = [band for band in values if band not in DEFAULT_STATISTICS]
-    if unknown:
-        raise error(f"{where}: unknown band {unknown[0]!r}; expected some of {', '.join(DEFAULT_STATISTICS)}")
-    checked = {}
-    for band in sorted(values, key=ALL_BANDS.index):
-        value = values[band]
-        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-            raise error(f"{where}.{band} must be a (mean, std) pair, got {value!r}")
-        mean = _number(value[0], f"{where}.{band}.mean", error)
-        std = _number(value[1], f"{where}.{band}.std", error)
-        if not math.isfinite(mean):
-            raise error(f"{where}.{band}.mean must be finite, got {value[0]!r}")
-        if not (math.isfinite(std) and std > 0):
-            raise error(f"{where}.{band}.std must be finite and > 0, got {value[1]!r}")
-        checked[band] = (mean, std)
-    return checked
 
 
 def _input_groups(modality: str) -> dict[str, tuple[str, ...]]:
@@ -340,16 +309,6 @@ def save_statistics(stats: BandStatistics, path: str | os.PathLike, *, overwrite
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
-
-
-def _number(value: object, where: str, error: type[UserError] = UserError) -> float:
-    # bool is an int in Python, but `true` is no mean.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise error(f"{where} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except OverflowError:  # an integer beyond float range
-        raise error(f"{where} must be a finite number, got an integer of {len(str(value))} digits") from None
 
 
 def _check_keys(document: Mapping, allowed: Sequence[str], required: Sequence[str], where: str) -> None:

@@ -83,15 +83,78 @@ def test_the_check_sees_tensorflow_when_it_is_loaded():
     assert "tensorflow" in _loaded_after_import(["input_pipeline"])
 
 
+# The floors of docs/ARCHITECTURE.md ("The house"): a module imports only from its floor and below.
+FLOORS = {
+    1: ("constants", "errors", "layout", "files", "jsonfiles", "locks", "console", "quiet"),
+    2: (
+        "tiff",
+        "archive",
+        "examples",
+        "synth",
+        "records",
+        "record_formats",
+        "tarstream",
+        "prepare_stream",
+        "prepare_splits",
+        "prepare_job",
+        "prepare_workers",
+        "patch_source",
+    ),
+    3: ("models",),
+    4: (
+        "model_meta",
+        "stats",
+        "thresholds",
+        "metrics",
+        "checkpoints",
+        "config",
+        "input_pipeline",
+        "inference",
+        "predictor",
+        "report",
+    ),
+    5: (*(command for command in COMMANDS if command != "stats"),),
+    6: ("cli", *RUN_COMMANDS),
+}
+FLOOR_OF = {module: floor for floor, modules in FLOORS.items() for module in modules}
+
+
+def test_every_module_has_a_floor():
+    modules = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(FLOOR_OF) - {"models"}
+    assert (PACKAGE / "models" / "__init__.py").is_file()
+
+
+@pytest.mark.parametrize("module", sorted(set(FLOOR_OF) - {"models"}))
+def test_no_module_imports_from_a_floor_above_its_own(module):
+    above = {found for found in _package_imports(module) if FLOOR_OF[found] > FLOOR_OF[module]}
+    assert above == set()
+
+
+def test_models_import_only_from_the_floors_below():
+    for path in (PACKAGE / "models").glob("*.py"):
+        found = _package_imports(f"models/{path.stem}") - {"models"}
+        assert {module for module in found if FLOOR_OF[module] > FLOOR_OF["models"]} == set(), path
+
+
 def _package_imports(module: str) -> set[str]:
-    """The package modules that `module` imports anywhere in its code (also inside functions)."""
+    """The package modules that `module` imports anywhere in its code (also inside functions), but
+    not for type annotations only (`if TYPE_CHECKING:`)."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    annotations_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
+        if id(node) in annotations_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bigearthnet_tf."):
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.ImportFrom) and node.module == "bigearthnet_tf":
-            found.update(alias.name for alias in node.names)
+            found.update(alias.name for alias in node.names if alias.name != "__version__")
         elif isinstance(node, ast.Import):
             found.update(
                 alias.name.split(".")[1] for alias in node.names if alias.name.startswith("bigearthnet_tf.")

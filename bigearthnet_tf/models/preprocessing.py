@@ -51,17 +51,18 @@ from keras import ops
 from bigearthnet_tf.constants import (
     BANDS_10M,
     BANDS_20M,
+    DEFAULT_STATISTICS,
     PATCH_SIZE,
     RGB_NIR_SWIR_BANDS,
     S1_BAND_NAMES,
     TF1_BICUBIC,
     TF2_BICUBIC,
     UPSAMPLING_KERNELS,
+    checked_statistics,
 )
 from bigearthnet_tf.errors import ConfigError
 from bigearthnet_tf.layout import INPUTS as LAYOUT_INPUTS
 from bigearthnet_tf.layout import Modality, parse_modality
-from bigearthnet_tf.stats import DEFAULT_STATISTICS, checked_statistics
 
 S2, S1, MM = Modality.S2, Modality.S1, Modality.MM
 
