@@ -21,6 +21,7 @@ from bigearthnet_tf.constants import (
     GROUP_SIZES,
     PATCH_SIZE,
     S1_BAND_NAMES,
+    S2_BAND_NAMES,
     parse_label_type,
 )
 from bigearthnet_tf.errors import ConfigError
@@ -38,8 +39,10 @@ class Modality(enum.StrEnum):
 
 
 MODALITIES: tuple[Modality, ...] = tuple(Modality)
-# The modalities of one sensor each, in record order (MM reads all of them).
-SENSORS: tuple[Modality, ...] = (Modality.S2, Modality.S1)
+# The modalities of one sensor each, in record order (MM reads all of them), with their bands in
+# archive order (the order of statistics files and reports).
+SENSOR_BANDS = MappingProxyType({Modality.S2: S2_BAND_NAMES, Modality.S1: S1_BAND_NAMES})
+SENSORS: tuple[Modality, ...] = tuple(SENSOR_BANDS)
 
 
 @dataclass(frozen=True)

@@ -42,15 +42,24 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bigearthnet_tf import constants
 from bigearthnet_tf.console import progress_bar, status_console
 from bigearthnet_tf.constants import DEFAULT_STATISTICS, checked_statistics
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.layout import INPUTS, Modality, input_keys, modality_of_sensors, parse_modality
+from bigearthnet_tf.layout import (
+    INPUTS,
+    MODALITIES,
+    SENSOR_BANDS,
+    Modality,
+    input_keys,
+    modality_of_sensors,
+    parse_modality,
+    sensors_of,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -62,12 +71,12 @@ TOP_LEVEL_KEYS = ("format", "version", "source", "records", "bands")
 BAND_KEYS = ("mean", "std", "pixels")
 
 # Band names per modality, in the order statistics are reported and saved.
-MODALITY_BANDS: Mapping[str, tuple[str, ...]] = {
-    "S2": constants.S2_BAND_NAMES,
-    "S1": constants.S1_BAND_NAMES,
-    "MM": (*constants.S2_BAND_NAMES, *constants.S1_BAND_NAMES),
-}
-ALL_BANDS: tuple[str, ...] = MODALITY_BANDS["MM"]
+MODALITY_BANDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        modality: tuple(band for sensor in sensors_of(modality) for band in SENSOR_BANDS[sensor])
+        for modality in MODALITIES
+    }
+)
 
 # Records per batch: large, since each batch is only reduced to a few numbers per band. A batch of 256
 # multimodal records is ~110 MB decoded as float32; measured peak RSS of a whole run 1.2 GB (0.9 GB with
