@@ -2,8 +2,9 @@
 
 Pure functions do one thing each and work eagerly as well as inside ``Dataset.map``:
 
-- :func:`list_files` expands globs and folders; :func:`detect_format` peeks at the first record of each
-  file and checks up front that it has the keys the chosen label type, modality and options need.
+- :func:`list_files` expands globs and folders; :func:`detect_format` takes what a prepared set's
+  manifest (``dataset.json``) says of the files it lists and peeks at the first record of any other,
+  and checks up front that each has the keys the chosen label type, modality and options need.
 - :func:`feature_spec`, :func:`decode_bands`, :func:`decode_labels` and :func:`parse_batch` turn a
   *batch* of serialized ``tf.train.Example`` into ``(inputs, labels)``: one ``tf.io.parse_example`` per
   batch (parsing batched records is several times faster than one ``parse_single_example`` per record),
@@ -92,11 +93,14 @@ from bigearthnet_tf.layout import INPUTS, SENSORS, Modality, input_keys, label_k
 from bigearthnet_tf.record_formats import (
     FORMAT_VERSION_KEY,
     NAME_KEYS,
+    PATCH_NAME,
     Encoding,
+    Manifest,
     RecordFormat,
     Stored,
     format_of,
     parse_record_format,
+    read_manifest,
 )
 from bigearthnet_tf.records import count_frames, read_frames
 
@@ -297,8 +301,10 @@ def detect_format(
     with_names: bool = False,
     skip_corrupt: bool = False,
 ) -> RecordFiles:
-    """Peek at the first record of every file: format, label sets, modalities; check requirements.
+    """Format, label sets and modalities of the files; check requirements.
 
+    A file that a prepared set's manifest (`dataset.json` beside it) lists is described by the
+    manifest; any other is read: the first record is classified and its shapes are checked.
     Given ``label_type``, ``modality`` or ``with_names``, every file must have the keys they need, or a
     :class:`UserError` names the first file that lacks them and says what it has. All files must be of
     one format. Empty files are ignored; a file whose first record is unreadable is an error unless
@@ -309,12 +315,27 @@ def detect_format(
     if modality is not None:
         modality = parse_modality(modality)
     paths = list_files(files)
+    manifests: dict[str, Manifest | None] = {}
     found_files: list[RecordFiles] = []
     for path in paths:
-        example = _first_example(path, skip_corrupt)
-        if example is None:
-            continue
-        found = _file_format(path, example, example.ByteSize())
+        folder, name = os.path.split(path)
+        if folder not in manifests:
+            manifests[folder] = read_manifest(folder or ".")
+        manifest = manifests[folder]
+        if manifest is not None and name in manifest.record_bytes:
+            found = RecordFiles(
+                manifest.format,
+                manifest.label_types,
+                manifest.modalities,
+                PATCH_NAME,
+                manifest.record_bytes[name],
+                (path,),
+            )
+        else:
+            example = _first_example(path, skip_corrupt)
+            if example is None:
+                continue
+            found = _file_format(path, example, example.ByteSize())
         if found_files and found.format is not found_files[0].format:
             raise UserError(
                 f"{path} is in the {found.format} format but {found_files[0].files[0]} is in the "

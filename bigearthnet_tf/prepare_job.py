@@ -29,9 +29,8 @@ from bigearthnet_tf.layout import Modality, sensors_of
 from bigearthnet_tf.prepare_splits import SkippedPatch
 from bigearthnet_tf.prepare_stream import SpoolIndex
 from bigearthnet_tf.prepare_workers import TEMP_SUFFIX, Unit
-from bigearthnet_tf.record_formats import FORMAT_VERSION, FORMATS, RecordFormat
+from bigearthnet_tf.record_formats import FORMAT_VERSION, FORMATS, MANIFEST_NAME, RecordFormat
 
-MANIFEST_NAME = "dataset.json"
 SKIPPED_REPORT_NAME = "skipped.csv"
 WORK_DIR_NAME = ".prepare-work"
 JOB_FILE = "job.json"

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar
 
@@ -26,6 +28,7 @@ from bigearthnet_tf.constants import (
     BANDS_BY_NAME,
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
+    LABEL_TYPES,
     ORIGINAL,
     ORIGINAL_LABELS,
     PATCH_SIZE,
@@ -33,10 +36,12 @@ from bigearthnet_tf.constants import (
     S2_BAND_NAMES,
 )
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.jsonfiles import read_json_object
 from bigearthnet_tf.layout import (
     INPUTS,
     S1_INPUT,
     S2_INPUTS,
+    SENSOR_BANDS,
     Modality,
     input_keys,
     label_key,
@@ -282,3 +287,63 @@ def parse_record_format(value: str | RecordFormat) -> RecordFormat:
 def format_of(keys: Collection[str]) -> RecordFormat | None:
     """The format whose records have these keys, or None."""
     return next((fmt for fmt in FORMATS.values() if fmt.recognises(keys)), None)
+
+
+# --- the manifest of a prepared set ---------------------------------------------------------------
+
+MANIFEST_NAME = "dataset.json"  # written by `prepare` last: its presence means the set is complete
+MAX_MANIFEST_BYTES = 64 << 20  # the official splits' manifest lists a few thousand files
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a prepared set's `dataset.json` says about its record files: readers take it instead of
+    peeking at the first record of each file."""
+
+    path: Path
+    format: RecordFormat
+    label_types: frozenset[str]
+    modalities: frozenset[str]  # sensors (layout.SENSORS)
+    record_bytes: dict[str, int]  # file name -> mean bytes per record of its split (0 when empty)
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest | None:
+    """The manifest in `folder`, None when there is none; a UserError naming it and the key at fault
+    when it is not one this version wrote or reads."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    document = read_json_object(path, "dataset manifest", max_bytes=MAX_MANIFEST_BYTES)
+
+    def malformed(key: str) -> UserError:
+        return UserError(f"dataset manifest {path}: key {key!r} is missing or malformed")
+
+    fmt = FORMATS.get(document.get("format"))
+    if fmt is None:
+        raise malformed("format")
+    if document.get("format_version") != fmt.format_version:
+        raise UserError(
+            f"dataset manifest {path}: format_version {document.get('format_version')!r} is not supported "
+            f"by this version of bigearthnet-tf (supported: {fmt.format_version}); upgrade it or re-prepare"
+        )
+    label_types = document.get("label_types")
+    if not isinstance(label_types, list) or not all(value in LABEL_TYPES for value in label_types):
+        raise malformed("label_types")
+    modalities = document.get("modalities")
+    if not isinstance(modalities, list) or not all(value in SENSOR_BANDS for value in modalities):
+        raise malformed("modalities")
+    splits = document.get("splits")
+    if not isinstance(splits, dict):
+        raise malformed("splits")
+    record_bytes = {}
+    for split, entry in splits.items():
+        entry = entry if isinstance(entry, dict) else {}
+        files, patches = entry.get("files"), entry.get("patches")
+        if not (isinstance(files, list) and all(isinstance(name, str) for name in files)):
+            raise malformed(f"splits.{split}.files")
+        if isinstance(patches, bool) or not isinstance(patches, int) or patches < 0:
+            raise malformed(f"splits.{split}.patches")
+        sizes = [(path.parent / name).stat().st_size for name in files if (path.parent / name).is_file()]
+        for name in files:
+            record_bytes[name] = sum(sizes) // patches if patches else 0
+    return Manifest(path, fmt, frozenset(label_types), frozenset(modalities), record_bytes)

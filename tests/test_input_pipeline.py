@@ -481,3 +481,67 @@ def test_corrupt_first_record_is_caught_before_reading(sharded_set, tmp_path):
         UserError, match=r"corrupt or truncated TFRecord file .*head\.tfrecord: bad data checksum"
     ):
         ip.make_dataset(bad, BEN19, 2)
+
+
+# --- a prepared set's manifest ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared_v2(synthetic_v2, tmp_path_factory) -> Path:
+    from bigearthnet_tf.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared_v2")
+    prepare(synthetic_v2, out, official_splits=True, workers=1, shard_size=8, show_progress=False)
+    return out
+
+
+def test_files_a_manifest_lists_are_described_by_it_without_reading_them(prepared_v2, monkeypatch):
+    files = sorted(str(path) for path in prepared_v2.glob("train-*.tfrecord"))
+    with monkeypatch.context() as without_manifest:
+        without_manifest.setattr(ip, "read_manifest", lambda folder: None)
+        peeked = ip.detect_format(files)  # what the records themselves say
+    assert peeked.format.name == "default" and peeked.label_types == {BEN19} and peeked.modalities == {"S2"}
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a record was read although the manifest describes the file")
+
+    monkeypatch.setattr(ip, "read_frames", no_reading)
+    found = ip.detect_format(files, BEN19, "S2", with_names=True)
+    assert (found.format, found.label_types, found.modalities) == (
+        peeked.format,
+        peeked.label_types,
+        peeked.modalities,
+    )
+    assert found.name_key == peeked.name_key == "patch_name"
+    assert 0.9 * peeked.record_bytes < found.record_bytes < 1.1 * peeked.record_bytes  # a mean, not the first
+    with pytest.raises(UserError, match="label_type 'original' needs original_labels_multi_hot"):
+        ip.detect_format(files, ORIGINAL)  # v2 has no 43-class labels, and the manifest says so
+
+
+def test_files_a_manifest_does_not_list_are_read(prepared_v2, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copied.tfrecord"
+    shutil.copy(next(prepared_v2.glob("train-*.tfrecord")), copy)
+    shutil.copy(prepared_v2 / "dataset.json", tmp_path / "dataset.json")
+    read = []
+    real = ip.read_frames
+    monkeypatch.setattr(
+        ip, "read_frames", lambda *args, **kwargs: read.append(args[0]) or real(*args, **kwargs)
+    )
+    assert ip.detect_format(str(copy)).format.name == "default" and read == [str(copy)]
+
+
+def test_a_malformed_manifest_is_a_user_error_naming_it_and_the_key(prepared_v2, tmp_path):
+    import json
+    import shutil
+
+    for path in prepared_v2.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    manifest = json.loads((tmp_path / "dataset.json").read_text())
+    manifest["modalities"] = ["S3"]
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        UserError, match=r"dataset manifest .*dataset\.json: key 'modalities' is missing or malformed"
+    ):
+        ip.detect_format(str(tmp_path / "train-*.tfrecord"))
