@@ -10,7 +10,6 @@ split `all`; its labels come from the patch JSON (v1) or the metadata parquet (v
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import textwrap
@@ -31,9 +30,9 @@ from bigearthnet_tf.constants import (
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import label_key
+from bigearthnet_tf.record_formats import MANIFEST_NAME, read_manifest
 from bigearthnet_tf.report import save_figure_atomically
 
-MANIFEST = "dataset.json"
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 PARSE_BATCH = 4096  # records whose label keys are parsed at a time
 CHART_TOP_LABEL_COUNTS = 8  # labels-per-patch histogram: 1 ... 7 and "8+"
@@ -125,12 +124,10 @@ def _record_splits(files: list[str], sources: list[Path]) -> dict[str, list[str]
     """Split name -> its files: from the manifest of a folder given, else from the file names."""
     by_manifest: dict[str, str] = {}
     for source in sources:
-        manifest = source / MANIFEST if source.is_dir() else None
-        if manifest is not None and manifest.is_file():
-            document = json.loads(manifest.read_text(encoding="utf-8"))
-            for split, entry in (document.get("splits") or {}).items():
-                for name in entry.get("files", []):
-                    by_manifest[str((source / name).resolve())] = split
+        manifest = read_manifest(source) if source.is_dir() else None
+        for split, names in manifest.splits.items() if manifest is not None else ():
+            for name in names:
+                by_manifest[str((source / name).resolve())] = split
     groups: dict[str, list[str]] = {}
     for path in files:
         split = by_manifest.get(str(Path(path).resolve())) or _SHARD.sub(
@@ -152,7 +149,7 @@ def to_19(original: np.ndarray) -> np.ndarray:
 
 
 def _is_archive(path: Path) -> bool:
-    if not path.is_dir() or any(path.glob("*.tfrecord")) or (path / MANIFEST).is_file():
+    if not path.is_dir() or any(path.glob("*.tfrecord")) or (path / MANIFEST_NAME).is_file():
         return False
     try:
         detect_version(path)

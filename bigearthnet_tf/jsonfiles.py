@@ -7,6 +7,7 @@ Every refusal is one line naming the file, raised as the caller's error type (a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,8 @@ def read_json_object(
     if not isinstance(document, dict):
         raise error(f"{path}: expected a JSON object {{...}}, got {json_type(document)}")
     return document
+
+
+def json_digest(document: Any) -> str:
+    """The SHA-256 of a JSON document in one canonical form (keys sorted): a fingerprint of a job."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode("utf-8")).hexdigest()

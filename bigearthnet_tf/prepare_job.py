@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import io
 import json
 import math
@@ -25,6 +24,7 @@ from bigearthnet_tf.archive import Archive
 from bigearthnet_tf.constants import LABEL_TYPES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
+from bigearthnet_tf.jsonfiles import json_digest
 from bigearthnet_tf.layout import Modality, sensors_of
 from bigearthnet_tf.prepare_splits import SkippedPatch
 from bigearthnet_tf.prepare_stream import SpoolIndex
@@ -84,7 +84,7 @@ def fingerprint_of(plan: Plan, skip_bad: bool) -> str:
         "splits": plan.splits,
         "created_by": __version__,
     }
-    return hashlib.sha256(json.dumps(job, sort_keys=True).encode("utf-8")).hexdigest()
+    return json_digest(job)
 
 
 # --- the job folder: fingerprint, journal, clean-up ------------------------------------------------

@@ -32,7 +32,6 @@ decodes only the patches no finished spool file holds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -58,6 +57,7 @@ from bigearthnet_tf.archive import (
 from bigearthnet_tf.constants import S1_BAND_NAMES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
+from bigearthnet_tf.jsonfiles import json_digest
 from bigearthnet_tf.record_formats import RecordFormat
 from bigearthnet_tf.records import RecordWriter
 from bigearthnet_tf.tarstream import (
@@ -241,13 +241,9 @@ def _decode(name: str, refs: dict[str, Ref], s1):
 # --- the job folder ----------------------------------------------------------------------------------
 
 
-def _fingerprint(job: dict) -> str:
-    return hashlib.sha256(json.dumps(job, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def open_spool(spool_dir: Path, job: dict, overwrite: bool, say: Callable[[str], None]) -> dict[str, tuple]:
     """Make the spool folder ready for `job`; return what an earlier run of the same job encoded."""
-    fingerprint = _fingerprint(job)
+    fingerprint = json_digest(job)
     try:
         previous = json.loads((spool_dir / _JOB_FILE).read_text(encoding="utf-8")).get("fingerprint")
     except (OSError, ValueError, AttributeError):

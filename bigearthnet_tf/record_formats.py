@@ -304,6 +304,7 @@ class Manifest:
     format: RecordFormat
     label_types: frozenset[str]
     modalities: frozenset[str]  # sensors (layout.SENSORS)
+    splits: dict[str, tuple[str, ...]]  # split -> its file names, in order
     record_bytes: dict[str, int]  # file name -> mean bytes per record of its split (0 when empty)
 
 
@@ -335,7 +336,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | None:
     splits = document.get("splits")
     if not isinstance(splits, dict):
         raise malformed("splits")
-    record_bytes = {}
+    record_bytes, split_files = {}, {}
     for split, entry in splits.items():
         entry = entry if isinstance(entry, dict) else {}
         files, patches = entry.get("files"), entry.get("patches")
@@ -346,4 +347,5 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | None:
         sizes = [(path.parent / name).stat().st_size for name in files if (path.parent / name).is_file()]
         for name in files:
             record_bytes[name] = sum(sizes) // patches if patches else 0
-    return Manifest(path, fmt, frozenset(label_types), frozenset(modalities), record_bytes)
+        split_files[split] = tuple(files)
+    return Manifest(path, fmt, frozenset(label_types), frozenset(modalities), split_files, record_bytes)
