@@ -366,24 +366,19 @@ def read_metadata(base: str | os.PathLike[str], verify: bool = True) -> dict[str
 
 def _read_checkpoint(base: Path, verify: bool) -> tuple[dict[str, Any], ModelMeta]:
     path = checkpoint_files(base)["metadata"]
-    try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         if base.with_name(base.name + TF1_INDEX_SUFFIX).is_file():
             raise UserError(
                 f"checkpoint {base} is a 2019 TensorFlow 1 checkpoint ({base.name}{TF1_INDEX_SUFFIX}); "
                 f"convert it once: bigearthnet import tf1 {base} --model NAME --label-type TYPE "
                 "--out NEW_BASE"
-            ) from None
+            )
         raise UserError(
             f"checkpoint {base}: {path.name} not found (the checkpoint does not exist or was not "
             "completely written)"
-        ) from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        # ValueError covers JSONDecodeError and numbers with too many digits.
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"checkpoint {base}: {path.name} is unreadable: {first_line}") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        )
+    metadata = read_json_object(path, f"checkpoint {base}: metadata file")
+    if metadata.get("format") != FORMAT:
         raise UserError(f"checkpoint {base}: {path.name} is not bigearthnet-tf checkpoint metadata")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise UserError(

@@ -35,10 +35,13 @@ def read_json_object(
     description: str = "JSON file",
     error: type[UserError] = UserError,
     max_bytes: int | None = None,
+    *,
+    non_finite: bool = False,
 ) -> dict[str, Any]:
     """The JSON object in `path` (a `description`, e.g. "config file"); anything else raises `error`.
 
-    `max_bytes` bounds what is read, so a huge file is refused without being loaded.
+    `max_bytes` bounds what is read, so a huge file is refused without being loaded. With
+    `non_finite`, NaN and Infinity are read as floats, for a reader that refuses them naming the key.
     """
     try:
         if max_bytes is not None and path.stat().st_size > max_bytes:
@@ -53,7 +56,9 @@ def read_json_object(
     except OSError as problem:
         raise error(f"{description} {path} cannot be read: {problem.strerror or problem}") from None
 
-    def no_constants(name: str) -> None:
+    def no_constants(name: str) -> float:
+        if non_finite:
+            return float(name)
         raise error(f"{path}: {name} is not a JSON number")
 
     def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ import numpy as np
 from bigearthnet_tf.console import progress_bar, status_console
 from bigearthnet_tf.constants import DEFAULT_STATISTICS, checked_statistics
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.jsonfiles import read_json_object
 from bigearthnet_tf.layout import (
     INPUTS,
     MODALITIES,
@@ -339,27 +340,8 @@ def load_statistics(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
     means, and standard deviations that are not finite and > 0.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"statistics file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"statistics file {path} is a folder; name a .json file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"statistics file {path} cannot be read: {error}") from None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(
-            f"statistics file {path} is not valid JSON "
-            f"(line {error.lineno}, column {error.colno}: {error.msg})"
-        ) from None
-    except RecursionError:
-        raise UserError(f"statistics file {path} is not valid JSON (nested too deeply)") from None
-    except ValueError:  # int() refuses numbers of more than 4,300 digits (a guard against slow parsing)
-        raise UserError(f"statistics file {path} is not valid JSON (a number has too many digits)") from None
-    if not isinstance(document, dict):
-        raise UserError(f"statistics file {path}: expected a JSON object, got {type(document).__name__}")
+    # NaN and Infinity are read, so that the check below names the band and key that hold them.
+    document = read_json_object(path, "statistics file", non_finite=True)
     if document.get("format") != FILE_FORMAT:
         raise UserError(
             f"{path}: not a statistics file (key 'format' is {document.get('format')!r}, "

@@ -200,7 +200,7 @@ def edit_metadata(base, change):
     ("statistic", "message"),
     [
         ([400.0, 0.0], r"statistics\.B02\.std must be finite and > 0, got 0\.0"),
-        ([float("1e999"), 2.0], r"statistics\.B02\.mean must be finite"),
+        ([10**400, 2.0], r"statistics\.B02\.mean must be a finite number, got an integer of 401 digits"),
     ],
 )
 def test_statistics_that_could_not_standardise_are_refused_on_loading(saved, tmp_path, statistic, message):
@@ -350,7 +350,7 @@ def test_malformed_metadata_is_one_clear_error(saved, tmp_path, change, key):
         checkpoints.load_checkpoint(copy)
     assert not checkpoints.is_complete(copy)
     checkpoints.checkpoint_files(copy)["metadata"].write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(UserError, match=r"iteration-7\.json is unreadable"):
+    with pytest.raises(UserError, match=r"iteration-7\.json: not valid JSON: nested too deeply"):
         checkpoints.load_checkpoint(copy)
 
 
