@@ -1,4 +1,5 @@
-"""Strict reading of the small JSON files users hand us (configs, model configs): one way, one set of errors.
+"""Strict reading of the small JSON files users hand us or we wrote (configs, statistics, thresholds,
+checkpoint metadata, manifests): one way, one set of errors.
 
 Strict means: UTF-8, exactly one JSON object, no NaN or Infinity (not JSON, and they would slip into a
 number), no key twice, no nesting deep enough to exhaust the stack, no number of thousands of digits.
