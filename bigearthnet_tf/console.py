@@ -6,6 +6,8 @@ markup or highlighting applied to user text (a path with `[brackets]` prints as 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -59,16 +61,27 @@ class AmountColumn(ProgressColumn):
         return Text(f"{done}  {rate}", style=_SPEED_STYLE)
 
 
-def progress_bar(console: Console, unit: str | None = None, *, amounts: bool = False) -> Progress:
-    """A progress bar: the task's description, the bar, done/total and the rate in `unit` (or, with
-    `amounts`, `AmountColumn` for tasks in bytes and counts alike), and the time left."""
-    columns = [AmountColumn()] if amounts else [MofNCompleteColumn(), RateColumn(unit or "items")]
+def progress_bar(
+    console: Console,
+    unit: str | None = None,
+    *,
+    amounts: bool = False,
+    label: str = "[progress.description]{task.description}",
+    columns: Sequence[ProgressColumn] | None = None,
+    disable: bool = False,
+) -> Progress:
+    """A progress bar: `label` (the task's description), the bar, then done/total and the rate in
+    `unit` (with `amounts`: `AmountColumn`, for tasks in bytes and counts alike; or the `columns`
+    given), and the time left."""
+    if columns is None:
+        columns = [AmountColumn()] if amounts else [MofNCompleteColumn(), RateColumn(unit or "items")]
     return Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn(label),
         BarColumn(),
         *columns,
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=disable,
     )

@@ -44,11 +44,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TextColumn, TimeElapsedColumn
 from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.config import TRAIN, Config, save_config
+from bigearthnet_tf.console import progress_bar
 from bigearthnet_tf.constants import class_names as label_names
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.inference import collect_predictions, sigmoid, sigmoid_cross_entropy
@@ -799,14 +800,14 @@ class TrainingLoop:
 
     @contextlib.contextmanager
     def _progress_bar(self, iterations_done: int):
-        progress = Progress(
-            TextColumn("iteration {task.completed:>6.0f}/{task.total:.0f}"),
-            BarColumn(),
-            TextColumn("{task.fields[loss]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
+        progress = progress_bar(
+            self.console,
+            label="iteration {task.completed:>6.0f}/{task.total:.0f}",
+            columns=[
+                TextColumn("{task.fields[loss]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+            ],
             disable=not self.chief,
         )
         # Nothing is shown for the loss and the speed until there is a value to show.
