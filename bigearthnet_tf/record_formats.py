@@ -4,7 +4,9 @@ A format answers every question the rest of the package asks about records, so n
 on a format's name: `prepare` writes with `serialize` and names files with `unit_files` /
 `split_files`, the manifest describes a set with `bands` / `shapes`, and the input pipeline recognises
 a file with `recognises` and builds its parse spec and decoding from `stored` (which record keys hold
-each model input, and how). No TensorFlow here: preparation workers use this module.
+each model input, and how). `read_manifest` reads what a prepared set's `dataset.json` says of its
+files, which readers take instead of peeking at records. No TensorFlow here: preparation workers use
+this module.
 
 To add a format: subclass `RecordFormat` here and add an instance to `FORMATS`; see
 docs/ARCHITECTURE.md ("How to add a record format").
@@ -105,7 +107,7 @@ class Stored:
     @property
     def nbytes(self) -> int:
         """Bytes of a RAW value."""
-        return self.values * int(self.dtype[-1])
+        return self.values * np.dtype(self.dtype).itemsize
 
 
 class RecordFormat(ABC):
