@@ -97,17 +97,11 @@ def open_atomically(path: str | os.PathLike[str]) -> Iterator[TextIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = _temporary_beside(path, "")
-    try:
+    with _replacing(path, "") as (handle, _):
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
-        make_readable(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def replace_atomically(
@@ -117,25 +111,29 @@ def replace_atomically(
     the new file, which is fsynced and moved onto `target`. `suffix` ends the temporary name, for
     writers that insist on theirs (Keras on `.weights.h5`)."""
     target = Path(target)
-    handle, temporary = _temporary_beside(target, suffix)
-    os.close(handle)
-    try:
+    with _replacing(target, suffix) as (handle, temporary):
+        os.close(handle)
         os.unlink(temporary)  # some writers (h5py) refuse to open an existing empty file
         write(temporary)
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
+    return target
+
+
+@contextlib.contextmanager
+def _replacing(target: Path, suffix: str) -> Iterator[tuple[int, str]]:
+    """A new empty file beside `target` (the same file system, so it can be renamed onto it), as
+    (open handle, path), named `.<name>.<random>.tmp<suffix>` (`checkpoints.remove_temporaries` finds
+    what a kill leaves). When the block, which writes and fsyncs it, ends without an exception, it is
+    made readable and moved onto `target`; otherwise it is removed and `target` left as it was."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    try:
+        yield handle, temporary
         make_readable(temporary)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return target
-
-
-def _temporary_beside(target: Path, suffix: str) -> tuple[int, str]:
-    """A new empty file beside `target` (the same file system, so it can be renamed onto it), named
-    `.<name>.<random>.tmp<suffix>`; `checkpoints.remove_temporaries` finds what a kill leaves."""
-    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:

@@ -87,7 +87,8 @@ def sensors_of(modality: str) -> tuple[Modality, ...]:
 
 def modality_of_sensors(sensors: Iterable[str]) -> Modality | None:
     """The modality that reads exactly these sensors (None for none)."""
-    present = [sensor for sensor in SENSORS if sensor in set(sensors)]
+    given = set(sensors)
+    present = [sensor for sensor in SENSORS if sensor in given]
     if not present:
         return None
     return present[0] if len(present) == 1 else Modality.MM

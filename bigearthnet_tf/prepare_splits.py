@@ -32,6 +32,13 @@ class SkippedPatch:
     reason: str
 
 
+def _missing_folders(archive: Archive, splits: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per split, the names without a patch folder, in order. The archive is asked once for all
+    splits: for the v1 official lists that is one listing of its folder, not one per split."""
+    missing = set(archive.missing_patches([name for names in splits.values() for name in names]))
+    return {split: [name for name in names if name in missing] for split, names in splits.items()}
+
+
 def _without_contradictions(
     splits: dict[str, list[str]], sources: Mapping[str, str], skip_bad: bool
 ) -> tuple[dict[str, list[str]], list[SkippedPatch]]:
@@ -73,9 +80,7 @@ def resolve_splits(
 
     `missing_of(splits)` gives per split the names that are not in the archive (default: those
     without a folder; for an archive file, those its stream did not hold)."""
-    missing_of = missing_of or (
-        lambda splits: {split: archive.missing_patches(names) for split, names in splits.items()}
-    )
+    missing_of = missing_of or (lambda splits: _missing_folders(archive, splits))
     if include_snow_cloud and not (archive.snow_cloud_optional and official_splits):
         raise UserError(
             "--include-snow-cloud applies to the official v2 splits only (the v1 lists and user CSVs "

@@ -14,6 +14,7 @@ docs/ARCHITECTURE.md ("How to add a record format").
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
@@ -346,8 +347,11 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | None:
             raise malformed(f"splits.{split}.files")
         if isinstance(patches, bool) or not isinstance(patches, int) or patches < 0:
             raise malformed(f"splits.{split}.patches")
-        sizes = [(path.parent / name).stat().st_size for name in files if (path.parent / name).is_file()]
+        size = 0
         for name in files:
-            record_bytes[name] = sum(sizes) // patches if patches else 0
+            with contextlib.suppress(FileNotFoundError):  # a file gone since: readers name it later
+                size += os.path.getsize(path.parent / name)
+        for name in files:
+            record_bytes[name] = size // patches if patches else 0
         split_files[split] = tuple(files)
     return Manifest(path, fmt, frozenset(label_types), frozenset(modalities), split_files, record_bytes)
