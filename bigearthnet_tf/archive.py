@@ -222,6 +222,7 @@ class Archive(ABC):
     root: str  # v1: the folder holding the patch folders; v2: the folder holding metadata.parquet
     s2_dir: str  # v1: same as root; v2: root/BigEarthNet-S2
     s1_dir: str | None = None  # folder holding the S1 patch folders (v1) or S1 product folders (v2)
+    s1_file: str | None = None  # or the downloaded S1 archive file (read by the stream phase)
 
     version: ClassVar[int]
     label_types: ClassVar[tuple[str, ...]]  # the label types its patches have
@@ -323,6 +324,17 @@ class Archive(ABC):
         if not files and not os.path.isdir(folder):
             return None
         return files
+
+    @property
+    def has_s1(self) -> bool:
+        """Whether its patches carry Sentinel-1 bands, whichever way S1 is read (folder or file)."""
+        return self.s1_dir is not None or self.s1_file is not None
+
+    @property
+    def s1_source(self) -> str | None:
+        """The real path of the S1 folder or file, for job fingerprints; None without S1."""
+        where = self.s1_dir or self.s1_file
+        return None if where is None else os.path.realpath(where)
 
     def with_s1(self, patch: Patch) -> Patch:
         """`patch` with the bands of its Sentinel-1 twin, when this archive has an S1 folder."""

@@ -35,17 +35,32 @@ class InputFileError(OSError):
     """An input file refused before it is read: not a regular file, or larger than allowed."""
 
 
-def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
-    """The bytes of the regular file `path`, if it holds at most `max_bytes`; InputFileError otherwise.
+def open_input_file(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of the regular file `path`; InputFileError for anything else.
 
-    Opened without blocking (a FIFO would wait for a writer forever), checked with fstat, then read
-    with as few system calls as possible into a buffer of its exact size.
+    Every input a command opens itself goes through here: opened without blocking (a FIFO would wait
+    for a writer forever), checked with fstat, then switched back to blocking reads.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InputFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
+    """The bytes of the regular file `path`, if it holds at most `max_bytes`; InputFileError otherwise.
+
+    Opened by `open_input_file`, then read with as few system calls as possible into a buffer of its
+    exact size.
+    """
+    fd = open_input_file(path)
+    try:
+        info = os.fstat(fd)
         if info.st_size > max_bytes:
             raise InputFileError(
                 errno.EFBIG,

@@ -180,12 +180,14 @@ def _open_archive_file(
     top = os.path.dirname(os.path.abspath(path))
     if kind.metadata_file is not None and not os.path.isfile(os.path.join(top, kind.metadata_file)):
         raise UserError(f"{path}: a v{found} archive needs {kind.metadata_file} beside it, in {top}")
-    s1_dir = None
+    s1_dir = s1_file = None
     if s1_root is not None and not is_archive_file(s1_root):
         s1_dir = kind.locate_s1(s1_root)
-    elif s1_root is not None and peek_version(os.fspath(s1_root), s1=True) != found:
-        raise UserError(f"{s1_root} is not a Sentinel-1 archive of the same version (v{found}) as {path}")
-    return kind(root=top if kind.metadata_file else path, s2_dir=path, s1_dir=s1_dir)
+    elif s1_root is not None:
+        s1_file = os.fspath(s1_root)
+        if peek_version(s1_file, s1=True) != found:
+            raise UserError(f"{s1_root} is not a Sentinel-1 archive of the same version (v{found}) as {path}")
+    return kind(root=top if kind.metadata_file else path, s2_dir=path, s1_dir=s1_dir, s1_file=s1_file)
 
 
 def _stream_phase(
@@ -204,7 +206,7 @@ def _stream_phase(
     say: Callable[[str], None],
 ) -> SpoolIndex:
     """Stream the archive file into the spool (`prepare_stream`), with a progress bar in bytes and patches."""
-    s1_file = os.fspath(s1_root) if s1_root is not None and archive.s1_dir is None else None
+    s1_file = archive.s1_file
     spool_dir = out / SPOOL_DIR_NAME
     job = {
         "format": record_format.name,

@@ -79,7 +79,7 @@ def fingerprint_of(plan: Plan, skip_bad: bool) -> str:
         "shard_size": plan.shard_size,
         "part_size": plan.record_format.part_size,
         "archive": [plan.archive.version, os.path.realpath(plan.archive.s2_dir)],
-        "s1": None if plan.archive.s1_dir is None else os.path.realpath(plan.archive.s1_dir),
+        "s1": plan.archive.s1_source,
         "skip_bad": skip_bad,
         "splits": plan.splits,
         "created_by": __version__,
@@ -299,8 +299,7 @@ def split_entries(plan: Plan, split: str, finished: dict[str, dict]) -> list[dic
 
 def manifest(plan: Plan, patches: dict[str, int], skipped: dict[str, int], skip_bad: bool) -> dict:
     """`dataset.json` of a finished job (its keys are documented in prepare.py)."""
-    with_s1 = plan.archive.s1_dir is not None
-    modality = Modality.MM if with_s1 else Modality.S2
+    modality = Modality.MM if plan.archive.has_s1 else Modality.S2
     label_types = list(plan.archive.label_types)
     return {
         "format": plan.record_format.name,

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import open_input_file
 
 BLOCK_BYTES = 32 << 20  # a multiple of the 512-byte tar record, so headers never straddle blocks
 _RECORD = 512
@@ -75,7 +76,7 @@ class _CountingFile(io.RawIOBase):
     """The compressed file, counting bytes and the seconds spent in read calls."""
 
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = open_input_file(path)
         if hasattr(os, "posix_fadvise"):  # the kernel may read ahead more aggressively
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self.bytes_read = 0

@@ -3,6 +3,7 @@ bounded memory whatever the member order, resume, and one clear line for every k
 
 from __future__ import annotations
 
+import csv
 import filecmp
 import io
 import json
@@ -43,13 +44,26 @@ def _pack(folder: Path, arcname: str, target: Path, order: list[str] | None = No
 
 
 def _same_shards(expected: Path, actual: Path) -> None:
+    """The whole output folder is the same by both routes: every shard, the manifest and the reports
+    byte for byte, nothing more, nothing less."""
     manifest = json.loads((expected / MANIFEST_NAME).read_text())
     names = [name for split in manifest["splits"].values() for name in split["files"]]
     assert names
-    for name in names:
-        assert filecmp.cmp(expected / name, actual / name, shallow=False), name
     assert sorted(p.name for p in actual.glob("*.tfrecord")) == sorted(names)
+    expected_files = sorted(p.relative_to(expected) for p in expected.rglob("*"))
+    assert sorted(p.relative_to(actual) for p in actual.rglob("*")) == expected_files
+    for name in expected_files:
+        if name == Path("skipped.csv"):  # its file column names the source, folder or archive file
+            rows = [_skipped_rows(folder / name) for folder in (expected, actual)]
+            assert rows[0] == rows[1]
+        elif (expected / name).is_file():
+            assert filecmp.cmp(expected / name, actual / name, shallow=False), name
     assert not (actual / prepare_stream.SPOOL_DIR_NAME).exists()
+
+
+def _skipped_rows(path: Path) -> list[tuple[str, str, str]]:
+    rows = list(csv.reader(path.read_text().splitlines()))
+    return [(split, patch, reason) for split, patch, _, reason in rows]
 
 
 @pytest.fixture(scope="module")
@@ -499,3 +513,16 @@ def test_sigkill_during_the_stream_then_resume(v1_files, tmp_path):
     summary = prepare(files[".tar.gz"], out, lists, shard_size=3, workers=2, show_progress=False)
     assert summary.resumed_patches == 4
     _same_shards(base / "folder-default", out)
+
+
+def test_fifo_refused_at_once_whichever_option_names_it(v1_files, tmp_path):
+    """A FIFO named like an archive file, as -r or as --s1-root: refused before it is waited on."""
+    import os
+
+    _, lists, files, _ = v1_files
+    fifo = tmp_path / "s1.tar.zst"
+    os.mkfifo(fifo)
+    for root, s1_root in ((fifo, None), (files[".tar"], fifo)):
+        with pytest.raises((OSError, UserError), match="not a regular file|not a file"):
+            prepare(root, tmp_path / "out", lists, s1_root=s1_root, workers=1, show_progress=False)
+    assert not (tmp_path / "out").exists()
