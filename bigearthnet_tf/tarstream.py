@@ -212,8 +212,11 @@ class _GzipReader(io.RawIOBase):
 def compression_of(path: str | os.PathLike) -> str:
     """ "none", "gzip" or "zstd", from the first bytes of archive file `path`; UserError otherwise."""
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(_RECORD)
+        fd = open_input_file(path)
+        try:
+            head = os.pread(fd, _RECORD, 0)
+        finally:
+            os.close(fd)
     except OSError as error:
         raise UserError(f"cannot read archive file {path}: {error.strerror}") from None
     return _compression(os.fspath(path), head)
@@ -291,7 +294,7 @@ class MappedFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self.paths = [path]
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = open_input_file(path)
         self.size = os.fstat(self._fd).st_size
         self.maps = [mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)]
         self.read_seconds = 0.0
