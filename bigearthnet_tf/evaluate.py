@@ -54,7 +54,12 @@ from bigearthnet_tf.files import (
     write_text_atomically,
 )
 from bigearthnet_tf.inference import Predictions, collect_predictions
-from bigearthnet_tf.input_pipeline import CorruptRecordCounter, count_records, make_dataset
+from bigearthnet_tf.input_pipeline import (
+    CorruptRecordCounter,
+    count_records,
+    make_dataset,
+    manifest_shortfalls,
+)
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.metrics import compute_metrics
 from bigearthnet_tf.model_meta import ModelMeta
@@ -104,6 +109,8 @@ def _evaluate(config: Config, *, console: Console | None, overwrite: bool) -> Ev
     records = count_records(files, skip_corrupt=config.skip_corrupt_records)
     if records == 0:
         raise UserError("test_tf_record_files hold no records")
+    for shortfall in manifest_shortfalls(files):
+        console.print(f"note: test_tf_record_files hold {shortfall}", markup=False)
     if config.test_size is not None and config.test_size != records:
         # 2019 used test_size only for the progress bar and read the files to their end; so do we.
         console.print(

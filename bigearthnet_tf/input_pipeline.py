@@ -79,6 +79,7 @@ import functools
 import glob
 import logging
 import os
+from pathlib import Path
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -179,6 +180,42 @@ def count_records(
     ``skip_corrupt`` the records up to and including the broken one are counted instead.
     """
     return sum(_count_file(path, skip_corrupt) for path in list_files(files))
+
+
+def manifest_shortfalls(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """What the record files lack of the splits their manifests describe, one sentence per split.
+
+    For every split of a `dataset.json` that at least one of `files` belongs to: the records these
+    files hold against the patches the manifest promises, and the split's files not among them (not
+    given, or gone). Empty when every such split is whole, so a reader can say how much it used of
+    what was promised instead of quietly reading a part.
+    """
+    manifests: dict[str, Manifest | None] = {}
+    counted: dict[tuple[Path, str], int] = {}
+    given: set[str] = set()
+    for path in list_files(files):
+        folder, name = os.path.split(os.path.abspath(path))
+        given.add(os.path.join(folder, name))
+        if folder not in manifests:
+            manifests[folder] = read_manifest(folder)
+        manifest = manifests[folder]
+        for split, names in manifest.splits.items() if manifest is not None else ():
+            if name in names:
+                key = (manifest.path, split)
+                counted[key] = counted.get(key, 0) + _count_file(path, True)
+    shortfalls = []
+    for (manifest_path, split), records in counted.items():
+        manifest = manifests[str(manifest_path.parent)]
+        absent = [name for name in manifest.splits[split] if str(manifest_path.parent / name) not in given]
+        if records == manifest.patches[split] and not absent:
+            continue
+        missing = f"; its files not read: {', '.join(absent[:3])}" if absent else ""
+        more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+        shortfalls.append(
+            f"{records:,} records of the {manifest.patches[split]:,} that {manifest_path} lists for split "
+            f"{split!r}{missing}{more}"
+        )
+    return shortfalls
 
 
 @dataclass(frozen=True)

@@ -91,9 +91,16 @@ def inspect(
 def _record_summaries(sources: Sequence[str | os.PathLike[str]]) -> list[SplitSummary]:
     import tensorflow as tf
 
-    from bigearthnet_tf.input_pipeline import corrupt_files_as_user_errors, detect_format, list_files
+    from bigearthnet_tf.input_pipeline import (
+        corrupt_files_as_user_errors,
+        detect_format,
+        list_files,
+        manifest_shortfalls,
+    )
 
     files = list_files([str(source) for source in sources])
+    for shortfall in manifest_shortfalls(files):
+        print(f"note: the records hold {shortfall}")
     groups = _record_splits(files, [Path(source) for source in sources])
     summaries = []
     for split, paths in groups.items():

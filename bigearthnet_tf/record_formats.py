@@ -309,6 +309,7 @@ class Manifest:
     modalities: frozenset[str]  # sensors (layout.SENSORS)
     splits: dict[str, tuple[str, ...]]  # split -> its file names, in order
     record_bytes: dict[str, int]  # file name -> mean bytes per record of its split (0 when empty)
+    patches: dict[str, int]  # split -> the records its files hold
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest | None:
@@ -339,7 +340,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | None:
     splits = document.get("splits")
     if not isinstance(splits, dict):
         raise malformed("splits")
-    record_bytes, split_files = {}, {}
+    record_bytes, split_files, split_patches = {}, {}, {}
     for split, entry in splits.items():
         entry = entry if isinstance(entry, dict) else {}
         files, patches = entry.get("files"), entry.get("patches")
@@ -354,4 +355,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | None:
         for name in files:
             record_bytes[name] = size // patches if patches else 0
         split_files[split] = tuple(files)
-    return Manifest(path, fmt, frozenset(label_types), frozenset(modalities), split_files, record_bytes)
+        split_patches[split] = patches
+    return Manifest(
+        path, fmt, frozenset(label_types), frozenset(modalities), split_files, record_bytes, split_patches
+    )

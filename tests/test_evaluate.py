@@ -352,3 +352,29 @@ def test_a_model_exported_with_probabilities_evaluates_like_its_checkpoint(setup
     from_export = evaluate(eval_config(folder, out=str(tmp_path / "b"), model_file=str(exported)))
     for key, value in from_checkpoint.metrics.items():
         assert from_export.metrics[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_records_short_of_the_manifest_are_named(setup, example_paths, tmp_path, capsys):
+    """A split that dataset.json says holds 6 patches, of which one shard of 3 is left: evaluate and
+    inspect say how many records they read of how many were promised, and which file is not there."""
+    from bigearthnet_tf.inspect_data import inspect
+    from bigearthnet_tf.prepare import prepare
+
+    folder, _, _ = setup
+    names = sorted(path.name for path in example_paths.s2.iterdir())
+    (tmp_path / "test.csv").write_text("\n".join(names) + "\n")
+    prepared = tmp_path / "prepared"
+    prepare(example_paths.s2, prepared, [tmp_path / "test.csv"], shard_size=3, workers=1, show_progress=False)
+    (prepared / "test-00001-of-00002.tfrecord").unlink()
+    capsys.readouterr()
+    result = evaluate(
+        eval_config(folder, out=str(tmp_path / "out"), test_tf_record_files=[str(prepared / "*.tfrecord")])
+    )
+    assert result.num_samples == 3
+    expected = "3 records of the 6 that .*dataset.json lists for split 'test'; its files not read: "
+    pattern = expected + "test-00001-of-00002.tfrecord"
+    import re
+
+    assert re.search("note: test_tf_record_files hold " + pattern, capsys.readouterr().out.replace("\n", ""))
+    inspect([str(prepared)])
+    assert re.search("note: the records hold " + pattern, capsys.readouterr().out.replace("\n", ""))
