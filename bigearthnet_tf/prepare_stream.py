@@ -122,13 +122,10 @@ def peek_version(path: str, *, s1: bool = False) -> int:
         stream.close()
     parser = TarParser(path, [bytes(buffer[:length])], MAX_BAND_FILE_BYTES)
     parser.feed(0, length, 0)
-    try:
-        for member in parser.members(lambda name: None):
-            found = _folder_and_file(member.name) if member.kind == REGULAR else None
-            if found is not None:
-                return _layout_version(found[0], found[1], s1)
-    except ArchiveFileError:
-        pass  # the stream pass reports it with its context
+    for member in parser.members(lambda name: None):  # a damaged header here is named at once
+        found = _folder_and_file(member.name) if member.kind == REGULAR else None
+        if found is not None:
+            return _layout_version(found[0], found[1], s1)
     kind = "Sentinel-1" if s1 else "Sentinel-2"
     raise UserError(f"{path}: no BigEarthNet {kind} patch files at its start; is this a BigEarthNet archive?")
 
@@ -426,6 +423,11 @@ def stream_to_spool(
     wanted = job.units.keys() - done.keys()
     expected = frozenset(job.archive.file_suffixes)
     pending: dict[str, dict[str, Ref]] = {}  # incomplete patches: file -> ref
+    # Where each file of an incomplete patch began, and where each complete patch was completed: a
+    # second copy of a file is named with both places rather than one copy chosen silently.
+    pending_at: dict[str, dict[str, int]] = {}
+    completed_at: dict[str, int] = {}
+    duplicated: dict[str, tuple[str, str]] = {}  # complete patches found to have a second copy (skip_bad)
     in_block: dict[int, set[str]] = {}  # block -> incomplete patches with a file in it
     # Complete patches not handed to a worker yet, by shard (or legacy part), and per shard how many of
     # its wanted patches are neither handed over nor bad: when all are ready the whole shard goes to
@@ -485,7 +487,22 @@ def stream_to_spool(
             if ready.get(unit) and len(ready[unit]) == open_count[unit]:
                 dispatch(unit)
 
+    def second_copy(folder: str, file: str, member: Member, first: str) -> None:
+        """A file of a patch met twice: `tar -x` would keep the second copy, we took the first; as
+        the copies may differ, the patch is bad (the whole job stops without skip_bad)."""
+        reason = (
+            f"is in {job.s2_path} twice: a copy {first} and another at byte {member.offset:,} of its tar "
+            "stream (tar -x would keep the second)"
+        )
+        if not job.skip_bad:
+            raise ArchiveFileError(job.s2_path, f"member {member.name}", reason)
+        if folder in wanted:
+            bad(folder, file, reason)
+        else:
+            duplicated.setdefault(folder, (file, reason))
+
     def _unpin(name: str) -> None:
+        pending_at.pop(name, None)
         for ref in pending.pop(name, {}).values():
             if ref[0] == "b" and not ring.mapped:
                 for block in {part[0] for part in ref[1]}:
@@ -521,10 +538,14 @@ def stream_to_spool(
         if folder is None or folder not in job.units:
             return
         index.present.add(folder)
-        if found is None or folder not in wanted:
+        if found is None:
             return
         file = found[2]
         if file[len(folder) + 1 :] not in expected:
+            return
+        if folder not in wanted:
+            if folder in completed_at:
+                second_copy(folder, file, member, f"before byte {completed_at[folder]:,}")
             return
         if member.kind == LINK:
             bad(folder, file, f"is a link in {job.s2_path}, not a file")
@@ -541,15 +562,18 @@ def stream_to_spool(
             return
         refs = pending.setdefault(folder, {})
         if file in refs:
-            bad(folder, file, f"is in {job.s2_path} twice")
+            second_copy(folder, file, member, f"at byte {pending_at[folder][file]:,}")
             return
         refs[file] = ("b", member.parts)
+        pending_at.setdefault(folder, {})[file] = member.offset
         if not ring.mapped:  # blocks are refilled: count who needs each
             for block in {part[0] for part in member.parts}:
                 ring.refs[block] += 1
                 in_block.setdefault(block, set()).add(folder)
         if len(refs) == len(expected):
             del pending[folder]
+            del pending_at[folder]
+            completed_at[folder] = member.offset
             wanted.discard(folder)
             if not ring.mapped:
                 for ref in refs.values():
@@ -684,6 +708,9 @@ def stream_to_spool(
         ring.ring.close()
         (job.spool_dir / _SPILL_FILE).unlink(missing_ok=True)
 
+    for name, fault in duplicated.items():  # encoded before their second copy came: left out now
+        index.records.pop(name, None)
+        index.bad[name] = fault
     if failure is not None:
         if not job.skip_bad:
             raise failure
@@ -723,7 +750,11 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
         found = json.loads(index_file.read_text(encoding="utf-8"))
         return _s1_lookup(
             job,
-            {name: (value[0], {f: tuple(r) for f, r in value[1].items()}) for name, value in found.items()},
+            {
+                name: (value[0], {f: tuple(r) for f, r in value[1].items()})
+                for name, value in found.items()
+                if isinstance(value[1], dict)
+            },
             found,
         )
     in_place = compression_of(job.s1_path) == "none"
@@ -736,6 +767,8 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
     pending: dict[str, dict[str, object]] = {}
     twins: dict[str, tuple[str, dict]] = {}  # S2 name -> (s1 name, {file: ref})
     claims: dict[str, list[str]] = {}
+    done_s1: dict[str, str] = {}  # complete S1 folders -> their S2 twin
+    duplicated: dict[str, str] = {}  # S1 folders with a file met twice (skip_bad) -> why
     ring = _Ring(BlockRing(4))
 
     def wants(name: str) -> tuple[str, str, str] | None:
@@ -759,8 +792,15 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
         if not member.parts:
             return
         folder, file = member.key[1:]
-        data = b"".join(ring.ring.maps[b][o : o + n] for b, o, n in member.parts)
         files = pending.setdefault(folder, {})
+        key = "json" if file.endswith(V1_METADATA_SUFFIX) else file
+        if key in files or folder in done_s1:
+            reason = f"{file} is in {job.s1_path} twice (another copy at byte {member.offset:,})"
+            if not job.skip_bad:
+                raise ArchiveFileError(job.s1_path, f"member {member.name}", reason)
+            duplicated.setdefault(folder, reason)
+            return
+        data = b"".join(ring.ring.maps[b][o : o + n] for b, o, n in member.parts)
         if file.endswith(V1_METADATA_SUFFIX):
             files["json"] = data
         elif in_place:
@@ -776,6 +816,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
                 s2_name = corresponding_s2(files.pop("json"), folder, job.s1_path)
             else:
                 s2_name = wanted_s1[folder]
+            done_s1[folder] = s2_name
             if s2_name in job.units:
                 claims.setdefault(s2_name, []).append(folder)
                 twins[s2_name] = (folder, files)
@@ -807,6 +848,10 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
         name: ([" and ".join(ambiguous[name]), None] if name in ambiguous else [twin[0], twin[1]])
         for name, twin in twins.items()
     }
+    for folder, reason in duplicated.items():
+        twin = done_s1.get(folder) or (wanted_s1 or {}).get(folder)
+        if twin is not None:
+            serial[twin] = ["bad", job.s1_path, reason]
     write_text_atomically(index_file, json.dumps(serial))
     return _s1_lookup(job, twins, serial)
 
@@ -817,6 +862,8 @@ def _s1_lookup(job: StreamJob, twins: dict, serial: dict) -> Callable[[str], tup
         if entry is None:
             where = job.archive.metadata_file or job.s1_path
             return ("bad", where, "no Sentinel-1 patch is paired with this patch")
+        if len(entry) == 3:  # a fault found while indexing
+            return tuple(entry)
         if entry[1] is None:
             return ("bad", job.s1_path, f"claimed by several Sentinel-1 patches: {entry[0]}")
         return twins[name]

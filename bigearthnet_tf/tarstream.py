@@ -53,6 +53,9 @@ _ZERO_RECORD = bytes(_RECORD)
 _TYPES = {b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"5": DIRECTORY, b"1": LINK, b"2": LINK}
 
 
+MAX_ZSTD_WINDOW = 1 << 31  # bytes: zstd's largest window (--long=31)
+
+
 class ArchiveFileError(UserError):
     """A damaged or unsafe archive file; the message is `<archive>: <where>: <problem>`."""
 
@@ -116,7 +119,8 @@ class ArchiveStream:
             import zstandard
 
             # Multi-frame files (zstd -T0, pzstd) are read through to their end.
-            self._reader = zstandard.ZstdDecompressor().stream_reader(
+            # Windows up to zstd's largest (--long=31: 2 GiB) are accepted; memory grows by the window.
+            self._reader = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW).stream_reader(
                 self._file, read_size=_READ_CHUNK, read_across_frames=True
             )
         else:
@@ -156,6 +160,13 @@ class ArchiveStream:
 
     def _corrupt(self, error: Exception) -> ArchiveFileError:
         where = f"compressed byte {self.bytes_read:,}"
+        if "too much memory" in str(error):
+            return ArchiveFileError(
+                self.path,
+                where,
+                f"a zstd window larger than the {MAX_ZSTD_WINDOW >> 20:,} MiB this reader allows; "
+                "recompress without --long",
+            )
         if isinstance(error, EOFError) or "ended before" in str(error) or "truncated" in str(error).lower():
             return ArchiveFileError(
                 self.path, where, f"the {self.compression} data ends early (truncated file?)"
@@ -179,30 +190,31 @@ class _GzipReader(io.RawIOBase):
         self._source = source
         self._inflate = isal_zlib.decompressobj(31)  # 31: a gzip header and trailer
         self._pending = memoryview(b"")
+        self._input = memoryview(b"")  # compressed bytes not yet given to the inflater
         self._chunk = bytearray(_READ_CHUNK)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        # Inflated output is capped at the caller's buffer: a small member that inflates to gigabytes
+        # (a "zip bomb") never sits in memory, whatever it claims.
         while not self._pending:
-            count = self._source.readinto(self._chunk)
-            data = memoryview(self._chunk)[:count]
-            if not count:
-                if not self._inflate.eof:
-                    raise EOFError("the gzip data ends early")
-                return 0
-            while data:
-                if self._inflate.eof:  # the next member of a multi-member file
-                    data = memoryview(self._inflate.unused_data + bytes(data))
+            if self._inflate.eof and (self._inflate.unused_data or self._input):
+                # The next member of a multi-member file (pigz, bgzip, cat a.gz b.gz).
+                self._input = memoryview(self._inflate.unused_data + bytes(self._input))
+                self._inflate = self._zlib.decompressobj(31)
+            if not self._input:
+                count = self._source.readinto(self._chunk)
+                if not count:
+                    if not self._inflate.eof:
+                        raise EOFError("the gzip data ends early")
+                    return 0
+                self._input = memoryview(self._chunk)[:count]
+                if self._inflate.eof:  # a member ended exactly where the last read did
                     self._inflate = self._zlib.decompressobj(31)
-                    if not data.nbytes:
-                        break
-                out = self._inflate.decompress(data)
-                self._pending = memoryview(bytes(self._pending) + out) if self._pending else memoryview(out)
-                data = memoryview(self._inflate.unconsumed_tail)
-                if not self._inflate.eof:
-                    break
+            self._pending = memoryview(self._inflate.decompress(self._input, max(len(buffer), 1 << 16)))
+            self._input = memoryview(self._inflate.unconsumed_tail)
         count = min(len(buffer), len(self._pending))
         buffer[:count] = self._pending[:count]
         self._pending = self._pending[count:]
@@ -530,6 +542,21 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _size(field: bytes | str, archive: str, where: str, pax: bool = False) -> int:
+    """A member's size from its header field (octal, GNU base-256) or pax record (decimal); every
+    value that is not a size of zero or more is an ArchiveFileError, so that no header can send the
+    parser backwards (a loop) or past the end of the stream."""
+    try:
+        size = int(field) if pax and str(field).strip().isdigit() else (-1 if pax else _number(field))
+    except ValueError:
+        size = -1
+    if size < 0:
+        kind = "pax size record" if pax else "size field"
+        text = field.decode("ascii", "replace").strip("\0 ") if isinstance(field, bytes) else field
+        raise ArchiveFileError(archive, where, f"{kind} {text[:40]!r} is not a size")
+    return size
+
+
 def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -587,10 +614,7 @@ class TarParser:
             problem = _checksum_problem(header)
             if problem is not None:
                 raise ArchiveFileError(self.archive, self._after(), problem)
-            try:
-                size = _number(header[124:136])
-            except ValueError:
-                raise ArchiveFileError(self.archive, self._after(), "size field is not a number") from None
+            size = _size(header[124:136], self.archive, self._after())
             flag = header[156:157]
             data_start = self._position + _RECORD
             if flag in _EXTENSIONS:
@@ -606,8 +630,8 @@ class TarParser:
                 self._position = data_start + -(-size // _RECORD) * _RECORD
                 continue
             name = self._member_name(header)
-            if self._pax:
-                size = int(self._pax.get("size", size))
+            if "size" in self._pax:
+                size = _size(self._pax["size"], self.archive, self._after(), pax=True)
             kind = _TYPES.get(flag, OTHER)
             key = wants(name) if kind == REGULAR and size <= self.max_member_bytes else None
             if key and data_start + size > self._end:

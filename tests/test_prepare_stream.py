@@ -526,3 +526,90 @@ def test_fifo_refused_at_once_whichever_option_names_it(v1_files, tmp_path):
         with pytest.raises((OSError, UserError), match="not a regular file|not a file"):
             prepare(root, tmp_path / "out", lists, s1_root=s1_root, workers=1, show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_twice_with_other_content_is_named_then_skipped(example_paths, tmp_path):
+    """tar -x would keep the second copy; we name both places and stop, or leave the patch out."""
+    names = sorted(path.name for path in example_paths.s2.iterdir())[:2]
+    members = [m for name in names for m in _patch_members(example_paths, name)]
+    band = next(m for m in members if m[0].endswith("_B02.tif") and names[0] in m[0])
+    changed = bytearray(band[1])
+    changed[-1] ^= 0xFF
+    members.append((band[0], bytes(changed), tarfile.REGTYPE))  # after the patch was complete
+    archive = tmp_path / "twice.tar.gz"
+    archive.write_bytes(_compressed(_raw_tar(members), archive.name))
+    lists = _one_split(tmp_path, names)
+    _refused(archive, tmp_path, lists, rf"member .*{names[0]}_B02.tif: .* twice: a copy before byte")
+    summary = prepare(archive, tmp_path / "out", lists, workers=1, skip_bad=True, show_progress=False)
+    assert summary.total_patches == 1 and [item.patch for item in summary.skipped] == [names[0]]
+    # Inside a patch that is not complete yet: both byte positions are named.
+    early = [band, (band[0], bytes(changed), tarfile.REGTYPE)] + [m for m in members[:-1] if m != band]
+    archive.write_bytes(_compressed(_raw_tar(early), archive.name))
+    _refused(archive, tmp_path, lists, r"twice: a copy at byte [\d,]+ and another at byte [\d,]+")
+
+
+@pytest.mark.parametrize("field", ["plain", "pax", "pax-word"])
+def test_impossible_tar_sizes_are_one_line_never_a_loop(example_paths, tmp_path, field):
+    name = sorted(path.name for path in example_paths.s2.iterdir())[0]
+    data = _raw_tar(_patch_members(example_paths, name))
+    header = bytearray(data[:512])
+    if field == "plain":  # GNU base-256 with the sign bit: -1
+        header[124:136] = b"\xff" * 12
+        header[148:156] = b"        "
+        header[148:156] = f"{sum(header):06o}\0 ".encode()
+        data = bytes(header) + data[512:]
+    else:
+        value = "-512" if field == "pax" else "twelve"
+        record = f"size={value}\n"
+        length = len(record) + 3
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type = tarfile.XHDTYPE
+        body = f"{length} {record}".encode()
+        pax.size = len(body)
+        data = pax.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512) + data
+    archive = tmp_path / "sizes.tar"
+    archive.write_bytes(data)
+    _refused(archive, tmp_path, _one_split(tmp_path, [name]), r"(size field|pax size record) '.*' is not a size")
+
+
+def test_multi_member_gzip_and_long_window_zstd_are_read(v1_files, tmp_path):
+    """What pigz, bgzip and `cat a.gz b.gz` write, and `zstd --long=31`: valid files, read as such."""
+    base, lists, files, _ = v1_files
+    raw = files[".tar"].read_bytes()
+    step = len(raw) // 3 + 1
+    multi = tmp_path / "multi.tar.gz"
+    multi.write_bytes(b"".join(igzip.compress(raw[i : i + step]) for i in range(0, len(raw), step)))
+    prepare(multi, tmp_path / "gz", lists, shard_size=3, workers=1, show_progress=False)
+    _same_shards(base / "folder-default", tmp_path / "gz")
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, enable_ldm=True)
+    long = tmp_path / "long.tar.zst"
+    with open(long, "wb") as handle, zstandard.ZstdCompressor(compression_params=params).stream_writer(
+        handle
+    ) as writer:
+        writer.write(raw)
+    prepare(long, tmp_path / "zst", lists, shard_size=3, workers=1, show_progress=False)
+    _same_shards(base / "folder-default", tmp_path / "zst")
+
+
+def test_a_gzip_bomb_member_is_inflated_in_bounded_memory(tmp_path):
+    """2 MB of gzip that inflates to 2 GiB of zeros in one member: streamed through, never held."""
+    import resource
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    header = tarfile.TarInfo("BigEarthNet-v1.0/P/P_B01.tif")
+    header.size = 2 << 30
+    chunks = [compressor.compress(header.tobuf(tarfile.GNU_FORMAT))]
+    zeros = bytes(1 << 24)
+    chunks += [compressor.compress(zeros) for _ in range(128)]
+    chunks.append(compressor.flush())
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(b"".join(chunks))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    stream = tarstream.ArchiveStream(bomb)
+    buffer, total = bytearray(4 << 20), 0
+    while count := stream.readinto(buffer):
+        total += count
+    stream.close()
+    assert total == 512 + (2 << 30)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: < 200 MB more
