@@ -33,6 +33,7 @@ from bigearthnet_tf import checkpoints
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, PATCH_SIZE
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.tensor_files import FLOAT_DTYPES, SafetensorsFile
 
 HUB_ORGANISATION = "BIFOLD-BigEarthNetv2-0"
 LICENCE = "MIT"
@@ -40,6 +41,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 KEY_PREFIX = "model.vision_encoder."
 HF_SCHEME = "hf://"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # the hub's repository ids
 CONFIG_MAX_BYTES = 1 << 20
 LABEL_TYPE = "BigEarthNet-19"
 REPORT_LIMIT = 6  # tensor names listed per problem kind
@@ -132,24 +134,25 @@ def import_reben(
             f"({name_parts['modality']}: {named} channels)"
         )
 
-    tensors, foreign = _read_weights(weights_file)
-    shapes = {key: tuple(value.shape) for key, value in tensors.items()}
-    try:
-        architecture = timm_nets.architecture_from_tensors(family, shapes, PATCH_SIZE)
-    except timm_nets.ArchitectureError as error:
-        raise UserError(f"{weights_file}: not a {timm_name} state dict: {error}") from None
-    model_name = next(name for name, kind in REBEN_MODELS.items() if kind == family)
-    model = build_model(
-        model_name,
-        len(BIGEARTHNET_19_LABELS),
-        modality,
-        REBEN_STATISTICS,
-        architecture=timm_nets.architecture_to_dict(architecture),
-        band_order=version,
-    )
-    network = model.get_layer(NETWORK_LAYER)
-    targets = timm_nets.timm_tensor_names(network)
-    _fill(targets, tensors, foreign, weights_file, timm_nets.HEAD_LAYERS[family], channels)
+    stored, tensors, foreign = _read_weights(weights_file)
+    with stored:  # every shape is checked against the architecture before a tensor is read
+        shapes = {key: stored.tensors[name].shape for key, name in tensors.items()}
+        try:
+            architecture = timm_nets.architecture_from_tensors(family, shapes, PATCH_SIZE)
+        except timm_nets.ArchitectureError as error:
+            raise UserError(f"{weights_file}: not a {timm_name} state dict: {error}") from None
+        model_name = next(name for name, kind in REBEN_MODELS.items() if kind == family)
+        model = build_model(
+            model_name,
+            len(BIGEARTHNET_19_LABELS),
+            modality,
+            REBEN_STATISTICS,
+            architecture=timm_nets.architecture_to_dict(architecture),
+            band_order=version,
+        )
+        network = model.get_layer(NETWORK_LAYER)
+        targets = timm_nets.timm_tensor_names(network)
+        _fill(targets, stored, tensors, foreign, weights_file, timm_nets.HEAD_LAYERS[family], channels)
 
     source_meta = {
         "kind": "reben",
@@ -176,7 +179,9 @@ def locate(source: str | os.PathLike[str]) -> tuple[Path, str]:
     """The folder holding the model files, and the repository name (`ORG/NAME`, or the folder's name)."""
     text = os.fspath(source)
     if text.startswith(HF_SCHEME):
-        repository = text[len(HF_SCHEME) :].strip("/")
+        repository = text[len(HF_SCHEME) :]
+        if not _HUB_ID.fullmatch(repository) or ".." in repository:
+            raise UserError(f"{text} is not a model id: hf://ORGANISATION/NAME (letters, digits, - _ .)")
         return _download(repository), repository
     path = Path(text).expanduser()
     if not path.exists():
@@ -224,48 +229,38 @@ def _download(repository: str) -> Path:
         raise UserError(f"{HF_SCHEME}{repository}: download failed: {first_line}") from None
 
 
-def _read_weights(weights_file: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The timm tensors (prefix removed, float32) and the keys that are not under the reBEN prefix."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def _read_weights(weights_file: Path) -> tuple[SafetensorsFile, dict[str, str], list[str]]:
+    """The weights file (header checked, nothing read yet), timm key -> stored key for the tensors
+    under the reBEN prefix, and the keys that are not under it."""
     from bigearthnet_tf.models.timm_nets import SKIPPED_TENSORS
 
-    try:
-        stored = load_file(weights_file)
-    except (SafetensorError, OSError, ValueError, TypeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{weights_file}: truncated or not a safetensors file ({first_line})") from None
+    stored = SafetensorsFile(weights_file)
     tensors, foreign = {}, []
-    for key, value in stored.items():
+    for key in stored.tensors:
         if not key.startswith(KEY_PREFIX):
             foreign.append(key)
         elif not SKIPPED_TENSORS.search(key):
-            tensors[key[len(KEY_PREFIX) :]] = value
-    return tensors, foreign
+            tensors[key[len(KEY_PREFIX) :]] = key
+    return stored, tensors, foreign
 
 
-def _fill(targets, tensors, foreign, weights_file: Path, head: str, channels: int) -> None:
+def _fill(targets, stored: SafetensorsFile, tensors, foreign, weights_file: Path, head: str, channels: int) -> None:
     """Assign every tensor to its Keras weight, the head's rows in our class order; or refuse with a
-    report of the missing, extra and mis-shaped tensors, having assigned nothing."""
-    from bigearthnet_tf.models.timm_nets import keras_value
+    report of the missing, extra and mis-shaped tensors, having assigned nothing. Shapes and dtypes
+    are compared from the header first; only then are the tensors read (float32, finite)."""
+    from bigearthnet_tf.models.timm_nets import keras_shape, keras_value
 
     alphabetical = sorted(BIGEARTHNET_19_LABELS)
     ours_in_theirs = [alphabetical.index(name) for name in BIGEARTHNET_19_LABELS]
-    values, mismatched = {}, []
+    mismatched = []
     for key, (variable, layout) in targets.items():
         if key not in tensors:
             continue
-        tensor = tensors[key]
-        if not np.issubdtype(tensor.dtype, np.floating):
-            mismatched.append(f"{key} is {tensor.dtype}")
-            continue
-        if key in (f"{head}.weight", f"{head}.bias") and tensor.shape[:1] == (len(alphabetical),):
-            tensor = tensor[ours_in_theirs]
-        value = keras_value(tensor.astype(np.float32), layout)
-        if tuple(value.shape) != tuple(variable.shape):
-            mismatched.append(f"{key} {tuple(tensor.shape)}")
-        values[key] = value
+        entry = stored.tensors[tensors[key]]
+        if entry.dtype not in FLOAT_DTYPES:
+            mismatched.append(f"{key} is {entry.dtype}")
+        elif tuple(keras_shape(entry.shape, layout)) != tuple(variable.shape):
+            mismatched.append(f"{key} {entry.shape}")
     missing = sorted(set(targets) - set(tensors))
     extra = sorted(set(tensors) - set(targets)) + [f"{key} (not under {KEY_PREFIX})" for key in foreign]
     if missing or extra or mismatched:
@@ -276,6 +271,12 @@ def _fill(targets, tensors, foreign, weights_file: Path, head: str, channels: in
         ]
         hint = f" (the network takes {channels} input channels)" if mismatched else ""
         raise UserError(f"{weights_file}: the weights do not fit the network{hint}; " + "; ".join(problems))
+    values = {}
+    for key, (_, layout) in targets.items():
+        tensor = stored.array(tensors[key])
+        if key in (f"{head}.weight", f"{head}.bias") and tensor.shape[:1] == (len(alphabetical),):
+            tensor = tensor[ours_in_theirs]
+        values[key] = keras_value(tensor, layout)
     for key, (variable, _) in targets.items():
         variable.assign(values[key])
 

@@ -69,6 +69,7 @@ FLOORS = {
         "prepare_job",
         "prepare_workers",
         "patch_source",
+        "tensor_files",
     ),
     3: ("models",),
     4: (

@@ -356,3 +356,94 @@ def test_an_existing_checkpoint_is_kept_without_overwrite(imported, tmp_path, ca
     code, error = cli_error(capsys, "import", "reben", FIXTURES / RESNET_ALL, "--out", imported)
     assert code == 1 and "exists; pass --overwrite" in error
     assert checkpoints.checkpoint_files(imported)["metadata"].read_bytes() == before
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    """Apply `change(name, array) -> (array, dtype name)` to every tensor and write the file back in
+    the safetensors layout (by hand: bfloat16 is not a numpy dtype)."""
+    import struct
+
+    from bigearthnet_tf.tensor_files import SafetensorsFile
+
+    weights = folder / "model.safetensors"
+    with SafetensorsFile(weights) as stored:
+        kept = {name: e for name, e in stored.tensors.items() if e.dtype not in ("F32", "F16", "BF16")}
+        arrays = {name: stored.array(name) for name in stored.tensors if name not in kept}
+        raw = {name: (np.zeros(e.shape), bytes(weights.read_bytes()[e.begin : e.end])) for name, e in kept.items()}
+    header, blobs, offset = {}, [], 0
+    for name in [*arrays, *raw]:
+        if name in raw:
+            array, data, dtype = raw[name][0], raw[name][1], kept[name].dtype
+        else:
+            array = arrays[name]
+            data, dtype = change(name, array)
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(array, "<f4").view("<u4") >> 16).astype("<u2")
+
+
+def test_bfloat16_and_float16_weights_import_exactly(tmp_path, capsys):
+    """Every bfloat16 or float16 value is a float32 value: the import equals the float32 file's."""
+    from bigearthnet_tf.checkpoints import load_checkpoint
+
+    reference, bf16, f16 = (_copy(tmp_path, as_name=f"{kind}-resnet50-all-v0.2.0") for kind in ("a", "b", "c"))
+    _rewrite_weights(
+        reference, lambda n, a: ((_bfloat16_bits(a).astype("<u4") << 16).view("<f4").tobytes(), "F32")
+    )
+    _rewrite_weights(bf16, lambda n, a: (_bfloat16_bits(a).tobytes(), "BF16"))
+    _rewrite_weights(f16, lambda n, a: (a.astype("<f2").tobytes(), "F16"))
+    models = {}
+    for folder in (reference, bf16, f16):
+        cli("import", "reben", folder, "--out", tmp_path / "out" / folder.name)
+        models[folder.name] = load_checkpoint(tmp_path / "out" / folder.name).model
+    for first, second in zip(models["a-resnet50-all-v0.2.0"].weights, models["b-resnet50-all-v0.2.0"].weights):
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    conv = next(w for w in models["c-resnet50-all-v0.2.0"].weights if "conv" in w.path)
+    assert np.asarray(conv).dtype == np.float32 and np.any(np.asarray(conv) != 0)
+
+
+def test_weights_with_nan_or_infinity_are_refused(tmp_path, capsys):
+    folder = _copy(tmp_path)
+
+    def poison(name, array):
+        array = array.copy()
+        if name.endswith("layer1.0.conv1.weight"):
+            array.flat[3] = np.nan
+        return array.astype("<f4").tobytes(), "F32"
+
+    _rewrite_weights(folder, poison)
+    error = _refused(capsys, tmp_path, folder)
+    assert "tensor model.vision_encoder.layer1.0.conv1.weight holds 1 NaN or infinite values" in error
+
+
+def test_a_header_that_claims_more_than_the_file_is_refused_before_reading(tmp_path, capsys):
+    import resource
+    import struct
+
+    folder = _copy(tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    name = "model.vision_encoder.fc.weight"
+    header[name]["shape"] = [19, 1 << 28]  # 20 GB claimed
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    error = _refused(capsys, tmp_path, folder)
+    assert f"tensor {name}: F32 [19, 268435456] needs" in error
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
+    weights.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])  # a header longer than the file
+    assert "a header of 1,099,511,627,776 bytes in a file of" in _refused(capsys, tmp_path, folder)
+
+
+@pytest.mark.parametrize("model_id", ["hf://../../etc", "hf://org/../../x", "hf://org", "hf:///abs/path"])
+def test_a_hub_id_that_is_not_one(tmp_path, capsys, monkeypatch, model_id):
+    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)
+    assert f"{model_id} is not a model id" in _refused(capsys, tmp_path, model_id)

@@ -460,6 +460,18 @@ def timm_tensor_names(network: keras.Model) -> dict[str, tuple[keras.Variable, s
     return names
 
 
+_LAYOUT_AXES = {"conv": (2, 3, 1, 0), "depthwise": (2, 3, 0, 1), "dense": (1, 0)}
+
+
+def keras_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The shape `keras_value` gives a PyTorch weight of `shape` (as it is when the rank is not the
+    layout's: then it fits no Keras weight and is reported as mis-shaped)."""
+    axes = _LAYOUT_AXES.get(layout)
+    if axes is None or len(shape) != len(axes):
+        return tuple(shape)
+    return tuple(shape[axis] for axis in axes)
+
+
 def keras_value(tensor: np.ndarray, layout: str) -> np.ndarray:
     """A PyTorch weight as the matching Keras weight."""
     if layout == "conv":  # (out, in, kh, kw) -> (kh, kw, in, out)
