@@ -44,13 +44,14 @@ is opened with Keras safe mode.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import platform
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -62,6 +63,7 @@ from bigearthnet_tf.constants import class_names as class_names_of
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import fsync_directory, replace_atomically, write_text_atomically
 from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.model_meta import ModelMeta
 
 FORMAT = "bigearthnet-tf-checkpoint"
@@ -216,6 +218,17 @@ def refuse_existing(base: str | os.PathLike[str], overwrite: bool) -> None:
     existing = [path for path in checkpoint_files(base).values() if path.exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace the checkpoint {base}")
+
+
+@contextlib.contextmanager
+def new_checkpoint(base: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
+    """Hold the one-writer lock of checkpoint `base` (an importer writes it inside the block), after
+    refusing an existing checkpoint without `overwrite`: two imports into one base cannot both
+    succeed, and the check and the write cannot be raced."""
+    base = Path(base)
+    with output_lock(base.parent, f"checkpoint-{base.name}", f"checkpoint {base}"):
+        refuse_existing(base, overwrite)
+        yield base
 
 
 def should_save(iteration: int, per_iteration: int | None, after_iteration: int) -> bool:

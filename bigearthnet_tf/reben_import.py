@@ -71,6 +71,11 @@ def import_reben(
 ) -> ImportedReBEN:
     """Import the reBEN model at `source` (folder, hub cache folder or `hf://ORG/NAME`) as checkpoint
     `out_base`; an existing checkpoint is replaced only with `overwrite`."""
+    with checkpoints.new_checkpoint(out_base, overwrite):
+        return _import_reben(source, Path(out_base), version)
+
+
+def _import_reben(source: str | os.PathLike[str], out_base: Path, version: str | None) -> ImportedReBEN:
     from bigearthnet_tf.models import build_model, timm_nets
     from bigearthnet_tf.models.reben import (
         NETWORK_LAYER,
@@ -81,8 +86,6 @@ def import_reben(
         REBEN_VERSIONS,
     )
 
-    out_base = Path(out_base)
-    checkpoints.refuse_existing(out_base, overwrite)
     folder, repository = locate(source)
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_file.is_file() or not weights_file.is_file():

@@ -56,11 +56,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bigearthnet_tf.checkpoints import iteration_of, refuse_existing, save_checkpoint
+from bigearthnet_tf.checkpoints import iteration_of, new_checkpoint, save_checkpoint
 from bigearthnet_tf.constants import LABEL_TYPES, class_names
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.models import build_model, get_model_spec, model_names
 from bigearthnet_tf.models.tf1_naming import BATCH_NORM_LEAVES, TF1Naming
+from bigearthnet_tf.tensor_files import finite_float32
 
 IMPORT_MODALITY = "S2"  # the 2019 models read Sentinel-2 only
 
@@ -283,9 +284,19 @@ def import_tf1_checkpoint(
     report, mapping = plan_tf1_import(reader, prefix, model, model_name, label_type)
     if not report.ok:
         raise TF1ImportError(report)
-    for name in report.assigned:
+    values = {}
+    for name in report.assigned:  # all read and checked before any is assigned
+        try:
+            value = np.asarray(reader.get_tensor(name))
+        except Exception as error:  # TF raises IndexError, OpError, ... for a damaged .data file
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(
+                f"{prefix}: variable {name} cannot be read: the .data file is truncated or damaged ({detail})"
+            ) from None
+        values[name] = finite_float32(value, prefix, name) if np.issubdtype(value.dtype, np.floating) else value
+    for name, value in values.items():
         variable = mapping[name]
-        variable.assign(np.asarray(reader.get_tensor(name)).astype(variable.dtype, copy=False))
+        variable.assign(value.astype(variable.dtype, copy=False))
     return model
 
 
@@ -342,9 +353,9 @@ def convert_tf1_checkpoint(
     An existing checkpoint at `out_base` is replaced only with `overwrite`; a failed import writes nothing.
     """
 
-    refuse_existing(out_base, overwrite)
-    model = import_tf1_checkpoint(checkpoint_prefix, model_name, label_type)
-    return save_imported(model, out_base, model_name=model_name, label_type=label_type)
+    with new_checkpoint(out_base, overwrite):
+        model = import_tf1_checkpoint(checkpoint_prefix, model_name, label_type)
+        return save_imported(model, out_base, model_name=model_name, label_type=label_type)
 
 
 def _truncated(items: tuple[str, ...] | list[str]) -> str:

@@ -10,6 +10,7 @@ did: slots, beta powers and all) or, for the large ones, by the `SaveV2` op the 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -478,3 +479,39 @@ def test_import_tf1_command_refuses_without_leaving_a_checkpoint(tmp_path, capsy
     error = capsys.readouterr().err
     assert error.startswith("error: ") and len(error.strip().splitlines()) == 1
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def _import_error(capsys, prefix, out) -> str:
+    from bigearthnet_tf import cli
+
+    argv = ["import", "tf1", prefix, "--model", "ResNet-Tiny", "--label-type", "BigEarthNet-19", "--out", out]
+    with pytest.raises(SystemExit) as stop:
+        cli.main([str(arg) for arg in argv])
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and len(error.strip().splitlines()) == 1 and "Traceback" not in error
+    assert not [path for path in Path(out).parent.iterdir() if not path.name.startswith(".bigearthnet-")]
+    return error
+
+
+def test_a_truncated_data_file_and_weights_that_are_not_finite(tmp_path, capsys, tiny_resnet_values):
+    prefix = write_with_save_op(tmp_path / "cut" / "iteration-1", tiny_resnet_values)
+    data = Path(f"{prefix}.data-00000-of-00001")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    error = _import_error(capsys, prefix, tmp_path / "out" / "a")
+    assert "cannot be read: the .data file is truncated or damaged" in error
+    values = dict(tiny_resnet_values)
+    name = "resnet_v1_tiny/conv1/weights"
+    values[name] = values[name].copy()
+    values[name].flat[0] = np.inf
+    prefix = write_with_save_op(tmp_path / "inf" / "iteration-1", values)
+    assert f"tensor {name} holds 1 NaN or infinite values" in _import_error(capsys, prefix, tmp_path / "out" / "b")
+
+
+def test_an_import_into_a_checkpoint_being_written_is_refused(tmp_path, capsys, tiny_resnet_values):
+    from bigearthnet_tf.checkpoints import new_checkpoint
+
+    prefix = write_with_save_op(tmp_path / "iteration-1", tiny_resnet_values)
+    out = tmp_path / "out" / "best"
+    with new_checkpoint(out, overwrite=False):  # another import holds it
+        assert "is being written by another bigearthnet checkpoint-best" in _import_error(capsys, prefix, out)
