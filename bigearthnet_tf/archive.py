@@ -745,6 +745,8 @@ def read_split_csv(path: str | os.PathLike) -> list[str]:
             )
         first_line[name] = number
         names.append(name)
+    if not names:
+        raise UserError(f"split file {path} lists no patches (one patch name per line)")
     return names
 
 

@@ -422,9 +422,14 @@ def prepare(
             discard_job(plan)
             shutil.rmtree(spool_dir, ignore_errors=True)
             raise
-        except BaseException:
-            # Interrupted or failed for another reason: finished files stay for a restart.
-            if plan.work_dir.exists():
+        except BaseException as error:
+            if isinstance(error, UserError) and not finished:
+                # Refused before any file was finished (bad metadata, say): nothing to resume, so
+                # nothing is left in the way of a corrected run with other arguments.
+                shutil.rmtree(plan.work_dir, ignore_errors=True)
+                shutil.rmtree(spool_dir, ignore_errors=True)
+            elif plan.work_dir.exists():
+                # Interrupted or failed for another reason: finished files stay for a restart.
                 remove_temporaries(plan.work_dir)
             raise
 

@@ -781,3 +781,30 @@ def test_v2_official_splits_with_sentinel1(synthetic_v2, tmp_path):
                 bands_20m = np.frombuffer(raw, dtype="<u2").reshape(60, 60, 6)
                 np.testing.assert_array_equal(bands_20m[..., BANDS_20M.index("B8A")], patch.bands["B8A"])
         assert names == expected["validation"]
+
+
+def test_a_run_refused_before_finishing_anything_leaves_nothing(synthetic_v2, tmp_path):
+    """Bad v2 metadata found by the workers: no work folder stays to refuse the corrected run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "v2"
+    shutil.copytree(synthetic_v2, root)
+    table = pq.read_table(root / "metadata.parquet")
+    good = table
+    table = table.set_column(table.schema.get_field_index("labels"), "labels", pa.array([[1]] * len(table)))
+    pq.write_table(table, root / "metadata.parquet")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="metadata.parquet: column 'labels' holds list<element: int64>"):
+        prepare(root, out, official_splits=True, workers=1, show_progress=False)
+    assert not any(out.iterdir())
+    pq.write_table(good, root / "metadata.parquet")
+    summary = prepare(root, out, official_splits=True, workers=1, shard_size=7, show_progress=False)
+    assert summary.total_patches > 0
+
+
+def test_an_empty_split_list_is_named(synthetic_v1, tmp_path):
+    empty = tmp_path / "test.csv"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match=f"split file {empty} lists no patches"):
+        prepare(synthetic_v1, tmp_path / "out", [empty], workers=1, show_progress=False)
