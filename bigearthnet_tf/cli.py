@@ -336,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="probability at which a class is predicted (default 0.5)",
     )
-    predict.add_argument("--thresholds", type=Path, default=None, help="JSON file: class name -> threshold")
+    predict.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="FILE|stored",
+        help="per-class thresholds: a JSON file of class name -> threshold, or 'stored' for those chosen "
+        "with --choose-thresholds (default: --threshold for every class)",
+    )
     predict.add_argument(
         "--choose-thresholds",
         nargs="+",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bigearthnet_tf.archive import detect_version, open_archive, read_split_lists
+from bigearthnet_tf.archive import detect_version, open_archive
+from bigearthnet_tf.prepare_splits import resolve_splits
 from bigearthnet_tf.constants import (
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
@@ -167,10 +168,8 @@ def _is_archive(path: Path) -> bool:
 
 def _archive_summaries(root: Path, split_files, official: bool) -> list[SplitSummary]:
     archive = open_archive(root)
-    if official:
-        groups = archive.present_official_splits()
-    elif split_files:
-        groups = read_split_lists(split_files)
+    if official or split_files:  # the lists are checked as prepare checks them, with its messages
+        groups, _ = resolve_splits(archive, split_files, official, False, False, False, print)
     else:
         groups = {"all": archive.patch_names()}
     summaries = []

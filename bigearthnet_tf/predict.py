@@ -24,9 +24,8 @@ Thresholds: a class is predicted when its probability is >= its threshold. Per-c
 chosen on validation records (`tune_thresholds`, each maximising that class's F1) and are stored
 beside the checkpoint as `<base>.thresholds.json` (a new file, so the checkpoint's checksums are
 untouched; it records the SHA-256 of the weights it was chosen for and is refused for other weights).
-Precedence: a `thresholds_file` (class -> threshold; classes it leaves out take `threshold`), else an
-explicit `threshold` for every class, else the stored thresholds (for an exported `.keras` model: those
-in its metadata file, carried over from the checkpoint), else 0.5.
+They are applied only when asked for (`thresholds_file="stored"`); otherwise `threshold` (0.5) holds
+for every class, as in every command (`thresholds` module docstring).
 
 `model` may also be an exported `.keras` file (opened in Keras safe mode): one that ends in the sigmoid
 layer `probabilities` (`bigearthnet export --format keras`) is used as is, another is taken to output
@@ -65,6 +64,8 @@ from bigearthnet_tf.patch_source import (
 )
 from bigearthnet_tf.predictor import Predictor, load_predictor
 from bigearthnet_tf.thresholds import (
+    MIN_POSITIVES,
+    STORED,
     THRESHOLDS_FORMAT,
     THRESHOLDS_FORMAT_VERSION,
     choose_thresholds,
@@ -331,7 +332,8 @@ def tune_thresholds(
             "patches": len(probabilities),
             "f1": choice.f1,
             f"f1_at_{default:g}": choice.f1_at_default,
-            "classes_without_positives": list(choice.without_positives),
+            "min_positives": MIN_POSITIVES,
+            "classes_kept_at_default": choice.too_few_positives,
         },
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -343,8 +345,9 @@ def tune_thresholds(
         f"per-class thresholds chosen on {len(probabilities):,} validation patches: mean per-class F1 "
         f"{mean_default:.4f} at {default:g} -> {mean_tuned:.4f}"
     )
-    if choice.without_positives:
-        count = len(choice.without_positives)
-        message += f"; {count} class{'es' if count > 1 else ''} without positives keep {default:g}"
+    if choice.too_few_positives:
+        few = ", ".join(f"{name} ({count})" for name, count in choice.too_few_positives.items())
+        message += f"; classes with fewer than {MIN_POSITIVES} positives keep {default:g}: {few}"
+    message += f"\napply them with --thresholds {STORED} (predict, show, map) or \"thresholds\": \"{STORED}\" (evaluate)"
     console.print(f"{message}\n{'replaced' if replaced else 'written'}: {path}", markup=False, soft_wrap=True)
     return path

@@ -107,7 +107,7 @@ def resolve_splits(
             splits = {split: [n for n in names if n not in missing] for split, names in splits.items()}
             say(
                 f"official v{archive.version} splits: {listed - len(missing):,} of {listed:,} listed patches "
-                f"are in {archive.s2_dir}; preparing those"
+                f"are in {archive.s2_dir}; using those"
             )
         splits, skipped = _without_contradictions(
             splits, dict.fromkeys(splits, archive.official_source), skip_bad

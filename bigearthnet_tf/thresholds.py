@@ -6,10 +6,16 @@ unless chosen). `predict --choose-thresholds` stores `<base>.thresholds.json` be
 file: the checkpoint's checksums stay untouched); it records the SHA-256 of the weights it was chosen
 for, and `stored_thresholds` refuses it for other weights, in `predict`, `export` and `evaluate` alike.
 
-Which thresholds a loaded model uses (`resolve_thresholds`), in this order: a `thresholds_file` (class
--> threshold; classes it leaves out take `threshold`), else an explicit `threshold` for every class,
-else the stored thresholds (for an exported `.keras` model: those in its metadata file, carried over
-from the checkpoint), else 0.5. `predicted_labels` applies them.
+Which thresholds a loaded model uses (`resolve_thresholds`) is the same rule in every command
+(`predict`, `show`, `map`, and `evaluate` through its config keys): `threshold` for every class (0.5
+unless given), unless thresholds are named: a file of class -> threshold (classes it leaves out take
+`threshold`), or `stored` for those stored beside the checkpoint (for an exported `.keras` model: those
+its metadata carries over from the checkpoint). Chosen thresholds are never applied unasked, and every
+command says which thresholds it used. `predicted_labels` applies them.
+
+Choosing needs positives: a class with fewer than `MIN_POSITIVES` positives in the validation data
+keeps the default threshold (an F1 maximised over two or three positives picks thresholds near 0 that
+do not carry over to new data), and is reported.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ THRESHOLDS_FORMAT = "bigearthnet-tf-thresholds"
 THRESHOLDS_FORMAT_VERSION = 1
 KERAS_SUFFIX = ".keras"
 MAX_BYTES = 1 << 20  # a thresholds file holds one number per class
+STORED = "stored"  # names the thresholds stored with the model, where a file could be named
+MIN_POSITIVES = 10  # positives a class needs in the validation data for its threshold to be chosen
 
 
 def thresholds_path(model: str | os.PathLike[str]) -> Path:
@@ -51,7 +59,7 @@ class ThresholdChoice:
     thresholds: dict[str, float]
     f1: dict[str, float]  # at the chosen threshold
     f1_at_default: dict[str, float]  # at DEFAULT_THRESHOLD, for comparison
-    without_positives: tuple[str, ...]  # classes left at the default: no positives to choose on
+    too_few_positives: dict[str, int]  # classes left at the default -> their positives (< MIN_POSITIVES)
 
 
 def choose_thresholds(
@@ -59,12 +67,14 @@ def choose_thresholds(
     probabilities: np.ndarray,
     class_names: Sequence[str],
     default: float = DEFAULT_THRESHOLD,
+    min_positives: int = MIN_POSITIVES,
 ) -> ThresholdChoice:
     """For each class, the threshold that maximises its F1 on (labels, probabilities).
 
     Every distinct probability is a candidate (a class is predicted at p >= t); the best one is moved
     down to halfway to the next lower probability, which predicts the same set here but leaves a
-    margin on new data. Ties keep the highest threshold. A class with no positives keeps `default`.
+    margin on new data. Ties keep the highest threshold. A class with fewer than `min_positives`
+    positives keeps `default`.
     """
     labels = np.asarray(labels, dtype=np.float64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -73,16 +83,16 @@ def choose_thresholds(
             f"labels {labels.shape} and probabilities {probabilities.shape} must both be "
             f"(samples, {len(class_names)})"
         )
-    thresholds, f1, f1_default, without = {}, {}, {}, []
+    thresholds, f1, f1_default, too_few = {}, {}, {}, {}
     for index, class_name in enumerate(class_names):
         truth = labels[:, index] > 0
         scores = probabilities[:, index]
         f1_default[class_name] = _f1(truth, scores >= default)
         positives = int(truth.sum())
-        if positives == 0:
+        if positives < min_positives:
             thresholds[class_name] = float(default)
             f1[class_name] = f1_default[class_name]
-            without.append(class_name)
+            too_few[class_name] = positives
             continue
         order = np.argsort(-scores, kind="stable")
         sorted_scores = scores[order]
@@ -97,7 +107,7 @@ def choose_thresholds(
         lower = sorted_scores[cut] if cut < len(sorted_scores) else 0.0
         thresholds[class_name] = float((upper + lower) / 2) if upper > lower else float(upper)
         f1[class_name] = float(scores_f1[best])
-    return ThresholdChoice(thresholds, f1, f1_default, tuple(without))
+    return ThresholdChoice(thresholds, f1, f1_default, too_few)
 
 
 def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -176,24 +186,44 @@ def resolve_thresholds(
     thresholds_file: str | os.PathLike[str] | None = None,
     console=None,
 ) -> np.ndarray:
-    """The threshold of each class of a loaded model, by the precedence of the module docstring."""
-    if threshold is not None and not (isinstance(threshold, int | float) and 0 < threshold <= 1):
+    """The threshold of each class of a loaded model, by the rule of the module docstring; with
+    `console`, says which thresholds these are."""
+    values, description = describe_thresholds(predictor, threshold=threshold, thresholds_file=thresholds_file)
+    if console is not None:
+        console.print(f"thresholds: {description}", markup=False, soft_wrap=True)
+    return values
+
+
+def describe_thresholds(
+    predictor: Predictor,
+    *,
+    threshold: float | None = None,
+    thresholds_file: str | os.PathLike[str] | None = None,
+) -> tuple[np.ndarray, str]:
+    """`resolve_thresholds`' values, and a sentence that says where they come from."""
+    if threshold is not None and not (
+        isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 < threshold <= 1
+    ):
         raise UserError(f"--threshold must be in (0, 1], got {threshold!r}")
     base = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    description = f"{base:g} for every class"
     per_class: dict[str, float] = {}
-    if thresholds_file is not None:
+    if thresholds_file is not None and os.fspath(thresholds_file) == STORED:
+        if predictor.thresholds_file.is_file():
+            per_class = stored_thresholds(predictor.source, predictor.model_sha256, predictor.class_names)
+            description = f"per class, stored in {predictor.thresholds_file}"
+        elif predictor.meta.thresholds:
+            per_class = dict(predictor.meta.thresholds)
+            description = f"per class, from the metadata of {predictor.source}"
+        else:
+            raise UserError(
+                f"--thresholds stored: {predictor.source} has no stored thresholds (choose them with "
+                "bigearthnet predict --choose-thresholds VALIDATION_RECORDS)"
+            )
+    elif thresholds_file is not None:
         per_class = read_thresholds_file(thresholds_file, predictor.class_names)
-    elif threshold is None and predictor.thresholds_file.is_file():
-        per_class = stored_thresholds(predictor.source, predictor.model_sha256, predictor.class_names)
-        if console is not None:
-            console.print(
-                f"using the per-class thresholds stored in {predictor.thresholds_file}", markup=False
-            )
-    elif threshold is None and predictor.meta.thresholds:
-        # An exported `.keras` model: the thresholds its metadata carries from the checkpoint.
-        per_class = dict(predictor.meta.thresholds)
-        if console is not None:
-            console.print(
-                f"using the per-class thresholds in the metadata of {predictor.source}", markup=False
-            )
-    return np.array([per_class.get(name, base) for name in predictor.class_names], dtype=np.float64)
+        description = f"per class, from {thresholds_file}"
+    if per_class and len(per_class) < len(predictor.class_names):
+        description += f" ({len(predictor.class_names) - len(per_class)} classes at {base:g})"
+    values = np.array([per_class.get(name, base) for name in predictor.class_names], dtype=np.float64)
+    return values, description

@@ -405,3 +405,20 @@ def test_errors_name_the_next_step(records, synthetic_v1, tmp_path, capsys):
     assert code == 1 and error.strip().endswith(
         "--skip-bad predicts the other patches and lists the bad ones"
     )
+
+
+def test_inspect_checks_split_lists_as_prepare_does(synthetic_v1, tmp_path, capsys):
+    """Official lists on an archive that holds none of them, a list naming an absent patch: the same
+    one-line refusal from inspect as from prepare, never a table of zeros."""
+    for command in (["inspect", synthetic_v1], ["prepare", "-r", synthetic_v1, "-o", tmp_path / "out"]):
+        code, error = cli_error(capsys, *command, "--splits", "official")
+        assert code == 1 and "none of the" in error and "patches of the official v1 splits is in" in error
+    absent = tmp_path / "test.csv"
+    absent.write_text("S2A_MSIL2A_20170613T101031_0_0\n")
+    messages = []
+    for command in (["inspect", synthetic_v1], ["prepare", "-r", synthetic_v1, "-o", tmp_path / "out"]):
+        code, error = cli_error(capsys, *command, "--splits", absent)
+        assert code == 1
+        messages.append(error)
+    core = messages[0].split(" (", 1)[0].strip()  # prepare adds the --skip-bad hint, which inspect has not
+    assert "but no such patch folder" in core and messages[1].startswith(core)

@@ -223,10 +223,12 @@ def test_keras_file_loads_in_safe_mode_and_predicts(s2, synthetic_v1, tmp_path):
 
     # predict takes the exported file (no second sigmoid) and gives the checkpoint's probabilities.
     folders = sorted((synthetic_v1 / "BigEarthNet-v1.0").iterdir())[:4]
-    from_export = predict(out, folders, show_progress=False)
-    from_checkpoint = predict(base, folders, show_progress=False)
+    from_export = predict(out, folders, thresholds_file="stored", show_progress=False)
+    from_checkpoint = predict(base, folders, thresholds_file="stored", show_progress=False)
     np.testing.assert_allclose(from_export.probabilities, from_checkpoint.probabilities, atol=1e-6)
-    # Both use the checkpoint's stored thresholds; the exported model carries them in its metadata.
+    # Asked for, both use the checkpoint's stored thresholds; the exported model carries them in its
+    # metadata. Unasked, both use 0.5.
+    assert (predict(out, folders, show_progress=False).thresholds == 0.5).all()
     expected_thresholds = [thresholds[c] for c in BIGEARTHNET_19_LABELS]
     np.testing.assert_allclose(from_checkpoint.thresholds, expected_thresholds)
     np.testing.assert_allclose(from_export.thresholds, expected_thresholds)

@@ -25,7 +25,7 @@ from bigearthnet_tf.models import DEFAULT_STATISTICS, INPUTS
 from bigearthnet_tf.predict import PREDICTED_COLUMN, predict, tune_thresholds
 from bigearthnet_tf.predictor import load_predictor
 from bigearthnet_tf.prepare import prepare
-from bigearthnet_tf.thresholds import choose_thresholds, thresholds_path
+from bigearthnet_tf.thresholds import MIN_POSITIVES, choose_thresholds, thresholds_path
 
 MODEL = "K-BranchCNN-Tiny"
 LABEL_TYPE = "BigEarthNet-19"
@@ -293,7 +293,7 @@ def test_choose_thresholds_maximises_each_class_f1():
     labels = (rng.random((60, 4)) < [0.3, 0.5, 0.05, 0.0]).astype(np.float32)
     probabilities = np.clip(labels * 0.3 + rng.random((60, 4)) * 0.7, 0, 1)
     probabilities[:10, 1] = 0.5  # ties enter together
-    choice = choose_thresholds(labels, probabilities, classes)
+    choice = choose_thresholds(labels, probabilities, classes, min_positives=1)
     for index, name in enumerate(classes[:3]):
         candidates = np.unique(probabilities[:, index])
         best = max(
@@ -305,7 +305,13 @@ def test_choose_thresholds_maximises_each_class_f1():
         assert at_choice == pytest.approx(best, abs=1e-12)
         assert choice.f1[name] == pytest.approx(best, abs=1e-12)
         assert 0 < choice.thresholds[name] <= 1
-    assert choice.thresholds["d"] == 0.5 and choice.without_positives == ("d",)
+    assert choice.thresholds["d"] == 0.5 and choice.too_few_positives == {"d": 0}
+    # With the documented minimum, a class with a handful of positives keeps the default and is named.
+    few = int(labels[:, 2].sum())
+    assert 0 < few < MIN_POSITIVES
+    guarded = choose_thresholds(labels, probabilities, classes)
+    assert guarded.thresholds["c"] == 0.5 and guarded.too_few_positives == {"c": few, "d": 0}
+    assert guarded.thresholds["a"] == choice.thresholds["a"]
     # The threshold lies halfway between the lowest score kept and the highest score left out.
     kept = probabilities[probabilities[:, 0] >= choice.thresholds["a"], 0].min()
     left = probabilities[probabilities[:, 0] < choice.thresholds["a"], 0].max()
@@ -327,7 +333,9 @@ def test_thresholds_tuned_on_validation_are_stored_and_used(synthetic_v1, v1_set
 
     folders = patch_folders(synthetic_v1, read_split_csv(synthetic_v1 / "test.csv"))
     predictor = load_predictor(base)
-    used = predict(predictor, folders, show_progress=False)
+    # Never applied unasked: 0.5 for every class, as in evaluate; "stored" applies them.
+    assert np.all(predict(predictor, folders, show_progress=False).thresholds == 0.5)
+    used = predict(predictor, folders, thresholds_file="stored", show_progress=False)
     np.testing.assert_array_equal(used.thresholds, thresholds)
     assert used.labels == [
         [c for c, p, t in zip(BIGEARTHNET_19_LABELS, row, thresholds, strict=True) if p >= t]
@@ -348,7 +356,7 @@ def test_thresholds_tuned_on_validation_are_stored_and_used(synthetic_v1, v1_set
     stored["model_sha256"] = "0" * 64
     path.write_text(json.dumps(stored))
     with pytest.raises(UserError, match="chosen for other weights"):
-        predict(predictor, folders, show_progress=False)
+        predict(predictor, folders, thresholds_file="stored", show_progress=False)
 
 
 def test_command_line(synthetic_v1, v1_setup, tmp_path, capsys):
