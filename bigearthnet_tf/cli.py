@@ -140,6 +140,48 @@ def _predict(args: argparse.Namespace) -> None:
     )
 
 
+def _map(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.mapping import MapOptions, map_scenes
+
+    options = MapOptions(
+        stride=args.stride,
+        bbox=args.bbox,
+        aoi=args.aoi,
+        bands=tuple(args.bands.split(",")) if args.bands else None,
+        s1=tuple(args.s1 or ()),
+        s1_linear=args.s1_linear,
+        boa_offset=args.boa_offset,
+        allow_l1c=args.allow_l1c,
+        max_nodata=args.max_nodata,
+        dtype=args.dtype,
+        threshold=args.threshold,
+        thresholds_file=args.thresholds,
+        reference=args.reference,
+        windows_format=args.windows_format,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+    map_scenes(args.scenes, args.model, args.out, options, shard=args.shard)
+
+
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"expected WEST,SOUTH,EAST,NORTH in degrees, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    return index, count
+
+
 def _export(args: argparse.Namespace) -> None:
     from bigearthnet_tf.export import export_model
 
@@ -311,6 +353,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--modality", choices=MODALITIES, default=None, help="bands (default: all the files hold)"
     )
     stats.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
+
+    mapper = command(
+        "map",
+        "map land cover over whole Sentinel-2 scenes as georeferenced rasters",
+        "bigearthnet map S2A_MSIL2A_20220315T101021_N0400_R022_T32UQD_20220315T123456.zip "
+        "--model runs/r50/models/best --out maps",
+        _map,
+        description="Apply a model over whole scenes: windows of 120 x 120 px every --stride pixels; window "
+        "(i, j) becomes output pixel (i, j) of DIR/<scene>/probabilities.tif (one band per class), labels.tif, "
+        "quicklook.png, windows.csv and map.json. A scene is a .SAFE folder or .zip, a folder of band files "
+        "(B02.tif ...), or a multi-band GeoTIFF (--bands). Scenes whose complete output exists are skipped.",
+    )
+    mapper.add_argument("scenes", nargs="+", help="Sentinel-2 L2A scenes (.SAFE, .zip, band folder, GeoTIFF)")
+    mapper.add_argument("--model", required=True, help=MODEL_FORMS)
+    mapper.add_argument("--out", type=Path, required=True, help="output folder (one folder per scene in it)")
+    mapper.add_argument("--stride", type=int, default=120, help="pixels between windows (120, 60, 30, ...)")
+    mapper.add_argument("--bbox", type=_bbox, default=None, help="map part of the scene: WEST,SOUTH,EAST,NORTH (lon/lat)")
+    mapper.add_argument("--aoi", type=Path, default=None, help="map the extent of a GeoJSON file (lon/lat)")
+    mapper.add_argument("--bands", default=None, help="band order of a multi-band GeoTIFF: B02,B03,...")
+    mapper.add_argument("--s1", nargs="+", default=None, metavar="FILE", help="Sentinel-1 VV.tif VH.tif (or one two-band file), in dB")
+    mapper.add_argument("--s1-linear", action="store_true", help="--s1 holds linear backscatter: convert to dB")
+    mapper.add_argument(
+        "--boa-offset", type=int, default=None, help="offset added to the DN of a scene without product metadata (-1000 for baseline 04.00+)"
+    )
+    mapper.add_argument("--allow-l1c", action="store_true", help="map a Level-1C product (models expect L2A)")
+    mapper.add_argument("--max-nodata", type=float, default=0.1, help="largest nodata fraction of a mapped window")
+    mapper.add_argument("--dtype", choices=("float32", "uint8"), default="float32", help="of probabilities.tif")
+    mapper.add_argument("--threshold", type=float, default=None, help="probability at which a class is predicted (default 0.5)")
+    mapper.add_argument("--thresholds", default=None, metavar="FILE|stored", help="per-class thresholds: a JSON file, or 'stored'")
+    mapper.add_argument("--reference", type=Path, default=None, help="CORINE Land Cover raster: evaluate the map against it")
+    mapper.add_argument("--windows-format", choices=("csv", "parquet"), default="csv", help="of the per-window table")
+    mapper.add_argument("--batch-size", type=int, default=64, help="windows per model call")
+    mapper.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="map every N-th scene from the I-th (0-based)")
+    mapper.add_argument("--overwrite", action="store_true", help="redo scenes whose output exists")
 
     predict = command(
         "predict",

@@ -61,7 +61,7 @@ from bigearthnet_tf.input_pipeline import (
     manifest_shortfalls,
 )
 from bigearthnet_tf.locks import output_lock
-from bigearthnet_tf.metrics import compute_metrics
+from bigearthnet_tf.metrics import compute_metrics, write_eval_result
 from bigearthnet_tf.model_meta import ModelMeta
 from bigearthnet_tf.report import print_metrics_table, save_per_class_chart
 from bigearthnet_tf.thresholds import read_thresholds_file, stored_thresholds, thresholds_path
@@ -280,17 +280,6 @@ def restore_model(config: Config) -> checkpoints.LoadedCheckpoint:
         model_name=config.model_name if config.given("model_name") else None,
         statistics=config.statistics,
     )
-
-
-def write_eval_result(metrics: dict[str, float], path: str | os.PathLike[str]) -> Path:
-    """`eval_result.json`: the metrics as JSON numbers (NaN/inf are refused, never written)."""
-    clean: dict[str, Any] = {}
-    for key, value in metrics.items():
-        number = float(value)
-        if not math.isfinite(number):
-            raise AssertionError(f"metric {key} is {number}; metrics must define every case")
-        clean[key] = number
-    return write_text_atomically(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
 
 
 def write_predictions_csv(

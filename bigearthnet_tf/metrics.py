@@ -71,12 +71,17 @@ Zero denominators: every case is defined, so no NaN or inf ever reaches the outp
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
+from bigearthnet_tf.files import write_text_atomically
 
 # Metric names of the 2019 eval_result.json, in its order.
 SAMPLE_METRICS: tuple[str, ...] = (
@@ -406,3 +411,14 @@ def _average_precision(truth: np.ndarray, scores: np.ndarray) -> float:
 def _average_precision_per_class(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     # A loop over classes (43 at most), each step vectorised over all samples.
     return np.array([_average_precision(truth[:, c], scores[:, c]) for c in range(truth.shape[1])])
+
+
+def write_eval_result(metrics: Mapping[str, float], path: str | os.PathLike[str]) -> Path:
+    """`eval_result.json`: the metrics as JSON numbers (NaN/inf are refused, never written)."""
+    clean: dict[str, float] = {}
+    for key, value in metrics.items():
+        number = float(value)
+        if not math.isfinite(number):
+            raise AssertionError(f"metric {key} is {number}; metrics must define every case")
+        clean[key] = number
+    return write_text_atomically(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")

@@ -31,6 +31,7 @@ COMMANDS = (
     "quicklook",
     "tf1_import",
     "reben_import",
+    "mapping",
 )
 RUN_COMMANDS = {"demo": {"prepare", "train", "evaluate"}, "trial": {"train", "evaluate"}}
 
@@ -70,6 +71,8 @@ FLOORS = {
         "prepare_workers",
         "patch_source",
         "tensor_files",
+        "scenes",
+        "synth_scene",
     ),
     3: ("models",),
     4: (
