@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model runs/r50/models/best --out maps",
         _map,
         description="Apply a model over whole scenes: windows of 120 x 120 px every --stride pixels; window "
-        "(i, j) becomes output pixel (i, j) of DIR/<scene>/probabilities.tif (one band per class), labels.tif, "
+        "(i, j) becomes output pixel (i, j) of DIR/<scene>/probabilities.tif (one band per class), "
+        "labels.tif, "
         "quicklook.png, windows.csv and map.json. A scene is a .SAFE folder or .zip, a folder of band files "
         "(B02.tif ...), or a multi-band GeoTIFF (--bands). Scenes whose complete output exists are skipped.",
     )
@@ -369,23 +370,60 @@ def build_parser() -> argparse.ArgumentParser:
     mapper.add_argument("--model", required=True, help=MODEL_FORMS)
     mapper.add_argument("--out", type=Path, required=True, help="output folder (one folder per scene in it)")
     mapper.add_argument("--stride", type=int, default=120, help="pixels between windows (120, 60, 30, ...)")
-    mapper.add_argument("--bbox", type=_bbox, default=None, help="map part of the scene: WEST,SOUTH,EAST,NORTH (lon/lat)")
+    mapper.add_argument(
+        "--bbox", type=_bbox, default=None, help="map part of the scene: WEST,SOUTH,EAST,NORTH (lon/lat)"
+    )
     mapper.add_argument("--aoi", type=Path, default=None, help="map the extent of a GeoJSON file (lon/lat)")
     mapper.add_argument("--bands", default=None, help="band order of a multi-band GeoTIFF: B02,B03,...")
-    mapper.add_argument("--s1", nargs="+", default=None, metavar="FILE", help="Sentinel-1 VV.tif VH.tif (or one two-band file), in dB")
-    mapper.add_argument("--s1-linear", action="store_true", help="--s1 holds linear backscatter: convert to dB")
     mapper.add_argument(
-        "--boa-offset", type=int, default=None, help="offset added to the DN of a scene without product metadata (-1000 for baseline 04.00+)"
+        "--s1",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="Sentinel-1 VV.tif VH.tif (or one two-band file), in dB",
+    )
+    mapper.add_argument(
+        "--s1-linear", action="store_true", help="--s1 holds linear backscatter: convert to dB"
+    )
+    mapper.add_argument(
+        "--boa-offset",
+        type=int,
+        default=None,
+        help="offset added to the DN of a scene without product metadata (-1000 for baseline 04.00+)",
     )
     mapper.add_argument("--allow-l1c", action="store_true", help="map a Level-1C product (models expect L2A)")
-    mapper.add_argument("--max-nodata", type=float, default=0.1, help="largest nodata fraction of a mapped window")
-    mapper.add_argument("--dtype", choices=("float32", "uint8"), default="float32", help="of probabilities.tif")
-    mapper.add_argument("--threshold", type=float, default=None, help="probability at which a class is predicted (default 0.5)")
-    mapper.add_argument("--thresholds", default=None, metavar="FILE|stored", help="per-class thresholds: a JSON file, or 'stored'")
-    mapper.add_argument("--reference", type=Path, default=None, help="CORINE Land Cover raster: evaluate the map against it")
-    mapper.add_argument("--windows-format", choices=("csv", "parquet"), default="csv", help="of the per-window table")
+    mapper.add_argument(
+        "--max-nodata", type=float, default=0.1, help="largest nodata fraction of a mapped window"
+    )
+    mapper.add_argument(
+        "--dtype", choices=("float32", "uint8"), default="float32", help="of probabilities.tif"
+    )
+    mapper.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability at which a class is predicted (default 0.5)",
+    )
+    mapper.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="FILE|stored",
+        help="per-class thresholds: a JSON file, or 'stored'",
+    )
+    mapper.add_argument(
+        "--reference", type=Path, default=None, help="CORINE Land Cover raster: evaluate the map against it"
+    )
+    mapper.add_argument(
+        "--windows-format", choices=("csv", "parquet"), default="csv", help="of the per-window table"
+    )
     mapper.add_argument("--batch-size", type=int, default=64, help="windows per model call")
-    mapper.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="map every N-th scene from the I-th (0-based)")
+    mapper.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help="map every N-th scene from the I-th (0-based)",
+    )
     mapper.add_argument("--overwrite", action="store_true", help="redo scenes whose output exists")
 
     predict = command(

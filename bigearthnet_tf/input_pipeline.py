@@ -79,11 +79,11 @@ import functools
 import glob
 import logging
 import os
-from pathlib import Path
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf

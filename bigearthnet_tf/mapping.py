@@ -48,14 +48,19 @@ from bigearthnet_tf.constants import (
     original_to_19,
 )
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import new_temporary_folder, publish_folder, remove_stale_temporaries, write_text_atomically
+from bigearthnet_tf.files import (
+    new_temporary_folder,
+    publish_folder,
+    remove_stale_temporaries,
+    write_text_atomically,
+)
 from bigearthnet_tf.inference import logits_function, sigmoid
 from bigearthnet_tf.layout import S1_INPUT
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.metrics import compute_metrics, write_eval_result
 from bigearthnet_tf.predictor import Predictor, load_predictor
 from bigearthnet_tf.report import save_figure_atomically, save_per_class_chart
-from bigearthnet_tf.scenes import PIXEL_M, S1Pair, Scene, open_s1, open_scene
+from bigearthnet_tf.scenes import PIXEL_M, Scene, open_s1, open_scene
 from bigearthnet_tf.thresholds import describe_thresholds
 
 MAP_FILE = "map.json"
@@ -149,10 +154,16 @@ def map_scenes(
         if count < 1 or not 0 <= index < count:
             raise UserError(f"--shard I/N needs 0 <= I < N, got {index}/{count}")
         scenes = list(scenes)[index::count]
-    for scene in scenes:  # paths are checked before the model is loaded
-        if not Path(scene).exists():
-            raise UserError(f"scene {scene} does not exist")
-    for path in (*options.s1, *([options.reference] if options.reference else []), *([options.aoi] if options.aoi else [])):
+    # Every scene is opened (its files and metadata checked) before the model is loaded.
+    opened = [
+        open_scene(path, bands=options.bands, boa_offset=options.boa_offset, allow_l1c=options.allow_l1c)
+        for path in scenes
+    ]
+    for path in (
+        *options.s1,
+        *([options.reference] if options.reference else []),
+        *([options.aoi] if options.aoi else []),
+    ):
         if not Path(path).is_file():
             raise UserError(f"{path} does not exist or is not a file")
     console = status_console(show_progress)
@@ -164,30 +175,46 @@ def map_scenes(
     thresholds, described = describe_thresholds(
         predictor, threshold=options.threshold, thresholds_file=options.thresholds_file
     )
+    jobs = [_checked_job(scene, predictor, options) for scene in opened]  # all refusals come first
     console.print(f"thresholds: {described}", markup=False)
     results = []
-    for path in scenes:
-        results.append(_map_one(Path(path), predictor, Path(out), options, thresholds, described, console))
+    for job in jobs:
+        results.append(_map_one(*job, predictor, Path(out), options, thresholds, described, console))
     return results
 
 
-def _map_one(path: Path, predictor: Predictor, out: Path, options: MapOptions, thresholds, described, console):
-    started = time.perf_counter()
-    scene = open_scene(path, bands=options.bands, boa_offset=options.boa_offset, allow_l1c=options.allow_l1c)
-    target = out / scene.name
-    if target.exists():
-        if not (target / MAP_FILE).is_file():
-            raise UserError(f"{target} exists and is not the output of bigearthnet map; remove it or choose --out")
-        if not options.overwrite:
-            console.print(f"{scene.name}: complete output exists in {target}; skipped (--overwrite redoes it)")
-            return MapResult(scene.name, target, skipped_existing=True)
-    s2_bands = sorted({band for key, bands in predictor.band_order.items() if key != S1_INPUT for band in bands})
+def _checked_job(scene: Scene, predictor: Predictor, options: MapOptions):
+    """What mapping `scene` needs, checked: the model's bands, the S1 pair, the window range and the
+    reference map (UserError for the first thing that is wrong)."""
+    s2_bands = sorted(
+        {band for key, bands in predictor.band_order.items() if key != S1_INPUT for band in bands}
+    )
     missing = [band for band in s2_bands if band not in scene.bands]
     if missing:
-        raise UserError(f"scene {path}: the model reads {', '.join(missing)}, which the scene lacks")
+        raise UserError(
+            f"scene {scene.info.source}: the model reads {', '.join(missing)}, which the scene lacks"
+        )
     s1 = open_s1(options.s1, scene, linear=options.s1_linear) if predictor.needs_s1 else None
     rows, columns = _window_range(scene, options)
     reference = _Reference(options.reference, scene) if options.reference else None
+    return scene, s1, rows, columns, reference
+
+
+def _map_one(
+    scene, s1, rows, columns, reference, predictor, out: Path, options, thresholds, described, console
+):
+    started = time.perf_counter()
+    target = out / scene.name
+    if target.exists():
+        if not (target / MAP_FILE).is_file():
+            raise UserError(
+                f"{target} exists and is not the output of bigearthnet map; remove it or choose --out"
+            )
+        if not options.overwrite:
+            console.print(
+                f"{scene.name}: complete output exists in {target}; skipped (--overwrite redoes it)"
+            )
+            return MapResult(scene.name, target, skipped_existing=True)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out, f"map-{scene.name}", f"map output {target}"):
         remove_stale_temporaries(out, scene.name)
@@ -201,9 +228,13 @@ def _map_one(path: Path, predictor: Predictor, out: Path, options: MapOptions, t
                 reference.close()
         temporary = new_temporary_folder(target)
         try:
-            result = _write_outputs(temporary, scene, predictor, options, rows, columns, grid, thresholds, described)
+            result = _write_outputs(
+                temporary, scene, predictor, options, rows, columns, grid, thresholds, described
+            )
             result.seconds = {**grid.seconds, "total": time.perf_counter() - started}
-            _write_map_json(temporary, scene, predictor, options, rows, columns, grid, thresholds, described, result)
+            _write_map_json(
+                temporary, scene, predictor, options, rows, columns, grid, thresholds, described, result
+            )
             publish_folder(temporary, target)
         except BaseException:
             import shutil
@@ -232,11 +263,13 @@ def _window_range(scene: Scene, options: MapOptions) -> tuple[range, range]:
 
     west, south, east, north = area
     if not (west < east and south < north):
-        raise UserError(f"--bbox {west},{south},{east},{north}: needs west < east and south < north (lon/lat)")
+        raise UserError(
+            f"--bbox {west},{south},{east},{north}: needs west < east and south < north (lon/lat)"
+        )
     left, bottom, right, top = transform_bounds("EPSG:4326", scene.crs, west, south, east, north)
     inverse = ~scene.transform
-    col_a, row_a = inverse * (left, top)
-    col_b, row_b = inverse * (right, bottom)
+    col_a, row_a = inverse @ (left, top)
+    col_b, row_b = inverse @ (right, bottom)
     c0, c1 = sorted((col_a, col_b))
     r0, r1 = sorted((row_a, row_b))
     stride = options.stride
@@ -246,7 +279,9 @@ def _window_range(scene: Scene, options: MapOptions) -> tuple[range, range]:
     first_row = max(0, int(np.floor((r0 - PATCH_SIZE) / stride)) + 1)
     last_row = min(count_rows - 1, int(np.ceil(r1 / stride)) - 1)
     if first_column > last_column or first_row > last_row:
-        raise UserError(f"the area {west},{south},{east},{north} (lon/lat) does not overlap scene {scene.info.source}")
+        raise UserError(
+            f"the area {west},{south},{east},{north} (lon/lat) does not overlap scene {scene.info.source}"
+        )
     return range(first_row, last_row + 1), range(first_column, last_column + 1)
 
 
@@ -321,7 +356,7 @@ def _run(scene, s1, predictor, options, rows, columns, reference, console, thres
     task = progress.add_task(f"mapping {scene.name}", total=len(rows) * len(columns))
     with ThreadPoolExecutor(1) as reader, progress:
         pending = reader.submit(read, rows[0])
-        for index, row in enumerate(rows):
+        for index in range(len(rows)):
             strip, s1_strip, codes, read_seconds = pending.result()
             if index + 1 < len(rows):
                 pending = reader.submit(read, rows[index + 1])  # the next strip is read during inference
@@ -378,7 +413,9 @@ def _window_inputs(strip, s1_strip, band_order, count: int, stride: int):
         ten = [band for band in ("B02", "B03", "B04", "B08") if band in strip]
         nodata |= np.logical_and.reduce([_window_view(strip[band], 1, count, stride) == 0 for band in ten])
     if S1_INPUT in band_order:
-        nodata |= np.logical_or.reduce([~np.isfinite(_window_view(s1_strip[b], 1, count, stride)) for b in s1_strip])
+        nodata |= np.logical_or.reduce(
+            [~np.isfinite(_window_view(s1_strip[b], 1, count, stride)) for b in s1_strip]
+        )
         inputs[S1_INPUT] = np.nan_to_num(inputs[S1_INPUT], nan=0.0)
     return inputs, nodata.mean(axis=(1, 2))
 
@@ -402,8 +439,8 @@ class _Reference:
             raise UserError(f"--reference {path}: cannot be read as a raster ({error})") from None
         if dataset.crs is None:
             raise UserError(f"--reference {path}: no coordinate reference system")
-        left, top = scene.transform * (0, 0)
-        right, bottom = scene.transform * (scene.width, scene.height)
+        left, top = scene.transform @ (0, 0)
+        right, bottom = scene.transform @ (scene.width, scene.height)
         bounds = transform_bounds(dataset.crs, scene.crs, *dataset.bounds)
         if bounds[0] >= right or bounds[2] <= left or bounds[1] >= top or bounds[3] <= bottom:
             raise UserError(f"--reference {path}: does not overlap the scene {scene.info.source}")
@@ -422,9 +459,11 @@ class _Reference:
         from rasterio.windows import Window
 
         window = Window(columns[0], row, columns[1] - columns[0], PATCH_SIZE)
-        return self._view.read(1, window=window, boundless=True, fill_value=0).astype(np.int64)
+        return self._view.read(1, window=window).astype(np.int64)
 
-    def labels(self, codes: np.ndarray, count: int, stride: int, class_names) -> tuple[np.ndarray, dict[int, int]]:
+    def labels(
+        self, codes: np.ndarray, count: int, stride: int, class_names
+    ) -> tuple[np.ndarray, dict[int, int]]:
         """Per window: the multi-hot labels in `class_names` order (-1 for a window without any
         reference code), and the codes outside the nomenclature with the number of windows they are in."""
         windows = _window_view(codes, 1, count, stride)
@@ -452,7 +491,7 @@ class _Reference:
         self._dataset.close()
 
 
-# --- outputs ---------------------------------------------------------------------------------------------------
+# --- outputs ------------------------------------------------------------------------------------------
 
 
 def output_transform(scene: Scene, stride: int, rows: range, columns: range):
@@ -460,10 +499,16 @@ def output_transform(scene: Scene, stride: int, rows: range, columns: range):
     from affine import Affine
 
     half = (PATCH_SIZE - stride) / 2  # the window's centre is half a window in; the pixel's, half a stride
-    return scene.transform * Affine.translation(columns.start * stride + half, rows.start * stride + half) * Affine.scale(stride)
+    return (
+        scene.transform
+        @ Affine.translation(columns.start * stride + half, rows.start * stride + half)
+        @ Affine.scale(stride)
+    )
 
 
-def _write_outputs(folder: Path, scene, predictor, options, rows, columns, grid: _Grid, thresholds, described):
+def _write_outputs(
+    folder: Path, scene, predictor, options, rows, columns, grid: _Grid, thresholds, described
+):
     class_names = predictor.class_names
     transform = output_transform(scene, options.stride, rows, columns)
     valid = np.isfinite(grid.probabilities[..., 0])
@@ -479,7 +524,9 @@ def _write_outputs(folder: Path, scene, predictor, options, rows, columns, grid:
     dtype = np.uint32 if classes <= 32 else np.uint64
     weights = (np.ones(1, dtype) << np.arange(classes, dtype=dtype)).astype(dtype)
     mask = np.where(valid, (predicted.astype(dtype) * weights).sum(axis=-1, dtype=dtype), np.iinfo(dtype).max)
-    _write_cog(folder / LABELS_FILE, mask[None].astype(dtype), profile, int(np.iinfo(dtype).max), ["labels bit mask"])
+    _write_cog(
+        folder / LABELS_FILE, mask[None].astype(dtype), profile, int(np.iinfo(dtype).max), ["labels bit mask"]
+    )
     _write_quicklook(folder / QUICKLOOK_FILE, scene, grid, class_names, valid)
     _write_windows(folder, scene, options, rows, columns, grid, class_names, predicted, valid, transform)
     result = MapResult(scene.name, folder, windows=height * width, predicted=int(valid.sum()))
@@ -513,14 +560,16 @@ def _write_cog(path: Path, data: np.ndarray, profile: dict, nodata, descriptions
             )
 
 
-def _write_windows(folder, scene, options, rows, columns, grid, class_names, predicted, valid, transform) -> None:
+def _write_windows(
+    folder, scene, options, rows, columns, grid, class_names, predicted, valid, transform
+) -> None:
     from rasterio.warp import transform as transform_points
 
     stride = options.stride
     row_index, column_index = np.nonzero(valid)
     xs, ys = [], []
     for i, j in zip(row_index, column_index, strict=True):
-        x, y = scene.transform * (columns[j] * stride + PATCH_SIZE / 2, rows[i] * stride + PATCH_SIZE / 2)
+        x, y = scene.transform @ (columns[j] * stride + PATCH_SIZE / 2, rows[i] * stride + PATCH_SIZE / 2)
         xs.append(x)
         ys.append(y)
     lons, lats = transform_points(scene.crs, "EPSG:4326", xs, ys) if xs else ([], [])
@@ -546,7 +595,9 @@ def _write_windows(folder, scene, options, rows, columns, grid, class_names, pre
         pq.write_table(pa.table(table), buffer)
         from bigearthnet_tf.files import replace_atomically
 
-        replace_atomically(folder / f"{WINDOWS_FILE}.parquet", lambda path: Path(path).write_bytes(buffer.getvalue()))
+        replace_atomically(
+            folder / f"{WINDOWS_FILE}.parquet", lambda path: Path(path).write_bytes(buffer.getvalue())
+        )
         return
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -566,7 +617,7 @@ def _write_quicklook(path: Path, scene, grid: _Grid, class_names, valid) -> None
 
     rgb = grid.rgb
     finite = rgb[np.isfinite(rgb)]
-    low, high = (np.percentile(finite, (2, 98)) if finite.size else (0.0, 1.0))
+    low, high = np.percentile(finite, (2, 98)) if finite.size else (0.0, 1.0)
     image = np.clip((np.nan_to_num(rgb) - low) / max(high - low, 1e-6), 0, 1)
     image[~valid] = 1.0
     top = np.where(valid, np.nanargmax(np.nan_to_num(grid.probabilities, nan=-1), axis=-1), -1)
@@ -584,8 +635,14 @@ def _write_quicklook(path: Path, scene, grid: _Grid, class_names, valid) -> None
     present = sorted({int(v) for v in np.unique(top) if v >= 0})
     handles = [Patch(color=colours(i), label=class_names[i]) for i in present]
     if handles:
-        figure.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False,
-                      bbox_to_anchor=(0.5, -0.02 - 0.025 * ((len(handles) + 1) // 2)))
+        figure.legend(
+            handles=handles,
+            loc="lower center",
+            ncol=2,
+            fontsize=8,
+            frameon=False,
+            bbox_to_anchor=(0.5, -0.02 - 0.025 * ((len(handles) + 1) // 2)),
+        )
     figure.suptitle(f"{scene.name}: {int(valid.sum()):,} windows mapped")
     try:
         save_figure_atomically(figure, path)
@@ -593,7 +650,9 @@ def _write_quicklook(path: Path, scene, grid: _Grid, class_names, valid) -> None
         plt.close(figure)
 
 
-def _evaluate(folder, grid: _Grid, valid, class_names, thresholds, predictor, scene, described) -> dict[str, float]:
+def _evaluate(
+    folder, grid: _Grid, valid, class_names, thresholds, predictor, scene, described
+) -> dict[str, float]:
     with_reference = valid & (grid.reference[..., 0] >= 0)
     if not with_reference.any():
         raise UserError(
@@ -601,7 +660,9 @@ def _evaluate(folder, grid: _Grid, valid, class_names, thresholds, predictor, sc
         )
     labels = grid.reference[with_reference].astype(np.float32)
     probabilities = grid.probabilities[with_reference]
-    metrics = compute_metrics(labels, probabilities, threshold=np.asarray(thresholds), class_names=class_names)
+    values = np.asarray(thresholds, np.float64)
+    threshold = float(values[0]) if np.all(values == values[0]) else values  # as evaluate reports it
+    metrics = compute_metrics(labels, probabilities, threshold=threshold, class_names=class_names)
     write_eval_result(metrics, folder / EVAL_RESULT_FILE)
     save_per_class_chart(
         metrics,
@@ -614,7 +675,9 @@ def _evaluate(folder, grid: _Grid, valid, class_names, thresholds, predictor, sc
     return metrics
 
 
-def _write_map_json(folder, scene, predictor, options, rows, columns, grid, thresholds, described, result) -> None:
+def _write_map_json(
+    folder, scene, predictor, options, rows, columns, grid, thresholds, described, result
+) -> None:
     info = scene.info
     valid = np.isfinite(grid.probabilities[..., 0])
     document = {
@@ -642,7 +705,9 @@ def _write_map_json(folder, scene, predictor, options, rows, columns, grid, thre
             "bands": sorted(scene.bands),
         },
         "offsets_applied": {"boa_add_offset": dict(info.boa_offsets), "source": info.offset_source},
-        "sentinel1": {"files": list(options.s1), "linear_converted": options.s1_linear} if options.s1 else None,
+        "sentinel1": {"files": list(options.s1), "linear_converted": options.s1_linear}
+        if options.s1
+        else None,
         "stride": options.stride,
         "window": PATCH_SIZE,
         "pixel_size_m": options.stride * PIXEL_M,
@@ -650,7 +715,10 @@ def _write_map_json(folder, scene, predictor, options, rows, columns, grid, thre
         "window_columns": [columns.start, columns.stop],
         "area": {"bbox": options.bbox, "aoi": str(options.aoi) if options.aoi else None},
         "max_nodata": options.max_nodata,
-        "thresholds": {"description": described, "values": dict(zip(predictor.class_names, map(float, thresholds), strict=True))},
+        "thresholds": {
+            "description": described,
+            "values": dict(zip(predictor.class_names, map(float, thresholds), strict=True)),
+        },
         "probabilities_dtype": options.dtype,
         "counts": {
             "windows": int(valid.size),

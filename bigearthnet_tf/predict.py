@@ -348,6 +348,7 @@ def tune_thresholds(
     if choice.too_few_positives:
         few = ", ".join(f"{name} ({count})" for name, count in choice.too_few_positives.items())
         message += f"; classes with fewer than {MIN_POSITIVES} positives keep {default:g}: {few}"
-    message += f"\napply them with --thresholds {STORED} (predict, show, map) or \"thresholds\": \"{STORED}\" (evaluate)"
+    message += f"\napply them with --thresholds {STORED} (predict, map)"
+    message += f' or "thresholds": "{STORED}" (evaluate)'
     console.print(f"{message}\n{'replaced' if replaced else 'written'}: {path}", markup=False, soft_wrap=True)
     return path

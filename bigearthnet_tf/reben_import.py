@@ -27,8 +27,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, PATCH_SIZE
 from bigearthnet_tf.errors import UserError
@@ -247,7 +245,9 @@ def _read_weights(weights_file: Path) -> tuple[SafetensorsFile, dict[str, str], 
     return stored, tensors, foreign
 
 
-def _fill(targets, stored: SafetensorsFile, tensors, foreign, weights_file: Path, head: str, channels: int) -> None:
+def _fill(
+    targets, stored: SafetensorsFile, tensors, foreign, weights_file: Path, head: str, channels: int
+) -> None:
     """Assign every tensor to its Keras weight, the head's rows in our class order; or refuse with a
     report of the missing, extra and mis-shaped tensors, having assigned nothing. Shapes and dtypes
     are compared from the header first; only then are the tensors read (float32, finite)."""

@@ -42,7 +42,21 @@ MAX_METADATA_BYTES = 16 << 20  # MTD_MSIL2A.xml is a few hundred kB
 # The band in a file name: B02 ... B12 and B8A, between separators (T32UQD_20220315T101021_B8A_20m.jp2).
 _BAND_TOKEN = re.compile(r"(?:^|[_.\-])(B0[1-9]|B1[0-2]|B8A)(?=[_.\-]|$)", re.IGNORECASE)
 # The band index in BOA_ADD_OFFSET's band_id: the order of the 13 bands of the product.
-_PRODUCT_BAND_IDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+_PRODUCT_BAND_IDS = (
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
+)
 _SAFE_RESOLUTIONS = {10: "R10m", 20: "R20m", 60: "R60m"}
 
 
@@ -177,8 +191,7 @@ def open_scene(
     if path.is_file() and path.suffix.lower() in RASTER_SUFFIXES:
         return _open_multiband(path, bands, boa_offset)
     raise UserError(
-        f"scene {path}: not a Sentinel-2 product (.SAFE folder or .zip), a folder of band files or a "
-        "GeoTIFF"
+        f"scene {path}: not a Sentinel-2 product (.SAFE folder or .zip), a folder of band files or a GeoTIFF"
     )
 
 
@@ -205,7 +218,9 @@ def _open_band_folder(folder: Path, boa_offset: int | None) -> Scene:
         if len(paths) > 1:
             native = [p for p in paths if _resolution(str(p)) == BANDS_BY_NAME[band].resolution_m]
             if len(native) != 1:
-                raise UserError(f"scene {folder}: band {band} is in several files: {', '.join(p.name for p in paths)}")
+                raise UserError(
+                    f"scene {folder}: band {band} is in several files: {', '.join(p.name for p in paths)}"
+                )
             paths = native
         files[band] = (str(paths[0]), 1)
     offsets, source = _offsets_given(boa_offset, list(files))
@@ -260,7 +275,9 @@ def _scene(name: str, files: Mapping[str, tuple[str, int]], info: SceneInfo) -> 
         reference_band = min(grids, key=lambda band: abs(grids[band][1].a))
     crs, transform, width, height, reference_path, _ = grids[reference_band]
     if crs is None:
-        raise UserError(f"{_shown(reference_path)}: no coordinate reference system; a scene must be georeferenced")
+        raise UserError(
+            f"{_shown(reference_path)}: no coordinate reference system; a scene must be georeferenced"
+        )
     if transform.b or transform.d:
         raise UserError(f"{_shown(reference_path)}: a rotated grid; scenes must be north-up")
     scale = abs(transform.a) / PIXEL_M  # file pixel of the reference in 10 m pixels
@@ -280,7 +297,11 @@ def _scene(name: str, files: Mapping[str, tuple[str, int]], info: SceneInfo) -> 
                 "the bands cannot be aligned"
             )
         factor = native / size
-        if abs(factor - round(factor)) > 1e-6 or round(factor) < 1 or abs(abs(band_transform.e) - size) > 1e-6:
+        if (
+            abs(factor - round(factor)) > 1e-6
+            or round(factor) < 1
+            or abs(abs(band_transform.e) - size) > 1e-6
+        ):
             raise UserError(
                 f"{_shown(path)}: band {band} has pixels of {size:g} m; its native resolution is {native} m, "
                 f"so the file must hold it at {native} m or at a resolution that divides it"
@@ -298,11 +319,14 @@ def _scene(name: str, files: Mapping[str, tuple[str, int]], info: SceneInfo) -> 
                 f"{_shown(path)}: band {band}'s grid is offset from the scene's {reference_band} grid by "
                 f"({row:g}, {col:g}) pixels; the bands cannot be aligned"
             )
-        sources[band] = BandFile(band, path, index, round(factor), round(row), round(col), band_width, band_height)
+        sources[band] = BandFile(
+            band, path, index, round(factor), round(row), round(col), band_width, band_height
+        )
     scene = Scene(name, crs, grid, width, height, sources, info)
     if scene.height < PATCH_SIZE or scene.width < PATCH_SIZE:
         raise UserError(
-            f"scene {info.source}: {width} x {height} pixels, smaller than one {PATCH_SIZE} x {PATCH_SIZE} window"
+            f"scene {info.source}: {width} x {height} pixels, smaller than one {PATCH_SIZE} x {PATCH_SIZE} "
+            "window"
         )
     return scene
 
@@ -375,7 +399,8 @@ def _open_safe(path: Path, product, boa_offset: int | None, allow_l1c: bool) -> 
     for band in S2_BAND_NAMES:
         native = BANDS_BY_NAME[band].resolution_m
         if level == "L2A":
-            pattern = rf"{re.escape(root_prefix)}GRANULE/[^/]+/IMG_DATA/{_SAFE_RESOLUTIONS[native]}/[^/]*_{band}_{native}m\.jp2"
+            folder = _SAFE_RESOLUTIONS[native]
+            pattern = rf"{re.escape(root_prefix)}GRANULE/[^/]+/IMG_DATA/{folder}/[^/]*_{band}_{native}m\.jp2"
         else:
             pattern = rf"{re.escape(root_prefix)}GRANULE/[^/]+/IMG_DATA/[^/]*_{band}\.jp2"
         matches = [n for n in names if re.fullmatch(pattern, n)]
@@ -412,8 +437,12 @@ def _product_metadata(path: Path, member: str, raw: bytes, level: str, boa_offse
                 band = _PRODUCT_BAND_IDS[int(element.get("band_id", ""))]
                 offsets[band] = int(float(element.text or ""))
             except (ValueError, IndexError):
-                raise UserError(f"{where}: BOA_ADD_OFFSET {element.attrib} {element.text!r} is not a band's offset") from None
-    source = f"{member} (BOA_ADD_OFFSET)" if offsets else f"{member}: no BOA_ADD_OFFSET (baseline before 04.00)"
+                raise UserError(
+                    f"{where}: BOA_ADD_OFFSET {element.attrib} {element.text!r} is not a band's offset"
+                ) from None
+    source = (
+        f"{member} (BOA_ADD_OFFSET)" if offsets else f"{member}: no BOA_ADD_OFFSET (baseline before 04.00)"
+    )
     if boa_offset is not None:
         source += f"; --boa-offset {boa_offset} is ignored for a product with metadata"
     quantification = text("BOA_QUANTIFICATION_VALUE") or text("QUANTIFICATION_VALUE")
@@ -450,7 +479,7 @@ class S1Pair:
         for band, (path, index) in self.sources.items():
             window = Window(columns[0], row, columns[1] - columns[0], PATCH_SIZE)
             dataset = self._dataset(path)
-            values = dataset.read(index, window=window, boundless=True, fill_value=np.nan).astype(np.float32)
+            values = dataset.read(index, window=window).astype(np.float32)
             if dataset.nodata is not None and not np.isnan(dataset.nodata):
                 values[values == dataset.nodata] = np.nan
             if self.linear:
@@ -505,9 +534,9 @@ def open_s1(paths: Sequence[str | os.PathLike[str]], scene: Scene, *, linear: bo
         sources = {"VV": (paths[0], 1), "VH": (paths[1], 1)}
     else:
         raise UserError(f"--s1 takes VV.tif VH.tif or one two-band file, got {len(paths)} files")
-    left, top = scene.transform * (0, 0)
-    right, bottom = scene.transform * (scene.width, scene.height)
-    for band, (path, index) in sources.items():
+    left, top = scene.transform @ (0, 0)
+    right, bottom = scene.transform @ (scene.width, scene.height)
+    for path, index in sources.values():
         try:
             with rasterio.open(path) as dataset:
                 if dataset.count < index:

@@ -37,7 +37,10 @@ def mosaic_bands(
         bands[band] = np.zeros((rows * side, columns * side), np.uint16)
     s1 = None
     if s1_folders is not None:
-        s1 = {band: np.full((rows * PATCH_SIZE, columns * PATCH_SIZE), np.nan, np.float32) for band in S1_BAND_NAMES}
+        s1 = {
+            band: np.full((rows * PATCH_SIZE, columns * PATCH_SIZE), np.nan, np.float32)
+            for band in S1_BAND_NAMES
+        }
     for i, row in enumerate(grid):
         for j, folder in enumerate(row):
             if folder is None:
@@ -50,7 +53,9 @@ def mosaic_bands(
             if s1 is not None and s1_folders[i][j] is not None:
                 s1_folder = Path(s1_folders[i][j])
                 for band, values in read_s1_bands(str(s1_folder), folder.name, s1_folder.name).items():
-                    s1[band][i * PATCH_SIZE : (i + 1) * PATCH_SIZE, j * PATCH_SIZE : (j + 1) * PATCH_SIZE] = values
+                    s1[band][i * PATCH_SIZE : (i + 1) * PATCH_SIZE, j * PATCH_SIZE : (j + 1) * PATCH_SIZE] = (
+                        values
+                    )
     return bands, s1
 
 
@@ -77,7 +82,10 @@ def write_scene(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
     out = Path(out)
-    stored = {band: np.where(values > 0, values.astype(np.int64) - offset, 0).astype(np.uint16) for band, values in bands.items()}
+    stored = {
+        band: np.where(values > 0, values.astype(np.int64) - offset, 0).astype(np.uint16)
+        for band, values in bands.items()
+    }
 
     def transform(resolution: int):
         return Affine(resolution, 0, origin[0], 0, -resolution, origin[1])
@@ -104,7 +112,13 @@ def write_scene(
     if layout == "folder":
         out.mkdir(parents=True, exist_ok=True)
         for band, values in stored.items():
-            write(out / f"T{DEFAULT_TILE}_{date}_{band}.tif", [values], BANDS_BY_NAME[band].resolution_m, "GTiff", [band])
+            write(
+                out / f"T{DEFAULT_TILE}_{date}_{band}.tif",
+                [values],
+                BANDS_BY_NAME[band].resolution_m,
+                "GTiff",
+                [band],
+            )
         return out
     if layout == "geotiff":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +136,9 @@ def write_scene(
         folder = granule / f"R{resolution}m" if level == "L2A" else granule
         folder.mkdir(parents=True, exist_ok=True)
         suffix = f"_{resolution}m" if level == "L2A" else ""
-        write(folder / f"T{DEFAULT_TILE}_{date}_{band}{suffix}.jp2", [values], resolution, "JP2OpenJPEG", [band])
+        write(
+            folder / f"T{DEFAULT_TILE}_{date}_{band}{suffix}.jp2", [values], resolution, "JP2OpenJPEG", [band]
+        )
     for extra in granule.rglob("*.aux.xml"):
         extra.unlink()
     offsets = "".join(
@@ -134,7 +150,8 @@ def write_scene(
         f"<n1:General_Info><Product_Info><PRODUCT_START_TIME>{date[:4]}-{date[4:6]}-{date[6:8]}T10:10:21.024Z"
         f"</PRODUCT_START_TIME><PRODUCT_URI>{name}.SAFE</PRODUCT_URI><PROCESSING_LEVEL>Level-{level[1:]}"
         f"</PROCESSING_LEVEL><PROCESSING_BASELINE>{baseline}</PROCESSING_BASELINE></Product_Info>"
-        f"<Product_Image_Characteristics><QUANTIFICATION_VALUES_LIST><BOA_QUANTIFICATION_VALUE unit=\"none\">10000"
+        "<Product_Image_Characteristics><QUANTIFICATION_VALUES_LIST>"
+        f'<BOA_QUANTIFICATION_VALUE unit="none">10000'
         f"</BOA_QUANTIFICATION_VALUE></QUANTIFICATION_VALUES_LIST>"
         f"<BOA_ADD_OFFSET_VALUES_LIST>{offsets if offset else ''}</BOA_ADD_OFFSET_VALUES_LIST>"
         f"</Product_Image_Characteristics></n1:General_Info></n1:Level-2A_User_Product>\n"

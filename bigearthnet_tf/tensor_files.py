@@ -53,7 +53,9 @@ def finite_float32(values: np.ndarray, where: str, name: str) -> np.ndarray:
     values = np.asarray(values, dtype=np.float32)
     if not np.isfinite(values).all():
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-        raise UserError(f"{where}: tensor {name} holds {bad:,} NaN or infinite values; these weights are unusable")
+        raise UserError(
+            f"{where}: tensor {name} holds {bad:,} NaN or infinite values; these weights are unusable"
+        )
     return values
 
 
@@ -124,7 +126,9 @@ class SafetensorsFile:
         if entry.dtype not in FLOAT_DTYPES:
             raise UserError(f"{self.path}: tensor {name} is {entry.dtype}, not floating point")
         dtype = _DTYPES[entry.dtype]
-        raw = np.frombuffer(self._map, dtype, count=(entry.end - entry.begin) // dtype.itemsize, offset=entry.begin)
+        raw = np.frombuffer(
+            self._map, dtype, count=(entry.end - entry.begin) // dtype.itemsize, offset=entry.begin
+        )
         if entry.dtype == "BF16":
             values = (raw.astype(np.uint32) << 16).view(np.float32)
         else:

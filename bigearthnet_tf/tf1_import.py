@@ -293,7 +293,8 @@ def import_tf1_checkpoint(
             raise UserError(
                 f"{prefix}: variable {name} cannot be read: the .data file is truncated or damaged ({detail})"
             ) from None
-        values[name] = finite_float32(value, prefix, name) if np.issubdtype(value.dtype, np.floating) else value
+        floating = np.issubdtype(value.dtype, np.floating)
+        values[name] = finite_float32(value, prefix, name) if floating else value
     for name, value in values.items():
         variable = mapping[name]
         variable.assign(value.astype(variable.dtype, copy=False))

@@ -569,7 +569,9 @@ def test_impossible_tar_sizes_are_one_line_never_a_loop(example_paths, tmp_path,
         data = pax.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512) + data
     archive = tmp_path / "sizes.tar"
     archive.write_bytes(data)
-    _refused(archive, tmp_path, _one_split(tmp_path, [name]), r"(size field|pax size record) '.*' is not a size")
+    _refused(
+        archive, tmp_path, _one_split(tmp_path, [name]), r"(size field|pax size record) '.*' is not a size"
+    )
 
 
 def test_multi_member_gzip_and_long_window_zstd_are_read(v1_files, tmp_path):
@@ -583,9 +585,10 @@ def test_multi_member_gzip_and_long_window_zstd_are_read(v1_files, tmp_path):
     _same_shards(base / "folder-default", tmp_path / "gz")
     params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, enable_ldm=True)
     long = tmp_path / "long.tar.zst"
-    with open(long, "wb") as handle, zstandard.ZstdCompressor(compression_params=params).stream_writer(
-        handle
-    ) as writer:
+    with (
+        open(long, "wb") as handle,
+        zstandard.ZstdCompressor(compression_params=params).stream_writer(handle) as writer,
+    ):
         writer.write(raw)
     prepare(long, tmp_path / "zst", lists, shard_size=3, workers=1, show_progress=False)
     _same_shards(base / "folder-default", tmp_path / "zst")

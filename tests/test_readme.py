@@ -60,10 +60,14 @@ def test_the_python_blocks_run_as_written(demo_checkpoint):
 def test_the_data_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """`synth`, `examples`, `models` and `config keys` as the README gives them."""
     monkeypatch.chdir(tmp_path)
-    commands = _commands(("bigearthnet synth", "bigearthnet examples", "bigearthnet models", "bigearthnet config keys"))
+    commands = _commands(
+        ("bigearthnet synth", "bigearthnet examples", "bigearthnet models", "bigearthnet config keys")
+    )
     commands = [argv for argv in commands if "--parameters" not in argv]  # builds every model: slow
     assert {argv[0] for argv in commands} >= {"synth", "examples", "models", "config"}
     for argv in commands:
         main(argv)
-    assert (tmp_path / "synth" / "train.csv").is_file() and (tmp_path / "synth2" / "metadata.parquet").is_file()
+    assert (tmp_path / "synth" / "train.csv").is_file() and (
+        tmp_path / "synth2" / "metadata.parquet"
+    ).is_file()
     assert "ResNet50" in capsys.readouterr().out

@@ -369,7 +369,10 @@ def _rewrite_weights(folder: Path, change) -> None:
     with SafetensorsFile(weights) as stored:
         kept = {name: e for name, e in stored.tensors.items() if e.dtype not in ("F32", "F16", "BF16")}
         arrays = {name: stored.array(name) for name in stored.tensors if name not in kept}
-        raw = {name: (np.zeros(e.shape), bytes(weights.read_bytes()[e.begin : e.end])) for name, e in kept.items()}
+        raw = {
+            name: (np.zeros(e.shape), bytes(weights.read_bytes()[e.begin : e.end]))
+            for name, e in kept.items()
+        }
     header, blobs, offset = {}, [], 0
     for name in [*arrays, *raw]:
         if name in raw:
@@ -377,7 +380,11 @@ def _rewrite_weights(folder: Path, change) -> None:
         else:
             array = arrays[name]
             data, dtype = change(name, array)
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     text = json.dumps(header).encode()
@@ -392,7 +399,9 @@ def test_bfloat16_and_float16_weights_import_exactly(tmp_path, capsys):
     """Every bfloat16 or float16 value is a float32 value: the import equals the float32 file's."""
     from bigearthnet_tf.checkpoints import load_checkpoint
 
-    reference, bf16, f16 = (_copy(tmp_path, as_name=f"{kind}-resnet50-all-v0.2.0") for kind in ("a", "b", "c"))
+    reference, bf16, f16 = (
+        _copy(tmp_path, as_name=f"{kind}-resnet50-all-v0.2.0") for kind in ("a", "b", "c")
+    )
     _rewrite_weights(
         reference, lambda n, a: ((_bfloat16_bits(a).astype("<u4") << 16).view("<f4").tobytes(), "F32")
     )
@@ -402,7 +411,9 @@ def test_bfloat16_and_float16_weights_import_exactly(tmp_path, capsys):
     for folder in (reference, bf16, f16):
         cli("import", "reben", folder, "--out", tmp_path / "out" / folder.name)
         models[folder.name] = load_checkpoint(tmp_path / "out" / folder.name).model
-    for first, second in zip(models["a-resnet50-all-v0.2.0"].weights, models["b-resnet50-all-v0.2.0"].weights):
+    for first, second in zip(
+        models["a-resnet50-all-v0.2.0"].weights, models["b-resnet50-all-v0.2.0"].weights, strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
     conv = next(w for w in models["c-resnet50-all-v0.2.0"].weights if "conv" in w.path)
     assert np.asarray(conv).dtype == np.float32 and np.any(np.asarray(conv) != 0)

@@ -505,7 +505,9 @@ def test_a_truncated_data_file_and_weights_that_are_not_finite(tmp_path, capsys,
     values[name] = values[name].copy()
     values[name].flat[0] = np.inf
     prefix = write_with_save_op(tmp_path / "inf" / "iteration-1", values)
-    assert f"tensor {name} holds 1 NaN or infinite values" in _import_error(capsys, prefix, tmp_path / "out" / "b")
+    assert f"tensor {name} holds 1 NaN or infinite values" in _import_error(
+        capsys, prefix, tmp_path / "out" / "b"
+    )
 
 
 def test_an_import_into_a_checkpoint_being_written_is_refused(tmp_path, capsys, tiny_resnet_values):
