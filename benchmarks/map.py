@@ -41,13 +41,18 @@ from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS  # noqa: E402
 SIDE = 10980  # pixels of a Sentinel-2 tile at 10 m
 
 
-def make_product(work: Path, jp2: bool) -> dict[str, Path]:
+def make_product(work: Path, jp2: bool, rows: int) -> dict[str, Path]:
     from bigearthnet_tf.constants import BANDS_BY_NAME
     from bigearthnet_tf.examples import example_archive
     from bigearthnet_tf.synth_scene import mosaic_bands, write_scene
 
-    scenes = {"geotiff": work / "T32UQD_folder", "jp2": work / "S2A_full.SAFE"}
-    if scenes["geotiff"].exists() and (not jp2 or scenes["jp2"].exists()):
+    # The whole tile (memory), and its first `rows` window rows at full width (throughput).
+    scenes = {
+        "whole": work / "T32UQD_folder",
+        "geotiff": work / f"T32UQD_{rows}_rows",
+        "jp2": work / f"S2A_{rows}_rows.SAFE",
+    }
+    if all(scenes[name].exists() for name in ("whole", "geotiff", *(["jp2"] if jp2 else []))):
         return scenes
     examples = example_archive(work / "examples")
     folders = sorted(path for path in examples.s2.iterdir() if path.is_dir())
@@ -58,12 +63,14 @@ def make_product(work: Path, jp2: bool) -> dict[str, Path]:
         reps = (-(-side // values.shape[0]), -(-side // values.shape[1]))
         bands[band] = np.tile(values, reps)[:side, :side]
     started = time.perf_counter()
-    write_scene(bands, scenes["geotiff"], "folder")
+    write_scene(bands, scenes["whole"], "folder")
     print(f"wrote the GeoTIFF product in {time.perf_counter() - started:.0f} s", flush=True)
+    top = {band: values[: rows * values.shape[0] * 120 // SIDE] for band, values in bands.items()}
+    write_scene(top, scenes["geotiff"], "folder")
     if jp2:
         started = time.perf_counter()
-        write_scene(bands, scenes["jp2"], "safe", offset=-1000)
-        print(f"wrote the JP2 product in {time.perf_counter() - started:.0f} s", flush=True)
+        write_scene(top, scenes["jp2"], "safe", offset=-1000)
+        print(f"wrote {rows} rows of the product as JP2 in {time.perf_counter() - started:.0f} s", flush=True)
     return scenes
 
 
@@ -83,21 +90,6 @@ def checkpoint(work: Path, model_name: str) -> Path:
     return base
 
 
-def area_of_rows(scene_path: Path, rows: int) -> tuple[float, float, float, float]:
-    """A lon/lat box over the first `rows` window rows of the scene (every column)."""
-    from rasterio.warp import transform_bounds
-
-    from bigearthnet_tf.scenes import open_scene
-
-    scene = open_scene(scene_path)
-    left, top = scene.transform @ (0, 0)
-    right, _ = scene.transform @ (scene.width, 0)
-    bottom = top - (rows * 120 - 60) * 10  # the middle of the last row's windows
-    box = transform_bounds(scene.crs, "EPSG:4326", left + 10, bottom, right - 10, top - 10)
-    scene.close()
-    return box
-
-
 def throughput(scene_path: Path, model: Path, rows: int, out: Path, batch_size: int) -> dict:
     from bigearthnet_tf.inference import logits_function
     from bigearthnet_tf.mapping import MapOptions, _window_inputs, map_scenes
@@ -105,7 +97,7 @@ def throughput(scene_path: Path, model: Path, rows: int, out: Path, batch_size: 
     from bigearthnet_tf.scenes import open_scene
 
     predictor = load_predictor(model)
-    options = MapOptions(bbox=area_of_rows(scene_path, rows), batch_size=batch_size, overwrite=True)
+    options = MapOptions(batch_size=batch_size, overwrite=True)
     apply = logits_function(predictor.model)
     scene = open_scene(scene_path)
     _, columns = scene.windows(120)
@@ -203,7 +195,7 @@ def main() -> None:
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="map-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    scenes = make_product(work, args.jp2)
+    scenes = make_product(work, args.jp2, args.rows)
     model = checkpoint(work, args.model)
     routes = ["geotiff", "jp2"] if args.jp2 else ["geotiff"]
     for route in routes:
@@ -218,7 +210,7 @@ def main() -> None:
             flush=True,
         )
     small = checkpoint(work, args.memory_model)
-    figures = memory(scenes["geotiff"], small, work)
+    figures = memory(scenes["whole"], small, work)
     print(
         f"memory ({args.memory_model}, GeoTIFF route): quarter scene {figures['quarter']['windows']:,} windows, peak "
         f"{figures['quarter']['peak_rss_mib']:.0f} MiB; whole scene {figures['whole']['windows']:,} windows, peak "

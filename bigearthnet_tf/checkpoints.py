@@ -61,7 +61,12 @@ import numpy as np
 from bigearthnet_tf.constants import TF2_BICUBIC
 from bigearthnet_tf.constants import class_names as class_names_of
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import fsync_directory, replace_atomically, write_text_atomically
+from bigearthnet_tf.files import (
+    check_free_space,
+    fsync_directory,
+    replace_atomically,
+    write_text_atomically,
+)
 from bigearthnet_tf.jsonfiles import read_json_object
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.model_meta import ModelMeta
@@ -269,6 +274,11 @@ def save_checkpoint(
     base.parent.mkdir(parents=True, exist_ok=True)
     class_names = class_names_of(label_type)
 
+    # Room for the new files is checked before the old checkpoint is touched (and before HDF5, which
+    # crashes the process on a full disk instead of failing).
+    weight_bytes = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
+    needed = weight_bytes * (4 if optimizer is not None else 1) + (1 << 20)
+    check_free_space(base.parent, needed, files["weights"])
     # The old marker goes first: from here until the new one lands, this base name is incomplete.
     files["metadata"].unlink(missing_ok=True)
     replace_atomically(files["weights"], model.save_weights, suffix=WEIGHTS_SUFFIX)  # Keras insists on it

@@ -43,6 +43,7 @@ existing one is replaced only with `overwrite`.
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import json
 import os
@@ -53,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bigearthnet_tf.checkpoints import (
     KERAS_METADATA_ENTRY,
     PROBABILITIES_LAYER,
@@ -61,7 +64,13 @@ from bigearthnet_tf.checkpoints import (
 )
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import TEMPORARY_MARK, make_readable, publish_folder, remove_stale_temporaries
+from bigearthnet_tf.files import (
+    TEMPORARY_MARK,
+    check_free_space,
+    make_readable,
+    publish_folder,
+    remove_stale_temporaries,
+)
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.predictor import Predictor, load_predictor
 from bigearthnet_tf.thresholds import stored_thresholds
@@ -135,15 +144,38 @@ def export_model(
     wrapped = probability_model(predictor)
     with output_lock(out.parent, f"export-{out.name}", f"export {out}"):
         remove_stale_temporaries(out.parent, out.name)  # what a killed export of this output left
-        if format == "saved_model":
-            metadata_file = _export_saved_model(wrapped, metadata, out)
-        elif format == "onnx":
-            _export_onnx(wrapped, metadata, out)
-            metadata_file = None
-        else:
-            _export_keras(wrapped, metadata, out)
-            metadata_file = None
+        weight_bytes = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in wrapped.weights)
+        check_free_space(out.parent, 2 * weight_bytes + (1 << 20), out)
+        try:
+            if format == "saved_model":
+                metadata_file = _export_saved_model(wrapped, metadata, out)
+            elif format == "onnx":
+                _export_onnx(wrapped, metadata, out)
+                metadata_file = None
+            else:
+                _export_keras(wrapped, metadata, out)
+                metadata_file = None
+        except Exception as error:
+            # Writers deep inside Keras and TensorFlow lose the file name; the one line names it.
+            full = "No space left on device" in str(error)
+            if (
+                isinstance(error, OSError)
+                and error.filename is None
+                or full
+                and not isinstance(error, OSError)
+            ):
+                raise OSError(
+                    errno.ENOSPC if full else error.errno, _first_line(error), os.fspath(out)
+                ) from None
+            raise
     return ExportResult(out, format, metadata, metadata_file)
+
+
+def _first_line(error: Exception) -> str:
+    text = getattr(error, "strerror", None) or str(error).strip()
+    if "No space left on device" in text:
+        return "No space left on device"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def probability_model(predictor: Predictor):

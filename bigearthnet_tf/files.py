@@ -151,6 +151,20 @@ def _replacing(target: Path, suffix: str) -> Iterator[tuple[int, str]]:
         raise
 
 
+def check_free_space(folder: str | os.PathLike[str], needed: int, target: str | os.PathLike[str]) -> None:
+    """OSError (ENOSPC) naming `target` when the file system of `folder` has fewer than `needed` bytes
+    free. Called before writers that crash rather than fail on a full disk (HDF5 ends the process
+    with a segmentation fault), and before an old output is touched."""
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: writing it needs about {needed / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free",
+            os.fspath(target),
+        )
+
+
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
     """Write `text` to `path` atomically (see `open_atomically`); return `path`."""
     with open_atomically(path) as stream:

@@ -74,6 +74,7 @@ DEFAULT_STRIDE = PATCH_SIZE
 DEFAULT_MAX_NODATA = 0.1
 DEFAULT_BATCH_SIZE = 64
 UINT8_NODATA = 255
+GDAL_CACHE_MB = 512
 # Strides keep the 60 m bands whole: a window starts on a 60 m pixel's corner.
 STRIDE_STEP = 6
 CLC_CODES = {code: name for code, name in ORIGINAL_LABELS_WITH_CODES}
@@ -145,8 +146,17 @@ def map_scenes(
     A scene whose complete output exists is skipped unless `options.overwrite`, so an interrupted list
     resumes when run again, and n machines can share one list without talking to each other.
     """
+    import rasterio
+
     options = options or MapOptions()
     options.check()
+    # GDAL's block cache defaults to a share of the machine's memory and would fill with the scene as
+    # it is read: a fixed size holds a row of tiles of every band (JP2 tiles are 1024 px) and no more.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return _map_scenes(scenes, model, out, options, shard, show_progress)
+
+
+def _map_scenes(scenes, model, out, options: MapOptions, shard, show_progress: bool) -> list[MapResult]:
     if not scenes:
         raise UserError("no scene given")
     if shard is not None:
