@@ -511,3 +511,53 @@ def test_a_2019_schema_record_with_a_band_of_the_wrong_length(tmp_path, capsys):
         "error: a record holds 399 int64 values under B01, expected 400: a file of these records is damaged "
         "or of another schema; prepare it again"
     ]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 kB tmpfs: a real full disk (needs root; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_really_full_disk_for_every_writer_of_weights(small_disk, tmp_path, capsys):
+    """import reben and export on a file system without room: one line naming the file, exit 1,
+    nothing left behind, and an earlier output kept (HDF5 would crash the process instead)."""
+    import keras
+
+    from bigearthnet_tf import checkpoints, cli
+    from bigearthnet_tf.models import build_model
+
+    reben = Path(__file__).parent / "data" / "reben" / "tiny-resnet50-all-v0.2.0"
+    for argv, target in (
+        (["import", "reben", str(reben), "--out", str(small_disk / "r50")], small_disk / "r50.weights.h5"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stop.value.code == 1 and error.startswith(f"error: {target}: No space left on device")
+        assert not [p for p in small_disk.iterdir() if not p.name.startswith(".bigearthnet-")]
+    keras.utils.set_random_seed(0)
+    model = build_model("K-BranchCNN-Tiny", 19)
+    base = tmp_path / "ck" / "best"
+    checkpoints.save_checkpoint(
+        base, model, model_name="K-BranchCNN-Tiny", label_type="BigEarthNet-19", modality="S2", iteration=1
+    )
+    for export_format, name in (("keras", "m.keras"), ("saved_model", "m_saved_model")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["export", "--model", str(base), "--format", export_format, "--out", str(small_disk / name)])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stop.value.code == 1 and error.startswith(f"error: {small_disk / name}: No space left on device")
+        assert not [p for p in small_disk.iterdir() if not p.name.startswith(".bigearthnet-")]
+    # With room, the same commands work.
+    cli.main(["export", "--model", str(base), "--format", "keras", "--out", str(tmp_path / "m.keras")])
+    assert (tmp_path / "m.keras").is_file()
