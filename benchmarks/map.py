@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -151,7 +150,10 @@ def memory_child(scene_path: str, model: str, out: str, quarter: bool) -> None:
         )
         scene.close()
     result = map_scenes([scene_path], model, out, options, show_progress=False)[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child started by a big parent
+    # would report the parent's peak.
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     print(json.dumps({"windows": result.windows, "peak_rss_mib": peak, "seconds": result.seconds}))
 
 
