@@ -160,7 +160,8 @@ def check_free_space(folder: str | os.PathLike[str], needed: int, target: str | 
     if free < needed:
         raise OSError(
             errno.ENOSPC,
-            f"No space left on device: writing it needs about {needed / 1e6:,.1f} MB, {free / 1e6:,.1f} MB are free",
+            f"No space left on device: writing it needs about {needed / 1e6:,.1f} MB, "
+            f"{free / 1e6:,.1f} MB are free",
             os.fspath(target),
         )
 

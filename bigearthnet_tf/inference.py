@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.patch_source import PatchLocation, PatchReader, batches
+from bigearthnet_tf.patch_source import (
+    ArchiveFileSource,
+    PatchLocation,
+    PatchReader,
+    archive_file_batches,
+    batches,
+)
 
 _LOGITS_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -116,14 +122,15 @@ def sigmoid_cross_entropy(labels: np.ndarray, logits: np.ndarray) -> float:
 def logits_over_patches(
     model,
     reader: PatchReader,
-    locations: Sequence[PatchLocation],
+    locations: Sequence[PatchLocation] | ArchiveFileSource,
     *,
     batch_size: int,
     workers: int,
     skip_bad: bool = False,
     advance: Callable[[int], None] = lambda count: None,
 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
-    """The model's logits for patches read straight from their files (`patch_source`).
+    """The model's logits for patches read straight from their files (`patch_source`): patch
+    folders, or the patches of an archive file (in the file's order).
 
     Returns the names of the patches read, their logits (patches, classes) and, with `skip_bad`, the
     (name, reason) of each patch left out; `advance(n)` is called as patches are done.
@@ -132,7 +139,11 @@ def logits_over_patches(
     names: list[str] = []
     outputs: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
-    for batch in batches(reader, locations, batch_size, workers, skip_bad, skipped):
+    if isinstance(locations, ArchiveFileSource):
+        source = archive_file_batches(reader, locations, batch_size, skip_bad, skipped)
+    else:
+        source = batches(reader, locations, batch_size, workers, skip_bad, skipped)
+    for batch in source:
         if batch.names:
             outputs.append(apply(batch.inputs).numpy()[: len(batch.names)])
             names.extend(batch.names)

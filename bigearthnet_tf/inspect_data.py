@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigearthnet_tf.archive import detect_version, open_archive
+from bigearthnet_tf.archive import BadPatchError, detect_version, open_archive
 from bigearthnet_tf.constants import (
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
@@ -31,8 +31,10 @@ from bigearthnet_tf.constants import (
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import label_key
 from bigearthnet_tf.prepare_splits import resolve_splits
+from bigearthnet_tf.prepare_stream import open_archive_file, patches_in_file
 from bigearthnet_tf.record_formats import MANIFEST_NAME, read_manifest
 from bigearthnet_tf.report import save_figure_atomically
+from bigearthnet_tf.tarstream import is_archive_file
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 PARSE_BATCH = 4096  # records whose label keys are parsed at a time
@@ -73,6 +75,8 @@ def inspect(
         raise UserError(f"{png} already exists; pass --overwrite to replace it")
     if len(sources) == 1 and _is_archive(Path(sources[0])):
         summaries = _archive_summaries(Path(sources[0]), splits, official)
+    elif len(sources) == 1 and _is_archive_file(Path(sources[0])):
+        summaries = _archive_file_summaries(Path(sources[0]), splits, official)
     else:
         if splits or official:
             raise UserError(
@@ -166,18 +170,66 @@ def _is_archive(path: Path) -> bool:
     return True
 
 
+def _is_archive_file(path: Path) -> bool:
+    return path.suffix != ".tfrecord" and is_archive_file(path)
+
+
 def _archive_summaries(root: Path, split_files, official: bool) -> list[SplitSummary]:
     archive = open_archive(root)
     if official or split_files:  # the lists are checked as prepare checks them, with its messages
         groups, _ = resolve_splits(archive, split_files, official, False, False, False, print)
     else:
         groups = {"all": archive.patch_names()}
+    return _label_summaries(groups, archive.read_labels)
+
+
+def _archive_file_summaries(path: Path, split_files, official: bool) -> list[SplitSummary]:
+    """`_archive_summaries` for a downloaded archive file: the lists are checked as prepare checks
+    them, once the one pass over the file has said which patches it holds."""
+    archive = open_archive_file(path)
+    lists = official or split_files
+    listed = None
+    if lists:
+        listed, _ = resolve_splits(
+            archive,
+            split_files,
+            official,
+            False,
+            False,
+            False,
+            print,
+            missing_of=lambda s: dict.fromkeys(s, []),
+        )
+    wanted = None if listed is None else {name for names in listed.values() for name in names}
+    labels = {}
+    for patch in patches_in_file(archive, wanted):
+        if isinstance(patch, BadPatchError):
+            raise patch
+        labels[patch.name] = (patch.labels_43, patch.labels_19)
+    if lists:
+        groups, _ = resolve_splits(
+            archive,
+            split_files,
+            official,
+            False,
+            False,
+            False,
+            print,
+            missing_of=lambda s: {split: [n for n in names if n not in labels] for split, names in s.items()},
+        )
+    else:
+        groups = {"all": sorted(labels)}
+    return _label_summaries(groups, labels.__getitem__)
+
+
+def _label_summaries(groups: dict[str, list[str]], labels_of) -> list[SplitSummary]:
+    """Per split, the label statistics of its patches; `labels_of(name)` -> (43 labels or None, 19)."""
     summaries = []
     for split, names in groups.items():
         summary = SplitSummary(split)
         rows_43, rows_19 = [], []
         for name in names:
-            labels_43, labels_19 = archive.read_labels(name)
+            labels_43, labels_19 = labels_of(name)
             rows_19.append([name in labels_19 for name in BIGEARTHNET_19_LABELS])
             if labels_43 is not None:
                 rows_43.append([name in labels_43 for name in ORIGINAL_LABELS])

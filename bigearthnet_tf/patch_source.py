@@ -31,6 +31,8 @@ from bigearthnet_tf.archive import (
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import S1_INPUT
+from bigearthnet_tf.prepare_stream import open_archive_file, patches_in_file
+from bigearthnet_tf.tarstream import is_archive_file
 
 DEFAULT_BATCH_SIZE = 64  # patches per model call
 PREFETCH_BATCHES = 2  # batches read ahead while the model runs on the current one
@@ -72,6 +74,10 @@ class PatchReader:
             wanted = {band for key in self._s2_keys for band in self.band_order[key]}
             s2_bands = read_s2_bands(location.folder, location.name, wanted)
             s1_bands = _read_s1_twin(location) if self._needs_s1 else None
+        return self.arrays(s2_bands, s1_bands)
+
+    def arrays(self, s2_bands, s1_bands) -> dict[str, np.ndarray]:
+        """The stacked input arrays of a patch's bands (S2 and, for models reading S1, S1)."""
         arrays = {}
         for key, bands in self.band_order.items():
             source = s1_bands if key == S1_INPUT else s2_bands
@@ -87,9 +93,10 @@ def _read_s1_twin(location: PatchLocation) -> dict[str, np.ndarray]:
 
 
 def check_archive_root(root: str | os.PathLike[str]) -> None:
-    """UserError unless `root` is a folder (what layout it holds is checked when it is opened)."""
-    if not Path(root).is_dir():
-        raise UserError(f"--archive {root}: no such folder")
+    """UserError unless `root` is a folder or an archive file (what it holds is checked when it is
+    opened)."""
+    if not Path(root).is_dir() and not is_archive_file(root):
+        raise UserError(f"--archive {root}: no such folder or archive file (.tar, .tar.gz, .tar.zst)")
 
 
 def check_patch_folders(folders: Sequence[str | os.PathLike[str]], skip_bad: bool = False) -> None:
@@ -205,6 +212,101 @@ def locate_archive(
         PatchLocation(name, archive.patch_folder(name), archive, first_split[name])
         for name in dict.fromkeys(n for n, _ in pairs)
     ]
+
+
+@dataclass(frozen=True)
+class ArchiveFileSource:
+    """The patches of a downloaded archive file: read in one pass in the file's order (there are no
+    folders to look into), those of `wanted` (name -> split) or, when None, all."""
+
+    archive: Archive
+    wanted: dict[str, str | None] | None
+    official: bool  # absent patches of the official lists are normal (a partial download)
+
+
+def locate_archive_file(
+    path: str | os.PathLike[str],
+    *,
+    split_files: Sequence[str | os.PathLike[str]] | None,
+    official: bool,
+    s1_root: str | os.PathLike[str] | None,
+    needs_s1: bool,
+    split: str | None = None,
+) -> ArchiveFileSource:
+    """`locate_archive` for an archive file (S1 from a folder: `--s1-root`, or beside the file)."""
+    if needs_s1 and s1_root is not None and is_archive_file(s1_root):
+        raise UserError(
+            f"--s1-root {s1_root}: predicting from archive files reads Sentinel-1 from its extracted folder"
+        )
+    archive = open_archive_file(path, None, None)
+    if needs_s1:
+        if s1_root is None:
+            beside = Path(path).resolve().parent / archive.s1_folder_name
+            if not beside.is_dir():
+                raise UserError(
+                    "the model reads Sentinel-1 bands (bands_s1) and no Sentinel-1 folder lies beside "
+                    f"{path}; give it with --s1-root"
+                )
+            s1_root = beside
+        archive = open_archive_file(path, archive.version, s1_root)
+    if official:
+        splits: dict | None = archive.official_splits()
+    elif split_files:
+        splits = read_split_lists(split_files)
+    else:
+        splits = None
+    if split is not None:
+        if splits is None or split not in splits:
+            known = ", ".join(splits or ()) or "none (no --splits)"
+            raise UserError(f"--split {split!r}: no such split; the splits given are {known}")
+        splits = {split: splits[split]}
+    wanted = None
+    if splits is not None:
+        wanted = {}
+        for split_of, names in splits.items():
+            for name in names:
+                wanted.setdefault(name, split_of)  # a patch in two lists: under its first split
+    return ArchiveFileSource(archive, wanted, official)
+
+
+def archive_file_batches(
+    reader: PatchReader,
+    source: ArchiveFileSource,
+    batch_size: int,
+    skip_bad: bool,
+    skipped: list[tuple[str, str]],
+) -> Iterator[Batch]:
+    """`batches` for an archive file: its wanted patches in the file's order. Listed patches the file
+    does not hold are BadPatchErrors at the end (skipped with `skip_bad`; left out silently for the
+    official lists, as on a partial archive)."""
+    seen: set[str] = set()
+    names: list[str] = []
+    arrays: list[dict[str, np.ndarray]] = []
+    attempted = 0
+
+    def bad(name: str, error: BadPatchError) -> None:
+        if not skip_bad:
+            raise error
+        skipped.append((name, str(error)))
+
+    for item in patches_in_file(source.archive, source.wanted):
+        attempted += 1
+        if isinstance(item, BadPatchError):
+            seen.add(item.patch)
+            bad(item.patch, item)
+        else:
+            seen.add(item.name)
+            names.append(item.name)
+            arrays.append(reader.arrays(item.bands, item.s1_bands))
+        if len(names) == batch_size:
+            yield Batch(names, _stack(reader.band_order, arrays, batch_size), attempted)
+            names, arrays, attempted = [], [], 0
+    if names or attempted:
+        yield Batch(names, _stack(reader.band_order, arrays, batch_size) if names else {}, attempted)
+    if source.wanted is not None and not source.official:
+        for name in source.wanted:
+            if name not in seen:
+                bad(name, BadPatchError(name, source.archive.s2_dir, "listed but not in the archive file"))
 
 
 @dataclass

@@ -55,14 +55,17 @@ from bigearthnet_tf.inference import collect_predictions, logits_over_patches, s
 from bigearthnet_tf.input_pipeline import make_dataset
 from bigearthnet_tf.patch_source import (
     DEFAULT_BATCH_SIZE,
+    ArchiveFileSource,
     PatchReader,
     check_archive_root,
     check_patch_folders,
     default_read_threads,
     locate_archive,
+    locate_archive_file,
     locate_folders,
 )
 from bigearthnet_tf.predictor import Predictor, load_predictor
+from bigearthnet_tf.tarstream import is_archive_file
 from bigearthnet_tf.thresholds import (
     MIN_POSITIVES,
     STORED,
@@ -173,7 +176,16 @@ def predict(
     thresholds = resolve_thresholds(
         predictor, threshold=threshold, thresholds_file=thresholds_file, console=console
     )
-    if archive is not None:
+    if archive is not None and is_archive_file(archive):
+        locations = locate_archive_file(
+            archive,
+            split_files=split_files,
+            official=official_splits,
+            s1_root=s1_root,
+            needs_s1=predictor.needs_s1,
+            split=split,
+        )
+    elif archive is not None:
         locations = locate_archive(
             archive,
             split_files=split_files,
@@ -187,15 +199,22 @@ def predict(
     reader = PatchReader(predictor.band_order, archive_mode=archive is not None)
     workers = workers or default_read_threads()
 
+    from_file = isinstance(locations, ArchiveFileSource)
+    if from_file:  # in one pass over the file, in its order; put back in list order at the end
+        split_of = dict(locations.wanted or {})
+        total = len(split_of) or None  # None: every patch of the file, counted as it is read
+    else:
+        split_of = {location.name: location.split for location in locations}
+        total = len(locations)
     console.print(
-        f"predicting {len(locations):,} patches with {predictor.meta.model_name} "
+        f"predicting {f'{total:,} patches' if total else 'every patch'}"
+        f"{f' of {archive}, read in one pass,' if from_file else ''} with {predictor.meta.model_name} "
         f"({predictor.meta.label_type}, {predictor.meta.modality}) from {predictor.source}",
         markup=False,
         soft_wrap=True,
     )
-    split_of = {location.name: location.split for location in locations}
     with progress_bar(console, "patches") as bar:
-        task = bar.add_task("predicting", total=len(locations))
+        task = bar.add_task("predicting", total=total)
         names, values, skipped = logits_over_patches(
             predictor.model,
             reader,
@@ -206,10 +225,16 @@ def predict(
             advance=lambda count: bar.advance(task, count),
         )
     if not names:
-        raise UserError(f"none of the {len(locations):,} patches could be read")
+        raise UserError(
+            f"none of the {total:,} patches could be read" if total else f"no patches in {archive}"
+        )
+    if from_file and split_of:  # list order, as from a folder
+        place = {name: index for index, name in enumerate(split_of)}
+        order = sorted(range(len(names)), key=lambda index: place[names[index]])
+        names, values = [names[index] for index in order], values[order]
     probabilities = sigmoid(values)
 
-    splits = [split_of[name] for name in names] if any(split_of.values()) else None
+    splits = [split_of.get(name) for name in names] if any(split_of.values()) else None
     result = PredictionResult(
         names, probabilities, predictor.class_names, thresholds, skipped, out_path, splits
     )

@@ -72,7 +72,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bigearthnet_tf import __version__
-from bigearthnet_tf.archive import Archive, BadPatchError, archive_class, open_archive
+from bigearthnet_tf.archive import Archive, BadPatchError, open_archive
 from bigearthnet_tf.console import progress_bar, status_console
 from bigearthnet_tf.console import say as say_on
 from bigearthnet_tf.errors import UserError
@@ -103,8 +103,8 @@ from bigearthnet_tf.prepare_stream import (
     SpoolIndex,
     StreamJob,
     archive_identity,
+    open_archive_file,
     open_spool,
-    peek_version,
     stream_to_spool,
 )
 from bigearthnet_tf.prepare_workers import WorkerJob, Workers, worker_context
@@ -163,31 +163,6 @@ def _print_summary(summary: PrepareSummary, console) -> None:
         stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in summary.stage_seconds.items())
         lines.append(f"  time: {stages} (summed over threads and worker processes)")
     console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
-
-
-def _open_archive_file(
-    path: str | os.PathLike, version: int | None, s1_root: str | os.PathLike | None
-) -> Archive:
-    """The `Archive` of an archive file: its version (from its members), where the v2 metadata is
-    (beside the file), and the Sentinel-1 folder when S1 is a folder rather than a file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"archive file {path} does not exist or is not a file")
-    found = peek_version(path)
-    if version is not None and version != found:
-        raise UserError(f"{path} holds a v{found} archive, not v{version}")
-    kind = archive_class(found)
-    top = os.path.dirname(os.path.abspath(path))
-    if kind.metadata_file is not None and not os.path.isfile(os.path.join(top, kind.metadata_file)):
-        raise UserError(f"{path}: a v{found} archive needs {kind.metadata_file} beside it, in {top}")
-    s1_dir = s1_file = None
-    if s1_root is not None and not is_archive_file(s1_root):
-        s1_dir = kind.locate_s1(s1_root)
-    elif s1_root is not None:
-        s1_file = os.fspath(s1_root)
-        if peek_version(s1_file, s1=True) != found:
-            raise UserError(f"{s1_root} is not a Sentinel-1 archive of the same version (v{found}) as {path}")
-    return kind(root=top if kind.metadata_file else path, s2_dir=path, s1_dir=s1_dir, s1_file=s1_file)
 
 
 def _stream_phase(
@@ -327,7 +302,7 @@ def prepare(
     from_file = is_archive_file(root)
     split_args = (split_files, official_splits, exclude_snow_cloud, include_snow_cloud, skip_bad)
     if from_file:
-        archive = _open_archive_file(root, version, s1_root)
+        archive = open_archive_file(root, version, s1_root)
         # Which listed patches the file holds is known only after streaming it: here the lists
         # are checked, quietly; the stream phase then tells which ones are absent.
         listed, _ = resolve_splits(

@@ -28,7 +28,9 @@ from bigearthnet_tf.patch_source import (
     locate_folders,
 )
 from bigearthnet_tf.predictor import load_predictor
+from bigearthnet_tf.prepare_stream import open_archive_file, patches_in_file
 from bigearthnet_tf.report import save_figure_atomically
+from bigearthnet_tf.tarstream import is_archive_file
 from bigearthnet_tf.thresholds import predicted_labels, resolve_thresholds
 
 TRUE_COLOUR = ("B04", "B03", "B02")
@@ -63,7 +65,12 @@ def show(
     from_records = all(
         path.suffix == ".tfrecord" or (path.is_dir() and any(path.glob("*.tfrecord"))) for path in paths
     )
-    patches = _record_patches(paths, limit, model) if from_records else _folder_patches(paths, model, s1_root)
+    if len(paths) == 1 and paths[0].suffix != ".tfrecord" and is_archive_file(paths[0]):
+        patches = _archive_file_patches(paths[0], limit, model, s1_root)
+    elif from_records:
+        patches = _record_patches(paths, limit, model)
+    else:
+        patches = _folder_patches(paths, model, s1_root)
     out = Path(out)
     targets = [out / f"{patch.name}.png" for patch in patches]
     existing = [target for target in targets if target.exists()]
@@ -85,6 +92,42 @@ def _folder_patches(folders: Sequence[Path], model, s1_root) -> list[QuickLookPa
         bands = read_s2_bands(str(folder), name, BANDS_10M)
         patches.append(QuickLookPatch(name, bands, _folder_labels(folder, name), predicted.get(name)))
     return patches
+
+
+def _archive_file_patches(path: Path, limit: int, model, s1_root) -> list[QuickLookPatch]:
+    """The first `limit` readable patches of a downloaded archive file, with its labels."""
+    predictor = load_predictor(model) if model is not None else None
+    archive = open_archive_file(path, None, s1_root if predictor is not None and predictor.needs_s1 else None)
+    if predictor is not None and predictor.needs_s1 and archive.s1_dir is None:
+        raise UserError(
+            "the model reads Sentinel-1 bands; give the extracted Sentinel-1 folder with --s1-root"
+        )
+    read = []
+    stream = patches_in_file(archive)
+    try:
+        for patch in stream:
+            if not isinstance(patch, BadPatchError):
+                read.append(patch)
+            if len(read) == limit:
+                break
+    finally:
+        stream.close()
+    if not read:
+        raise UserError(f"no readable patches in {path}")
+    predicted: list = [None] * len(read)
+    if predictor is not None:
+        reader = PatchReader(predictor.band_order, archive_mode=True)
+        inputs = {
+            key: np.stack([reader.arrays(p.bands, p.s1_bands)[key] for p in read]).astype(np.float32)
+            for key in predictor.band_order
+        }
+        probabilities = sigmoid(logits_function(predictor.model)(inputs).numpy())
+        labels = predicted_labels(probabilities, resolve_thresholds(predictor), predictor.class_names)
+        predicted = [tuple(row) for row in labels]
+    return [
+        QuickLookPatch(p.name, {band: p.bands[band] for band in BANDS_10M}, p.labels_19, guess)
+        for p, guess in zip(read, predicted, strict=True)
+    ]
 
 
 def _folder_labels(folder: Path, name: str) -> tuple[str, ...] | None:

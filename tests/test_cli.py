@@ -422,3 +422,83 @@ def test_inspect_checks_split_lists_as_prepare_does(synthetic_v1, tmp_path, caps
         messages.append(error)
     core = messages[0].split(" (", 1)[0].strip()  # prepare adds the --skip-bad hint, which inspect has not
     assert "but no such patch folder" in core and messages[1].startswith(core)
+
+
+@pytest.fixture(scope="module")
+def packed_examples(example_paths, tmp_path_factory):
+    """The six example patches as a downloaded archive file, and a small checkpoint."""
+    import io
+    import tarfile
+
+    import keras
+    import zstandard
+
+    from bigearthnet_tf import checkpoints
+    from bigearthnet_tf.models import build_model
+
+    base = tmp_path_factory.mktemp("packed")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(example_paths.s2, arcname="BigEarthNet-v1.0")
+    packed = base / "BigEarthNet-S2-v1.0.tar.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(buffer.getvalue()))
+    keras.utils.set_random_seed(2)
+    model = build_model("K-BranchCNN-Tiny", 19)
+    checkpoint = base / "models" / "best"
+    checkpoints.save_checkpoint(
+        checkpoint,
+        model,
+        model_name="K-BranchCNN-Tiny",
+        label_type="BigEarthNet-19",
+        modality="S2",
+        iteration=1,
+    )
+    return packed, checkpoint
+
+
+def test_predict_inspect_and_show_take_the_downloaded_archive_file(
+    packed_examples, example_paths, tmp_path, capsys
+):
+    """What prepare takes, every command takes: the same predictions (in list order, with splits),
+    the same label summary, and quick looks, from the .tar.zst as from the extracted folder."""
+    from bigearthnet_tf.inspect_data import inspect
+
+    packed, model = packed_examples
+    names = sorted(path.name for path in example_paths.s2.iterdir())
+    (tmp_path / "train.csv").write_text("\n".join(reversed(names[:4])) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(names[4:]) + "\n")
+    lists = [tmp_path / "train.csv", tmp_path / "test.csv"]
+    for extra, suffix in (
+        ([], "all"),
+        (["--splits", *lists], "lists"),
+        (["--splits", *lists, "--split", "test"], "test"),
+    ):
+        for source, tag in ((example_paths.s2, "folder"), (packed, "file")):
+            cli(
+                "predict",
+                "--model",
+                model,
+                "--archive",
+                source,
+                *extra,
+                "--out",
+                tmp_path / f"{tag}-{suffix}.csv",
+            )
+        assert (tmp_path / f"folder-{suffix}.csv").read_text() == (
+            tmp_path / f"file-{suffix}.csv"
+        ).read_text()
+    lines = (tmp_path / "file-lists.csv").read_text().splitlines()[1:]
+    assert [line.split(",", 1)[0] for line in lines] == [*reversed(names[:4]), *names[4:]]
+    from_folder = inspect([example_paths.s2], splits=lists)
+    from_file = inspect([packed], splits=lists)
+    for a, b in zip(from_folder, from_file, strict=True):
+        assert a.name == b.name and a.patches == b.patches and a.labels_per_patch == b.labels_per_patch
+        assert all((a.counts[key] == b.counts[key]).all() for key in a.counts)
+    capsys.readouterr()
+    cli("show", packed, "--out", tmp_path / "looks", "--limit", "2", "--model", model)
+    assert len(list((tmp_path / "looks").glob("*.png"))) == 2
+    (tmp_path / "absent.csv").write_text("S2A_MSIL2A_20170613T101031_0_0\n")
+    code, error = cli_error(
+        capsys, "predict", "--model", model, "--archive", packed, "--splits", tmp_path / "absent.csv"
+    )
+    assert code == 1 and "listed but not in the archive file" in error
