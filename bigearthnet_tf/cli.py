@@ -28,6 +28,20 @@ MODEL_FORMS = (
 WITHOUT_TENSORFLOW = frozenset({"prepare", "synth", "examples"})
 
 
+def needs_tensorflow(args: argparse.Namespace) -> bool:
+    """Whether the command will load TensorFlow (then it is imported quietly first): not for the
+    commands of data preparation, `config keys`, or `inspect` of an archive (folder or file)."""
+    if args.command in WITHOUT_TENSORFLOW:
+        return False
+    if args.command == "config":
+        return args.action != "keys"
+    if args.command == "inspect":
+        from bigearthnet_tf.inspect_data import reads_records
+
+        return reads_records(args.sources)
+    return True
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from bigearthnet_tf.prepare import prepare
 
@@ -677,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `bigearthnet` console command."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command not in WITHOUT_TENSORFLOW:
+    if needs_tensorflow(args):
         # TensorFlow's start-up chatter (absl, oneDNN, cuInit without a GPU) is noise to a user.
         import_tensorflow_quietly()
     try:

@@ -73,9 +73,9 @@ def inspect(
     table is printed and, with `png`, the chart written."""
     if png is not None and Path(png).exists() and not overwrite:
         raise UserError(f"{png} already exists; pass --overwrite to replace it")
-    if len(sources) == 1 and _is_archive(Path(sources[0])):
+    if not reads_records(sources) and Path(sources[0]).is_dir():
         summaries = _archive_summaries(Path(sources[0]), splits, official)
-    elif len(sources) == 1 and _is_archive_file(Path(sources[0])):
+    elif not reads_records(sources):
         summaries = _archive_file_summaries(Path(sources[0]), splits, official)
     else:
         if splits or official:
@@ -168,6 +168,11 @@ def _is_archive(path: Path) -> bool:
     except UserError:
         return False
     return True
+
+
+def reads_records(sources: Sequence[str | os.PathLike[str]]) -> bool:
+    """Whether `inspect` of `sources` reads TFRecords (with TensorFlow) rather than an archive."""
+    return not (len(sources) == 1 and (_is_archive(Path(sources[0])) or _is_archive_file(Path(sources[0]))))
 
 
 def _is_archive_file(path: Path) -> bool:

@@ -28,9 +28,11 @@ a few strips of the scene and the outputs (a few MB per scene at stride 120), wh
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +51,7 @@ from bigearthnet_tf.constants import (
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import (
+    check_free_space,
     new_temporary_folder,
     publish_folder,
     remove_stale_temporaries,
@@ -236,6 +239,8 @@ def _map_one(
                 s1.close()
             if reference is not None:
                 reference.close()
+        # The outputs are a few times the probabilities' size (GeoTIFFs, table, quick look).
+        check_free_space(out, 4 * grid.probabilities.nbytes + (8 << 20), target)
         temporary = new_temporary_folder(target)
         try:
             result = _write_outputs(
@@ -246,10 +251,10 @@ def _map_one(
                 temporary, scene, predictor, options, rows, columns, grid, thresholds, described, result
             )
             publish_folder(temporary, target)
-        except BaseException:
-            import shutil
-
+        except BaseException as error:
             shutil.rmtree(temporary, ignore_errors=True)
+            if "No space left on device" in str(error) and not isinstance(error, OSError):
+                raise OSError(errno.ENOSPC, "No space left on device", os.fspath(target)) from None
             raise
     result.folder = target
     _print_summary(console, result, target)
