@@ -40,9 +40,10 @@ above the process before iterating): no shuffle +219 MiB; ``shuffle_buffer=130_0
 
 Determinism and resuming
 ------------------------
-Each epoch's file order (``tf.random.experimental.stateless_shuffle``) and record shuffle seed are derived
-from ``(seed, epoch)``, so the order of epoch ``e`` does not depend on the epochs before it; the record
-shuffle uses ``Dataset.shuffle``'s op seed, so a global ``tf.random.set_seed`` (if any) must also match.
+Each epoch's file order and record order are stateless permutations (``tf.random.experimental.
+stateless_shuffle``) seeded from ``(seed, epoch)`` only, so the order of epoch ``e`` does not depend on the
+epochs before it, nor on a global ``tf.random.set_seed``. Records are permuted in consecutive blocks of the
+buffer size (the same memory as ``Dataset.shuffle``'s buffer), after interleaving several files.
 To resume mid-training, build the dataset again with ``skip_batches=n`` (the number of batches already
 consumed by this pipeline, e.g. the iteration counter): whole epochs before the resume point are not
 read at all (their size comes from :func:`count_records`), and the records of the partial epoch are read
@@ -690,6 +691,12 @@ def effective_shuffle_buffer(shuffle_buffer: int, record_bytes: int, shuffle_mem
     return max(1, min(shuffle_buffer, fits))
 
 
+def _permuted(columns: tuple[tf.Tensor, ...], seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """The rows of ``columns`` (equal lengths), all in one random order that depends on ``seed`` alone."""
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(columns[0])[0]), seed=seed)
+    return tuple(tf.gather(column, order) for column in columns)
+
+
 def resume_position(skip_batches: int, batch_size: int, epoch_records: int) -> tuple[int, int]:
     """``(first epoch to read, records of that epoch to skip)`` after ``skip_batches`` batches.
 
@@ -827,9 +834,17 @@ def make_dataset(
         # 5. Shard by record when there are too few files; all pipelines see the same order.
         if policy == "record":
             records = records.shard(num_pipelines, pipeline_id)
-        # 6. Shuffle serialized records (the smallest form) within the capped buffer.
+        # 6. Shuffle serialized records (the smallest form) in blocks of the capped buffer size, each
+        #    block permuted by a stateless seed folded from (seed, epoch, block). Dataset.shuffle would
+        #    mix the global TensorFlow seed in (and fails outright in a graph when that seed is 0).
         if buffer:
-            records = records.shuffle(buffer, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+            block_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 1)
+            records = (
+                records.batch(buffer)
+                .enumerate()
+                .map(lambda block, rows: _permuted(rows, tf.random.experimental.stateless_fold_in(block_seed, block)))
+                .unbatch()
+            )
         return records
 
     # 7. Repeat epochs, starting at the resume point; 8. skip the consumed part of the first epoch

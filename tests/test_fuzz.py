@@ -1029,6 +1029,8 @@ def _expected_split_list(text: str, path: Path) -> tuple[str, list[str] | list[s
             ]
         first[name] = number
         names.append(name)
+    if not names:  # an empty list would silently select nothing
+        return "error", [str(path), "lists no patches"]
     return "ok", names
 
 

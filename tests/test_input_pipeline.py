@@ -333,6 +333,19 @@ def test_seeded_shuffle_is_repeatable_and_reshuffles_every_epoch(sharded_set):
     assert epochs[0] != names
 
 
+@pytest.mark.parametrize("global_seed", [0, 1234])
+def test_order_ignores_the_global_tensorflow_seed(sharded_set, global_seed):
+    """A config with seed 0 seeds TensorFlow globally with 0; the order is (seed, epoch)'s alone."""
+    folder, _ = sharded_set
+    options = dict(shuffle_buffer=8, epochs=2, seed=5, with_names=True)
+    unseeded = names_of(ip.make_dataset(folder, BEN19, 4, **options))
+    tf.random.set_seed(global_seed)
+    try:
+        assert names_of(ip.make_dataset(folder, BEN19, 4, **options)) == unseeded
+    finally:
+        tf.random.set_seed(None)
+
+
 @pytest.mark.parametrize("skip_batches", [3, 5, 11])
 def test_skip_batches_continues_the_uninterrupted_order(sharded_set, skip_batches):
     folder, _ = sharded_set
