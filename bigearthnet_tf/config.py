@@ -251,6 +251,34 @@ KEY_DOCS: tuple[KeyDoc, ...] = tuple(
             "evaluate with per-class thresholds: `stored` (beside the checkpoint) or a JSON file",
             False,
         ),
+        KeyDoc(
+            "training_fraction",
+            "float",
+            "1.0",
+            "train on this seeded share of the training records (0.01 for a 1 % label-efficiency run)",
+            False,
+        ),
+        KeyDoc(
+            "backbone_weights",
+            "path",
+            "none",
+            "backbone checkpoint (`bigearthnet import torchgeo`) the model's backbone starts from",
+            False,
+        ),
+        KeyDoc(
+            "freeze_backbone",
+            "bool",
+            "false",
+            "train the head only (a linear probe); the backbone's batch norms stay in inference mode",
+            False,
+        ),
+        KeyDoc(
+            "backbone_learning_rate_scale",
+            "float",
+            "1.0",
+            "the backbone's learning rate is `learning_rate` times this (the head's is `learning_rate`)",
+            False,
+        ),
     ]
 )
 
@@ -319,6 +347,10 @@ class Config:
     drop_path_rate: float | None = None
     upsampling: str | None = None
     thresholds: str | None = None
+    training_fraction: float = 1.0
+    backbone_weights: str | None = None
+    freeze_backbone: bool = False
+    backbone_learning_rate_scale: float = 1.0
     # Where the config came from; not keys.
     purpose: str = dataclasses.field(default=TRAIN, compare=False)
     source: Path | None = dataclasses.field(default=None, compare=False)
@@ -408,6 +440,10 @@ _RULES: Mapping[str, _Rule] = MappingProxyType(
         "drop_path_rate": _Rule("float", minimum=0, maximum=0.99),
         "upsampling": _Rule("choice", choices=UPSAMPLING_KERNELS),
         "thresholds": _Rule("thresholds"),
+        "training_fraction": _Rule("float", minimum=0, exclusive_minimum=True, maximum=1),
+        "backbone_weights": _Rule("str"),
+        "freeze_backbone": _Rule("bool"),
+        "backbone_learning_rate_scale": _Rule("float", minimum=0, exclusive_minimum=True, maximum=1),
     }
 )
 assert set(_RULES) == set(KEY_NAMES), "every Config key needs a rule"
@@ -477,6 +513,8 @@ def config_from_dict(raw: Mapping[str, Any], purpose: str = TRAIN, source: Path 
         values["thresholds"] = str(checker.resolve_input_path("thresholds", values["thresholds"]))
     if "model_file" in values and (purpose == EVALUATE or values.get("fine_tune")):
         values["model_file"] = checker.resolve_model_file(values["model_file"])
+    if "backbone_weights" in values and purpose == TRAIN:
+        values["backbone_weights"] = checker.resolve_model_file(values["backbone_weights"], "backbone_weights")
     statistics = None
     if "statistics_file" in values:
         values["statistics_file"] = checker.resolve_input_path("statistics_file", values["statistics_file"])
@@ -558,6 +596,15 @@ def _check_combinations(values: Mapping[str, Any], where: str, purpose: str) -> 
         raise ConfigError(
             f'{where}: key \'weight_decay\': {values["weight_decay"]!r} needs "optimizer": "adamw" '
             "(the 2019 Adam had no weight decay)"
+        )
+    for key in ("freeze_backbone", "backbone_learning_rate_scale"):
+        if purpose == TRAIN and key in values and "backbone_weights" not in values and not values.get("fine_tune"):
+            raise ConfigError(
+                f"{where}: key {key!r} needs backbone_weights (a backbone checkpoint) or a fine_tune model_file"
+            )
+    if purpose == TRAIN and "backbone_weights" in values and values.get("fine_tune"):
+        raise ConfigError(
+            f"{where}: key 'backbone_weights' and fine_tune both say where the weights come from; give one"
         )
     if purpose == TRAIN and "early_stopping_patience" in values and "val_tf_record_files" not in values:
         raise ConfigError(
@@ -762,7 +809,7 @@ class _Checker:
             f"{self.where}: key {name!r}: no such file: {value!r}{self._looked_in(entry)}{hint}"
         )
 
-    def resolve_model_file(self, value: str) -> str:
+    def resolve_model_file(self, value: str, key: str = "model_file") -> str:
         """The checkpoint that `value` means (`checkpoints.resolve_checkpoint`: a base name, one of its
         files, a run folder or a `.keras` file), as an absolute path; relative values are looked up in
         the working directory, then beside the config file."""
@@ -774,10 +821,10 @@ class _Checker:
                 try:
                     return str(resolve_checkpoint(candidate).absolute())
                 except UserError as error:
-                    raise ConfigError(f"{self.where}: key 'model_file': {error}") from None
+                    raise ConfigError(f"{self.where}: key {key!r}: {error}") from None
         name = Path(value).name
         raise ConfigError(
-            f"{self.where}: key 'model_file': no checkpoint {value!r} (expected files such as "
+            f"{self.where}: key {key!r}: no checkpoint {value!r} (expected files such as "
             f"{name}.json and {name}.weights.h5){checkpoint_listing(candidates[0].parent)}"
             f"{self._looked_in(entry)}"
         )

@@ -697,6 +697,24 @@ def _permuted(columns: tuple[tf.Tensor, ...], seed: tf.Tensor) -> tuple[tf.Tenso
     return tuple(tf.gather(column, order) for column in columns)
 
 
+def subset_size(total: int, fraction: float) -> int:
+    """How many of ``total`` records a ``fraction`` keeps: rounded, at least one."""
+    return min(total, max(1, round(fraction * total)))
+
+
+def subset_mask(counts: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """Which records (over files of ``counts`` records, in list order) a seeded ``fraction`` keeps.
+
+    Exactly :func:`subset_size` records, drawn without replacement by a NumPy generator seeded with
+    ``seed``: the same files and seed give the same subset on every machine and in every epoch.
+    """
+    total = int(sum(counts))
+    keep = np.zeros(total, bool)
+    if total:
+        keep[np.random.default_rng(seed).permutation(total)[: subset_size(total, fraction)]] = True
+    return keep
+
+
 def resume_position(skip_batches: int, batch_size: int, epoch_records: int) -> tuple[int, int]:
     """``(first epoch to read, records of that epoch to skip)`` after ``skip_batches`` batches.
 
@@ -733,6 +751,7 @@ def make_dataset(
     skip_batches: int = 0,
     shuffle_memory_mb: float = DEFAULT_SHUFFLE_MEMORY_MB,
     cycle_length: int = DEFAULT_CYCLE_LENGTH,
+    fraction: float = 1.0,
 ) -> tf.data.Dataset:
     """Batched ``(inputs, labels)`` from TFRecord files of any of our formats or the 2019 scripts.
 
@@ -753,6 +772,8 @@ def make_dataset(
         skip_batches: resume after that many batches of this pipeline (module docstring).
         shuffle_memory_mb: memory budget of the record shuffle buffer.
         cycle_length: files read at the same time.
+        fraction: read only this seeded share of the records (:func:`subset_mask`), the same records
+            every epoch; ``1.0`` reads all.
 
     Iterate inside :func:`corrupt_files_as_user_errors` to get a corrupt file as a UserError.
     """
@@ -762,6 +783,8 @@ def make_dataset(
     _check_positive("shuffle_buffer", shuffle_buffer, 0)
     _check_positive("skip_batches", skip_batches, 0)
     _check_positive("cycle_length", cycle_length, 1)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
 
     # 1. List the files and check, before any reading, that they hold what was asked for.
     paths = list_files(files)
@@ -773,15 +796,27 @@ def make_dataset(
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     local_batch = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
     policy = shard_policy(len(paths), num_pipelines)
+    # A subset is drawn over the records of all files (before sharding), so every pipeline agrees on it.
+    subset = fraction < 1
+    all_framed = [_count_file(path, skip_corrupt) for path in paths] if subset else None
+    keep = subset_mask(all_framed, fraction, seed) if all_framed is not None else np.ones(0, bool)
+    offsets = list(np.cumsum([0, *all_framed[:-1]])) if all_framed else [0] * len(paths)
     if policy == "file":
         paths = paths[pipeline_id::num_pipelines]
+        offsets = offsets[pipeline_id::num_pipelines]
+        if all_framed is not None:
+            all_framed = all_framed[pipeline_id::num_pipelines]
 
     sizes = [os.path.getsize(path) for path in paths]
     # Framed record counts are needed only to report skipped records and to jump whole epochs on resume;
     # the header scan costs one small read per record, so it is skipped otherwise.
     counted = skip_corrupt or skip_batches > 0
-    framed = [_count_file(path, skip_corrupt) if counted else 0 for path in paths]
-    epoch_records = sum(framed)
+    if all_framed is not None:
+        framed = all_framed
+        epoch_records = sum(int(keep[o : o + n].sum()) for o, n in zip(offsets, framed, strict=True))
+    else:
+        framed = [_count_file(path, skip_corrupt) if counted else 0 for path in paths]
+        epoch_records = sum(framed)
     if policy == "record":
         epoch_records = max(0, (epoch_records - pipeline_id + num_pipelines - 1) // num_pipelines)
 
@@ -810,7 +845,16 @@ def make_dataset(
     paths_t = tf.constant(paths, tf.string)
     sizes_t = tf.constant(sizes, tf.int64)
     framed_t = tf.constant(framed, tf.int64)
-    read_file = functools.partial(_verified_records, skip_corrupt=skip_corrupt, counter=corrupt_counter)
+    offsets_t = tf.constant(offsets, tf.int64)
+    keep_t = tf.constant(keep, tf.bool)
+
+    def read_file(path, size, framed_records, offset):
+        records = _verified_records(path, size, framed_records, skip_corrupt=skip_corrupt, counter=corrupt_counter)
+        if not subset:
+            return records
+        # Record i of this file is record offset + i of the whole list; keep it if the mask says so.
+        kept = records.enumerate().filter(lambda index, record: tf.gather(keep_t, offset + index))
+        return kept.map(lambda index, record: record)
 
     def epoch_records_dataset(epoch: tf.Tensor) -> tf.data.Dataset:
         """One epoch of serialized records, its order a function of (seed, epoch) only."""
@@ -820,7 +864,7 @@ def make_dataset(
         if buffer:
             order = tf.random.experimental.stateless_shuffle(order, seed=epoch_seed)
         file_list = tf.data.Dataset.from_tensor_slices(
-            (tf.gather(paths_t, order), tf.gather(sizes_t, order), tf.gather(framed_t, order))
+            tuple(tf.gather(column, order) for column in (paths_t, sizes_t, framed_t, offsets_t))
         )
         # 4. Read: interleave records of several files (mixing them before the buffer), each file
         #    verified so that a corrupt one is named. deterministic=True keeps seeded runs repeatable.

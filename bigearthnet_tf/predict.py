@@ -176,26 +176,9 @@ def predict(
     thresholds = resolve_thresholds(
         predictor, threshold=threshold, thresholds_file=thresholds_file, console=console
     )
-    if archive is not None and is_archive_file(archive):
-        locations = locate_archive_file(
-            archive,
-            split_files=split_files,
-            official=official_splits,
-            s1_root=s1_root,
-            needs_s1=predictor.needs_s1,
-            split=split,
-        )
-    elif archive is not None:
-        locations = locate_archive(
-            archive,
-            split_files=split_files,
-            official=official_splits,
-            s1_root=s1_root,
-            needs_s1=predictor.needs_s1,
-            split=split,
-        )
-    else:
-        locations = locate_folders(patch_folders, s1_root=s1_root, needs_s1=predictor.needs_s1)
+    locations = patch_locations(
+        patch_folders, archive, split_files, official_splits, split, s1_root, predictor.needs_s1
+    )
     reader = PatchReader(predictor.band_order, archive_mode=archive is not None)
     workers = workers or default_read_threads()
 
@@ -251,6 +234,24 @@ def predict(
     if out_path is not None:
         console.print(f"predictions for {len(names):,} patches: {out_path}", markup=False)
     return result
+
+
+def patch_locations(
+    patch_folders: Sequence[str | os.PathLike[str]],
+    archive: str | os.PathLike[str] | None,
+    split_files: Sequence[str | os.PathLike[str]] | None,
+    official_splits: bool,
+    split: str | None,
+    s1_root: str | os.PathLike[str] | None,
+    needs_s1: bool,
+):
+    """Where the patches to apply a model to are: folders, an archive folder, or an archive file."""
+    if archive is None:
+        return locate_folders(patch_folders, s1_root=s1_root, needs_s1=needs_s1)
+    locate = locate_archive_file if is_archive_file(archive) else locate_archive
+    return locate(
+        archive, split_files=split_files, official=official_splits, s1_root=s1_root, needs_s1=needs_s1, split=split
+    )
 
 
 # --------------------------------------------------------------------------------------------------

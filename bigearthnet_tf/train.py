@@ -58,6 +58,7 @@ from bigearthnet_tf.input_pipeline import (
     corrupt_files_as_user_errors,
     count_records,
     make_dataset,
+    subset_size,
 )
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.metrics import compute_metrics
@@ -288,6 +289,13 @@ def plan_training(config: Config, strategy: tf.distribute.Strategy, console: Con
             f"note: training_size is {config.training_size:,} but tr_tf_record_files hold {records:,} "
             "records; using the files' count"
         )
+    if config.training_fraction < 1:
+        total_records = records
+        records = subset_size(total_records, config.training_fraction)
+        console.print(
+            f"training_fraction {config.training_fraction:g}: training on {records:,} of {total_records:,} "
+            f"records (a subset drawn with seed {config.seed}, the same in every epoch)"
+        )
     # Several replicas: drop the one partial batch at the very end, so no replica ever gets an empty
     # share (batch norm over zero samples would poison the moving statistics).
     drop_remainder = replicas > 1
@@ -486,6 +494,7 @@ def training_batches(
             corrupt_counter=corrupt_counter,
             input_context=context,
             skip_batches=iterations_done * batches_per_iteration,
+            fraction=config.training_fraction,
         )
 
     return strategy.distribute_datasets_from_function(dataset_for)

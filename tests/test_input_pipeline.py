@@ -346,6 +346,40 @@ def test_order_ignores_the_global_tensorflow_seed(sharded_set, global_seed):
         tf.random.set_seed(None)
 
 
+def test_training_fraction_is_a_seeded_subset_the_same_every_epoch(sharded_set):
+    folder, names = sharded_set  # 19 records in several files
+
+    def stream(seed, **options):
+        return names_of(ip.make_dataset(folder, BEN19, 4, fraction=0.5, seed=seed, with_names=True, **options))
+
+    subset = stream(3)
+    assert len(subset) == ip.subset_size(19, 0.5) == 10 and len(set(subset)) == 10
+    assert set(subset) <= set(names)
+    assert subset == stream(3) and set(subset) != set(stream(4))
+    shuffled = stream(3, shuffle_buffer=8, epochs=3)
+    epochs = [shuffled[i * 10 : (i + 1) * 10] for i in range(3)]
+    assert all(sorted(epoch) == sorted(subset) for epoch in epochs)  # the same records, reshuffled
+    assert epochs[0] != epochs[1]
+    resumed = names_of(
+        ip.make_dataset(
+            folder, BEN19, 4, fraction=0.5, seed=3, with_names=True, shuffle_buffer=8, epochs=3, skip_batches=4
+        )
+    )
+    assert resumed == shuffled[16:]
+    # Two pipelines split the same subset between them.
+    halves = [
+        names_of(
+            ip.make_dataset(
+                folder, BEN19, 4, fraction=0.5, seed=3, with_names=True,
+                input_context=tf.distribute.InputContext(2, index, 2),
+            )
+        )
+        for index in range(2)
+    ]
+    assert sorted(halves[0] + halves[1]) == sorted(subset)
+    assert ip.subset_size(19, 0.01) == 1 and ip.subset_size(1000, 0.01) == 10
+
+
 @pytest.mark.parametrize("skip_batches", [3, 5, 11])
 def test_skip_batches_continues_the_uninterrupted_order(sharded_set, skip_batches):
     folder, _ = sharded_set

@@ -406,6 +406,15 @@ def test_recipe_options_and_early_stopping(data, tmp_path, plain_model):
     assert keras.mixed_precision.global_policy().name == "float32"  # the policy does not leak
 
 
+def test_training_fraction_trains_on_a_seeded_subset_stated_everywhere(data, tmp_path, capsys):
+    """0.25 of the 40 records: 10 per epoch, 2 epochs of batch 8 = 3 iterations (not 10)."""
+    result = train(make_config(data, tmp_path, training_fraction=0.25, save_checkpoint_per_iteration=None))
+    assert result.iterations == 3
+    assert "training on 10 of 40 records (a subset drawn with seed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["training_fraction"] == 0.25
+    assert checkpoints.read_metadata(tmp_path / "models" / "iteration-3")["config"]["training_fraction"] == 0.25
+
+
 def test_augmentation_is_the_same_transform_for_every_input():
     import tensorflow as tf
 

@@ -39,7 +39,7 @@ modality, e.g.::
 """
 
 from bigearthnet_tf.layout import MODALITIES
-from bigearthnet_tf.models import kbranch, modern, reben, resnet, vgg  # noqa: F401  (registers the built-in models)
+from bigearthnet_tf.models import kbranch, modern, reben, resnet, ssl4eo, vgg  # noqa: F401  (registers the built-in models)
 from bigearthnet_tf.models.preprocessing import (
     DEFAULT_STATISTICS,
     INPUTS,

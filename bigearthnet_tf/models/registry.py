@@ -74,7 +74,7 @@ ModelBuilder = Callable[..., keras.layers.Layer]
 
 # Builder options that define the network a checkpoint's weights belong to (regularisation such as
 # `dropout` does not): their resolved values travel in checkpoint metadata.
-NETWORK_OPTIONS: tuple[str, ...] = ("upsampling", "architecture", "band_order")
+NETWORK_OPTIONS: tuple[str, ...] = ("upsampling", "architecture", "band_order", "image_size")
 
 
 @dataclass(frozen=True)

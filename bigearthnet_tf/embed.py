@@ -1,0 +1,158 @@
+"""`bigearthnet embed`: a model's pooled backbone features for patches, for training other heads,
+clustering or similarity search.
+
+Any model of ours works: the features are the input of its classifier (the last Dense layer), found
+in the model itself or in the timm network nested in it (`network`, as in reBEN and SSL4EO models),
+so for a ResNet they are the 2048 globally pooled channels, for a ViT the class token after the final
+norm. Patches come as for `predict` (folders, an archive folder or file, S1 twins for S1 models).
+
+Output, chosen by the suffix of `--out`:
+- `.npy`: a float32 array (patches, features), and beside it `<name>.names.txt`, one patch name per
+  line in the array's row order (written first: an array never lacks its names);
+- `.parquet`: columns `patch_name` and `features` (a list of float32 per patch).
+Both are written atomically; an existing output is replaced only with `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import replace_atomically, write_text_atomically
+
+SUFFIXES = (".npy", ".parquet")
+NESTED_NETWORK = "network"
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    names: list[str]
+    features: np.ndarray  # (patches, features) float32
+    seconds: float  # reading and the model, not loading it
+
+    @property
+    def per_second(self) -> float:
+        return len(self.names) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def feature_model(model):
+    """A Keras model from `model`'s inputs to the input of its classifier: the pooled features."""
+    import keras
+
+    def last_dense(container):
+        dense = [layer for layer in container.layers if isinstance(layer, keras.layers.Dense)]
+        return dense[-1] if dense else None
+
+    head = last_dense(model)
+    if head is not None and head is model.layers[-1]:
+        return keras.Model(model.inputs, head.input, name=f"{model.name}_features")
+    try:
+        network = model.get_layer(NESTED_NETWORK)
+    except ValueError:
+        network = None
+    head = last_dense(network) if isinstance(network, keras.Model) else None
+    if head is None:
+        raise UserError(
+            f"model {model.name!r}: no classifier layer found (a Dense layer last, or in a nested 'network'); "
+            "embed needs the layer whose input are the pooled features"
+        )
+    pooled = keras.Model(network.inputs, head.input, name="pooled")
+    network_input = network._inbound_nodes[0].input_tensors[0]  # what the outer model feeds the network
+    return keras.Model(model.inputs, pooled(network_input), name=f"{model.name}_features")
+
+
+def embed(
+    model: str | os.PathLike[str],
+    patch_folders: Sequence[str | os.PathLike[str]] = (),
+    *,
+    archive: str | os.PathLike[str] | None = None,
+    s1_root: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    console=None,
+) -> Embeddings:
+    """The pooled features of `model` for patch folders or the patches of `archive`; written to `out`."""
+    from bigearthnet_tf.console import status_console
+    from bigearthnet_tf.inference import logits_over_patches
+    from bigearthnet_tf.patch_source import PatchReader, check_archive_root, check_patch_folders, default_read_threads
+    from bigearthnet_tf.predict import patch_locations
+    from bigearthnet_tf.predictor import load_predictor
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if bool(patch_folders) == (archive is not None):
+        raise UserError("give either patch folders or --archive ROOT (not both, not neither)")
+    out_path = _check_out(out, overwrite)
+    if archive is not None:
+        check_archive_root(archive)
+    else:
+        check_patch_folders(patch_folders)
+    console = console or status_console(True)
+    predictor = load_predictor(model)
+    features_of = feature_model(predictor.model)
+    locations = patch_locations(patch_folders, archive, None, False, None, s1_root, predictor.needs_s1)
+    reader = PatchReader(predictor.band_order, archive_mode=archive is not None)
+    started = time.perf_counter()
+    names, features, _ = logits_over_patches(
+        features_of, reader, locations, batch_size=batch_size, workers=workers or default_read_threads()
+    )
+    seconds = time.perf_counter() - started
+    if not names:
+        raise UserError(f"no patches in {archive}" if archive is not None else "no patches could be read")
+    result = Embeddings(names, features.astype(np.float32), seconds)
+    if out_path is not None:
+        _write(result, out_path)
+        console.print(
+            f"{len(names):,} embeddings of {features.shape[1]} features ({result.per_second:,.0f} patches/s): "
+            f"{out_path}",
+            markup=False,
+        )
+    return result
+
+
+def _check_out(out, overwrite: bool) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.suffix not in SUFFIXES:
+        raise UserError(f"--out {path}: expected a {' or '.join(SUFFIXES)} file")
+    targets = [path, names_path(path)] if path.suffix == ".npy" else [path]
+    existing = [str(target) for target in targets if target.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it")
+    return path
+
+
+def names_path(npy_path: Path) -> Path:
+    return npy_path.with_name(npy_path.stem + ".names.txt")
+
+
+def _write(result: Embeddings, path: Path) -> None:
+    if path.suffix == ".npy":
+        write_text_atomically(names_path(path), "".join(f"{name}\n" for name in result.names))
+        replace_atomically(path, lambda temporary: np.save(temporary, result.features), suffix=".npy")
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "patch_name": result.names,
+            "features": pa.FixedSizeListArray.from_arrays(
+                pa.array(result.features.reshape(-1), pa.float32()), result.features.shape[1]
+            ),
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    replace_atomically(path, lambda temporary: Path(temporary).write_bytes(buffer.getvalue()))
