@@ -85,6 +85,7 @@ ITERATION_PREFIX = "iteration-"
 BEST_NAME = "best"
 KIND_ITERATION = "iteration"
 KIND_BEST = "best"
+KIND_BACKBONE = "backbone"  # an imported backbone (`import torchgeo`): its head is zeros
 
 LISTED_CHECKPOINTS = 8  # names listed when a checkpoint is not found
 _ITERATION_PATTERN = re.compile(r"iteration-(\d+)$")

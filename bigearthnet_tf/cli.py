@@ -224,6 +224,41 @@ def _import_reben(args: argparse.Namespace) -> None:
     )
 
 
+def _import_torchgeo(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.torchgeo_import import import_torchgeo, weights_table
+
+    if args.list:
+        print(weights_table())
+        return
+    if args.file is None or args.weights is None or args.out is None:
+        raise UserError("import torchgeo needs FILE, --weights NAME and --out BASE (or --list)")
+    imported = import_torchgeo(args.file, args.weights, args.out, overwrite=args.overwrite)
+    check = (
+        "the published file" if imported.is_published_file
+        else "SHA-256 matches its name" if imported.hash_checked
+        else "no SHA-256 prefix in its name to check"
+    )
+    print(
+        f"{args.weights} backbone imported as {imported.base} ({check}); fine-tune it with "
+        f'"model_name": "SSL4EO-ResNet", "backbone_weights": "{imported.base}"'
+    )
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.embed import embed
+
+    embed(
+        args.model,
+        args.patch_folders,
+        archive=args.archive,
+        s1_root=args.s1_root,
+        out=args.out,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+
+
 def _inspect(args: argparse.Namespace) -> None:
     from bigearthnet_tf.inspect_data import inspect
 
@@ -495,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     importer = commands.add_parser(
         "import",
         help="turn pretrained weights into a checkpoint of ours",
-        description="Import pretrained weights: a 2019 TF1 checkpoint (tf1) or a reBEN model (reben).",
+        description="Import pretrained weights: a 2019 TF1 checkpoint (tf1), a reBEN model (reben) or a "
+        "TorchGeo Sentinel backbone (torchgeo).",
         epilog="example: bigearthnet import reben hf://BIFOLD-BigEarthNetv2-0/resnet50-all-v0.2.0 --out r50",
     )
     sources = importer.add_subparsers(dest="source_kind", required=True, metavar="SOURCE_KIND")
@@ -532,6 +568,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights version (decides the band order); default: read from the repository name",
     )
     reben.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+
+    torchgeo = command(
+        "torchgeo",
+        "a Sentinel backbone served by TorchGeo (SSL4EO-S12, DeCUR): .pth file and weights name",
+        "bigearthnet import torchgeo resnet50_sentinel2_all_moco-df8b932e.pth "
+        "--weights ResNet50_Weights.SENTINEL2_ALL_MOCO --out backbones/ssl4eo-r50",
+        _import_torchgeo,
+        "Import a TorchGeo backbone (timm ResNet state dict, read without PyTorch) as a backbone checkpoint "
+        "for backbone_weights.",
+        group=sources,
+    )
+    torchgeo.add_argument("file", nargs="?", type=Path, help="the downloaded .pth file")
+    torchgeo.add_argument("--weights", default=None, help="TorchGeo's name of the weights (see --list)")
+    torchgeo.add_argument("--out", type=Path, default=None, help="base name of the backbone checkpoint")
+    torchgeo.add_argument("--list", action="store_true", help="print the supported weights names and exit")
+    torchgeo.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+
+    embedder = command(
+        "embed",
+        "pooled backbone features of a model for patch folders or an archive",
+        "bigearthnet embed patches/*/ --model runs/r50/models/best --out features.npy",
+        _embed,
+    )
+    embedder.add_argument("patch_folders", nargs="*", type=Path, help="S2 patch folders (v1 or v2 layout)")
+    embedder.add_argument("--model", required=True, help=MODEL_FORMS)
+    embedder.add_argument("--archive", type=Path, default=None, help="archive root or file, instead of folders")
+    embedder.add_argument("--s1-root", type=Path, default=None, help="Sentinel-1 root (models reading S1)")
+    embedder.add_argument("--out", type=Path, required=True, help=".npy (+ .names.txt) or .parquet file")
+    embedder.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    embedder.add_argument("--batch-size", type=int, default=64, help="patches per model call")
+    embedder.add_argument("--workers", type=int, default=None, help="reading threads (default: 2 per core)")
 
     inspect_command = command(
         "inspect",

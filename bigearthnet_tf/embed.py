@@ -1,8 +1,8 @@
 """`bigearthnet embed`: a model's pooled backbone features for patches, for training other heads,
 clustering or similarity search.
 
-Any model of ours works: the features are the input of its classifier (the last Dense layer), found
-in the model itself or in the timm network nested in it (`network`, as in reBEN and SSL4EO models),
+Any model of ours works: the features are the input of its classifier (`backbones.feature_model`: the
+last Dense layer, in the model itself or in the timm network nested in it, as in reBEN and SSL4EO),
 so for a ResNet they are the 2048 globally pooled channels, for a ViT the class token after the final
 norm. Patches come as for `predict` (folders, an archive folder or file, S1 twins for S1 models).
 
@@ -28,7 +28,6 @@ from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import replace_atomically, write_text_atomically
 
 SUFFIXES = (".npy", ".parquet")
-NESTED_NETWORK = "network"
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -41,32 +40,6 @@ class Embeddings:
     @property
     def per_second(self) -> float:
         return len(self.names) / self.seconds if self.seconds > 0 else float("inf")
-
-
-def feature_model(model):
-    """A Keras model from `model`'s inputs to the input of its classifier: the pooled features."""
-    import keras
-
-    def last_dense(container):
-        dense = [layer for layer in container.layers if isinstance(layer, keras.layers.Dense)]
-        return dense[-1] if dense else None
-
-    head = last_dense(model)
-    if head is not None and head is model.layers[-1]:
-        return keras.Model(model.inputs, head.input, name=f"{model.name}_features")
-    try:
-        network = model.get_layer(NESTED_NETWORK)
-    except ValueError:
-        network = None
-    head = last_dense(network) if isinstance(network, keras.Model) else None
-    if head is None:
-        raise UserError(
-            f"model {model.name!r}: no classifier layer found (a Dense layer last, or in a nested 'network'); "
-            "embed needs the layer whose input are the pooled features"
-        )
-    pooled = keras.Model(network.inputs, head.input, name="pooled")
-    network_input = network._inbound_nodes[0].input_tensors[0]  # what the outer model feeds the network
-    return keras.Model(model.inputs, pooled(network_input), name=f"{model.name}_features")
 
 
 def embed(
@@ -82,6 +55,7 @@ def embed(
     console=None,
 ) -> Embeddings:
     """The pooled features of `model` for patch folders or the patches of `archive`; written to `out`."""
+    from bigearthnet_tf.backbones import feature_model
     from bigearthnet_tf.console import status_console
     from bigearthnet_tf.inference import logits_over_patches
     from bigearthnet_tf.patch_source import PatchReader, check_archive_root, check_patch_folders, default_read_threads
@@ -98,7 +72,7 @@ def embed(
     else:
         check_patch_folders(patch_folders)
     console = console or status_console(True)
-    predictor = load_predictor(model)
+    predictor = load_predictor(model, allow_backbone=True)
     features_of = feature_model(predictor.model)
     locations = patch_locations(patch_folders, archive, None, False, None, s1_root, predictor.needs_s1)
     reader = PatchReader(predictor.band_order, archive_mode=archive is not None)
@@ -116,6 +90,7 @@ def embed(
             f"{len(names):,} embeddings of {features.shape[1]} features ({result.per_second:,.0f} patches/s): "
             f"{out_path}",
             markup=False,
+            soft_wrap=True,
         )
     return result
 

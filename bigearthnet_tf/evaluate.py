@@ -273,13 +273,19 @@ def restore_model(config: Config) -> checkpoints.LoadedCheckpoint:
     """Load `model_file`; keys the config sets explicitly must agree with the checkpoint."""
     if not config.model_file:
         raise UserError("model_file is not set; evaluation needs a checkpoint")
-    return checkpoints.load_checkpoint(
+    loaded = checkpoints.load_checkpoint(
         config.model_file,
         label_type=config.label_type if config.given("label_type") else None,
         modality=config.modality if config.given("modality") else None,
         model_name=config.model_name if config.given("model_name") else None,
         statistics=config.statistics,
     )
+    if loaded.meta.kind == checkpoints.KIND_BACKBONE:
+        raise UserError(
+            f"model_file {config.model_file} is a backbone without a trained head: fine-tune it first "
+            '("backbone_weights" in a training config)'
+        )
+    return loaded
 
 
 def write_predictions_csv(

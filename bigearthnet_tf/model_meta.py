@@ -37,6 +37,7 @@ class ModelMeta:
     weights_sha256: str | None = None  # of the checkpoint's weights file: what thresholds bind to
     training: Mapping[str, Any] | None = None  # the trainer's progress (best value, patience)
     thresholds: Mapping[str, float] | None = None  # an exported model's, carried over from its checkpoint
+    kind: str | None = None  # the checkpoint's kind: iteration, best, or backbone (a head of zeros)
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +106,7 @@ class ModelMeta:
             iteration=iteration,
             weights_sha256=weights.get("sha256"),
             training=metadata.get("training"),
+            kind=metadata.get("kind") if isinstance(metadata.get("kind"), str) else None,
         )
 
     @classmethod

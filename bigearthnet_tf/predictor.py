@@ -51,11 +51,20 @@ class Predictor:
         return thresholds_path(self.source)
 
 
-def load_predictor(path: str | os.PathLike[str]) -> Predictor:
-    """Load a checkpoint (verified, rebuilt through the registry) or an exported `.keras` file."""
+def load_predictor(path: str | os.PathLike[str], allow_backbone: bool = False) -> Predictor:
+    """Load a checkpoint (verified, rebuilt through the registry) or an exported `.keras` file.
+
+    A backbone checkpoint (`import torchgeo`: its head is zeros) has no predictions to give and is
+    refused unless `allow_backbone` (for `embed`, which reads only its features).
+    """
 
     source = checkpoints.resolve_checkpoint(path)
     model, _, meta = checkpoints.load_checkpoint(source)
+    if meta.kind == checkpoints.KIND_BACKBONE and not allow_backbone:
+        raise UserError(
+            f"model {source} is a backbone without a trained head; fine-tune it first "
+            '("backbone_weights" in a training config), or take its features with bigearthnet embed'
+        )
     if int(model.outputs[0].shape[-1]) != meta.num_classes:
         raise UserError(
             f"model {source}: outputs {model.outputs[0].shape[-1]} classes but names {meta.num_classes}"

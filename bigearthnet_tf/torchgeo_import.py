@@ -26,7 +26,6 @@ from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.tensor_files import TorchStateDict
 
-KIND_BACKBONE = "backbone"
 LABEL_TYPE = "BigEarthNet-19"  # the zero head's; a fine-tune picks its own label type
 REPORT_LIMIT = 6
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth$")
@@ -199,7 +198,7 @@ def _import(source: Path, weights: str, entry: TorchGeoWeights, out_base: Path) 
         modality=protocol.modality,
         iteration=0,
         source=source_meta,
-        kind=KIND_BACKBONE,
+        kind=checkpoints.KIND_BACKBONE,
     )
     return ImportedBackbone(out_base, weights, digest, named is not None, is_published)
 

@@ -48,6 +48,7 @@ from rich.progress import TextColumn, TimeElapsedColumn
 from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 
 from bigearthnet_tf import checkpoints
+from bigearthnet_tf.backbones import freeze_backbone, learning_rate_scales, load_backbone
 from bigearthnet_tf.config import TRAIN, Config, save_config
 from bigearthnet_tf.console import progress_bar
 from bigearthnet_tf.constants import class_names as label_names
@@ -399,6 +400,14 @@ def build_model_and_optimizer(
                     f"checkpoint {start.checkpoint} was trained with upsampling {saved_kernel!r} but the "
                     f"config asks for {config.upsampling!r}; a model must see the inputs it was trained on"
                 )
+        elif config.backbone_weights is not None:
+            model = load_backbone(
+                config.backbone_weights,
+                num_classes,
+                model_name=config.model_name,
+                modality=config.modality,
+                **regularisation,
+            )
         else:
             model = build_model(
                 config.model_name,
@@ -408,7 +417,14 @@ def build_model_and_optimizer(
                 upsampling=config.upsampling,
                 **regularisation,
             )
-        optimizer = make_optimizer(config, plan.total_iterations, loss_scaling=policy == "mixed_float16")
+        if config.freeze_backbone:
+            freeze_backbone(model)
+        scales = None
+        if config.backbone_learning_rate_scale != 1.0:
+            scales = learning_rate_scales(model, config.backbone_learning_rate_scale)
+        optimizer = make_optimizer(
+            config, plan.total_iterations, loss_scaling=policy == "mixed_float16", rate_scales=scales
+        )
         optimizer.build(model.trainable_variables)
         if start.restore_state and state is not None:
             checkpoints.restore_training_state(
@@ -450,8 +466,31 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+class _ScaledRates:
+    """A learning-rate factor per trainable variable (`rate_scales`, in `model.trainable_variables`
+    order), applied to the Adam step: how the backbone gets `backbone_learning_rate_scale` of the head's
+    rate. AdamW's decoupled weight decay stays at the full rate for every variable."""
+
+    rate_scales: list[float] | None = None
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.rate_scales is not None:
+            scale = self.rate_scales[self._get_variable_index(variable)]
+            if scale != 1.0:
+                learning_rate = learning_rate * scale
+        return super().update_step(gradient, variable, learning_rate)
+
+
+class Adam(_ScaledRates, keras.optimizers.Adam):
+    """keras.optimizers.Adam, with optional per-variable rate factors."""
+
+
+class AdamW(_ScaledRates, keras.optimizers.AdamW):
+    """keras.optimizers.AdamW, with optional per-variable rate factors."""
+
+
 def make_optimizer(
-    config: Config, total_iterations: int, loss_scaling: bool = False
+    config: Config, total_iterations: int, loss_scaling: bool = False, rate_scales: list[float] | None = None
 ) -> keras.optimizers.Optimizer:
     """Adam with a constant rate (2019), or AdamW / warm-up / cosine when the config asks."""
     if config.lr_schedule == "constant" and config.warmup_iterations == 0:
@@ -461,11 +500,10 @@ def make_optimizer(
             config.learning_rate, config.warmup_iterations, total_iterations, config.lr_schedule == "cosine"
         )
     if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(
-            learning_rate, weight_decay=config.weight_decay, epsilon=ADAM_EPSILON
-        )
+        optimizer: Adam | AdamW = AdamW(learning_rate, weight_decay=config.weight_decay, epsilon=ADAM_EPSILON)
     else:
-        optimizer = keras.optimizers.Adam(learning_rate, epsilon=ADAM_EPSILON)
+        optimizer = Adam(learning_rate, epsilon=ADAM_EPSILON)
+    optimizer.rate_scales = rate_scales
     return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
 
 
