@@ -58,8 +58,13 @@ def embed(
     from bigearthnet_tf.backbones import feature_model
     from bigearthnet_tf.console import status_console
     from bigearthnet_tf.inference import logits_over_patches
-    from bigearthnet_tf.patch_source import PatchReader, check_archive_root, check_patch_folders, default_read_threads
-    from bigearthnet_tf.predict import patch_locations
+    from bigearthnet_tf.patch_source import (
+        PatchReader,
+        check_archive_root,
+        check_patch_folders,
+        default_read_threads,
+        patch_locations,
+    )
     from bigearthnet_tf.predictor import load_predictor
 
     if batch_size < 1:

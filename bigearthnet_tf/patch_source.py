@@ -372,3 +372,21 @@ def _stack(
             stacked[row] = patch[key]
         batch[key] = stacked
     return batch
+
+
+def patch_locations(
+    patch_folders: Sequence[str | os.PathLike[str]],
+    archive: str | os.PathLike[str] | None,
+    split_files: Sequence[str | os.PathLike[str]] | None,
+    official_splits: bool,
+    split: str | None,
+    s1_root: str | os.PathLike[str] | None,
+    needs_s1: bool,
+):
+    """Where the patches to apply a model to are: folders, an archive folder, or an archive file."""
+    if archive is None:
+        return locate_folders(patch_folders, s1_root=s1_root, needs_s1=needs_s1)
+    locate = locate_archive_file if is_archive_file(archive) else locate_archive
+    return locate(
+        archive, split_files=split_files, official=official_splits, s1_root=s1_root, needs_s1=needs_s1, split=split
+    )

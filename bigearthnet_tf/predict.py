@@ -60,12 +60,9 @@ from bigearthnet_tf.patch_source import (
     check_archive_root,
     check_patch_folders,
     default_read_threads,
-    locate_archive,
-    locate_archive_file,
-    locate_folders,
+    patch_locations,
 )
 from bigearthnet_tf.predictor import Predictor, load_predictor
-from bigearthnet_tf.tarstream import is_archive_file
 from bigearthnet_tf.thresholds import (
     MIN_POSITIVES,
     STORED,
@@ -234,24 +231,6 @@ def predict(
     if out_path is not None:
         console.print(f"predictions for {len(names):,} patches: {out_path}", markup=False)
     return result
-
-
-def patch_locations(
-    patch_folders: Sequence[str | os.PathLike[str]],
-    archive: str | os.PathLike[str] | None,
-    split_files: Sequence[str | os.PathLike[str]] | None,
-    official_splits: bool,
-    split: str | None,
-    s1_root: str | os.PathLike[str] | None,
-    needs_s1: bool,
-):
-    """Where the patches to apply a model to are: folders, an archive folder, or an archive file."""
-    if archive is None:
-        return locate_folders(patch_folders, s1_root=s1_root, needs_s1=needs_s1)
-    locate = locate_archive_file if is_archive_file(archive) else locate_archive
-    return locate(
-        archive, split_files=split_files, official=official_splits, s1_root=s1_root, needs_s1=needs_s1, split=split
-    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def test_every_command_has_a_description_defaults_and_an_example(capsys):
             text = command.format_help()
             assert command.description and "example: bigearthnet" in text, name
             checked += 1
-    assert checked == 18  # 12 commands (map included), import's 2 sources (tf1, reben), inspect and show
+    assert checked == 18  # 13 commands (map and embed included), import's 3 sources, inspect and show
     assert "(default: 64)" in subcommands["predict"].format_help()
     assert "--splits CSV|official" in subcommands["prepare"].format_help().replace("[", "").replace("]", "")
     with pytest.raises(SystemExit) as stop:

@@ -31,7 +31,9 @@ COMMANDS = (
     "quicklook",
     "tf1_import",
     "reben_import",
+    "torchgeo_import",
     "mapping",
+    "embed",
 )
 RUN_COMMANDS = {"demo": {"prepare", "train", "evaluate"}, "trial": {"train", "evaluate"}}
 
@@ -86,6 +88,7 @@ FLOORS = {
         "inference",
         "predictor",
         "report",
+        "backbones",
     ),
     5: (*(command for command in COMMANDS if command != "stats"),),
     6: ("cli", *RUN_COMMANDS),
