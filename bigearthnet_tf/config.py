@@ -597,8 +597,10 @@ def _check_combinations(values: Mapping[str, Any], where: str, purpose: str) -> 
             f'{where}: key \'weight_decay\': {values["weight_decay"]!r} needs "optimizer": "adamw" '
             "(the 2019 Adam had no weight decay)"
         )
-    for key in ("freeze_backbone", "backbone_learning_rate_scale"):
-        if purpose == TRAIN and key in values and "backbone_weights" not in values and not values.get("fine_tune"):
+    backbone_options = {"freeze_backbone": False, "backbone_learning_rate_scale": 1.0}  # key -> no-op value
+    for key, no_op in backbone_options.items():
+        given = values.get(key, no_op) != no_op
+        if purpose == TRAIN and given and "backbone_weights" not in values and not values.get("fine_tune"):
             raise ConfigError(
                 f"{where}: key {key!r} needs backbone_weights (a backbone checkpoint) or a fine_tune model_file"
             )

@@ -230,3 +230,20 @@ def test_backbone_of_another_model_or_modality_is_refused(tmp_path, records, s2_
     assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match="modality"):
         _fine_tune(records, tmp_path / "s1", s2_backbone, modality="S1")
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"training_fraction": 0}, "training_fraction"),
+        ({"training_fraction": 1.5}, "training_fraction"),
+        ({"freeze_backbone": True}, "key 'freeze_backbone' needs backbone_weights"),
+        ({"backbone_learning_rate_scale": 0.1}, "key 'backbone_learning_rate_scale' needs backbone_weights"),
+        ({"backbone_weights": "nowhere/backbone"}, "key 'backbone_weights': no checkpoint 'nowhere/backbone'"),
+    ],
+)
+def test_backbone_and_fraction_keys_are_checked(tmp_path, records, changes, fragment):
+    from bigearthnet_tf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_dict(config_values(records, tmp_path, **changes), "train")
