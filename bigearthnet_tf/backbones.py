@@ -12,6 +12,7 @@ is freshly initialised for the run's label type.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import keras
@@ -48,10 +49,10 @@ def feature_model(model: keras.Model) -> keras.Model:
     """A Keras model from `model`'s inputs to its classifier's input: the pooled features."""
     head, holder = classifier_layer(model)
     if holder is model:
-        return keras.Model(model.inputs, head.input, name=f"{model.name}_features")
-    pooled = keras.Model(holder.inputs, head.input, name="pooled")
+        return keras.Model(model.input, head.input, name=f"{model.name}_features")
+    pooled = keras.Model(holder.input, head.input, name="pooled")
     network_input = holder._inbound_nodes[0].input_tensors[0]  # what the outer model feeds the network
-    return keras.Model(model.inputs, pooled(network_input), name=f"{model.name}_features")
+    return keras.Model(model.input, pooled(network_input), name=f"{model.name}_features")
 
 
 def _backbone_weights(model: keras.Model) -> list:
@@ -108,8 +109,32 @@ def _flat_layers(model: keras.Model) -> Sequence[keras.layers.Layer]:
     return found
 
 
-def learning_rate_scales(model: keras.Model, backbone_scale: float) -> list[float]:
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")  # a timm ViT's transformer blocks
+
+
+def learning_rate_scales(model: keras.Model, backbone_scale: float, layer_decay: float = 1.0) -> list[float]:
     """One factor per trainable variable (in `model.trainable_variables` order): 1 for the classifier,
-    `backbone_scale` for the backbone."""
-    head_ids = {id(variable) for variable in classifier_layer(model)[0].trainable_weights}
-    return [1.0 if id(variable) in head_ids else float(backbone_scale) for variable in model.trainable_variables]
+    `backbone_scale` for the backbone, times, in a ViT of n blocks, `layer_decay ** (n - i)` for block i
+    and `layer_decay ** (n + 1)` for the embedding (BEiT's layer-wise decay; the final norm keeps 1)."""
+    head, _ = classifier_layer(model)
+    head_ids = {id(variable) for variable in head.trainable_weights}
+    layer_of = {id(variable): layer.name for layer in _flat_layers(model) for variable in layer.trainable_weights}
+    blocks = {int(match[1]) for name in layer_of.values() if (match := _BLOCK.match(name))}
+    depth = max(blocks) + 1 if blocks else 0
+    scales = []
+    for variable in model.trainable_variables:
+        if id(variable) in head_ids:
+            scales.append(1.0)
+            continue
+        name = layer_of.get(id(variable), "")
+        match = _BLOCK.match(name)
+        if not depth:
+            exponent = 0
+        elif match:
+            exponent = depth - int(match[1])
+        elif name.startswith(("patch_embed", "embedding")):
+            exponent = depth + 1
+        else:
+            exponent = 0  # the final norm, beside the head
+        scales.append(float(backbone_scale) * float(layer_decay) ** exponent)
+    return scales

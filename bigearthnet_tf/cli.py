@@ -240,7 +240,7 @@ def _import_torchgeo(args: argparse.Namespace) -> None:
     )
     print(
         f"{args.weights} backbone imported as {imported.base} ({check}); fine-tune it with "
-        f'"model_name": "SSL4EO-ResNet", "backbone_weights": "{imported.base}"'
+        f'"model_name": "{imported.model_name}", "backbone_weights": "{imported.base}"'
     )
 
 

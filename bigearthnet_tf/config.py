@@ -279,6 +279,13 @@ KEY_DOCS: tuple[KeyDoc, ...] = tuple(
             "the backbone's learning rate is `learning_rate` times this (the head's is `learning_rate`)",
             False,
         ),
+        KeyDoc(
+            "layer_decay",
+            "float",
+            "1.0",
+            "ViT layer-wise rate decay: block i of n learns at `layer_decay ** (n - i)`, the embedding at `** (n + 1)`",
+            False,
+        ),
     ]
 )
 
@@ -351,6 +358,7 @@ class Config:
     backbone_weights: str | None = None
     freeze_backbone: bool = False
     backbone_learning_rate_scale: float = 1.0
+    layer_decay: float = 1.0
     # Where the config came from; not keys.
     purpose: str = dataclasses.field(default=TRAIN, compare=False)
     source: Path | None = dataclasses.field(default=None, compare=False)
@@ -444,6 +452,7 @@ _RULES: Mapping[str, _Rule] = MappingProxyType(
         "backbone_weights": _Rule("str"),
         "freeze_backbone": _Rule("bool"),
         "backbone_learning_rate_scale": _Rule("float", minimum=0, exclusive_minimum=True, maximum=1),
+        "layer_decay": _Rule("float", minimum=0, exclusive_minimum=True, maximum=1),
     }
 )
 assert set(_RULES) == set(KEY_NAMES), "every Config key needs a rule"
@@ -597,7 +606,8 @@ def _check_combinations(values: Mapping[str, Any], where: str, purpose: str) -> 
             f'{where}: key \'weight_decay\': {values["weight_decay"]!r} needs "optimizer": "adamw" '
             "(the 2019 Adam had no weight decay)"
         )
-    backbone_options = {"freeze_backbone": False, "backbone_learning_rate_scale": 1.0}  # key -> no-op value
+    # key -> its no-op value
+    backbone_options = {"freeze_backbone": False, "backbone_learning_rate_scale": 1.0, "layer_decay": 1.0}
     for key, no_op in backbone_options.items():
         given = values.get(key, no_op) != no_op
         if purpose == TRAIN and given and "backbone_weights" not in values and not values.get("fine_tune"):

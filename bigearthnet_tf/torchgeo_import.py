@@ -1,13 +1,13 @@
 """`bigearthnet import torchgeo`: Sentinel foundation backbones served by TorchGeo, as backbone checkpoints.
 
-TorchGeo serves the self-supervised Sentinel ResNets of SSL4EO-S12 and DeCUR as `.pth` state dicts in
+TorchGeo serves the self-supervised Sentinel ResNets (and ViT-S/16s) of SSL4EO-S12 and DeCUR as `.pth` state dicts in
 timm's key layout, without a head. The file alone says neither its bands nor their scaling, so the
 user names the weights as TorchGeo does (`ResNet50_Weights.SENTINEL2_ALL_MOCO`); `WEIGHTS` holds what
 each name means (architecture, input protocol of `models.ssl4eo`, the published file name whose last
 part is a SHA-256 prefix, method and paper).
 
 The file is read by `tensor_files.TorchStateDict` (no PyTorch, no code from the file run). The import
-builds `SSL4EO-ResNet` with the architecture read from the tensors' shapes, fills every backbone
+builds `SSL4EO-ResNet` or `SSL4EO-ViT` with the architecture read from the tensors' shapes, fills every backbone
 weight by its timm name (a head in the file is ignored: these are backbones) and writes a checkpoint
 of kind `backbone`: its head is zeros and it is meant for `"backbone_weights"` in a training config,
 which fine-tunes it with a new head of 19 or 43 classes (evaluate and predict refuse it).
@@ -41,6 +41,14 @@ class TorchGeoWeights:
     method: str
     publication: str
     repository: str
+
+    @property
+    def family(self) -> str:
+        return "vit" if self.timm_model.startswith("vit_") else "resnet"
+
+    @property
+    def model_name(self) -> str:
+        return "SSL4EO-ViT" if self.family == "vit" else "SSL4EO-ResNet"
 
 
 WEIGHTS = MappingProxyType(
@@ -93,6 +101,38 @@ WEIGHTS = MappingProxyType(
             "https://arxiv.org/abs/2309.05300",
             "zhu-xlab/DeCUR",
         ),
+        "ViTSmall16_Weights.SENTINEL2_ALL_MOCO": TorchGeoWeights(
+            "vit_small_patch16_224",
+            "ssl4eo-s2",
+            "vit_small_patch16_224_sentinel2_all_moco-67c9032d.pth",
+            "MoCo v3",
+            "https://arxiv.org/abs/2211.07044",
+            "zhu-xlab/SSL4EO-S12",
+        ),
+        "ViTSmall16_Weights.SENTINEL2_ALL_DINO": TorchGeoWeights(
+            "vit_small_patch16_224",
+            "ssl4eo-s2",
+            "vit_small_patch16_224_sentinel2_all_dino-36bcc127.pth",
+            "DINO",
+            "https://arxiv.org/abs/2211.07044",
+            "zhu-xlab/SSL4EO-S12",
+        ),
+        "ViTSmall16_Weights.SENTINEL2_ALL_FGMAE": TorchGeoWeights(
+            "vit_small_patch16_224",
+            "ssl4eo-s2",
+            "B13_vits16_fgmae_ep99_enc.pth",
+            "FG-MAE",
+            "https://arxiv.org/abs/2310.18653",
+            "zhu-xlab/FGMAE",
+        ),
+        "ViTSmall16_Weights.SENTINEL1_GRD_FGMAE": TorchGeoWeights(
+            "vit_small_patch16_224",
+            "decur-s1",
+            "B2_vits16_fgmae_ep99_enc.pth",
+            "FG-MAE",
+            "https://arxiv.org/abs/2310.18653",
+            "zhu-xlab/FGMAE",
+        ),
     }
 )
 
@@ -118,6 +158,7 @@ class ImportedBackbone:
     sha256: str
     hash_checked: bool  # the file name carried a SHA-256 prefix, and the file matches it
     is_published_file: bool  # the file is the one TorchGeo publishes under this name
+    model_name: str  # what a training config names to fine-tune it
 
 
 def import_torchgeo(
@@ -138,7 +179,7 @@ def import_torchgeo(
 
 def _import(source: Path, weights: str, entry: TorchGeoWeights, out_base: Path) -> ImportedBackbone:
     from bigearthnet_tf.models import build_model, timm_nets
-    from bigearthnet_tf.models.ssl4eo import NETWORK_LAYER, PROTOCOLS, SSL4EO_MODEL
+    from bigearthnet_tf.models.ssl4eo import DEFAULT_IMAGE_SIZE, NETWORK_LAYER, PROTOCOLS
 
     digest = checkpoints.file_sha256(source)
     named = _HASH_IN_NAME.search(source.name)
@@ -156,11 +197,11 @@ def _import(source: Path, weights: str, entry: TorchGeoWeights, out_base: Path) 
             key: shape for key, shape in stored.shapes().items() if not timm_nets.SKIPPED_TENSORS.search(key)
         }
         try:
-            architecture = timm_nets.architecture_from_tensors("resnet", shapes, 224)
+            architecture = timm_nets.architecture_from_tensors(entry.family, shapes, DEFAULT_IMAGE_SIZE)
         except timm_nets.ArchitectureError as error:
-            raise UserError(f"{source}: not a timm ResNet state dict: {error}") from None
+            raise UserError(f"{source}: not a {entry.timm_model} state dict ({weights}): {error}") from None
         model = build_model(
-            SSL4EO_MODEL,
+            entry.model_name,
             len(BIGEARTHNET_19_LABELS),
             protocol.modality,
             None,
@@ -171,9 +212,10 @@ def _import(source: Path, weights: str, entry: TorchGeoWeights, out_base: Path) 
         targets = {
             key: value
             for key, value in timm_nets.timm_tensor_names(network).items()
-            if not key.startswith(f"{timm_nets.HEAD_LAYERS['resnet']}.")
+            if not key.startswith(f"{timm_nets.HEAD_LAYERS[entry.family]}.")
         }
-        values = _backbone_values(stored, shapes, targets, source, weights, len(protocol.channels))
+        head = f"{timm_nets.HEAD_LAYERS[entry.family]}."
+        values = _backbone_values(stored, shapes, targets, source, weights, len(protocol.channels), head)
     for key, (variable, _) in targets.items():
         variable.assign(values[key])
 
@@ -193,21 +235,21 @@ def _import(source: Path, weights: str, entry: TorchGeoWeights, out_base: Path) 
     checkpoints.save_checkpoint(
         out_base,
         model,
-        model_name=SSL4EO_MODEL,
+        model_name=entry.model_name,
         label_type=LABEL_TYPE,
         modality=protocol.modality,
         iteration=0,
         source=source_meta,
         kind=checkpoints.KIND_BACKBONE,
     )
-    return ImportedBackbone(out_base, weights, digest, named is not None, is_published)
+    return ImportedBackbone(out_base, weights, digest, named is not None, is_published, entry.model_name)
 
 
-def _backbone_values(stored: TorchStateDict, shapes, targets, source: Path, weights: str, channels: int):
-    """Keras values for every backbone weight, or one line listing what does not fit (nothing assigned)."""
-    from bigearthnet_tf.models.timm_nets import HEAD_LAYERS, keras_shape, keras_value
+def _backbone_values(stored: TorchStateDict, shapes, targets, source: Path, weights: str, channels: int, head: str):
+    """Keras values for every backbone weight, or one line listing what does not fit (nothing assigned);
+    tensors of the head (`head` prefix) are ignored: these are backbones."""
+    from bigearthnet_tf.models.timm_nets import keras_shape, keras_value
 
-    head = f"{HEAD_LAYERS['resnet']}."
     available = {key for key in shapes if not key.startswith(head)}
     missing = sorted(set(targets) - available)
     extra = sorted(available - set(targets))

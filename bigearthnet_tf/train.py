@@ -420,8 +420,8 @@ def build_model_and_optimizer(
         if config.freeze_backbone:
             freeze_backbone(model)
         scales = None
-        if config.backbone_learning_rate_scale != 1.0:
-            scales = learning_rate_scales(model, config.backbone_learning_rate_scale)
+        if config.backbone_learning_rate_scale != 1.0 or config.layer_decay != 1.0:
+            scales = learning_rate_scales(model, config.backbone_learning_rate_scale, config.layer_decay)
         optimizer = make_optimizer(
             config, plan.total_iterations, loss_scaling=policy == "mixed_float16", rate_scales=scales
         )

@@ -123,7 +123,14 @@ def test_list_names_every_supported_weight(capsys):
 # --- parity with timm -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("stem", "weights"), [(S2_FILE.stem, S2_WEIGHTS), (S1_FILE.stem, S1_WEIGHTS)])
+@pytest.mark.parametrize(
+    ("stem", "weights"),
+    [
+        (S2_FILE.stem, S2_WEIGHTS),
+        (S1_FILE.stem, S1_WEIGHTS),
+        ("tiny-vit_small_patch16_224_sentinel2_all_dino", "ViTSmall16_Weights.SENTINEL2_ALL_DINO"),
+    ],
+)
 def test_features_equal_timms_network_and_whole_chain(tmp_path, examples, stem, weights):
     import sys
 
@@ -247,3 +254,18 @@ def test_backbone_and_fraction_keys_are_checked(tmp_path, records, changes, frag
 
     with pytest.raises(ConfigError, match=fragment):
         config_from_dict(config_values(records, tmp_path, **changes), "train")
+
+
+def test_vit_layer_decay_scales_each_block_and_the_embedding(tmp_path):
+    from bigearthnet_tf.backbones import learning_rate_scales
+
+    base = tmp_path / "vit"
+    import_torchgeo(FIXTURES / "tiny-vit_small_patch16_224_sentinel2_all_dino.pth", "ViTSmall16_Weights.SENTINEL2_ALL_DINO", base)
+    model, _, _ = checkpoints.load_checkpoint(base)
+    scales = dict(zip((v.path for v in model.trainable_variables), learning_rate_scales(model, 0.5, 0.8), strict=True))
+    assert scales["head/kernel"] == 1.0  # the new head learns at the full rate
+    assert scales["norm/gamma"] == 0.5  # the final norm: the backbone rate, no decay
+    assert scales["blocks.1.attn.qkv/kernel"] == pytest.approx(0.5 * 0.8)  # the last of 2 blocks
+    assert scales["blocks.0.mlp.fc1/kernel"] == pytest.approx(0.5 * 0.8**2)
+    assert scales["patch_embed.proj/kernel"] == pytest.approx(0.5 * 0.8**3)
+    assert scales["embedding/pos_embed"] == pytest.approx(0.5 * 0.8**3)

@@ -67,6 +67,8 @@ def test_every_family_modality_and_version_has_a_fixture():
     assert FOLDERS == [
         "tiny-convnextv2_base-s2-v0.2.0",
         "tiny-mixer_b16_224-s2-v0.1.1",
+        "tiny-mobilevit_s-all-v0.1.1",
+        "tiny-mobilevit_s-s1-v0.2.0",
         "tiny-resnet18-s1-v0.1.1",
         "tiny-resnet50-all-v0.1.1",
         "tiny-resnet50-all-v0.2.0",
@@ -293,10 +295,10 @@ def test_a_folder_that_is_not_a_reben_model(tmp_path, capsys):
 
 
 def test_an_unknown_timm_architecture(tmp_path, capsys):
-    folder = _copy(tmp_path, as_name="mobilevit_s-all-v0.2.0")
-    _edit_config(folder, timm_model_name="mobilevit_s")
+    folder = _copy(tmp_path, as_name="mobilevitv2_100-all-v0.2.0")
+    _edit_config(folder, timm_model_name="mobilevitv2_100")
     error = _refused(capsys, tmp_path, folder)
-    assert "config.json: timm architecture 'mobilevit_s' is not supported" in error
+    assert "config.json: timm architecture 'mobilevitv2_100' is not supported" in error
 
 
 def test_a_wrong_channel_count(tmp_path, capsys):

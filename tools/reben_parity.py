@@ -92,6 +92,8 @@ TINY_MODELS = [
         {"embed_dim": 128, "depth": 2, "num_heads": 2, "mlp_ratio": 1.0},
     ),
     ("tiny-mixer_b16_224-s2-v0.1.1", "mixer_b16_224", {"num_blocks": 2, "embed_dim": 32}),
+    ("tiny-mobilevit_s-all-v0.1.1", "mobilevit_s", {"cfg": "tiny"}),
+    ("tiny-mobilevit_s-s1-v0.2.0", "mobilevit_s", {"cfg": "tiny"}),
 ]
 FULL_MODELS = [
     ("resnet50-s1-v0.2.0", "resnet50", {}),
@@ -102,6 +104,8 @@ FULL_MODELS = [
     ("convnextv2_base-all-v0.2.0", "convnextv2_base", {}),
     ("vit_base_patch8_224-all-v0.2.0", "vit_base_patch8_224", {}),
     ("mixer_b16_224-all-v0.2.0", "mixer_b16_224", {}),
+    ("mobilevit_s-all-v0.1.1", "mobilevit_s", {}),
+    ("mobilevit_s-all-v0.2.0", "mobilevit_s", {}),
 ]
 
 
@@ -171,7 +175,31 @@ def randomise(model, seed: int) -> None:
                 tensor.add_(noise * 0.5 / fan_in**0.5)
 
 
-def generate(out: Path, full: bool) -> None:
+def tiny_mobilevit(**kwargs):
+    """mobilevit_s's layout (timm's own helpers) with fewer channels and transformer layers; at 120 px
+    its first MobileViT block sees 15 x 15, so timm's interpolation to a multiple of the patch is used."""
+    from timm.models.byobnet import ByobNet, ByoModelCfg
+    from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
+
+    cfg = ByoModelCfg(
+        blocks=(
+            _inverted_residual_block(d=1, c=8, s=1),
+            _inverted_residual_block(d=2, c=12, s=2),
+            _mobilevit_block(d=1, c=16, s=2, transformer_dim=24, transformer_depth=1, patch_size=2),
+            _mobilevit_block(d=1, c=20, s=2, transformer_dim=32, transformer_depth=2, patch_size=2),
+            _mobilevit_block(d=1, c=24, s=2, transformer_dim=32, transformer_depth=1, patch_size=2),
+        ),
+        stem_chs=8,
+        stem_type="3x3",
+        stem_pool="",
+        downsample="",
+        act_layer="silu",
+        num_features=48,
+    )
+    return ByobNet(cfg, **kwargs)
+
+
+def generate(out: Path, full: bool, only: str = "") -> None:
     import timm
     import torch
     from safetensors.torch import save_file
@@ -183,12 +211,16 @@ def generate(out: Path, full: bool) -> None:
     paths = example_archive(Path(tempfile.mkdtemp()))
     names, bands = example_patch_bands(paths)
     for seed, (folder_name, timm_name, overrides) in enumerate(FULL_MODELS if full else TINY_MODELS):
+        if only not in folder_name:
+            continue
         modality, version = _parts(folder_name)
         channels = CHANNELS[modality]
         # timm's mixer_b16_224 fixes its size; the tiny one comes from the same class.
         create = timm.models.mlp_mixer.MlpMixer if timm_name.startswith("mixer_") and overrides else None
         if create is not None:
             overrides = {"patch_size": 16, **overrides}
+        if overrides.get("cfg") == "tiny":
+            create, overrides = tiny_mobilevit, {}
         model = (create or functools.partial(timm.create_model, timm_name))(
             in_chans=channels,
             num_classes=19,
@@ -304,11 +336,12 @@ def main() -> None:
     make = commands.add_parser("generate", help="write model folders and timm's logits (needs torch, timm)")
     make.add_argument("out", type=Path)
     make.add_argument("--full", action="store_true", help="the published sizes instead of the tiny fixtures")
+    make.add_argument("--only", default="", help="only the models whose folder name contains this")
     verify = commands.add_parser("check", help="import each folder and compare (needs bigearthnet-tf)")
     verify.add_argument("directory", type=Path)
     args = parser.parse_args()
     if args.command == "generate":
-        generate(args.out, args.full)
+        generate(args.out, args.full, args.only)
     else:
         raise SystemExit(check(args.directory))
 

@@ -59,18 +59,29 @@ TINY = [
         "resnet50",
         {"layers": (1, 1, 1, 1), "channels": (8, 12, 16, 24), "stem_width": 8},
     ),
+    (
+        "tiny-vit_small_patch16_224_sentinel2_all_dino",
+        "ViTSmall16_Weights.SENTINEL2_ALL_DINO",
+        "vit_small_patch16_224",
+        {"embed_dim": 64, "depth": 2, "num_heads": 1, "mlp_ratio": 2.0},
+    ),
 ]
 FULL = [
     ("resnet50_sentinel2_all_moco", "ResNet50_Weights.SENTINEL2_ALL_MOCO", "resnet50", {}),
     ("resnet18_sentinel2_all_moco", "ResNet18_Weights.SENTINEL2_ALL_MOCO", "resnet18", {}),
     ("resnet50_sentinel1_all_moco", "ResNet50_Weights.SENTINEL1_ALL_MOCO", "resnet50", {}),
     ("rn50_ssl4eo-s12_sar_decur_ep100", "ResNet50_Weights.SENTINEL1_ALL_DECUR", "resnet50", {}),
+    ("vit_small_patch16_224_sentinel2_all_moco", "ViTSmall16_Weights.SENTINEL2_ALL_MOCO", "vit_small_patch16_224", {}),
+    ("B2_vits16_fgmae_ep99_enc", "ViTSmall16_Weights.SENTINEL1_GRD_FGMAE", "vit_small_patch16_224", {}),
 ]
 PROTOCOL_OF = {
     "ResNet18_Weights.SENTINEL2_ALL_MOCO": "ssl4eo-s2",
     "ResNet50_Weights.SENTINEL2_ALL_MOCO": "ssl4eo-s2",
     "ResNet50_Weights.SENTINEL1_ALL_MOCO": "ssl4eo-s1",
     "ResNet50_Weights.SENTINEL1_ALL_DECUR": "decur-s1",
+    "ViTSmall16_Weights.SENTINEL2_ALL_DINO": "ssl4eo-s2",
+    "ViTSmall16_Weights.SENTINEL2_ALL_MOCO": "ssl4eo-s2",
+    "ViTSmall16_Weights.SENTINEL1_GRD_FGMAE": "decur-s1",
 }
 
 
@@ -155,11 +166,11 @@ def our_features(base: Path, images: dict[str, np.ndarray] | np.ndarray):
     import keras
 
     from bigearthnet_tf import checkpoints
-    from bigearthnet_tf.models.ssl4eo import FEATURES_LAYER, NETWORK_LAYER
+    from bigearthnet_tf.backbones import feature_model
+    from bigearthnet_tf.models.ssl4eo import NETWORK_LAYER
 
     model, _, _ = checkpoints.load_checkpoint(base)
-    network = model.get_layer(NETWORK_LAYER)
-    pooled = keras.Model(network.input, network.get_layer(FEATURES_LAYER).output)
+    pooled = feature_model(model.get_layer(NETWORK_LAYER))
     return keras.ops.convert_to_numpy(pooled(images, training=False))
 
 
@@ -177,7 +188,7 @@ def check(directory: Path) -> int:
         weights = str(reference["weights"])
         base = work / reference_file.stem
         import_torchgeo(reference_file.with_suffix(".pth"), weights, base)
-        channels = 13 if "SENTINEL2" in weights else 2
+        channels = 13 if PROTOCOL_OF[weights] == "ssl4eo-s2" else 2
         ours = our_features(base, image(int(reference["image_seed"]), channels))
         network = float(np.abs(ours - reference["image_features"]).max())
         embedded = embed(base, folders, s1_root=examples.s1)  # S1 models read the S2 folders' twins

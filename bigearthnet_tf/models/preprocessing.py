@@ -235,6 +235,44 @@ class BicubicResize(keras.layers.Layer):
         return {**super().get_config(), "height": self.height, "width": self.width, "kernel": self.kernel}
 
 
+def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) weights of 1-D linear resampling with half-pixel centres, edges clamped."""
+    weights = np.zeros((out_size, in_size), np.float64)
+    for out_index in range(out_size):
+        position = max((out_index + 0.5) * in_size / out_size - 0.5, 0.0)
+        low = min(int(np.floor(position)), in_size - 1)
+        high = min(low + 1, in_size - 1)
+        fraction = position - low
+        weights[out_index, low] += 1 - fraction
+        weights[out_index, high] += fraction
+    return weights.astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="bigearthnet_tf")
+class LinearResize(keras.layers.Layer):
+    """Bilinear resampling of (batch, height, width, channels) to a fixed size, as two matrix products."""
+
+    def __init__(self, height: int, width: int, **kwargs) -> None:
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.height, self.width = int(height), int(width)
+
+    def build(self, input_shape) -> None:
+        self._rows = bilinear_resize_matrix(input_shape[1], self.height)
+        self._columns = bilinear_resize_matrix(input_shape[2], self.width)
+
+    def call(self, images):
+        rows = ops.convert_to_tensor(self._rows, dtype=self.compute_dtype)
+        columns = ops.convert_to_tensor(self._columns, dtype=self.compute_dtype)
+        return ops.einsum("pw,bowc->bopc", columns, ops.einsum("oh,bhwc->bowc", rows, images))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.height, self.width, input_shape[3])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
 def raw_inputs(keys: Sequence[str]) -> dict[str, keras.KerasTensor]:
     """Keras inputs for the given keys of `INPUTS`, named by their key."""
     inputs = {}

@@ -16,7 +16,7 @@ scripts, gathered in BIGEARTHNET.md section 8:
 - Logit i of their head is class `sorted(19 class names)[i]`. The import reorders the head's rows,
   so these models output our (2019) class order like every model here.
 
-Registered names: `reBEN-ResNet`, `reBEN-ConvNeXtV2`, `reBEN-ViT`, `reBEN-Mixer`. Options that define
+Registered names: `reBEN-ResNet`, `reBEN-ConvNeXtV2`, `reBEN-ViT`, `reBEN-Mixer`, `reBEN-MobileViT`. Options that define
 the network (recorded in checkpoints): `architecture` (a dict of the family's architecture; default
 the published size: ResNet50, ConvNeXtV2-Base, ViT-B/8, Mixer-B/16) and `band_order` (the weights
 version whose channel order the network expects, default `v0.2.0`). `dropout` (0.15) and
@@ -85,7 +85,13 @@ NETWORK_LAYER = "network"  # the timm network inside the model: image (120, 120,
 
 # Registered name -> timm family.
 REBEN_MODELS: Mapping[str, str] = MappingProxyType(
-    {"reBEN-ResNet": "resnet", "reBEN-ConvNeXtV2": "convnextv2", "reBEN-ViT": "vit", "reBEN-Mixer": "mixer"}
+    {
+        "reBEN-ResNet": "resnet",
+        "reBEN-ConvNeXtV2": "convnextv2",
+        "reBEN-ViT": "vit",
+        "reBEN-Mixer": "mixer",
+        "reBEN-MobileViT": "mobilevit",
+    }
 )
 
 

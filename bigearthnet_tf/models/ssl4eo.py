@@ -1,10 +1,11 @@
 """Sentinel foundation backbones (SSL4EO-S12, DeCUR; served by TorchGeo) as registered models of ours.
 
-The self-supervised ResNets of SSL4EO-S12 (MoCo, DINO) and DeCUR were trained on 13 Sentinel-2 L1C
+The self-supervised ResNets of SSL4EO-S12 (MoCo, DINO) and DeCUR, and its ViT-S/16s (MoCo, DINO,
+FG-MAE), were trained on 13 Sentinel-2 L1C
 bands or on Sentinel-1 VV, VH; TorchGeo serves them as timm state dicts (`timm.create_model('resnet50',
 in_chans=13)`), without a head. `torchgeo_import` reads those files; this module builds the model they
-fill: our raw-band inputs, the weights' own input protocol as the first layers, the timm ResNet of
-`models.timm_nets`, and a new head of 19 or 43 classes.
+fill: our raw-band inputs, the weights' own input protocol as the first layers, the timm ResNet or ViT
+of `models.timm_nets` (`SSL4EO-ResNet`, `SSL4EO-ViT`), and a new head of 19 or 43 classes.
 
 Input protocols (`band_order`, recorded in checkpoints; facts and sources in docs/PRETRAINED.md):
 
@@ -25,12 +26,11 @@ it commutes with the resampling.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import keras
-import numpy as np
 from keras import ops
 
 from bigearthnet_tf.constants import S1_BAND_NAMES
@@ -38,11 +38,10 @@ from bigearthnet_tf.errors import ConfigError
 from bigearthnet_tf.layout import parse_modality
 from bigearthnet_tf.models import timm_nets
 from bigearthnet_tf.models.modern import _check_rate
-from bigearthnet_tf.models.preprocessing import INPUTS, MM, S1, S2, BandStandardization, Statistics, raw_inputs
+from bigearthnet_tf.models.preprocessing import INPUTS, S1, S2, BandStandardization, LinearResize, Statistics, raw_inputs
 from bigearthnet_tf.models.registry import register_model
 
 NETWORK_LAYER = "network"  # the timm network inside the model: image -> logits
-FEATURES_LAYER = "global_pool"  # the pooled features before the head (what `embed` returns)
 DEFAULT_IMAGE_SIZE = 224
 L1C_BANDS: tuple[str, ...] = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
@@ -79,50 +78,14 @@ PROTOCOLS: Mapping[str, InputProtocol] = MappingProxyType(
     }
 )
 SSL4EO_MODEL = "SSL4EO-ResNet"
+# Registered name -> timm family of the network.
+SSL4EO_MODELS: Mapping[str, str] = MappingProxyType({SSL4EO_MODEL: "resnet", "SSL4EO-ViT": "vit"})
 
 
 def check_protocol(band_order: str) -> InputProtocol:
     if band_order not in PROTOCOLS:
         raise ConfigError(f"unknown band_order {band_order!r} for {SSL4EO_MODEL}; expected one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[band_order]
-
-
-def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) weights of 1-D linear resampling with half-pixel centres, edges clamped."""
-    weights = np.zeros((out_size, in_size), np.float64)
-    for out_index in range(out_size):
-        position = max((out_index + 0.5) * in_size / out_size - 0.5, 0.0)
-        low = min(int(np.floor(position)), in_size - 1)
-        high = min(low + 1, in_size - 1)
-        fraction = position - low
-        weights[out_index, low] += 1 - fraction
-        weights[out_index, high] += fraction
-    return weights.astype(np.float32)
-
-
-@keras.saving.register_keras_serializable(package="bigearthnet_tf")
-class LinearResize(keras.layers.Layer):
-    """Bilinear resampling of (batch, height, width, channels) to a fixed size, as two matrix products."""
-
-    def __init__(self, height: int, width: int, **kwargs) -> None:
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.height, self.width = int(height), int(width)
-
-    def build(self, input_shape) -> None:
-        self._rows = bilinear_resize_matrix(input_shape[1], self.height)
-        self._columns = bilinear_resize_matrix(input_shape[2], self.width)
-
-    def call(self, images):
-        rows = ops.convert_to_tensor(self._rows, dtype=self.compute_dtype)
-        columns = ops.convert_to_tensor(self._columns, dtype=self.compute_dtype)
-        return ops.einsum("pw,bowc->bopc", columns, ops.einsum("oh,bhwc->bowc", rows, images))
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.height, self.width, input_shape[3])
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "height": self.height, "width": self.width}
 
 
 @keras.saving.register_keras_serializable(package="bigearthnet_tf")
@@ -180,9 +143,10 @@ def build_ssl4eo(
     image_size: int = DEFAULT_IMAGE_SIZE,
     dropout: float = 0.0,
     drop_path_rate: float = 0.0,
+    family: str = "resnet",
     name: str = SSL4EO_MODEL,
 ) -> keras.Model:
-    """A timm ResNet with the input protocol `band_order`, for imported Sentinel backbones; logits out.
+    """A timm ResNet or ViT with the input protocol `band_order`, for imported Sentinel backbones.
 
     `statistics` are not used: the protocol's own scaling is part of what the weights mean.
     """
@@ -196,22 +160,17 @@ def build_ssl4eo(
     dropout = _check_rate("dropout", dropout)
     drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
     try:
-        arch = timm_nets.architecture_from_dict("resnet", architecture)
+        arch = timm_nets.architecture_from_dict(family, architecture)
     except (TypeError, timm_nets.ArchitectureError) as error:
         raise ConfigError(f"model {name!r}: {error}") from None
     image = keras.Input((image_size, image_size, len(protocol.channels)), name="image")
-    logits = timm_nets.resnet(image, num_classes, arch, dropout, drop_path_rate)
+    logits = timm_nets.NETWORKS[family](image, num_classes, arch, dropout, drop_path_rate)
     network = keras.Model(image, logits, name=NETWORK_LAYER)
     inputs = raw_inputs(input_keys_of(protocol))
     return keras.Model(inputs, network(protocol_image(inputs, protocol, image_size)), name=name)
 
 
-register_model(SSL4EO_MODEL, description="timm ResNet for SSL4EO-S12 / DeCUR backbones (import torchgeo)")(
-    functools.partial(build_ssl4eo, name=SSL4EO_MODEL)
-)
-
-
-def backbone_layers(model: keras.Model, head: str = "fc") -> Sequence[keras.layers.Layer]:
-    """The layers of the model's network that belong to the backbone (all but the head and its dropout)."""
-    network = model.get_layer(NETWORK_LAYER)
-    return [layer for layer in network.layers if layer.name not in (head, "head_dropout")]
+for _name, _family in SSL4EO_MODELS.items():
+    register_model(_name, description=f"timm {_family} for SSL4EO-S12 / DeCUR / FG-MAE backbones (import torchgeo)")(
+        functools.partial(build_ssl4eo, family=_family, name=_name)
+    )

@@ -55,7 +55,7 @@ LAYER_NORM_EPSILON = 1e-6  # timm's LayerNorm, LayerNorm2d and the ViT / Mixer n
 GRN_EPSILON = 1e-6
 BATCH_NORM_MOMENTUM = 0.9  # PyTorch's momentum 0.1
 VIT_HEAD_WIDTH = 64
-FAMILIES: tuple[str, ...] = ("resnet", "convnextv2", "vit", "mixer")
+FAMILIES: tuple[str, ...] = ("resnet", "convnextv2", "vit", "mixer", "mobilevit")
 # Buffers of a timm state dict that hold no weight (PyTorch's batch-norm update counter).
 SKIPPED_TENSORS = re.compile(r"(^|\.)num_batches_tracked$")
 
@@ -338,6 +338,183 @@ def _vit_architecture(shapes: Mapping[str, tuple[int, ...]], image_size: int) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# MobileViT
+
+
+MOBILEVIT_NORM_EPSILON = 1e-5  # its transformer uses PyTorch's nn.LayerNorm default
+MOBILEVIT_HEADS = 4  # timm's MobileVitBlock default (not readable from shapes)
+MOBILEVIT_PATCH = 2  # mobilevit_s / xs / xxs
+
+
+@dataclass(frozen=True)
+class MobileViTArchitecture:
+    """timm `mobilevit_*` (a ByobNet): 3x3/2 stem, five stages of inverted-residual blocks (the first
+    of stages 2 to 5 with stride 2), stages 3 to 5 ending in a MobileViT block, 1x1 final conv, head.
+
+    Per stage: output channels, inverted-residual blocks and their hidden width; transformer width,
+    depth and MLP width (0 where the stage has no MobileViT block)."""
+
+    stem_width: int = 16
+    channels: tuple[int, ...] = (32, 64, 96, 128, 160)
+    blocks: tuple[int, ...] = (1, 3, 1, 1, 1)
+    expansion: float = 4.0
+    transformer_widths: tuple[int, ...] = (0, 0, 144, 192, 240)
+    transformer_depths: tuple[int, ...] = (0, 0, 2, 4, 3)
+    mlp_ratio: float = 2.0
+    final_width: int = 640
+
+
+@keras.saving.register_keras_serializable(package="bigearthnet_tf")
+class PatchUnfold(keras.layers.Layer):
+    """(batch, H, W, C) -> (batch * p * p, H/p * W/p, C): one sequence per position inside the p x p
+    patches, the tokens in row-major patch order, as timm's MobileVitBlock unfolds."""
+
+    def __init__(self, patch: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.patch = int(patch)
+
+    def call(self, x):
+        height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+        p = self.patch
+        x = ops.reshape(x, (-1, height // p, p, width // p, p, channels))
+        x = ops.transpose(x, (0, 2, 4, 1, 3, 5))  # (batch, p, p, rows, columns, channels)
+        return ops.reshape(x, (-1, (height // p) * (width // p), channels))
+
+    def compute_output_shape(self, input_shape):
+        p = self.patch
+        return (None, (input_shape[1] // p) * (input_shape[2] // p), input_shape[3])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "patch": self.patch}
+
+
+@keras.saving.register_keras_serializable(package="bigearthnet_tf")
+class PatchFold(keras.layers.Layer):
+    """The inverse of `PatchUnfold` for a (height, width) feature map."""
+
+    def __init__(self, patch: int, height: int, width: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.patch, self.height, self.width = int(patch), int(height), int(width)
+
+    def call(self, x):
+        p, channels = self.patch, x.shape[2]
+        x = ops.reshape(x, (-1, p, p, self.height // p, self.width // p, channels))
+        x = ops.transpose(x, (0, 3, 1, 4, 2, 5))
+        return ops.reshape(x, (-1, self.height, self.width, channels))
+
+    def compute_output_shape(self, input_shape):
+        return (None, self.height, self.width, input_shape[2])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "patch": self.patch, "height": self.height, "width": self.width}
+
+
+def _conv_norm_act(x, filters: int, kernel: int, stride: int, name: str, act: bool = True, depthwise: bool = False):
+    """timm's ConvNormAct: conv (symmetric padding k // 2, no bias), batch norm, SiLU."""
+    x = _padded(x, kernel // 2 if kernel > 1 else 0, f"{name}.conv")
+    if depthwise:
+        x = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="valid", use_bias=False, name=f"{name}.conv")(x)
+    else:
+        x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False, name=f"{name}.conv")(x)
+    x = _batch_norm(x, f"{name}.bn")
+    return keras.layers.Activation("silu", name=f"{name}.act")(x) if act else x
+
+
+def _mobilevit_block(x, width: int, depth: int, mlp_width: int, rate: float, name: str):
+    from bigearthnet_tf.models.preprocessing import LinearResize
+
+    shortcut, channels = x, x.shape[-1]
+    y = _conv_norm_act(x, channels, 3, 1, f"{name}.conv_kxk")
+    y = keras.layers.Conv2D(width, 1, use_bias=False, name=f"{name}.conv_1x1")(y)
+    height, breadth = y.shape[1], y.shape[2]
+    padded_h = -(-height // MOBILEVIT_PATCH) * MOBILEVIT_PATCH
+    padded_w = -(-breadth // MOBILEVIT_PATCH) * MOBILEVIT_PATCH
+    resized = (padded_h, padded_w) != (height, breadth)
+    if resized:  # timm interpolates (bilinear, half-pixel) to a multiple of the patch, and back
+        y = LinearResize(padded_h, padded_w, name=f"{name}.resize_in")(y)
+    y = PatchUnfold(MOBILEVIT_PATCH, name=f"{name}.unfold")(y)
+    for index in range(depth):
+        block = f"{name}.transformer.{index}"
+        z = keras.layers.LayerNormalization(epsilon=MOBILEVIT_NORM_EPSILON, name=f"{block}.norm1")(y)
+        z = keras.layers.Dense(3 * width, name=f"{block}.attn.qkv")(z)
+        z = SelfAttention(MOBILEVIT_HEADS, name=f"{block}.attn")(z)
+        z = keras.layers.Dense(width, name=f"{block}.attn.proj")(z)
+        y = _residual(y, z, rate, f"{block}.attn")
+        z = keras.layers.LayerNormalization(epsilon=MOBILEVIT_NORM_EPSILON, name=f"{block}.norm2")(y)
+        z = keras.layers.Dense(mlp_width, name=f"{block}.mlp.fc1")(z)
+        z = keras.layers.Activation("silu", name=f"{block}.mlp.act")(z)
+        z = keras.layers.Dense(width, name=f"{block}.mlp.fc2")(z)
+        y = _residual(y, z, rate, f"{block}.mlp")
+    y = keras.layers.LayerNormalization(epsilon=MOBILEVIT_NORM_EPSILON, name=f"{name}.norm")(y)
+    y = PatchFold(MOBILEVIT_PATCH, padded_h, padded_w, name=f"{name}.fold")(y)
+    if resized:
+        y = LinearResize(height, breadth, name=f"{name}.resize_out")(y)
+    y = _conv_norm_act(y, channels, 1, 1, f"{name}.conv_proj")
+    y = keras.layers.Concatenate(name=f"{name}.concat")([shortcut, y])
+    return _conv_norm_act(y, channels, 3, 1, f"{name}.conv_fusion")
+
+
+def mobilevit(image, num_classes: int, arch: MobileViTArchitecture, dropout: float, drop_path_rate: float):
+    x = _conv_norm_act(image, arch.stem_width, 3, 2, "stem")
+    depths = [blocks + (1 if width else 0) for blocks, width in zip(arch.blocks, arch.transformer_widths, strict=True)]
+    rates = iter(np.linspace(0.0, drop_path_rate, sum(depths)))  # ByobNet's schedule over all blocks
+    for stage, (out, blocks) in enumerate(zip(arch.channels, arch.blocks, strict=True)):
+        for block in range(blocks):
+            name = f"stages.{stage}.{block}"
+            stride = 2 if stage > 0 and block == 0 else 1
+            rate = float(next(rates))
+            hidden = int(round(x.shape[-1] * arch.expansion))
+            y = _conv_norm_act(x, hidden, 1, 1, f"{name}.conv1_1x1")
+            y = _conv_norm_act(y, hidden, 3, stride, f"{name}.conv2_kxk", depthwise=True)
+            y = _conv_norm_act(y, out, 1, 1, f"{name}.conv3_1x1", act=False)
+            x = _residual(x, y, rate, name) if stride == 1 and x.shape[-1] == out else y
+        if arch.transformer_widths[stage]:
+            width = arch.transformer_widths[stage]
+            mlp_width = int(round(width * arch.mlp_ratio))
+            x = _mobilevit_block(
+                x, width, arch.transformer_depths[stage], mlp_width, float(next(rates)), f"stages.{stage}.{blocks}"
+            )
+    x = _conv_norm_act(x, arch.final_width, 1, 1, "final_conv")
+    features = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
+    return _head(features, num_classes, dropout, "head.fc")
+
+
+def _mobilevit_architecture(shapes: Mapping[str, tuple[int, ...]]) -> MobileViTArchitecture:
+    stem = _shape(shapes, "stem.conv.weight")
+    if stem[2:] != (3, 3):
+        raise ArchitectureError(f"stem.conv.weight {stem}: a MobileViT stem is one 3x3 convolution")
+    stages = _count_indexed(shapes, r"stages\.(\d+)\.")
+    channels, blocks, widths, depths = [], [], [], []
+    expansion = mlp_ratio = None
+    for stage in range(stages):
+        count = _count_indexed(shapes, rf"stages\.{stage}\.(\d+)\.")
+        vit = f"stages.{stage}.{count - 1}.transformer.0.attn.qkv.weight" in shapes
+        ir_blocks = count - 1 if vit else count
+        channels.append(_shape(shapes, f"stages.{stage}.0.conv3_1x1.conv.weight")[0])
+        blocks.append(ir_blocks)
+        first = _shape(shapes, f"stages.{stage}.0.conv1_1x1.conv.weight")
+        expansion = expansion or first[0] / first[1]
+        if vit:
+            block = f"stages.{stage}.{count - 1}"
+            widths.append(_shape(shapes, f"{block}.conv_1x1.weight")[0])
+            depths.append(_count_indexed(shapes, rf"stages\.{stage}\.{count - 1}\.transformer\.(\d+)\."))
+            mlp_ratio = mlp_ratio or _shape(shapes, f"{block}.transformer.0.mlp.fc1.weight")[0] / widths[-1]
+        else:
+            widths.append(0)
+            depths.append(0)
+    return MobileViTArchitecture(
+        stem_width=stem[0],
+        channels=tuple(channels),
+        blocks=tuple(blocks),
+        expansion=float(expansion or 4.0),
+        transformer_widths=tuple(widths),
+        transformer_depths=tuple(depths),
+        mlp_ratio=float(mlp_ratio or 2.0),
+        final_width=_shape(shapes, "final_conv.conv.weight")[0],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # MLP-Mixer
 
 
@@ -397,14 +574,16 @@ ARCHITECTURES: Mapping[str, type] = {
     "convnextv2": ConvNeXtV2Architecture,
     "vit": ViTArchitecture,
     "mixer": MixerArchitecture,
+    "mobilevit": MobileViTArchitecture,
 }
-NETWORKS = {"resnet": resnet, "convnextv2": convnextv2, "vit": vit, "mixer": mixer}
-HEAD_LAYERS = {"resnet": "fc", "convnextv2": "head.fc", "vit": "head", "mixer": "head"}  # the classifier
+NETWORKS = {"resnet": resnet, "convnextv2": convnextv2, "vit": vit, "mixer": mixer, "mobilevit": mobilevit}
+HEAD_LAYERS = {"resnet": "fc", "convnextv2": "head.fc", "vit": "head", "mixer": "head", "mobilevit": "head.fc"}
 _FAMILY_OF_TIMM_NAME = (
     (re.compile(r"^resnet(18|34|50|101|152)$"), "resnet"),
     (re.compile(r"^convnextv2_"), "convnextv2"),
     (re.compile(r"^vit_"), "vit"),
     (re.compile(r"^mixer_"), "mixer"),
+    (re.compile(r"^mobilevit_(s|xs|xxs)$"), "mobilevit"),
 )
 
 
@@ -415,7 +594,7 @@ def family_of(timm_model_name: str) -> str:
             return family
     raise ArchitectureError(
         f"timm architecture {timm_model_name!r} is not supported; supported: resnet18/34/50/101/152, "
-        "convnextv2_*, vit_* and mixer_*"
+        "convnextv2_*, vit_*, mixer_* and mobilevit_s/xs/xxs"
     )
 
 
@@ -426,6 +605,7 @@ def architecture_from_tensors(family: str, shapes: Mapping[str, tuple[int, ...]]
         "convnextv2": lambda: _convnextv2_architecture(shapes),
         "vit": lambda: _vit_architecture(shapes, image_size),
         "mixer": lambda: _mixer_architecture(shapes, image_size),
+        "mobilevit": lambda: _mobilevit_architecture(shapes),
     }
     return readers[family]()
 
