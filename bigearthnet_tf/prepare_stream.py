@@ -471,9 +471,12 @@ def stream_to_spool(
             initializer=_init_worker,
             initargs=(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths),
         )
-    else:
-        _init_worker(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    else:  # in this process: the worker state, but Ctrl-C keeps whatever handler the caller had
+        previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+        try:
+            _init_worker(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     if executor is not None:  # start every worker now, before any thread of ours runs
         try:
             for future in [executor.submit(os.getpid) for _ in range(job.workers)]:

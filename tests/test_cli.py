@@ -280,13 +280,18 @@ def _wait_for_training(config: Path) -> None:
     time.sleep(1.0)
 
 
+def _sigint_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python then installs its KeyboardInterrupt handler
+
+
 def test_first_ctrl_c_says_what_happens(records, tmp_path):
     config = write_config(tmp_path / "c.json", records, tmp_path / "run", nb_epoch=200)
-    process = _start_training(config)
+    # Started as from a shell, whatever disposition this test process inherited or was left with.
+    process = _start_training(config, preexec_fn=_sigint_as_at_a_terminal)
     _wait_for_training(config)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=240)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     assert (
         "SIGINT: stopping after this iteration and writing a checkpoint; Ctrl-C again to abort at once"
         in stderr
