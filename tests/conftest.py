@@ -26,6 +26,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_handler_is_left_as_found():
+    """A test that leaves SIGINT ignored in this process would make every later child ignore Ctrl-C
+    (dispositions are inherited). Put it back, and warn naming the test, so the leak is found."""
+    import signal
+    import warnings
+
+    yield
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        warnings.warn("this test left SIGINT ignored in the test process; restored", stacklevel=1)
+
+
 @pytest.fixture(scope="session")
 def example_paths(tmp_path_factory):
     """The six real S2 patches (and their S1 twins) of bigearthnet-common, extracted once."""
