@@ -1,7 +1,8 @@
 """`bigearthnet import torchgeo`: Sentinel foundation backbones served by TorchGeo, as backbone checkpoints.
 
-TorchGeo serves the self-supervised Sentinel ResNets (and ViT-S/16s) of SSL4EO-S12 and DeCUR as `.pth` state dicts in
-timm's key layout, without a head. The file alone says neither its bands nor their scaling, so the
+TorchGeo serves the self-supervised Sentinel ResNets (and ViT-S/16s) of SSL4EO-S12, DeCUR and SoftCon as `.pth`
+state dicts in timm's key layout (SoftCon's are torchvision's, which names a ResNet's tensors as timm does),
+without a head. The file alone says neither its bands nor their scaling, so the
 user names the weights as TorchGeo does (`ResNet50_Weights.SENTINEL2_ALL_MOCO`); `WEIGHTS` holds what
 each name means (architecture, input protocol of `models.ssl4eo`, the published file name whose last
 part is a SHA-256 prefix, method and paper).
@@ -100,6 +101,22 @@ WEIGHTS = MappingProxyType(
             "DeCUR",
             "https://arxiv.org/abs/2309.05300",
             "zhu-xlab/DeCUR",
+        ),
+        "ResNet50_Weights.SENTINEL2_ALL_SOFTCON": TorchGeoWeights(
+            "resnet50",
+            "softcon-s2",
+            "B13_rn50_softcon.pth",
+            "SoftCon",
+            "https://arxiv.org/abs/2405.20462",
+            "zhu-xlab/softcon",
+        ),
+        "ResNet50_Weights.SENTINEL1_GRD_SOFTCON": TorchGeoWeights(
+            "resnet50",
+            "decur-s1",
+            "B2_rn50_softcon.pth",
+            "SoftCon",
+            "https://arxiv.org/abs/2405.20462",
+            "zhu-xlab/softcon",
         ),
         "ViTSmall16_Weights.SENTINEL2_ALL_MOCO": TorchGeoWeights(
             "vit_small_patch16_224",

@@ -115,7 +115,13 @@ def test_weights_of_another_kind_and_bad_names_are_refused(tmp_path):
 def test_list_names_every_supported_weight(capsys):
     main(["import", "torchgeo", "--list"])
     listing = capsys.readouterr().out
-    for name in ("ResNet50_Weights.SENTINEL2_ALL_MOCO", "ResNet50_Weights.SENTINEL1_ALL_MOCO", "ResNet18_Weights"):
+    for name in (
+        "ResNet50_Weights.SENTINEL2_ALL_MOCO",
+        "ResNet50_Weights.SENTINEL1_ALL_MOCO",
+        "ResNet18_Weights",
+        "ResNet50_Weights.SENTINEL2_ALL_SOFTCON",
+        "ResNet50_Weights.SENTINEL1_GRD_SOFTCON",
+    ):
         assert name in listing
     assert "13 L1C bands (B10 zero)" in listing
 
@@ -129,6 +135,7 @@ def test_list_names_every_supported_weight(capsys):
         (S2_FILE.stem, S2_WEIGHTS),
         (S1_FILE.stem, S1_WEIGHTS),
         ("tiny-vit_small_patch16_224_sentinel2_all_dino", "ViTSmall16_Weights.SENTINEL2_ALL_DINO"),
+        ("tiny-B13_rn50_softcon", "ResNet50_Weights.SENTINEL2_ALL_SOFTCON"),  # standardised, B10 a raw zero
     ],
 )
 def test_features_equal_timms_network_and_whole_chain(tmp_path, examples, stem, weights):

@@ -6,6 +6,7 @@ Two steps in two Python environments (bigearthnet-tf never needs PyTorch):
     # 1. where torch, timm, tifffile and bigearthnet-common are installed (no TensorFlow):
     python tools/torchgeo_parity.py generate tests/data/torchgeo            # the small committed fixtures
     python tools/torchgeo_parity.py generate /tmp/torchgeo-full --full       # the published sizes
+    python tools/torchgeo_parity.py generate /tmp/softcon --full --only softcon  # some of them
     # 2. where bigearthnet-tf is installed:
     python tools/torchgeo_parity.py check tests/data/torchgeo
     python tools/torchgeo_parity.py check /tmp/torchgeo-full
@@ -18,7 +19,10 @@ weights (`reben_parity.randomise`), and `<name>.npz` with timm's pooled features
 - `patch_features`: on the six real example patches of bigearthnet-common, preprocessed as the
   protocol says (each band as float32 from its native grid, `F.interpolate(size=224, mode="bilinear",
   align_corners=False)`, stacked in the weights' channel order with a zero B10 for S2, scaled by
-  1/10000 or standardised with the S1 statistics), for the whole chain.
+  1/10000 or standardised with the weights' statistics), for the whole chain.
+
+SoftCon's files are torchvision ResNet50 state dicts; torchvision and timm name a ResNet's tensors
+alike and compute the same network, so timm writes them here too.
 
 `check` imports each file with `bigearthnet import torchgeo`, then compares (float32) our network's
 pooled features on the same image, and our `embed` on the example patch folders, with timm's; it
@@ -41,9 +45,13 @@ TOLERANCE = 1e-4
 IMAGE_BATCH = 2
 IMAGE_SIZE = 224
 L1C_BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
-S1_STATISTICS = {  # (mean, std) of VV, VH
+STATISTICS = {  # (mean, std) per channel of the standardised protocols
     "ssl4eo-s1": ([-12.54847273, -20.19237134], [5.25697717, 5.91150917]),
     "decur-s1": ([-12.59, -20.26], [5.26, 5.91]),
+    "softcon-s2": (  # TorchGeo's _mean_s2 / _std_s2, over the 13 L1C bands
+        [1612.9, 1397.6, 1322.3, 1373.1, 1561.0, 2108.4, 2390.7, 2318.7, 2581.0, 837.7, 22.0, 2195.2, 1537.4],
+        [791.0, 854.3, 878.7, 1144.9, 1127.5, 1164.2, 1276.0, 1249.5, 1345.9, 577.5, 47.5, 1340.0, 1142.9],
+    ),
 }
 # (file stem, TorchGeo weights name, timm name, timm constructor overrides)
 TINY = [
@@ -65,6 +73,12 @@ TINY = [
         "vit_small_patch16_224",
         {"embed_dim": 64, "depth": 2, "num_heads": 1, "mlp_ratio": 2.0},
     ),
+    (
+        "tiny-B13_rn50_softcon",
+        "ResNet50_Weights.SENTINEL2_ALL_SOFTCON",
+        "resnet50",
+        {"layers": (1, 1, 1, 1), "channels": (8, 12, 16, 24), "stem_width": 8},
+    ),
 ]
 FULL = [
     ("resnet50_sentinel2_all_moco", "ResNet50_Weights.SENTINEL2_ALL_MOCO", "resnet50", {}),
@@ -73,6 +87,8 @@ FULL = [
     ("rn50_ssl4eo-s12_sar_decur_ep100", "ResNet50_Weights.SENTINEL1_ALL_DECUR", "resnet50", {}),
     ("vit_small_patch16_224_sentinel2_all_moco", "ViTSmall16_Weights.SENTINEL2_ALL_MOCO", "vit_small_patch16_224", {}),
     ("B2_vits16_fgmae_ep99_enc", "ViTSmall16_Weights.SENTINEL1_GRD_FGMAE", "vit_small_patch16_224", {}),
+    ("B13_rn50_softcon", "ResNet50_Weights.SENTINEL2_ALL_SOFTCON", "resnet50", {}),
+    ("B2_rn50_softcon", "ResNet50_Weights.SENTINEL1_GRD_SOFTCON", "resnet50", {}),
 ]
 PROTOCOL_OF = {
     "ResNet18_Weights.SENTINEL2_ALL_MOCO": "ssl4eo-s2",
@@ -82,7 +98,13 @@ PROTOCOL_OF = {
     "ViTSmall16_Weights.SENTINEL2_ALL_DINO": "ssl4eo-s2",
     "ViTSmall16_Weights.SENTINEL2_ALL_MOCO": "ssl4eo-s2",
     "ViTSmall16_Weights.SENTINEL1_GRD_FGMAE": "decur-s1",
+    "ResNet50_Weights.SENTINEL2_ALL_SOFTCON": "softcon-s2",
+    "ResNet50_Weights.SENTINEL1_GRD_SOFTCON": "decur-s1",
 }
+
+
+def channels_of(weights: str) -> int:
+    return 13 if PROTOCOL_OF[weights].endswith("-s2") else 2
 
 
 def image(seed: int, channels: int) -> np.ndarray:
@@ -121,15 +143,18 @@ def protocol_input(patch: dict[str, np.ndarray], protocol: str):
         tensor = torch.from_numpy(values.astype(np.float32))[None, None]
         return F.interpolate(tensor, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[0, 0]
 
+    if protocol.endswith("-s2"):
+        zero = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)  # BigEarthNet has no B10
+        stacked = torch.stack([zero if band == "B10" else resized(patch[band]) for band in L1C_BANDS])
+    else:
+        stacked = torch.stack([resized(patch[band]) for band in ("VV", "VH")])
     if protocol == "ssl4eo-s2":
-        zero = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
-        return torch.stack([zero if band == "B10" else resized(patch[band]) for band in L1C_BANDS]) / 10000
-    mean, std = S1_STATISTICS[protocol]
-    stacked = torch.stack([resized(patch[band]) for band in ("VV", "VH")])
+        return stacked / 10000
+    mean, std = STATISTICS[protocol]
     return (stacked - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def generate(out: Path, full: bool) -> None:
+def generate(out: Path, full: bool, only: str | None = None) -> None:
     import timm
     import torch
     from reben_parity import randomise
@@ -139,8 +164,10 @@ def generate(out: Path, full: bool) -> None:
     names, bands = example_bands(example_archive(Path(tempfile.mkdtemp())))
     out.mkdir(parents=True, exist_ok=True)
     for seed, (stem, weights, timm_name, overrides) in enumerate(FULL if full else TINY, start=100):
+        if only and only not in stem:
+            continue
         protocol = PROTOCOL_OF[weights]
-        channels = 13 if protocol == "ssl4eo-s2" else 2
+        channels = channels_of(weights)
         model = timm.create_model(timm_name, in_chans=channels, num_classes=0, **overrides)
         randomise(model, seed)
         model.eval()
@@ -188,8 +215,7 @@ def check(directory: Path) -> int:
         weights = str(reference["weights"])
         base = work / reference_file.stem
         import_torchgeo(reference_file.with_suffix(".pth"), weights, base)
-        channels = 13 if PROTOCOL_OF[weights] == "ssl4eo-s2" else 2
-        ours = our_features(base, image(int(reference["image_seed"]), channels))
+        ours = our_features(base, image(int(reference["image_seed"]), channels_of(weights)))
         network = float(np.abs(ours - reference["image_features"]).max())
         embedded = embed(base, folders, s1_root=examples.s1)  # S1 models read the S2 folders' twins
         order = [embedded.names.index(str(name)) for name in reference["patch_names"]]
@@ -207,10 +233,11 @@ def main() -> None:
     make = sub.add_parser("generate")
     make.add_argument("out", type=Path)
     make.add_argument("--full", action="store_true")
+    make.add_argument("--only", help="only the files whose name contains this")
     sub.add_parser("check").add_argument("directory", type=Path)
     args = parser.parse_args()
     if args.command == "generate":
-        generate(args.out, args.full)
+        generate(args.out, args.full, args.only)
     else:
         sys.exit(check(args.directory))
 

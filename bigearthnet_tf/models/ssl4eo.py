@@ -1,6 +1,6 @@
-"""Sentinel foundation backbones (SSL4EO-S12, DeCUR; served by TorchGeo) as registered models of ours.
+"""Sentinel foundation backbones (SSL4EO-S12, DeCUR, SoftCon; served by TorchGeo) as registered models of ours.
 
-The self-supervised ResNets of SSL4EO-S12 (MoCo, DINO) and DeCUR, and its ViT-S/16s (MoCo, DINO,
+The self-supervised ResNets of SSL4EO-S12 (MoCo, DINO), DeCUR and SoftCon, and its ViT-S/16s (MoCo, DINO,
 FG-MAE), were trained on 13 Sentinel-2 L1C
 bands or on Sentinel-1 VV, VH; TorchGeo serves them as timm state dicts (`timm.create_model('resnet50',
 in_chans=13)`), without a head. `torchgeo_import` reads those files; this module builds the model they
@@ -13,6 +13,9 @@ Input protocols (`band_order`, recorded in checkpoints; facts and sources in doc
   BigEarthNet has no B10 (the cirrus band is not in L2A); SSL4EO-S12's own BigEarthNet transfer script
   inserts a channel of zeros in its place, and so does the `InsertZeroChannel` layer here. Values are
   reflectance x 10000 divided by 10000 (TorchGeo's transform of these weights).
+- `softcon-s2`: the same 13 channels, standardised with the per-band statistics of SSL4EO-S12's L1C
+  data (TorchGeo's transform of the SoftCon weights); the missing B10 is a raw zero, so after
+  standardisation it is the constant (0 - mean) / std of B10.
 - `ssl4eo-s1` / `decur-s1`: VV, VH in dB, standardised with the statistics of SSL4EO-S12's S1 data
   (SSL4EO-S12's BigEarthNet dataset code) or of DeCUR's transfer script (TorchGeo's transform).
 
@@ -65,6 +68,13 @@ PROTOCOLS: Mapping[str, InputProtocol] = MappingProxyType(
         "ssl4eo-s2": InputProtocol(
             S2, L1C_BANDS, (0.0,) * 13, (10000.0,) * 13, "13 L1C bands (B10 zero), reflectance / 10000"
         ),
+        "softcon-s2": InputProtocol(
+            S2,
+            L1C_BANDS,
+            (1612.9, 1397.6, 1322.3, 1373.1, 1561.0, 2108.4, 2390.7, 2318.7, 2581.0, 837.7, 22.0, 2195.2, 1537.4),
+            (791.0, 854.3, 878.7, 1144.9, 1127.5, 1164.2, 1276.0, 1249.5, 1345.9, 577.5, 47.5, 1340.0, 1142.9),
+            "13 L1C bands (B10 zero), SSL4EO-S12 L1C statistics",
+        ),
         "ssl4eo-s1": InputProtocol(
             S1,
             S1_BAND_NAMES,
@@ -90,21 +100,23 @@ def check_protocol(band_order: str) -> InputProtocol:
 
 @keras.saving.register_keras_serializable(package="bigearthnet_tf")
 class InsertZeroChannel(keras.layers.Layer):
-    """A channel of zeros inserted at `index` (a band the data lacks but the weights expect)."""
+    """A band the data lacks but the weights expect, inserted at `index` as a raw zero: after the
+    protocol's scaling that is the constant `value`, (0 - mean) / std of the band."""
 
-    def __init__(self, index: int, **kwargs) -> None:
+    def __init__(self, index: int, value: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.index = int(index)
+        self.value = float(value)
 
     def call(self, images):
-        zeros = ops.zeros_like(images[..., :1])
-        return ops.concatenate([images[..., : self.index], zeros, images[..., self.index :]], axis=-1)
+        constant = ops.zeros_like(images[..., :1]) + ops.cast(self.value, images.dtype)
+        return ops.concatenate([images[..., : self.index], constant, images[..., self.index :]], axis=-1)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], input_shape[-1] + 1)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "index": self.index}
+        return {**super().get_config(), "index": self.index, "value": self.value}
 
 
 def input_keys_of(protocol: InputProtocol) -> tuple[str, ...]:
@@ -129,7 +141,9 @@ def protocol_image(
         name="scale_bands",
     )(stacked)
     if ZERO_BAND in protocol.channels:
-        scaled = InsertZeroChannel(protocol.channels.index(ZERO_BAND), name="zero_b10")(scaled)
+        index = protocol.channels.index(ZERO_BAND)
+        value = (0.0 - protocol.mean[index]) / protocol.std[index]
+        scaled = InsertZeroChannel(index, value, name="zero_b10")(scaled)
     return scaled
 
 
