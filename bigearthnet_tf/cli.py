@@ -251,6 +251,7 @@ def _embed(args: argparse.Namespace) -> None:
         args.model,
         args.patch_folders,
         archive=args.archive,
+        records=args.records,
         s1_root=args.s1_root,
         out=args.out,
         overwrite=args.overwrite,
@@ -594,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     embedder.add_argument("patch_folders", nargs="*", type=Path, help="S2 patch folders (v1 or v2 layout)")
     embedder.add_argument("--model", required=True, help=MODEL_FORMS)
     embedder.add_argument("--archive", type=Path, default=None, help="archive root or file, instead of folders")
+    embedder.add_argument(
+        "--records", nargs="+", default=(), help="TFRecord files, globs or folders, instead of folders"
+    )
     embedder.add_argument("--s1-root", type=Path, default=None, help="Sentinel-1 root (models reading S1)")
     embedder.add_argument("--out", type=Path, required=True, help=".npy (+ .names.txt) or .parquet file")
     embedder.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -4,7 +4,8 @@ clustering or similarity search.
 Any model of ours works: the features are the input of its classifier (`backbones.feature_model`: the
 last Dense layer, in the model itself or in the timm network nested in it, as in reBEN and SSL4EO),
 so for a ResNet they are the 2048 globally pooled channels, for a ViT the class token after the final
-norm. Patches come as for `predict` (folders, an archive folder or file, S1 twins for S1 models).
+norm. Patches come as for `predict` (folders, an archive folder or file, S1 twins for S1 models), or
+from prepared TFRecord files (`records`: files, globs or folders, with patch names, read in order).
 
 Output, chosen by the suffix of `--out`:
 - `.npy`: a float32 array (patches, features), and beside it `<name>.names.txt`, one patch name per
@@ -47,6 +48,7 @@ def embed(
     patch_folders: Sequence[str | os.PathLike[str]] = (),
     *,
     archive: str | os.PathLike[str] | None = None,
+    records: Sequence[str | os.PathLike[str]] = (),
     s1_root: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -54,7 +56,8 @@ def embed(
     workers: int | None = None,
     console=None,
 ) -> Embeddings:
-    """The pooled features of `model` for patch folders or the patches of `archive`; written to `out`."""
+    """The pooled features of `model` for patch folders, the patches of `archive` or the TFRecord files
+    `records`; written to `out`."""
     from bigearthnet_tf.backbones import feature_model
     from bigearthnet_tf.console import status_console
     from bigearthnet_tf.inference import logits_over_patches
@@ -69,22 +72,25 @@ def embed(
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if bool(patch_folders) == (archive is not None):
-        raise UserError("give either patch folders or --archive ROOT (not both, not neither)")
+    if sum((bool(patch_folders), archive is not None, bool(records))) != 1:
+        raise UserError("give one of: patch folders, --archive ROOT, --records FILE...")
     out_path = _check_out(out, overwrite)
     if archive is not None:
         check_archive_root(archive)
-    else:
+    elif patch_folders:
         check_patch_folders(patch_folders)
     console = console or status_console(True)
     predictor = load_predictor(model, allow_backbone=True)
     features_of = feature_model(predictor.model)
-    locations = patch_locations(patch_folders, archive, None, False, None, s1_root, predictor.needs_s1)
-    reader = PatchReader(predictor.band_order, archive_mode=archive is not None)
     started = time.perf_counter()
-    names, features, _ = logits_over_patches(
-        features_of, reader, locations, batch_size=batch_size, workers=workers or default_read_threads()
-    )
+    if records:
+        names, features = _over_records(features_of, records, predictor.meta.modality, batch_size)
+    else:
+        locations = patch_locations(patch_folders, archive, None, False, None, s1_root, predictor.needs_s1)
+        reader = PatchReader(predictor.band_order, archive_mode=archive is not None)
+        names, features, _ = logits_over_patches(
+            features_of, reader, locations, batch_size=batch_size, workers=workers or default_read_threads()
+        )
     seconds = time.perf_counter() - started
     if not names:
         raise UserError(f"no patches in {archive}" if archive is not None else "no patches could be read")
@@ -98,6 +104,15 @@ def embed(
             soft_wrap=True,
         )
     return result
+
+
+def _over_records(features_of, records, modality, batch_size: int) -> tuple[list[str], np.ndarray]:
+    from bigearthnet_tf.inference import collect_predictions
+    from bigearthnet_tf.input_pipeline import make_dataset
+
+    dataset = make_dataset(list(records), None, batch_size, modality=modality, with_names=True)
+    collected = collect_predictions(features_of, dataset)
+    return collected.names or [], collected.logits
 
 
 def _check_out(out, overwrite: bool) -> Path | None:

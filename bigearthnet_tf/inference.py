@@ -96,7 +96,7 @@ def collect_predictions(model, dataset, on_batch: Callable[[], None] | None = No
             if on_batch is not None:
                 on_batch()
     if not logits:
-        raise UserError("the evaluation files yielded no records")
+        raise UserError("the record files yielded no records")
     return Predictions(
         names=names if has_names else None,
         logits=np.concatenate(logits),

@@ -160,6 +160,26 @@ def test_features_equal_timms_network_and_whole_chain(tmp_path, examples, stem, 
 # --- using a backbone -------------------------------------------------------------------------------
 
 
+def test_embed_from_records_equals_embed_from_the_patch_folders(tmp_path, s2_backbone, examples):
+    """Records prepared from the example patches give their folders' features, named and in order."""
+    folders = sorted(p for p in examples.s2.iterdir() if p.is_dir())
+    names = [folder.name for folder in folders]
+    split = tmp_path / "all.csv"
+    split.write_text("".join(f"{name}\n" for name in names))
+    records = tmp_path / "records"
+    main(["prepare", "-r", str(examples.s2), "-o", str(records), "--splits", str(split)])
+    from_folders = embed(s2_backbone, folders)
+    main(["embed", "--records", str(records), "--model", str(s2_backbone), "--out", str(tmp_path / "f.parquet")])
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "f.parquet").to_pydict()
+    order = [from_folders.names.index(name) for name in table["patch_name"]]
+    assert sorted(table["patch_name"]) == sorted(names)
+    np.testing.assert_allclose(np.array(table["features"]), from_folders.features[order], rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="give one of"):
+        embed(s2_backbone, folders, records=[records])
+
+
 def test_a_backbone_is_not_a_classifier(s2_backbone, examples):
     folders = sorted(p for p in examples.s2.iterdir() if p.is_dir())
     with pytest.raises(UserError, match="is a backbone without a trained head"):
@@ -236,6 +256,61 @@ def test_fine_tune_frozen_keeps_the_backbone_and_unfrozen_moves_it(tmp_path, rec
     meta = checkpoints.read_metadata(tmp_path / "slow" / "models" / f"iteration-{slow.iterations}")
     assert meta["config"]["backbone_learning_rate_scale"] == 0.01
     assert meta["model_options"]["band_order"] == "ssl4eo-s2" and meta["model_options"]["image_size"] == 224
+
+
+def test_a_fine_tune_resumes_bit_identically_exports_and_maps(tmp_path, records, s2_backbone, examples):
+    """From an imported backbone, with the backbone at a tenth of the head's rate: a run killed before
+    its last checkpoint and resumed ends with the uninterrupted run's weights, bit for bit; the
+    result exports to a safe-mode `.keras` file and `map` gives what `predict` gives on the patches."""
+    import shutil
+
+    import keras
+    import rasterio
+
+    from bigearthnet_tf.export import export_model
+    from bigearthnet_tf.mapping import MapOptions, map_scenes
+    from bigearthnet_tf.synth_scene import mosaic_bands, write_scene
+
+    changes = {
+        "backbone_learning_rate_scale": 0.1,
+        "nb_epoch": 2,
+        "save_checkpoint_per_iteration": 1,
+        "resume": "auto",
+        "augmentation": True,
+    }
+    reference = _fine_tune(records, tmp_path / "reference", s2_backbone, **changes)
+    total = reference.iterations
+    assert total == 6
+    shutil.copytree(tmp_path / "reference", tmp_path / "resumed")
+    models = tmp_path / "resumed" / "models"
+    for path in checkpoints.checkpoint_files(checkpoints.checkpoint_base(models, total)).values():
+        path.unlink(missing_ok=True)  # as if killed before the last checkpoint
+    assert checkpoints.latest_complete_checkpoint(models).name == f"iteration-{total - 1}"
+    resumed = _fine_tune(records, tmp_path / "resumed", s2_backbone, **changes)
+    assert resumed.iterations == total
+    expected = checkpoints.load_checkpoint(reference.final_checkpoint)
+    got = checkpoints.load_checkpoint(resumed.final_checkpoint)
+    for want, have in zip(expected.model.get_weights(), got.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(have, want)
+    start = _weights(s2_backbone)[0]
+    assert np.abs(_weights(resumed.final_checkpoint)[0] - start).max() > 0  # the backbone was trained
+
+    folders = sorted(p for p in examples.s2.iterdir() if p.is_dir())
+    predicted = predict(resumed.final_checkpoint, folders, show_progress=False, emit=False)
+    exported = export_model(resumed.final_checkpoint, "keras", tmp_path / "model.keras").path
+    assert keras.saving.load_model(exported, safe_mode=True, compile=False).layers[-1].name == "probabilities"
+    from_export = predict(exported, folders, show_progress=False, emit=False)
+    np.testing.assert_allclose(from_export.probabilities, predicted.probabilities, atol=1e-5)
+
+    bands, _ = mosaic_bands([folders[:3], folders[3:]])
+    scene = write_scene(bands, tmp_path / "scene.tif", "geotiff")
+    mapped = map_scenes([scene], resumed.final_checkpoint, tmp_path / "maps", MapOptions(), show_progress=False)[0]
+    with rasterio.open(mapped.folder / "probabilities.tif") as dataset:
+        probabilities = dataset.read()
+    assert probabilities.shape == (19, 2, 3)
+    np.testing.assert_allclose(
+        probabilities.transpose(1, 2, 0).reshape(6, 19), predicted.probabilities, rtol=0, atol=1e-5
+    )
 
 
 def test_backbone_of_another_model_or_modality_is_refused(tmp_path, records, s2_backbone):
