@@ -313,6 +313,31 @@ def test_a_fine_tune_resumes_bit_identically_exports_and_maps(tmp_path, records,
     )
 
 
+@pytest.mark.slow
+def test_a_full_size_resnet50_backbone_fine_tunes_frozen_and_unfrozen(tmp_path, records):
+    """The published architecture (ResNet50, 13 bands at 224 px; seeded weights saved as an imported
+    backbone is): the frozen probe keeps the backbone, both runs learn (validation loss falls)."""
+    import keras
+
+    from bigearthnet_tf.models import build_model
+
+    keras.utils.set_random_seed(5)
+    model = build_model("SSL4EO-ResNet", 19, "S2", None, band_order="ssl4eo-s2")
+    assert model.count_params() > 23_000_000
+    base = tmp_path / "r50"
+    checkpoints.save_checkpoint(
+        base, model, model_name="SSL4EO-ResNet", label_type="BigEarthNet-19", modality="S2", iteration=0,
+        kind=checkpoints.KIND_BACKBONE,
+    )  # fmt: skip
+    start = _weights(base)
+    for name, changes in (("frozen", {"freeze_backbone": True}), ("unfrozen", {})):
+        result = _fine_tune(records, tmp_path / name, base, nb_epoch=2, learning_rate=1e-3, **changes)
+        stem = _weights(tmp_path / name / "models" / f"iteration-{result.iterations}")[0]
+        assert (np.abs(stem - start[0]).max() == 0) == (name == "frozen")
+        losses = [entry["loss"] for entry in result.validations]
+        assert losses[-1] < losses[0], (name, losses)
+
+
 def test_backbone_of_another_model_or_modality_is_refused(tmp_path, records, s2_backbone):
     with pytest.raises(UserError, match="SSL4EO-ResNet") as caught:
         _fine_tune(records, tmp_path / "other", s2_backbone, model_name="ResNet-Tiny")
