@@ -34,7 +34,12 @@ def needs_tensorflow(args: argparse.Namespace) -> bool:
     if args.command in WITHOUT_TENSORFLOW:
         return False
     if args.command == "config":
-        return args.action != "keys"
+        from bigearthnet_tf.model_catalogue import plugins_configured
+
+        # A built-in model_name is checked without Keras; a plug-in's needs the registry.
+        return args.action != "keys" and plugins_configured()
+    if args.command == "models":
+        return not lists_models_without_keras(args)
     if args.command == "inspect":
         from bigearthnet_tf.inspect_data import reads_records
 
@@ -113,11 +118,22 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
-    from bigearthnet_tf.models import print_model_table
+    if not lists_models_without_keras(args):
+        from bigearthnet_tf.models import print_model_table
 
-    print_model_table(
-        label_type=args.label_type, as_json=args.json, names=args.names or None, parameters=args.parameters
-    )
+        names = args.names or None
+        print_model_table(label_type=args.label_type, as_json=args.json, names=names, parameters=args.parameters)
+        return
+    from bigearthnet_tf.model_catalogue import builtin_rows, print_model_rows
+
+    print_model_rows(builtin_rows(args.names), args.label_type, as_json=args.json, parameters=False)
+
+
+def lists_models_without_keras(args: argparse.Namespace) -> bool:
+    """`models` without `--parameters` names only built-ins when no plug-in is configured."""
+    from bigearthnet_tf.model_catalogue import is_builtin, plugins_configured
+
+    return not args.parameters and not plugins_configured() and all(map(is_builtin, args.names or ()))
 
 
 def _stats(args: argparse.Namespace) -> None:
@@ -594,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embedder.add_argument("patch_folders", nargs="*", type=Path, help="S2 patch folders (v1 or v2 layout)")
     embedder.add_argument("--model", required=True, help=MODEL_FORMS)
-    embedder.add_argument("--archive", type=Path, default=None, help="archive root or file, instead of folders")
+    embedder.add_argument(
+        "--archive", type=Path, default=None, help="archive root or file, instead of folders"
+    )
     embedder.add_argument(
         "--records", nargs="+", default=(), help="TFRecord files, globs or folders, instead of folders"
     )

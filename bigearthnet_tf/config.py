@@ -754,6 +754,10 @@ class _Checker:
     def _model(self, name: str, rule: _Rule, value: Any) -> str:
         text = self._str(name, rule, value)
         # Only ever a key into the registry: a config never makes the program import a module.
+        from bigearthnet_tf.model_catalogue import is_builtin
+
+        if is_builtin(text):
+            return text  # known without loading Keras
         from bigearthnet_tf.models import get_model_spec
 
         try:

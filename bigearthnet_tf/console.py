@@ -22,9 +22,16 @@ from rich.text import Text
 _SPEED_STYLE = "progress.data.speed"
 
 
+def plain_console(*, file=None, stderr: bool = False, quiet: bool = False) -> Console:
+    """Every command's console: no highlighting, and no line breaks put into messages, so a long path
+    stays whole (a terminal wraps long lines itself; a log keeps them on one line). Tables still fit
+    the width."""
+    return Console(file=file, stderr=stderr, quiet=quiet, highlight=False, soft_wrap=True)
+
+
 def status_console(show: bool = True) -> Console:
     """The console for progress and messages: standard error, silent when `show` is False."""
-    return Console(stderr=True, quiet=not show, highlight=False)
+    return plain_console(stderr=True, quiet=not show)
 
 
 def say(console: Console, message: str) -> None:

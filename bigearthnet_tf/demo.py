@@ -129,9 +129,9 @@ def run_demo(
     batch_size: int = DEMO_BATCH_SIZE,
 ) -> DemoResult:
     """Synthesise, prepare, train and evaluate; print where everything went and the metrics."""
-    from rich.console import Console
+    from bigearthnet_tf.console import plain_console
 
-    console = Console(stderr=True, highlight=False)
+    console = plain_console(stderr=True)
     out = default_demo_folder() if out is None else Path(out)
     settings = {
         "patches": patches,

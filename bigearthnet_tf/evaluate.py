@@ -44,7 +44,7 @@ from rich.console import Console
 
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.config import STORED_THRESHOLDS, Config, save_config
-from bigearthnet_tf.console import progress_bar
+from bigearthnet_tf.console import plain_console, progress_bar
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import (
     new_temporary_folder,
@@ -100,7 +100,7 @@ def evaluate(config: Config, *, console: Console | None = None, overwrite: bool 
 
 def _evaluate(config: Config, *, console: Console | None, overwrite: bool) -> EvaluationResult:
 
-    console = console or Console()
+    console = console or plain_console()
     model, _, meta = restore_model(config)
     class_names, label_type, modality = meta.class_names, meta.label_type, meta.modality
     thresholds = evaluation_thresholds(config, meta, class_names)

@@ -252,10 +252,11 @@ def _label_summaries(groups: dict[str, list[str]], labels_of) -> list[SplitSumma
 
 def print_summaries(summaries: Sequence[SplitSummary]) -> None:
     """Patches and labels per patch by split, then each class's patch count (and share) by split."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from bigearthnet_tf.console import plain_console
+
+    console = plain_console()
     overview = Table(title="Patches per split", title_justify="left")
     overview.add_column("split")
     overview.add_column("patches", justify="right")

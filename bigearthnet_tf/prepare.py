@@ -69,11 +69,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-
 from bigearthnet_tf import __version__
 from bigearthnet_tf.archive import Archive, BadPatchError, open_archive
-from bigearthnet_tf.console import progress_bar, status_console
+from bigearthnet_tf.console import plain_console, progress_bar, status_console
 from bigearthnet_tf.console import say as say_on
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import write_text_atomically
@@ -435,5 +433,5 @@ def prepare(
             stage_seconds=stage_seconds,
         )
         if show_progress:
-            _print_summary(summary, Console(file=sys.stdout, highlight=False))
+            _print_summary(summary, plain_console(file=sys.stdout))
         return summary

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from bigearthnet_tf.console import plain_console
 from bigearthnet_tf.metrics import ClassRow, per_class_table
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ def print_metrics_table(
     console: Console | None = None,
 ) -> None:
     """Print the summary grid, then the per-class table, to `console` (stdout by default)."""
-    console = console or Console()
+    console = console or plain_console()
     console.print(summary_table(metrics))
     console.print()
     console.print(class_table(metrics, class_names))

@@ -50,7 +50,7 @@ from tensorflow.core.framework.summary_pb2 import SummaryMetadata
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.backbones import freeze_backbone, learning_rate_scales, load_backbone
 from bigearthnet_tf.config import TRAIN, Config, save_config
-from bigearthnet_tf.console import progress_bar
+from bigearthnet_tf.console import plain_console, progress_bar
 from bigearthnet_tf.constants import class_names as label_names
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.inference import collect_predictions, sigmoid, sigmoid_cross_entropy
@@ -131,7 +131,7 @@ def train(
         )
     strategy = make_strategy(config.distribution)
     chief = is_chief(strategy)
-    console = console or Console(quiet=not chief)
+    console = console or plain_console(quiet=not chief)
     seed_everything(config.seed)
     # One training per out_dir (the chief writes; other workers of a cluster share its out_dir).
     lock = (

@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bigearthnet_tf.config import EVALUATE, Config, config_from_dict
+from bigearthnet_tf.console import plain_console
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.evaluate import evaluate
 from bigearthnet_tf.train import train
@@ -26,7 +27,7 @@ def test_run(config: Config, batches: int, *, console: Console | None = None) ->
     """Train (purpose train) and evaluate on `batches` batches in a temporary folder; return timings."""
     if batches < 1:
         raise UserError(f"--test-run needs a number of batches >= 1, got {batches}")
-    console = console or Console()
+    console = console or plain_console()
     work = Path(tempfile.mkdtemp(prefix="bigearthnet-test-run-"))
     timings: dict[str, float] = {}
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import config_values, make_patches, write_records
+from helpers import make_patches, write_records
+from test_train import config_values
 
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.cli import main
@@ -169,10 +170,11 @@ def test_embed_from_records_equals_embed_from_the_patch_folders(tmp_path, s2_bac
     records = tmp_path / "records"
     main(["prepare", "-r", str(examples.s2), "-o", str(records), "--splits", str(split)])
     from_folders = embed(s2_backbone, folders)
-    main(["embed", "--records", str(records), "--model", str(s2_backbone), "--out", str(tmp_path / "f.parquet")])
+    out = tmp_path / "f.parquet"
+    main(["embed", "--records", str(records), "--model", str(s2_backbone), "--out", str(out)])
     import pyarrow.parquet as pq
 
-    table = pq.read_table(tmp_path / "f.parquet").to_pydict()
+    table = pq.read_table(out).to_pydict()
     order = [from_folders.names.index(name) for name in table["patch_name"]]
     assert sorted(table["patch_name"]) == sorted(names)
     np.testing.assert_allclose(np.array(table["features"]), from_folders.features[order], rtol=0, atol=1e-5)
@@ -239,6 +241,7 @@ def _weights(base: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+@pytest.mark.slow
 def test_fine_tune_frozen_keeps_the_backbone_and_unfrozen_moves_it(tmp_path, records, s2_backbone):
     start = _weights(s2_backbone)
     frozen = _fine_tune(records, tmp_path / "frozen", s2_backbone, freeze_backbone=True)
@@ -258,6 +261,7 @@ def test_fine_tune_frozen_keeps_the_backbone_and_unfrozen_moves_it(tmp_path, rec
     assert meta["model_options"]["band_order"] == "ssl4eo-s2" and meta["model_options"]["image_size"] == 224
 
 
+@pytest.mark.slow
 def test_a_fine_tune_resumes_bit_identically_exports_and_maps(tmp_path, records, s2_backbone, examples):
     """From an imported backbone, with the backbone at a tenth of the head's rate: a run killed before
     its last checkpoint and resumed ends with the uninterrupted run's weights, bit for bit; the
@@ -304,7 +308,8 @@ def test_a_fine_tune_resumes_bit_identically_exports_and_maps(tmp_path, records,
 
     bands, _ = mosaic_bands([folders[:3], folders[3:]])
     scene = write_scene(bands, tmp_path / "scene.tif", "geotiff")
-    mapped = map_scenes([scene], resumed.final_checkpoint, tmp_path / "maps", MapOptions(), show_progress=False)[0]
+    options = MapOptions()
+    mapped = map_scenes([scene], resumed.final_checkpoint, tmp_path / "maps", options, show_progress=False)[0]
     with rasterio.open(mapped.folder / "probabilities.tif") as dataset:
         probabilities = dataset.read()
     assert probabilities.shape == (19, 2, 3)

@@ -14,22 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cli, cli_error
 
 from bigearthnet_tf import __version__, checkpoints
-from bigearthnet_tf.cli import build_parser, main
+from bigearthnet_tf.cli import build_parser
 from bigearthnet_tf.config import KEY_DOCS, KEY_NAMES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def cli(*args: object) -> None:
-    main([str(arg) for arg in args])
-
-
-def cli_error(capsys, *args: object) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as stop:
-        cli(*args)
-    return stop.value.code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +53,7 @@ def write_config(path: Path, records: Path, out_dir: Path, **changes) -> Path:
 # --- overrides, resume, test runs -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_set_overrides_are_typed_checked_and_saved(records, tmp_path, capsys):
     config = write_config(tmp_path / "c.json", records, tmp_path / "run")
     cli("train", config, "--set", "batch_size=8", "--set", "model_name=ResNet-Tiny", "--set", "seed=7")
@@ -79,6 +71,7 @@ def test_set_overrides_are_typed_checked_and_saved(records, tmp_path, capsys):
     assert code == 2 and "key 'learning_rate'" in error
 
 
+@pytest.mark.slow
 def test_resume_flag_equals_resume_auto(records, tmp_path, capsys):
     config = write_config(tmp_path / "c.json", records, tmp_path / "run", save_checkpoint_per_iteration=2)
     cli("train", config, "--set", "nb_epoch=1")
@@ -115,6 +108,7 @@ def test_test_run_trains_and_evaluates_a_few_batches_and_keeps_nothing(
     assert not tmp_root.exists()
 
 
+@pytest.mark.slow
 def test_evaluate_test_run_needs_a_checkpoint(records, tmp_path, capsys):
     config = write_config(tmp_path / "c.json", records, tmp_path / "run")
     cli("train", config)
@@ -153,6 +147,7 @@ def test_config_show_prints_the_resolved_config(records, tmp_path, capsys):
 # --- model paths in every form ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_model_file_and_predict_model_take_the_same_forms(records, synthetic_v1, tmp_path, capsys):
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.json", records, run, save_checkpoint_per_iteration=3)
@@ -242,6 +237,7 @@ def run_command(*args: object, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_no_tensorflow_start_up_noise(records, tmp_path):
     finished = run_command("models", "K-BranchCNN-Tiny", "--parameters")
     assert finished.returncode == 0, finished.stderr
@@ -250,6 +246,7 @@ def test_no_tensorflow_start_up_noise(records, tmp_path):
     assert "K-BranchCNN-Tiny" in finished.stdout
 
 
+@pytest.mark.slow
 def test_training_output_has_no_placeholder_values(records, tmp_path):
     config = write_config(tmp_path / "c.json", records, tmp_path / "run")
     finished = run_command("train", config)
@@ -284,6 +281,7 @@ def _sigint_as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python then installs its KeyboardInterrupt handler
 
 
+@pytest.mark.slow
 def test_first_ctrl_c_says_what_happens(records, tmp_path):
     config = write_config(tmp_path / "c.json", records, tmp_path / "run", nb_epoch=200)
     # Started as from a shell, whatever disposition this test process inherited or was left with.
@@ -298,6 +296,7 @@ def test_first_ctrl_c_says_what_happens(records, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_sigint_ignored_at_start_stays_ignored(records, tmp_path):
     config = write_config(tmp_path / "c.json", records, tmp_path / "run", nb_epoch=3)
 
@@ -461,6 +460,7 @@ def packed_examples(example_paths, tmp_path_factory):
     return packed, checkpoint
 
 
+@pytest.mark.slow
 def test_predict_inspect_and_show_take_the_downloaded_archive_file(
     packed_examples, example_paths, tmp_path, capsys
 ):

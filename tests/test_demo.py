@@ -52,6 +52,7 @@ def test_full_demo_learns(tmp_path):
     assert result.metrics["micro_f1_score"] >= 0.85
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_continues(tmp_path, monkeypatch, capsys):
     """Killed during evaluation, the demo run again with the same --out keeps the finished stages
     (the archive and records are not rewritten, training has nothing left to do) and evaluates."""

@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from helpers import cli, cli_error
 
 from bigearthnet_tf import checkpoints
 from bigearthnet_tf.archive import V1_METADATA_SUFFIX, V1_S1_FOLDER, V1_S2_FOLDER
-from bigearthnet_tf.cli import main
 from bigearthnet_tf.constants import (
     BIGEARTHNET_19_LABELS,
     ORIGINAL_LABELS,
@@ -54,21 +54,9 @@ PROBABILITY_ATOL = 1e-6  # predict vs evaluate; both CSVs hold 8 decimals
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-def cli(*args: object) -> None:
-    main([str(arg) for arg in args])
-
-
 def prepare(*args: object) -> None:
     """`bigearthnet prepare` in one worker process (the machines running the tests are shared)."""
     cli("prepare", *args, "--workers", 1)
-
-
-def cli_error(capsys, *args: object) -> tuple[int, str]:
-    """Run a command that must fail; its exit code and its stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        cli(*args)
-    return exited.value.code, capsys.readouterr().err
 
 
 def parquet_rows(root: Path) -> tuple[list[dict], list[dict]]:
@@ -176,6 +164,7 @@ def v2_records(synthetic_v2, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_v2_with_s1_prepare_stats_train_mm_evaluate(synthetic_v2, v2_records, tmp_path, capsys):
     rows, flagged = parquet_rows(synthetic_v2)
     expected = ids_by_split([row for row in rows if not is_flagged(row)])
@@ -309,6 +298,7 @@ def run_script(script: str, *args: object) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_v1_with_s1_2019_scripts_legacy_records_s1_modality(synthetic_v1_s1, v2_records, tmp_path, capsys):
     csvs = tmp_path / "lists"
     csvs.mkdir()

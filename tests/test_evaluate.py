@@ -64,7 +64,7 @@ METRICS_2019 = (
 PER_CLASS_2019 = ("precision", "recall", "f1_score", "f2_score", "f0_5_score", "accuracy")
 
 
-def make_patches(count: int, seed: int) -> list[Patch]:
+def random_label_patches(count: int, seed: int) -> list[Patch]:
     rng = np.random.default_rng(seed)
     patches = []
     for index in range(count):
@@ -92,7 +92,7 @@ def setup(tmp_path_factory):
     from bigearthnet_tf.models import build_model
 
     folder = tmp_path_factory.mktemp("evaluate")
-    patches = make_patches(TEST_PATCHES, 11)
+    patches = random_label_patches(TEST_PATCHES, 11)
     with RecordWriter(folder / "test.tfrecord") as writer:
         for patch in patches:
             writer.write(DEFAULT.encode(patch))

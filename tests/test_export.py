@@ -116,6 +116,7 @@ SAVED_MODEL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_saved_model_reloads_with_tensorflow_alone(s2, tmp_path):
     _, base, inputs, expected, thresholds = s2
     out = tmp_path / "saved"
@@ -285,6 +286,7 @@ def test_refusals_and_command_line(s2, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("export_format", "swap"), [("keras", None), ("saved_model", "atomic"), ("saved_model", "two renames")]
 )
+@pytest.mark.slow
 def test_a_killed_export_leaves_the_old_export_whole_and_is_cleaned_up(
     s2, tmp_path, monkeypatch, export_format, swap
 ):

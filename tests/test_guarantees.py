@@ -14,21 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from helpers import cli, cli_error
 
 from bigearthnet_tf.archive import BadPatchError, open_archive, read_split_csv
-from bigearthnet_tf.cli import main
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES, read_band
-
-
-def cli(*args: object) -> None:
-    main([str(arg) for arg in args])
-
-
-def cli_error(capsys, *args: object) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as stop:
-        cli(*args)
-    return stop.value.code, capsys.readouterr().err
 
 
 @contextlib.contextmanager
@@ -210,6 +200,7 @@ def test_two_sentinel_1_patches_claiming_one_sentinel_2_patch(tmp_path):
 # --- 3. the operating system's refusals are user errors ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_publishing_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
     """ENOSPC injected at the rename that publishes an evaluation's files: exit 1, one line naming
     the path and the reason, no temporary folder left, and a rerun (with space again) succeeds."""
@@ -335,6 +326,7 @@ def test_train_and_evaluate_refuse_a_busy_out_dir(tmp_path, capsys, kind):
 # --- 6. every record is checked before it is trusted ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_record_with_valid_checksums_but_a_wrong_payload(tmp_path, capsys):
     """A band of the wrong byte length, written with correct framing and checksums (as another tool
     could): training, evaluation and stats stop with one line naming the file and the patch."""
@@ -380,6 +372,7 @@ def test_a_record_with_valid_checksums_but_a_wrong_payload(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
+@pytest.mark.slow
 def test_resume_with_only_the_last_partial_batch_left_is_bit_identical(tmp_path, epochs):
     """22 training records in batches of 4 per epoch: iterations 1..6 per epoch, the 6th holding two
     records. A run resumed from the checkpoint just before the last (partial) batch ends with exactly

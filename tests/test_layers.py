@@ -52,13 +52,42 @@ def test_preparation_and_layout_never_load_tensorflow():
     assert _loaded_after_import(list(WITHOUT_TENSORFLOW)) == []
 
 
+def test_commands_that_need_no_tensorflow_do_not_load_it(tmp_path):
+    """--help, --version, config keys/show, models (no --parameters), examples, synth and inspect of an
+    archive answer without TensorFlow, hence in well under a second (it takes seconds to import)."""
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({
+        "model_name": "ResNet50", "label_type": "BigEarthNet-19", "batch_size": 8, "nb_epoch": 1,
+        "learning_rate": 1e-3, "out_dir": str(tmp_path / "out"), "tr_tf_record_files": str(config),
+        "save_checkpoint_per_iteration": 10, "save_checkpoint_after_iteration": 0,
+    }))  # fmt: skip
+    commands = [
+        ["--help"], ["--version"], ["config", "keys"], ["config", "show", str(config)], ["models"],
+        ["models", "--json", "ResNet50", "SSL4EO-ResNet"], ["examples", "--out", str(tmp_path / "ex")],
+        ["synth", "--out", str(tmp_path / "archive"), "--patches", "4"],
+        ["inspect", str(tmp_path / "archive" / "BigEarthNet-v1.0")],
+    ]  # fmt: skip
+    code = (
+        "import json, sys\n"
+        "from bigearthnet_tf.cli import main\n"
+        f"for argv in {commands!r}:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as stop:\n"
+        "        assert not stop.code, (argv, stop.code)\n"
+        f"print(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
 def test_the_check_sees_tensorflow_when_it_is_loaded():
     assert "tensorflow" in _loaded_after_import(["input_pipeline"])
 
 
 # The floors of docs/ARCHITECTURE.md ("The house"): a module imports only from its floor and below.
 FLOORS = {
-    1: ("constants", "errors", "layout", "files", "jsonfiles", "locks", "console", "quiet"),
+    1: ("constants", "errors", "layout", "files", "jsonfiles", "locks", "console", "quiet", "model_catalogue"),
     2: (
         "tiff",
         "archive",

@@ -160,6 +160,16 @@ def test_builtin_names_registered():
         assert name in names
 
 
+def test_the_catalogue_names_every_built_in_in_registry_order():
+    """`bigearthnet models` and config checks read the Keras-free catalogue; the registry agrees."""
+    from bigearthnet_tf.model_catalogue import BUILTIN_MODELS, BUILTIN_ORIGIN
+    from bigearthnet_tf.models import get_model_spec
+
+    builtins = [name for name in model_names() if get_model_spec(name).origin == BUILTIN_ORIGIN]
+    assert builtins == list(BUILTIN_MODELS)
+    assert all(get_model_spec(name).description == BUILTIN_MODELS[name] for name in builtins)
+
+
 def test_unknown_name_lists_known_names():
     with pytest.raises(ConfigError) as caught:
         build_model("ResNet51", 19)
@@ -197,6 +207,7 @@ def test_formulas_match_pinned_literals():
 
 @pytest.mark.parametrize("classes", [19, 43])
 @pytest.mark.parametrize("name", REAL_MODELS)
+@pytest.mark.slow
 def test_real_model_parameter_count_and_shape(name, classes):
     model = build_model(name, classes)
     total, bn_channels = EXPECTED[name](classes)
@@ -600,6 +611,7 @@ def test_bad_plugins_are_user_errors(isolated_registry, tmp_path):
 # `bigearthnet models`
 
 
+@pytest.mark.slow
 def test_models_command_json_and_table(monkeypatch, capsys):
     monkeypatch.setattr(summary, "model_names", lambda: TINY_MODELS)
     cli.main(["models", "--json", "--label-type", "original", "--parameters"])

@@ -137,6 +137,7 @@ def test_formulas_match_pinned_literals():
 
 
 @pytest.mark.parametrize("name", MODERN_MODELS)
+@pytest.mark.slow
 def test_real_model_parameter_counts_and_shapes(name):
     s2 = build_model(name, 19, modality="S2")
     assert parameter_count(s2) == EXPECTED[name](10, 19) == LITERAL_COUNTS[name][0]

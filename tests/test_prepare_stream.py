@@ -594,6 +594,7 @@ def test_multi_member_gzip_and_long_window_zstd_are_read(v1_files, tmp_path):
     _same_shards(base / "folder-default", tmp_path / "zst")
 
 
+@pytest.mark.slow
 def test_a_gzip_bomb_member_is_inflated_in_bounded_memory(tmp_path):
     """2 MB of gzip that inflates to 2 GiB of zeros in one member: streamed through, never held."""
     import resource

@@ -57,6 +57,7 @@ def test_the_python_blocks_run_as_written(demo_checkpoint):
     assert probabilities.shape == (1, 19) and ((0 < probabilities) & (probabilities < 1)).all()
 
 
+@pytest.mark.slow
 def test_the_data_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """`synth`, `examples`, `models` and `config keys` as the README gives them."""
     monkeypatch.chdir(tmp_path)

@@ -18,9 +18,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import cli, cli_error
 
 from bigearthnet_tf import checkpoints
-from bigearthnet_tf.cli import main
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS
 from bigearthnet_tf.export import export_model
 from bigearthnet_tf.inference import sigmoid
@@ -45,16 +45,6 @@ def _load_tool():
 parity = _load_tool()
 
 
-def cli(*args: object) -> None:
-    main([str(arg) for arg in args])
-
-
-def cli_error(capsys, *args: object) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as stop:
-        cli(*args)
-    return stop.value.code, capsys.readouterr().err
-
-
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> Path:
     """The tiny ResNet50 S1+S2 v0.2.0 fixture imported once."""
@@ -77,6 +67,7 @@ def test_every_family_modality_and_version_has_a_fixture():
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
+@pytest.mark.slow
 def test_logits_equal_timm_network_and_whole_chain(folder, example_paths, tmp_path, capsys):
     """Our network on timm's image, and `predict` on the real example patch folders (with their S1
     twins), against timm on the same image and on reBEN's own preprocessing of the same patches."""
@@ -201,6 +192,7 @@ def test_evaluate_on_v2_records_equals_predict_on_the_archive(imported, syntheti
             assert float(row[label]) == pytest.approx(predicted[row["patch_name"]][label], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_fine_tune_from_the_imported_checkpoint(imported, v2_records, tmp_path):
     config = _config(tmp_path / "tune.json", v2_records, tmp_path / "tuned", imported, fine_tune=True)
     cli("train", config)
@@ -226,6 +218,7 @@ def test_fine_tune_from_the_imported_checkpoint(imported, v2_records, tmp_path):
         ("tiny-convnextv2_base-s2-v0.2.0", "saved_model"),
     ],
 )
+@pytest.mark.slow
 def test_export_returns_the_models_probabilities(folder, export_format, tmp_path):
     base = tmp_path / "imported"
     import_reben(FIXTURES / folder, base)

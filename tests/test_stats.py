@@ -8,13 +8,13 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from helpers import write_records
 
 from bigearthnet_tf import constants
 from bigearthnet_tf.archive import Patch
 from bigearthnet_tf.cli import main
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.record_formats import DEFAULT, LEGACY
-from bigearthnet_tf.records import RecordWriter
+from bigearthnet_tf.record_formats import LEGACY
 from bigearthnet_tf.stats import (
     FILE_FORMAT,
     BandStatistic,
@@ -30,7 +30,7 @@ from bigearthnet_tf.stats import (
 S2_SIZES = {band.name: band.size for band in constants.S2_BANDS}
 
 
-def make_patches(
+def uniform_patches(
     count: int,
     seed: int,
     *,
@@ -68,13 +68,6 @@ def make_patches(
     return patches
 
 
-def write_records(path, patches: list[Patch], encode=DEFAULT.encode):
-    with RecordWriter(path) as writer:
-        for patch in patches:
-            writer.write(encode(patch))
-    return path
-
-
 def pixels(patches: list[Patch], band: str) -> np.ndarray:
     """All pixels of one band, concatenated, as float64."""
     if band in constants.S1_BAND_NAMES:
@@ -86,7 +79,7 @@ def pixels(patches: list[Patch], band: str) -> np.ndarray:
 def mm_set(tmp_path_factory):
     """Nine multimodal patches in three default-format files of uneven sizes (4, 3, 2)."""
     folder = tmp_path_factory.mktemp("stats_mm")
-    patches = make_patches(9, seed=3)
+    patches = uniform_patches(9, seed=3)
     for name, part in (("a", patches[:4]), ("b", patches[4:7]), ("c", patches[7:])):
         write_records(folder / f"train-{name}.tfrecord", part)
     return folder, patches
@@ -145,7 +138,7 @@ def test_streaming_merge_equals_one_shot_for_uneven_batches(mm_set):
 
 def test_large_offset_loses_no_digits(tmp_path):
     """Values on a large offset: S2 near 60,000 +- a few units, VV at 60,000 + N(0, 0.05) in float32."""
-    patches = make_patches(10, seed=11, s2_low=60_000, s2_high=60_004, s1=((60_000.0, 0.05), (-20.0, 1.0)))
+    patches = uniform_patches(10, seed=11, s2_low=60_000, s2_high=60_004, s1=((60_000.0, 0.05), (-20.0, 1.0)))
     path = write_records(tmp_path / "offset.tfrecord", patches)
     stats = compute_band_statistics(path, "MM", batch_size=3, show_progress=False)
 
@@ -169,7 +162,7 @@ def test_large_offset_loses_no_digits(tmp_path):
 
 
 def test_vv_and_vh_are_not_swapped(tmp_path):
-    patches = make_patches(2, seed=5, s1=((-5.0, 1.0), (-25.0, 3.0)))
+    patches = uniform_patches(2, seed=5, s1=((-5.0, 1.0), (-25.0, 3.0)))
     path = write_records(tmp_path / "s1.tfrecord", patches)
     stats = compute_band_statistics(path, "S1", show_progress=False)
     assert list(stats.bands) == ["VV", "VH"]
@@ -184,7 +177,7 @@ def test_vv_and_vh_are_not_swapped(tmp_path):
 
 def test_modality_selects_bands_and_none_takes_what_the_files_hold(tmp_path, mm_set):
     folder, _ = mm_set
-    s2_only = write_records(tmp_path / "s2.tfrecord", make_patches(2, seed=1, s1=None))
+    s2_only = write_records(tmp_path / "s2.tfrecord", uniform_patches(2, seed=1, s1=None))
     assert list(compute_band_statistics(folder, show_progress=False).bands) == list(constants.S2_BAND_NAMES)
     assert list(compute_band_statistics(folder, None, show_progress=False).bands)[-2:] == ["VV", "VH"]
     assert list(compute_band_statistics(s2_only, None, show_progress=False).bands) == list(
@@ -197,7 +190,7 @@ def test_modality_selects_bands_and_none_takes_what_the_files_hold(tmp_path, mm_
 
 
 def test_constant_band_and_empty_input_are_user_errors(tmp_path):
-    patches = make_patches(2, seed=0, s1=None)
+    patches = uniform_patches(2, seed=0, s1=None)
     for patch in patches:
         patch.bands["B09"][:] = 1234
         patch.bands["B01"][:] = 99

@@ -19,16 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_patches, write_records
 
 from bigearthnet_tf import checkpoints
-from bigearthnet_tf.archive import Patch
 from bigearthnet_tf.cli import main
 from bigearthnet_tf.config import config_from_dict
-from bigearthnet_tf.constants import ORIGINAL_LABELS, S2_BANDS, original_to_19
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.evaluate import evaluate
-from bigearthnet_tf.record_formats import DEFAULT
-from bigearthnet_tf.records import RecordWriter
 from bigearthnet_tf.train import TrainingDiverged, TrainingInterrupted, train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -37,46 +34,6 @@ BATCH = 8
 TRAIN_PATCHES = 40  # two files of 20
 ITERATIONS = 10  # 40 x 2 epochs / 8
 RESUME_ATOL = 1e-6
-# 43-class indices the synthetic patches draw from; brightness depends on them so there is signal.
-CLASSES_USED = (11, 17, 22, 23, 39)
-
-
-def make_patches(count: int, seed: int, with_s1: bool = False) -> list[Patch]:
-    rng = np.random.default_rng(seed)
-    patches = []
-    for index in range(count):
-        present = sorted(rng.choice(CLASSES_USED, size=rng.integers(1, 3), replace=False))
-        labels_43 = tuple(ORIGINAL_LABELS[i] for i in present)
-        shift = sum(CLASSES_USED.index(i) + 1 for i in present) / 4.0
-        bands = {
-            band.name: np.clip(
-                rng.normal(band.mean + shift * band.std, band.std / 4, (band.size,) * 2), 0, 60000
-            ).astype(np.uint16)
-            for band in S2_BANDS
-        }
-        s1_bands = None
-        if with_s1:  # VV around -12 dB and VH around -19 dB, both brighter with the same classes
-            s1_bands = {
-                name: rng.normal(level + shift, 2.0, (120, 120)).astype(np.float32)
-                for name, level in (("VV", -12.6), ("VH", -19.3))
-            }
-        patches.append(
-            Patch(
-                f"S2A_TEST_{seed}_{index}",
-                bands,
-                labels_43,
-                original_to_19(labels_43),
-                s1_name=f"S1A_TEST_{seed}_{index}" if with_s1 else None,
-                s1_bands=s1_bands,
-            )
-        )
-    return patches
-
-
-def write_records(path: Path, patches: list[Patch]) -> None:
-    with RecordWriter(path) as writer:
-        for patch in patches:
-            writer.write(DEFAULT.encode(patch))
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +168,7 @@ def test_tensorboard_scalars(uninterrupted):
 # --- resuming --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_resume_auto_matches_the_uninterrupted_run(
     data, tmp_path, uninterrupted
 ):
@@ -249,6 +207,7 @@ def test_sigint_asks_for_a_stop_and_a_second_one_interrupts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_the_same_command_resumes(data, tmp_path, uninterrupted):
     reference_dir, _, _ = uninterrupted
     out_dir = tmp_path / "run"
@@ -297,6 +256,7 @@ def test_sigkill_at_a_random_moment_then_the_same_command_resumes(data, tmp_path
     assert json.loads((out_dir / "eval_result.json").read_text())["num_samples"] == 12
 
 
+@pytest.mark.slow
 def test_fine_tune_from_iteration_n_continues_the_run_2019_style(data, tmp_path, uninterrupted):
     reference_dir, _, _ = uninterrupted
     source = reference_dir / "models" / "iteration-6"
@@ -309,6 +269,7 @@ def test_fine_tune_from_iteration_n_continues_the_run_2019_style(data, tmp_path,
     assert_same_weights(final_weights(tmp_path), final_weights(reference_dir))
 
 
+@pytest.mark.slow
 def test_fine_tune_from_weights_only_restarts_the_count(data, tmp_path, uninterrupted):
     reference_dir, _, _ = uninterrupted
     result = train(
@@ -342,6 +303,7 @@ def test_resume_with_another_model_or_label_type_is_refused(data, uninterrupted)
         train(make_config(data, out_dir, resume="auto", model_name="VGG-Tiny"))
 
 
+@pytest.mark.slow
 def test_corrupt_training_file_is_named_or_skipped(data, tmp_path, capsys):
     damaged = bytearray((data / "train-00001-of-00002.tfrecord").read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF  # inside a record's payload: its checksum fails
@@ -406,6 +368,7 @@ def test_recipe_options_and_early_stopping(data, tmp_path, plain_model):
     assert keras.mixed_precision.global_policy().name == "float32"  # the policy does not leak
 
 
+@pytest.mark.slow
 def test_training_fraction_trains_on_a_seeded_subset_stated_everywhere(data, tmp_path, capsys):
     """0.25 of the 40 records: 10 per epoch, 2 epochs of batch 8 = 3 iterations (not 10)."""
     result = train(make_config(data, tmp_path, training_fraction=0.25, save_checkpoint_per_iteration=None))
@@ -440,6 +403,7 @@ def test_augmentation_is_the_same_transform_for_every_input():
 # --- the 2019 command line, both label types ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_2019_config_through_the_cli_with_original_labels(data, tmp_path, capsys):
     """Only 2019 keys; `bigearthnet train` / `evaluate` are what train.py and eval.py call."""
     out_dir = tmp_path / "run"
@@ -465,6 +429,7 @@ def test_2019_config_through_the_cli_with_original_labels(data, tmp_path, capsys
     assert "Per class" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_multi_modal_training_and_evaluation(tmp_path):
     write_records(tmp_path / "train.tfrecord", make_patches(16, 21, with_s1=True))
     write_records(tmp_path / "test.tfrecord", make_patches(6, 22, with_s1=True))
@@ -543,6 +508,7 @@ print("LOSSES " + json.dumps(losses))
 """
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpu_devices_and_xla_match_one_device(data, tmp_path):
     values = config_values(
         data,
@@ -601,6 +567,7 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow
 def test_multi_worker_with_two_processes_matches_one_device(data, tmp_path):
     """Two workers on 127.0.0.1 (TF_CONFIG), one file: records are sharded by record, so each
     global batch holds the same 8 records as on one device, and the losses agree."""

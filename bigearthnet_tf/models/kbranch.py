@@ -179,6 +179,6 @@ def tf1_layer_scope(layer_name: str) -> str | None:
 TF1 = TF1Naming("", tf1_layer_scope, TF_LAYERS_LEAVES, "classification/fc_layer")
 
 for _name, _config in K_BRANCH_VARIANTS.items():
-    register_model(_name, description="three native-resolution branches (+S1 branch), late fusion", tf1=TF1)(
+    register_model(_name, tf1=TF1)(
         functools.partial(build_kbranch, config=_config, name=_name)
     )

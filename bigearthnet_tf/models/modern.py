@@ -346,13 +346,13 @@ def build_vit(
     return _classifier(image, features, num_classes, dropout, name=f"{name.lower().replace('-', '_')}_image")
 
 
-register_model("EfficientNetV2-S", description="keras.applications EfficientNetV2S on the stacked image")(
+register_model("EfficientNetV2-S")(
     build_efficientnet_v2_s
 )
-register_model("ConvNeXt-Tiny", description="keras.applications ConvNeXtTiny on the stacked image")(
+register_model("ConvNeXt-Tiny")(
     build_convnext_tiny
 )
 for _name, _config in VIT_VARIANTS.items():
-    register_model(_name, description=f"ViT, patch {_config.patch_size}, on the stacked image")(
+    register_model(_name)(
         functools.partial(build_vit, config=_config, name=_name)
     )

@@ -158,6 +158,6 @@ def build_reben(
 
 
 for _name, _family in REBEN_MODELS.items():
-    register_model(_name, description=f"reBEN (BigEarthNet v2.0) timm {_family}, for imported weights")(
+    register_model(_name)(
         functools.partial(build_reben, family=_family, name=_name)
     )

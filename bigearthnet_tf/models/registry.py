@@ -55,6 +55,7 @@ import keras
 
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.layout import parse_modality
+from bigearthnet_tf.model_catalogue import BUILTIN_MODELS, BUILTIN_ORIGIN, ENTRY_POINT_GROUP, PLUGIN_ENV
 from bigearthnet_tf.models.preprocessing import (
     INPUTS,
     Statistics,
@@ -65,9 +66,6 @@ from bigearthnet_tf.models.preprocessing import (
 )
 from bigearthnet_tf.models.tf1_naming import TF1Naming
 
-ENTRY_POINT_GROUP = "bigearthnet_tf.models"
-PLUGIN_ENV = "BIGEARTHNET_TF_MODEL_PLUGINS"
-BUILTIN_ORIGIN = "bigearthnet_tf"
 LEGACY_BUILDER_NAME = "dnn_model"  # what the 2019 train.py called in each models/<name>.py
 
 ModelBuilder = Callable[..., keras.layers.Layer]
@@ -99,11 +97,13 @@ def register_model(
     name: str, *, description: str = "", tf1: TF1Naming | None = None
 ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator registering `builder(num_classes, modality="S2", statistics=None)` under `name`;
-    `tf1`: how the 2019 code named its weights, when 2019 checkpoints of it exist."""
+    `tf1`: how the 2019 code named its weights, when 2019 checkpoints of it exist. A built-in's
+    description is its `model_catalogue` entry's."""
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
         origin = _origins[-1] if _origins else BUILTIN_ORIGIN
-        _add(ModelSpec(name=name, origin=origin, builder=builder, description=description, tf1=tf1))
+        text = description or (BUILTIN_MODELS.get(name, "") if origin == BUILTIN_ORIGIN else "")
+        _add(ModelSpec(name=name, origin=origin, builder=builder, description=text, tf1=tf1))
         return builder
 
     return decorator

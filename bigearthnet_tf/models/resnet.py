@@ -175,6 +175,6 @@ TF1_SCOPES = {"ResNet50": "resnet_v1_50", "ResNet101": "resnet_v1_101", "ResNet1
 
 for _name, _config in RESNET_VARIANTS.items():
     _tf1 = TF1Naming(TF1_SCOPES.get(_name, "resnet_v1_tiny"), tf1_layer_scope, SLIM_LEAVES, "logits")
-    register_model(_name, description="TF-Slim resnet_v1 on the stacked 120x120 image", tf1=_tf1)(
+    register_model(_name, tf1=_tf1)(
         functools.partial(build_resnet, config=_config, name=_name)
     )

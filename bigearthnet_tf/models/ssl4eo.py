@@ -41,7 +41,15 @@ from bigearthnet_tf.errors import ConfigError
 from bigearthnet_tf.layout import parse_modality
 from bigearthnet_tf.models import timm_nets
 from bigearthnet_tf.models.modern import _check_rate
-from bigearthnet_tf.models.preprocessing import INPUTS, S1, S2, BandStandardization, LinearResize, Statistics, raw_inputs
+from bigearthnet_tf.models.preprocessing import (
+    INPUTS,
+    S1,
+    S2,
+    BandStandardization,
+    LinearResize,
+    Statistics,
+    raw_inputs,
+)
 from bigearthnet_tf.models.registry import register_model
 
 NETWORK_LAYER = "network"  # the timm network inside the model: image -> logits
@@ -185,6 +193,6 @@ def build_ssl4eo(
 
 
 for _name, _family in SSL4EO_MODELS.items():
-    register_model(_name, description=f"timm {_family} for SSL4EO-S12 / DeCUR / FG-MAE backbones (import torchgeo)")(
+    register_model(_name)(
         functools.partial(build_ssl4eo, family=_family, name=_name)
     )

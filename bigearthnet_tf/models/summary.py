@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import gc
-import json
 import math
-import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 import keras
 
 from bigearthnet_tf.constants import class_names
+from bigearthnet_tf.model_catalogue import print_model_rows
 from bigearthnet_tf.models.preprocessing import S2, input_keys
-from bigearthnet_tf.models.registry import BUILTIN_ORIGIN, build_model, get_model_spec, model_names
+from bigearthnet_tf.models.registry import build_model, get_model_spec, model_names
 
 
 def parameter_count(model: keras.Model) -> int:
@@ -69,42 +68,4 @@ def print_model_table(
     """Print the registered models (a rich table, or JSON with `as_json`); building each to count its
     parameters takes a while, so that happens only with `parameters`."""
     rows = model_table(label_type, names=names, parameters=parameters)
-    out = file or sys.stdout
-    if as_json:
-        print(json.dumps(rows, indent=2), file=out)
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    classes = len(class_names(label_type))
-    title = f"Models for {label_type} ({classes} classes, S2 input)" if parameters else "Registered models"
-    table = Table(title=title)
-    table.add_column("name", no_wrap=True)
-    if parameters:
-        table.add_column("parameters", justify="right", no_wrap=True)
-        table.add_column("trainable", justify="right", no_wrap=True)
-        table.add_column("inputs")
-    else:
-        table.add_column("description")
-    show_origin = any(row["origin"] != BUILTIN_ORIGIN for row in rows)
-    if show_origin:
-        table.add_column("origin")
-    for row in rows:
-        if parameters:
-            cells = [
-                row["name"],
-                f"{row['parameters']:,}",
-                f"{row['trainable_parameters']:,}",
-                " ".join(key.removeprefix("bands_") for key in row["input_keys"]),
-            ]
-        else:
-            cells = [row["name"], row["description"]]
-        table.add_row(*cells, *([row["origin"]] if show_origin else []))
-    Console(file=out).print(table)
-    if parameters:
-        print(
-            "parameters: every weight, batch-norm moving statistics included (preprocessing has none)",
-            file=out,
-        )
-    else:
-        print("parameter counts: bigearthnet models --parameters [NAME ...]", file=out)
+    print_model_rows(rows, label_type, as_json=as_json, parameters=parameters, file=file)

@@ -104,6 +104,6 @@ TF1_SCOPES = {"VGG16": "vgg_16", "VGG19": "vgg_19"}
 
 for _name, _config in VGG_VARIANTS.items():
     _tf1 = TF1Naming(TF1_SCOPES.get(_name, "vgg_tiny"), tf1_layer_scope, SLIM_LEAVES, "fc8")
-    register_model(_name, description="TF-Slim vgg on the stacked 120x120 image", tf1=_tf1)(
+    register_model(_name, tf1=_tf1)(
         functools.partial(build_vgg, config=_config, name=_name)
     )
