@@ -67,8 +67,8 @@ def is_builtin(name: Any) -> bool:
 
 
 def builtin_rows(names: Sequence[str] | None = None) -> list[dict]:
-    """`bigearthnet models` rows (name, description, origin) of the built-ins, or None-free subset
-    `names` (each a built-in; the caller checks)."""
+    """`bigearthnet models` rows (name, description, origin): of every built-in, or of `names` (each a
+    built-in; the caller checks)."""
     return [
         {"name": name, "description": BUILTIN_MODELS[name], "origin": BUILTIN_ORIGIN}
         for name in (names or BUILTIN_MODELS)
@@ -79,7 +79,6 @@ def print_model_rows(
     rows: list[dict], label_type: str, *, as_json: bool, parameters: bool, file: TextIO | None = None
 ) -> None:
     """The `bigearthnet models` table (rich) or JSON of `rows`."""
-
     from rich.table import Table
 
     from bigearthnet_tf.console import plain_console

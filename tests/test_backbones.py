@@ -143,13 +143,12 @@ def test_features_equal_timms_network_and_whole_chain(tmp_path, examples, stem, 
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from torchgeo_parity import image, our_features
+    from torchgeo_parity import channels_of, image, our_features
 
     reference = np.load(FIXTURES / f"{stem}.npz")
     base = tmp_path / stem
     import_torchgeo(FIXTURES / f"{stem}.pth", weights, base)
-    channels = 13 if "SENTINEL2" in weights else 2
-    ours = our_features(base, image(int(reference["image_seed"]), channels))
+    ours = our_features(base, image(int(reference["image_seed"]), channels_of(weights)))
     np.testing.assert_allclose(ours, reference["image_features"], rtol=0, atol=TOLERANCE)
     assert reference["image_features"].std() > 0.1  # the reference depends on its input
     folders = sorted(p for p in examples.s2.iterdir() if p.is_dir())

@@ -79,11 +79,10 @@ def check_model(
             continue  # a modality the model does not claim (e.g. weights that read S2 only)
         inputs = raw_bands(input_keys(model))
         logits = _logits(model, inputs, where)
-        thorough = not (save_first_modality_only and passed)
-        if thorough:
+        if not (save_first_modality_only and passed):
             _check_keras_round_trip(model, inputs, logits, where)
-        if mixed_precision and thorough:
-            _check_mixed_precision(name, num_classes, modality, inputs, where, options)
+            if mixed_precision:
+                _check_mixed_precision(name, num_classes, modality, inputs, where, options)
         if xla:
             _check_xla(model, inputs, logits, where)
         passed.append(modality)
