@@ -48,7 +48,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +64,11 @@ from bigearthnet_tf.checkpoints import (
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import (
-    TEMPORARY_MARK,
     check_free_space,
-    make_readable,
+    new_temporary_folder,
     publish_folder,
     remove_stale_temporaries,
+    replace_atomically,
 )
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.predictor import Predictor, load_predictor
@@ -266,7 +265,7 @@ def _export_saved_model(wrapped, metadata: dict[str, Any], out: Path) -> Path:
         }
 
     archive.add_endpoint(METADATA_ENDPOINT, metadata_fn)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMPORARY_MARK}", dir=out.parent))
+    temporary = new_temporary_folder(out)
     try:
         archive.write_out(str(temporary), verbose=False)
         asset = temporary / METADATA_ASSET
@@ -297,11 +296,7 @@ def _export_onnx(wrapped, metadata: dict[str, Any], out: Path) -> None:
 
     _register_erfc_conversion()
 
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{out.name}{TEMPORARY_MARK}", suffix=".onnx", dir=out.parent
-    )
-    os.close(handle)
-    try:
+    def write(temporary: str) -> None:
         specs = [
             {
                 tensor.name: tf.TensorSpec((None, *tensor.shape[1:]), tf.float32, name=tensor.name)
@@ -334,11 +329,8 @@ def _export_onnx(wrapped, metadata: dict[str, Any], out: Path) -> None:
         )
         onnx.checker.check_model(graph_model)
         onnx.save(graph_model, temporary)
-        make_readable(temporary)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    replace_atomically(out, write, suffix=".onnx")
 
 
 @functools.cache
@@ -392,22 +384,12 @@ def _export_keras(wrapped, metadata: dict[str, Any], out: Path) -> None:
     a temporary name and renamed into place, so a kill leaves the old file or the new one."""
     import zipfile
 
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{out.name}{TEMPORARY_MARK}", suffix=".keras", dir=out.parent
-    )
-    os.close(handle)
-    try:
-        os.unlink(temporary)  # Keras writes the zip itself
+    def write(temporary: str) -> None:
         wrapped.save(temporary)
         with zipfile.ZipFile(temporary, "a") as archive:
             archive.writestr(KERAS_METADATA_ENTRY, json.dumps(metadata, indent=2, allow_nan=False) + "\n")
-        make_readable(temporary)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    replace_atomically(out, write, suffix=".keras")
     # A 0.1-style sidecar beside the file described the model just replaced: it goes.
     keras_metadata_path(out).unlink(missing_ok=True)
 

@@ -4,8 +4,10 @@
   never waited on) and at most a stated number of bytes, so memory stays bounded whatever size a file
   has; refusals are `InputFileError` (an OSError whose `strerror` says why).
 
-- `write_text_atomically`: a temporary file in the same folder, fsynced, then `os.replace`d; readers
-  see the old file or the new one.
+- `open_atomically`, `replace_atomically`, `write_text_atomically`: a temporary file in the same
+  folder, fsynced, then `os.replace`d (or, `exclusive`, hard-linked: never replacing a file that
+  appeared meanwhile); readers see the old file or the new one. Every temporary file and folder is
+  named `.<target>.tmp-<random>` (`temporary_name`).
 - `publish_folder`: a set of files (an evaluation's results, a SavedModel) is written into a temporary
   folder beside the target, then renamed into place as a whole; an existing set is swapped with it
   atomically, so at every instant the target holds the complete old set or the complete new one.
@@ -26,7 +28,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 TEMPORARY_MARK = ".tmp-"  # in the names of files and folders being written
 
@@ -103,52 +105,75 @@ def make_readable(path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def open_atomically(path: str | os.PathLike[str]) -> Iterator[TextIO]:
-    """A text stream whose content replaces `path` when the block ends without an exception.
+def open_atomically(path: str | os.PathLike[str], mode: str = "w", *, exclusive: bool = False) -> Iterator[IO]:
+    """A stream (`mode` "w" for text, "wb" for bytes) whose content becomes `path` when the block
+    ends without an exception.
 
     It writes to a temporary file in the same folder, fsyncs it and moves it onto `path`; readers see
     the old file or the new one, never a partial one, even if the process dies mid-write. On an
-    exception the temporary file is removed and `path` is left as it was.
+    exception the temporary file is removed and `path` is left as it was. `exclusive`: never replace
+    a file; FileExistsError if `path` exists when the new one is put in place (see `_replacing`).
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(path, "") as (handle, _):
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+    with _replacing(path, "", exclusive) as (handle, _):
+        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+        with os.fdopen(handle, mode, **text) as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
 
 
 def replace_atomically(
-    target: str | os.PathLike[str], write: Callable[[str], object], suffix: str = ""
+    target: str | os.PathLike[str], write: Callable[[str], object], suffix: str = "", *, exclusive: bool = False
 ) -> Path:
-    """`open_atomically` for writers that take a path (Keras, NumPy): `write(temporary_path)` writes
-    the new file, which is fsynced and moved onto `target`. `suffix` ends the temporary name, for
-    writers that insist on theirs (Keras on `.weights.h5`)."""
+    """`open_atomically` for writers that take a path (Keras, NumPy, ONNX): `write(temporary_path)`
+    writes the new file, which is fsynced and moved onto `target`. `suffix` ends the temporary name,
+    for writers that insist on theirs (Keras on `.weights.h5` and `.keras`)."""
     target = Path(target)
-    with _replacing(target, suffix) as (handle, temporary):
+    with _replacing(target, suffix, exclusive) as (handle, temporary):
         os.close(handle)
-        os.unlink(temporary)  # some writers (h5py) refuse to open an existing empty file
+        os.unlink(temporary)  # some writers (h5py, Keras' zip) refuse to open an existing empty file
         write(temporary)
         with open(temporary, "rb") as stream:
             os.fsync(stream.fileno())
     return target
 
 
+def temporary_name(target: Path) -> str:
+    """The prefix of every temporary file or folder written for `target`: `.<name>.tmp-` (then a
+    random part and the suffix), which `remove_stale_temporaries` and `checkpoints.remove_temporaries`
+    find after a kill."""
+    return f".{target.name}{TEMPORARY_MARK}"
+
+
 @contextlib.contextmanager
-def _replacing(target: Path, suffix: str) -> Iterator[tuple[int, str]]:
+def _replacing(target: Path, suffix: str, exclusive: bool = False) -> Iterator[tuple[int, str]]:
     """A new empty file beside `target` (the same file system, so it can be renamed onto it), as
-    (open handle, path), named `.<name>.<random>.tmp<suffix>` (`checkpoints.remove_temporaries` finds
-    what a kill leaves). When the block, which writes and fsyncs it, ends without an exception, it is
-    made readable and moved onto `target`; otherwise it is removed and `target` left as it was."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    (open handle, path), named by `temporary_name`. When the block, which writes and fsyncs it, ends
+    without an exception, it is made readable and moved onto `target`; otherwise it is removed and
+    `target` left as it was. `exclusive`: hard-linked into place instead, which fails with
+    FileExistsError if `target` exists, even if it appeared while the file was written (on a file
+    system without hard links, renamed after a last check)."""
+    handle, temporary = tempfile.mkstemp(prefix=temporary_name(target), suffix=suffix, dir=target.parent)
     try:
         yield handle, temporary
         make_readable(temporary)
-        os.replace(temporary, target)
-    except BaseException:
+        if not exclusive:
+            os.replace(temporary, target)
+        else:
+            try:
+                os.link(temporary, target)
+            except FileExistsError:
+                raise
+            except OSError:
+                if target.exists():
+                    raise FileExistsError(errno.EEXIST, "File exists", os.fspath(target)) from None
+                os.replace(temporary, target)
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def check_free_space(folder: str | os.PathLike[str], needed: int, target: str | os.PathLike[str]) -> None:
@@ -177,7 +202,7 @@ def new_temporary_folder(target: str | os.PathLike[str]) -> Path:
     """A new empty folder beside `target` (same file system, so it can be renamed onto it)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARK}", dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=temporary_name(target), dir=target.parent))
     os.chmod(folder, 0o777 & ~_umask())
     return folder
 
@@ -200,7 +225,7 @@ def publish_folder(temporary: str | os.PathLike[str], target: str | os.PathLike[
     elif exchange(temporary, target):
         shutil.rmtree(temporary, ignore_errors=True)  # it now holds the old set
     else:
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARK}{ASIDE}", dir=target.parent))
+        aside = Path(tempfile.mkdtemp(prefix=temporary_name(target) + ASIDE, dir=target.parent))
         os.replace(target, aside / target.name)
         os.replace(temporary, target)
         shutil.rmtree(aside, ignore_errors=True)

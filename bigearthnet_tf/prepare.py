@@ -65,11 +65,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bigearthnet_tf import __version__
 from bigearthnet_tf.archive import Archive, BadPatchError, open_archive
 from bigearthnet_tf.console import plain_console, progress_bar, status_console
 from bigearthnet_tf.console import say as say_on
@@ -77,43 +76,34 @@ from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import write_text_atomically
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.prepare_job import (
-    JOB_FILE,
     MANIFEST_NAME,
     SKIPPED_REPORT_NAME,
-    WORK_DIR_NAME,
     Plan,
     discard_job,
-    fingerprint_of,
     join_parts,
-    journal_append,
     manifest,
     pending_units,
-    plan_units,
+    refuse_stale_outputs,
     remove_temporaries,
     skipped_report,
     split_entries,
-    stale_outputs,
     start_or_resume,
 )
+from bigearthnet_tf.prepare_request import DEFAULT_SHARD_SIZE, WORK_DIR_NAME, PrepareRequest
 from bigearthnet_tf.prepare_splits import SkippedPatch, resolve_splits
 from bigearthnet_tf.prepare_stream import (
-    SPOOL_DIR_NAME,
     SpoolIndex,
     StreamJob,
-    archive_identity,
     open_archive_file,
     open_spool,
+    spool_folder,
     stream_to_spool,
 )
 from bigearthnet_tf.prepare_workers import WorkerJob, Workers, worker_context
-from bigearthnet_tf.record_formats import FORMAT_VERSION, RecordFormat, parse_record_format
-from bigearthnet_tf.tarstream import ArchiveFileError, is_archive_file
+from bigearthnet_tf.record_formats import RecordFormat
+from bigearthnet_tf.tarstream import ArchiveFileError
 
-__all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "MANIFEST_NAME"]
-
-# ~80 MB per shard in the default format (about 160 kB per S2 record): large enough for efficient
-# sequential reads, small enough that a few thousand patches still spread over all cores.
-DEFAULT_SHARD_SIZE = 512
+__all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "MANIFEST_NAME", "WORK_DIR_NAME"]
 
 
 @dataclass(frozen=True)
@@ -164,74 +154,139 @@ def _print_summary(summary: PrepareSummary, console) -> None:
 
 
 def _stream_phase(
-    archive: Archive,
-    root: str | os.PathLike,
-    s1_root: str | os.PathLike | None,
-    listed: dict[str, list[str]],
-    record_format: RecordFormat,
-    shard_size: int | None,
-    workers: int,
-    skip_bad: bool,
-    overwrite: bool,
-    context,
-    out: Path,
-    console,
-    say: Callable[[str], None],
+    request: PrepareRequest, archive: Archive, listed: dict[str, list[str]], context, console, say
 ) -> SpoolIndex:
     """Stream the archive file into the spool (`prepare_stream`), with a progress bar in bytes and patches."""
-    s1_file = archive.s1_file
-    spool_dir = out / SPOOL_DIR_NAME
-    job = {
-        "format": record_format.name,
-        "format_version": FORMAT_VERSION,
-        "skip_bad": skip_bad,
-        "version": archive.version,
-        "s2": archive_identity(os.fspath(root)),
-        "s1": archive_identity(s1_file) if s1_file else archive.s1_dir and os.path.realpath(archive.s1_dir),
-        "splits": listed,
-        "created_by": __version__,
-    }
     # The shards (or legacy parts) if the file holds every listed patch: the stream phase hands
     # patches to workers shard by shard, so that each spool file is a shard in the common case.
-    tentative = Plan(out, out / WORK_DIR_NAME, record_format, shard_size, archive, listed, [])
-    plan_units(tentative)
+    tentative = Plan(request, archive, listed)
     units = {
         name: (i, place) for i, unit in enumerate(tentative.units) for place, name in enumerate(unit.names)
     }
-    resumable = (spool_dir / JOB_FILE).exists() or (out / WORK_DIR_NAME / JOB_FILE).exists()
-    if not overwrite and not resumable:
-        # Refuse existing outputs now rather than after a whole pass over the archive.
-        stale = stale_outputs(tentative)
-        if stale:
-            more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
-            raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
-    done = open_spool(spool_dir, job, overwrite, say)
-    unit_patches = record_format.unit_patches(shard_size)
-    stream_job = StreamJob(
-        archive,
-        os.fspath(root),
-        s1_file,
-        units,
-        unit_patches,
-        record_format,
-        workers,
-        skip_bad,
-        spool_dir,
-        context,
-    )
+    folder = spool_folder(request, archive, listed)
+    if not request.overwrite and folder.recorded_fingerprint() is tentative.folder.recorded_fingerprint() is None:
+        refuse_stale_outputs(tentative)  # now rather than after a whole pass over the archive
+    done = open_spool(folder, request.overwrite, say)
     progress = progress_bar(console, amounts=True)
-    size = os.path.getsize(root)
+    size = os.path.getsize(request.root)
     tasks = {
-        "bytes": progress.add_task(f"reading {os.path.basename(root)}", total=size, unit="bytes"),
+        "bytes": progress.add_task(f"reading {os.path.basename(request.root)}", total=size, unit="bytes"),
         "patches": progress.add_task("encoding", total=len(units), completed=len(done), unit="patches"),
     }
     try:
         return stream_to_spool(
-            stream_job, done, say, lambda kind, count: progress.update(tasks[kind], completed=count), progress
+            StreamJob(request, archive, units, context),
+            done,
+            say,
+            lambda kind, count: progress.update(tasks[kind], completed=count),
+            progress,
         )
     except (BadPatchError, ArchiveFileError):
-        shutil.rmtree(spool_dir, ignore_errors=True)
+        shutil.rmtree(request.spool_dir, ignore_errors=True)
         raise
+
+
+def _listed(request: PrepareRequest, say) -> tuple[Archive, dict[str, list[str]], list[SkippedPatch]]:
+    """The archive, the patches of each split and the listed patches it lacks. For an archive file
+    that is known only after the stream phase: here the lists are checked, quietly, and kept whole."""
+    if not request.from_file:
+        archive = open_archive(request.root, version=request.version, s1_root=request.s1_root)
+        return archive, *resolve_splits(archive, *request.split_arguments, say)
+    archive = open_archive_file(request.root, request.version, request.s1_root)
+    listed, _ = resolve_splits(
+        archive, *request.split_arguments, lambda message: None, missing_of=lambda splits: dict.fromkeys(splits, [])
+    )
+    return archive, listed, []
+
+
+def _present(request: PrepareRequest, archive: Archive, index: SpoolIndex, say) -> tuple[dict, list]:
+    """After the stream phase: the splits without the listed patches the archive file does not hold."""
+    try:
+        return resolve_splits(
+            archive,
+            *request.split_arguments,
+            say,
+            missing_of=lambda splits: {
+                split: [name for name in names if name not in index.present] for split, names in splits.items()
+            },
+        )
+    except UserError:  # listed patches the file does not hold: this job ends here
+        shutil.rmtree(request.spool_dir, ignore_errors=True)
+        raise
+
+
+def _write_units(plan: Plan, context, console, say, stage_seconds: dict[str, float]) -> tuple[dict, int]:
+    """Write every unit not finished by an earlier run (joining legacy parts as they come); return the
+    journal entries by file name (units and finished legacy split files) and the patches resumed."""
+    request = plan.request
+    done, appended = start_or_resume(plan, say)
+    finished = dict(done)
+    pending, resumed = pending_units(plan, finished)
+    for split in plan.splits:
+        if not plan.record_format.sharded:
+            join_parts(plan, split, finished, appended)
+    total = sum(len(unit.names) for unit in plan.units)
+    progress = progress_bar(console, "patches")
+    description = "writing shards" if request.from_file else "preparing"
+    task = progress.add_task(description, total=total, completed=resumed, resumed=resumed)
+    unit_split = {unit.file_name: unit.split for unit in plan.units}
+    try:
+        # Workers start before the progress bar's refresh thread, so a fork copies no running
+        # thread; closing() stops them on an error before this job's files are removed.
+        workers = Workers(pending, request.workers, context, WorkerJob(request, plan.archive))
+        with contextlib.closing(workers) as runner, progress:
+            for result in runner.results(lambda n: progress.advance(task, n)):
+                if result.error is not None:
+                    raise BadPatchError(*result.error)
+                for stage, seconds in zip(("read", "encode", "write"), result.seconds, strict=True):
+                    stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+                entry = {
+                    "file": result.file_name,
+                    "bytes": result.size,
+                    "patches": result.written,
+                    "skipped": [list(item) for item in result.skipped],
+                }
+                plan.folder.record(entry)
+                finished[result.file_name] = entry
+                if not plan.record_format.sharded:
+                    join_parts(plan, unit_split[result.file_name], finished, appended)
+            progress.update(task, completed=total)
+    except BadPatchError:
+        discard_job(plan)
+        shutil.rmtree(request.spool_dir, ignore_errors=True)
+        raise
+    except BaseException as error:
+        if isinstance(error, UserError) and not finished:
+            # Refused before any file was finished (bad metadata, say): nothing to resume, so
+            # nothing is left in the way of a corrected run with other arguments.
+            shutil.rmtree(plan.work_dir, ignore_errors=True)
+            shutil.rmtree(request.spool_dir, ignore_errors=True)
+        elif plan.work_dir.exists():
+            # Interrupted or failed for another reason: finished files stay for a restart.
+            remove_temporaries(plan)
+        raise
+    return finished, resumed
+
+
+def _publish(plan: Plan, missing: list[SkippedPatch], finished: dict) -> tuple[dict[str, int], list[SkippedPatch]]:
+    """Write `skipped.csv` (with skip_bad) and the manifest, remove the job folders; return the
+    patches written and the patches skipped per split, in list order."""
+    # Tallies in list order, whatever order the workers finished in: missing folders first, then
+    # unreadable patches, each in list order.
+    written = {split: 0 for split in plan.splits}
+    skipped = {split: [item for item in missing if item.split == split] for split in plan.splits}
+    for split in plan.splits:
+        for entry in split_entries(plan, split, finished):
+            written[split] += entry["patches"]
+            skipped[split].extend(SkippedPatch(split, *item) for item in entry["skipped"])
+    all_skipped = [item for split in plan.splits for item in skipped[split]]
+    if plan.request.skip_bad:
+        write_text_atomically(plan.out / SKIPPED_REPORT_NAME, skipped_report(all_skipped))
+    described = manifest(plan, written, {split: len(skipped[split]) for split in plan.splits})
+    write_text_atomically(plan.out / MANIFEST_NAME, json.dumps(described, indent=2) + "\n")
+    shutil.rmtree(plan.work_dir)
+    shutil.rmtree(plan.request.spool_dir, ignore_errors=True)
+    return written, all_skipped
 
 
 def prepare(
@@ -280,158 +335,40 @@ def prepare(
         UserError: bad arguments, existing outputs without `overwrite`.
     """
     started = time.perf_counter()
+    request = PrepareRequest.checked(
+        root, out, split_files, official_splits, record_format, workers, shard_size,
+        exclude_snow_cloud, include_snow_cloud, skip_bad, overwrite, version, s1_root,
+    )  # fmt: skip
     console = status_console(show_progress)
 
     def say(message: str) -> None:
         say_on(console, message)
 
-    fmt = parse_record_format(record_format)
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if shard_size is not None and not fmt.sharded:
-        raise UserError(f"--shard-size applies to sharded formats only; {fmt} writes one file per split")
-    shard_size = DEFAULT_SHARD_SIZE if shard_size is None and fmt.sharded else shard_size
-    if shard_size is not None and shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-
-    context = worker_context() if workers > 1 else None
-    from_file = is_archive_file(root)
-    split_args = (split_files, official_splits, exclude_snow_cloud, include_snow_cloud, skip_bad)
-    if from_file:
-        archive = open_archive_file(root, version, s1_root)
-        # Which listed patches the file holds is known only after streaming it: here the lists
-        # are checked, quietly; the stream phase then tells which ones are absent.
-        listed, _ = resolve_splits(
-            archive, *split_args, lambda message: None, missing_of=lambda splits: dict.fromkeys(splits, [])
-        )
-    else:
-        if s1_root is not None and os.path.isfile(s1_root):
-            raise UserError(
-                f"--s1-root {s1_root} is an archive file; give the Sentinel-2 archive as a file too "
-                f"(-r <the .tar, .tar.gz or .tar.zst>), or the extracted Sentinel-1 folder"
-            )
-        archive = open_archive(root, version=version, s1_root=s1_root)
-        splits, missing = resolve_splits(archive, *split_args, say)
-    out_path = Path(out)
-    if out_path.exists() and not out_path.is_dir():
-        raise UserError(f"output folder {out_path} exists and is not a folder")
-    out_path.mkdir(parents=True, exist_ok=True)
+    context = worker_context() if request.workers > 1 else None
+    archive, splits, missing = _listed(request, say)
+    if request.out.exists() and not request.out.is_dir():
+        raise UserError(f"output folder {request.out} exists and is not a folder")
+    request.out.mkdir(parents=True, exist_ok=True)
     # One writer per output folder: a second run would remove this one's temporary files.
-    with output_lock(out_path, "prepare", f"output folder {out_path}"):
+    with output_lock(request.out, "prepare", f"output folder {request.out}"):
         index = None
-        if from_file:
-            index = _stream_phase(
-                archive,
-                root,
-                s1_root,
-                listed,
-                fmt,
-                shard_size,
-                workers,
-                skip_bad,
-                overwrite,
-                context,
-                out_path,
-                console,
-                say,
-            )
-            try:
-                splits, missing = resolve_splits(
-                    archive,
-                    *split_args,
-                    say,
-                    missing_of=lambda splits: {
-                        split: [name for name in names if name not in index.present]
-                        for split, names in splits.items()
-                    },
-                )
-            except UserError:  # listed patches the file does not hold: this job ends here
-                shutil.rmtree(out_path / SPOOL_DIR_NAME, ignore_errors=True)
-                raise
-        plan = Plan(out_path, out_path / WORK_DIR_NAME, fmt, shard_size, archive, splits, [], index)
-        plan_units(plan)
-        plan.fingerprint = fingerprint_of(plan, skip_bad)
-        done, appended = start_or_resume(plan, overwrite, say)
-
-        # Journal entries by file name: units (shards or legacy parts) and finished legacy split files.
-        finished = dict(done)
-        pending, resumed = pending_units(plan, finished)
-        for split in splits:
-            if not fmt.sharded:
-                join_parts(plan, split, finished, appended)
-
-        total = sum(len(unit.names) for unit in plan.units)
-        progress = progress_bar(console, "patches")
-        description = "writing shards" if from_file else "preparing"
-        task = progress.add_task(description, total=total, completed=resumed, resumed=resumed)
-        spool_dir = out_path / SPOOL_DIR_NAME
-        job = WorkerJob(plan.archive, fmt, skip_bad, str(plan.work_dir), str(plan.out), str(spool_dir))
+        if request.from_file:
+            index = _stream_phase(request, archive, splits, context, console, say)
+            splits, missing = _present(request, archive, index, say)
+        plan = Plan(request, archive, splits, index)
         stage_seconds = dict(index.seconds) if index is not None else {}
-        unit_split = {unit.file_name: unit.split for unit in plan.units}
-        try:
-            # Workers start before the progress bar's refresh thread, so a fork copies no running
-            # thread; closing() stops them on an error before this job's files are removed.
-            with contextlib.closing(Workers(pending, workers, context, job)) as runner, progress:
-                for result in runner.results(lambda n: progress.advance(task, n)):
-                    if result.error is not None:
-                        raise BadPatchError(*result.error)
-                    for stage, seconds in zip(("read", "encode", "write"), result.seconds, strict=True):
-                        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
-                    entry = {
-                        "file": result.file_name,
-                        "bytes": result.size,
-                        "patches": result.written,
-                        "skipped": [list(item) for item in result.skipped],
-                    }
-                    journal_append(plan.work_dir, entry)
-                    finished[result.file_name] = entry
-                    split = unit_split[result.file_name]
-                    if not fmt.sharded:
-                        join_parts(plan, split, finished, appended)
-                progress.update(task, completed=total)
-        except BadPatchError:
-            discard_job(plan)
-            shutil.rmtree(spool_dir, ignore_errors=True)
-            raise
-        except BaseException as error:
-            if isinstance(error, UserError) and not finished:
-                # Refused before any file was finished (bad metadata, say): nothing to resume, so
-                # nothing is left in the way of a corrected run with other arguments.
-                shutil.rmtree(plan.work_dir, ignore_errors=True)
-                shutil.rmtree(spool_dir, ignore_errors=True)
-            elif plan.work_dir.exists():
-                # Interrupted or failed for another reason: finished files stay for a restart.
-                remove_temporaries(plan.work_dir)
-            raise
-
-        # Tallies in list order, whatever order the workers finished in: missing folders first, then
-        # unreadable patches, each in list order.
-        written = {split: 0 for split in splits}
-        skipped = {split: [item for item in missing if item.split == split] for split in splits}
-        for split in splits:
-            for entry in split_entries(plan, split, finished):
-                written[split] += entry["patches"]
-                skipped[split].extend(SkippedPatch(split, *item) for item in entry["skipped"])
-        all_skipped = [item for split in splits for item in skipped[split]]
-        if skip_bad:
-            write_text_atomically(plan.out / SKIPPED_REPORT_NAME, skipped_report(all_skipped))
-        described = manifest(plan, written, {split: len(skipped[split]) for split in splits}, skip_bad)
-        write_text_atomically(plan.out / MANIFEST_NAME, json.dumps(described, indent=2) + "\n")
-        shutil.rmtree(plan.work_dir)
-        shutil.rmtree(spool_dir, ignore_errors=True)
-
-        summary = PrepareSummary(
-            out=plan.out,
-            record_format=fmt.name,
-            files=dict(plan.files),
-            patches=written,
-            skipped=tuple(all_skipped),
-            seconds=time.perf_counter() - started,
-            resumed_patches=resumed if index is None else index.resumed,
-            stage_seconds=stage_seconds,
-        )
-        if show_progress:
-            _print_summary(summary, plain_console(file=sys.stdout))
-        return summary
+        finished, resumed = _write_units(plan, context, console, say, stage_seconds)
+        written, skipped = _publish(plan, missing, finished)
+    summary = PrepareSummary(
+        out=plan.out,
+        record_format=plan.record_format.name,
+        files=dict(plan.files),
+        patches=written,
+        skipped=tuple(skipped),
+        seconds=time.perf_counter() - started,
+        resumed_patches=resumed if index is None else index.resumed,
+        stage_seconds=stage_seconds,
+    )
+    if show_progress:
+        _print_summary(summary, plain_console(file=sys.stdout))
+    return summary

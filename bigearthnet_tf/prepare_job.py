@@ -3,7 +3,7 @@
 A plan cuts each split's list into units (shards, or parts joined into one file per split) as the
 record format says. Everything is first written under `out/.prepare-work/`: `job.json` fingerprints
 the job and `journal.jsonl` records each finished file, so a run killed at any moment and started
-again with the same arguments keeps what the journal vouches for and redoes the rest.
+again with the same arguments keeps what the journal vouches for and redoes the rest (`job_folder`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 import math
 import os
 import shutil
@@ -23,33 +22,54 @@ from bigearthnet_tf import __version__
 from bigearthnet_tf.archive import Archive
 from bigearthnet_tf.constants import LABEL_TYPES
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.files import append_synced_line, write_text_atomically
-from bigearthnet_tf.jsonfiles import json_digest
+from bigearthnet_tf.job_folder import JobFolder
 from bigearthnet_tf.layout import Modality, sensors_of
+from bigearthnet_tf.prepare_request import PrepareRequest
 from bigearthnet_tf.prepare_splits import SkippedPatch
 from bigearthnet_tf.prepare_stream import SpoolIndex
 from bigearthnet_tf.prepare_workers import TEMP_SUFFIX, Unit
-from bigearthnet_tf.record_formats import FORMAT_VERSION, FORMATS, MANIFEST_NAME, RecordFormat
+from bigearthnet_tf.record_formats import FORMATS, MANIFEST_NAME, RecordFormat
 
 SKIPPED_REPORT_NAME = "skipped.csv"
-WORK_DIR_NAME = ".prepare-work"
-JOB_FILE = "job.json"
-JOURNAL_FILE = "journal.jsonl"
+JOURNAL_FILE = "journal.jsonl"  # the JobFolder default
 
 
 @dataclass
 class Plan:
-    out: Path
-    work_dir: Path
-    record_format: RecordFormat
-    shard_size: int | None
+    """The units of a request over `splits`, the final files per split, and the job folder."""
+
+    request: PrepareRequest
     archive: Archive
     splits: dict[str, list[str]]
-    units: list[Unit]
     index: SpoolIndex | None = None  # what the stream phase encoded, for an archive file
+    units: list[Unit] = field(default_factory=list)
     # Final files in `out` per split, in order.
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        fmt = self.record_format
+        for split, names in self.splits.items():
+            chunks = _chunks(names, self.request.unit_patches)
+            file_names = fmt.unit_files(split, len(chunks))
+            self.files[split] = fmt.split_files(split, len(chunks))
+            for i, chunk in enumerate(chunks):
+                places = None
+                if self.index is not None:
+                    places = tuple(self.index.records.get(name) or self.index.bad[name] for name in chunk)
+                self.units.append(Unit(split, i, file_names[i], chunk, places))
+        self.folder = JobFolder(self.work_dir, self.request.fingerprint(self.archive, self.splits))
+
+    @property
+    def out(self) -> Path:
+        return self.request.out
+
+    @property
+    def work_dir(self) -> Path:
+        return self.request.work_dir
+
+    @property
+    def record_format(self) -> RecordFormat:
+        return self.request.record_format
 
 
 def _chunks(names: Sequence[str], size: int) -> list[tuple[str, ...]]:
@@ -58,62 +78,11 @@ def _chunks(names: Sequence[str], size: int) -> list[tuple[str, ...]]:
     return [tuple(names[i * size : (i + 1) * size]) for i in range(count)]
 
 
-def plan_units(plan: Plan) -> None:
-    fmt = plan.record_format
-    for split, names in plan.splits.items():
-        chunks = _chunks(names, fmt.unit_patches(plan.shard_size))
-        file_names = fmt.unit_files(split, len(chunks))
-        plan.files[split] = fmt.split_files(split, len(chunks))
-        for i, chunk in enumerate(chunks):
-            places = None
-            if plan.index is not None:
-                places = tuple(plan.index.records.get(name) or plan.index.bad[name] for name in chunk)
-            plan.units.append(Unit(split, i, file_names[i], chunk, places))
-
-
-def fingerprint_of(plan: Plan, skip_bad: bool) -> str:
-    """A digest of everything that decides the output bytes; a restart resumes only when it matches."""
-    job = {
-        "format": plan.record_format.name,
-        "format_version": FORMAT_VERSION,
-        "shard_size": plan.shard_size,
-        "part_size": plan.record_format.part_size,
-        "archive": [plan.archive.version, os.path.realpath(plan.archive.s2_dir)],
-        "s1": plan.archive.s1_source,
-        "skip_bad": skip_bad,
-        "splits": plan.splits,
-        "created_by": __version__,
-    }
-    return json_digest(job)
-
-
 # --- the job folder: fingerprint, journal, clean-up ------------------------------------------------
 
 
-def _read_journal(work_dir: Path) -> dict[str, dict]:
-    """Finished files recorded by an earlier run of the same job (a torn last line is ignored)."""
-    entries: dict[str, dict] = {}
-    try:
-        text = (work_dir / JOURNAL_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return entries
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        entries[entry["file"]] = entry
-    return entries
-
-
-def journal_append(work_dir: Path, entry: dict) -> None:
-    append_synced_line(work_dir / JOURNAL_FILE, entry)
-
-
-def remove_temporaries(work_dir: Path) -> None:
-    for entry in os.scandir(work_dir):
-        if entry.name.endswith(TEMP_SUFFIX):
-            os.unlink(entry.path)
+def remove_temporaries(plan: Plan) -> None:
+    plan.folder.remove_files(lambda name: name.endswith(TEMP_SUFFIX))
 
 
 def _final_paths(plan: Plan) -> list[Path]:
@@ -130,6 +99,14 @@ def stale_outputs(plan: Plan) -> list[Path]:
     return list(unique)
 
 
+def refuse_stale_outputs(plan: Plan) -> None:
+    """UserError naming the first output in the way, unless the request says to overwrite."""
+    stale = stale_outputs(plan)
+    if stale and not plan.request.overwrite:
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
+
+
 def discard_job(plan: Plan) -> None:
     """Remove every file of this job: temporaries, parts, and the shards it has renamed into place."""
     for path in _final_paths(plan):
@@ -137,51 +114,27 @@ def discard_job(plan: Plan) -> None:
     shutil.rmtree(plan.work_dir, ignore_errors=True)
 
 
-def start_or_resume(
-    plan: Plan, overwrite: bool, say: Callable[[str], None]
-) -> tuple[dict[str, dict], dict[str, int]]:
+def start_or_resume(plan: Plan, say: Callable[[str], None]) -> tuple[dict[str, dict], dict[str, int]]:
     """Make the work folder ready; return the journal entries of what an earlier run finished, and
     per legacy split the number of parts already appended (see `_resume_parts`)."""
-    job_file = plan.work_dir / JOB_FILE
-    try:
-        previous = json.loads(job_file.read_text(encoding="utf-8")).get("fingerprint")
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        previous = None
-
-    if previous == plan.fingerprint:
-        remove_temporaries(plan.work_dir)
-        journal = _read_journal(plan.work_dir)
-        done = {}
+    folder = plan.folder
+    if folder.resumable():
+        remove_temporaries(plan)
+        journal = folder.journal()
         parts = set() if plan.record_format.sharded else {unit.file_name for unit in plan.units}
-        for name, entry in journal.items():
-            path = (plan.work_dir if name in parts else plan.out) / name
-            if path.exists() and path.stat().st_size == entry["bytes"]:
-                done[name] = entry
+        done = folder.vouched(journal, lambda name: (plan.work_dir if name in parts else plan.out) / name)
         # Parts that the journal does not vouch for are redone.
-        for entry in os.scandir(plan.work_dir):
-            if entry.name in parts and entry.name not in done:
-                os.unlink(entry.path)
+        folder.remove_files(lambda name: name in parts and name not in done)
         appended = {} if plan.record_format.sharded else _resume_parts(plan, journal, done)
         if done:
             say(f"resuming an unfinished run in {plan.out}: {len(done)} finished file(s) kept")
         return done, appended
 
-    if plan.work_dir.exists():
-        # Without a job file nothing was written yet (it is written first): a leftover of ours.
-        if previous is not None and not overwrite:
-            raise UserError(
-                f"{plan.work_dir} holds an unfinished preparation with other arguments; rerun that "
-                "command to finish it, or pass --overwrite to discard it"
-            )
-        shutil.rmtree(plan.work_dir)
-    stale = stale_outputs(plan)
-    if stale and not overwrite:
-        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
-        raise UserError(f"{stale[0]} exists{more}; pass --overwrite to replace it")
-    for path in stale:
+    folder.refuse_other_job(plan.request.overwrite)
+    refuse_stale_outputs(plan)
+    for path in stale_outputs(plan):
         path.unlink()
-    plan.work_dir.mkdir(parents=True)
-    write_text_atomically(job_file, json.dumps({"fingerprint": plan.fingerprint}) + "\n")
+    folder.begin()
     return {}, {split: 0 for split in plan.splits}
 
 
@@ -251,7 +204,7 @@ def join_parts(plan: Plan, split: str, finished: dict[str, dict], appended: dict
                 _append_file(part, fd)
                 appended[split] += 1
                 size = os.fstat(fd).st_size
-                journal_append(plan.work_dir, {"file": partial.name, "bytes": size, "parts": appended[split]})
+                plan.folder.record({"file": partial.name, "bytes": size, "parts": appended[split]})
                 part.unlink()
             if appended[split] == len(parts):
                 os.fsync(fd)
@@ -269,7 +222,7 @@ def join_parts(plan: Plan, split: str, finished: dict[str, dict], appended: dict
         "patches": sum(finished[part]["patches"] for part in parts),
         "skipped": [item for part in parts for item in finished[part]["skipped"]],
     }
-    journal_append(plan.work_dir, entry)
+    plan.folder.record(entry)
     finished[final_name] = entry
 
 
@@ -297,9 +250,10 @@ def split_entries(plan: Plan, split: str, finished: dict[str, dict]) -> list[dic
 # --- manifest, report, summary -------------------------------------------------------------------
 
 
-def manifest(plan: Plan, patches: dict[str, int], skipped: dict[str, int], skip_bad: bool) -> dict:
+def manifest(plan: Plan, patches: dict[str, int], skipped: dict[str, int]) -> dict:
     """`dataset.json` of a finished job (its keys are documented in prepare.py)."""
     modality = Modality.MM if plan.archive.has_s1 else Modality.S2
+    skip_bad = plan.request.skip_bad
     label_types = list(plan.archive.label_types)
     return {
         "format": plan.record_format.name,
@@ -310,7 +264,7 @@ def manifest(plan: Plan, patches: dict[str, int], skipped: dict[str, int], skip_
         "shapes": plan.record_format.shapes(modality),
         "label_types": label_types,
         "labels": {label_type: list(LABEL_TYPES[label_type]) for label_type in label_types},
-        "shard_size": plan.shard_size,
+        "shard_size": plan.request.shard_size,
         "splits": {
             split: {"files": list(plan.files[split]), "patches": patches[split], "skipped": skipped[split]}
             for split in plan.splits

@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import signal
 import threading
 import time
@@ -61,7 +60,8 @@ from bigearthnet_tf.archive import (
 from bigearthnet_tf.constants import S1_BAND_NAMES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
-from bigearthnet_tf.jsonfiles import json_digest
+from bigearthnet_tf.job_folder import JobFolder
+from bigearthnet_tf.prepare_request import PrepareRequest
 from bigearthnet_tf.record_formats import RecordFormat
 from bigearthnet_tf.records import RecordWriter
 from bigearthnet_tf.tarstream import (
@@ -83,8 +83,6 @@ from bigearthnet_tf.tarstream import (
 )
 from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES
 
-SPOOL_DIR_NAME = ".prepare-spool"
-_JOB_FILE = "job.json"
 _JOURNAL_FILE = "spool.jsonl"
 _S1_INDEX_FILE = "s1-index.json"
 _S1_STORE_FILE = "s1-store.bin"
@@ -133,12 +131,6 @@ def peek_version(path: str, *, s1: bool = False) -> int:
             return _layout_version(found[0], found[1], s1)
     kind = "Sentinel-1" if s1 else "Sentinel-2"
     raise UserError(f"{path}: no BigEarthNet {kind} patch files at its start; is this a BigEarthNet archive?")
-
-
-def archive_identity(path: str) -> list:
-    """What identifies an archive file for resuming: its real path, size and modification time."""
-    info = os.stat(path)
-    return [os.path.realpath(path), info.st_size, info.st_mtime_ns]
 
 
 # --- the result of the stream phase ---------------------------------------------------------------
@@ -243,46 +235,28 @@ def _decode(name: str, refs: dict[str, Ref], s1):
 # --- the job folder ----------------------------------------------------------------------------------
 
 
-def open_spool(spool_dir: Path, job: dict, overwrite: bool, say: Callable[[str], None]) -> dict[str, tuple]:
-    """Make the spool folder ready for `job`; return what an earlier run of the same job encoded."""
-    fingerprint = json_digest(job)
-    try:
-        previous = json.loads((spool_dir / _JOB_FILE).read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        previous = None
-    if previous != fingerprint:
-        if previous is not None and not overwrite:
-            raise UserError(
-                f"{spool_dir} holds an unfinished preparation with other arguments; rerun that "
-                "command to finish it, or pass --overwrite to discard it"
-            )
-        if spool_dir.exists():
-            shutil.rmtree(spool_dir)
-        spool_dir.mkdir(parents=True)
-        write_text_atomically(spool_dir / _JOB_FILE, json.dumps({"fingerprint": fingerprint}) + "\n")
+def open_spool(folder: JobFolder, overwrite: bool, say: Callable[[str], None]) -> dict[str, tuple]:
+    """Make the spool folder ready for its job; return what an earlier run of the same job encoded:
+    patch -> (spool, offset, length), or (file, reason) for a bad patch."""
+    if not folder.resumable():
+        folder.refuse_other_job(overwrite)
+        folder.begin()
         return {}
+    kept = folder.vouched(folder.journal(), lambda spool: folder.path / spool)
+    folder.remove_files(lambda name: name.startswith("spool-") and name not in kept)
     done: dict[str, tuple] = {}
-    kept: set[str] = set()
-    try:
-        lines = (spool_dir / _JOURNAL_FILE).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a kill
-        path = spool_dir / entry["spool"]
-        if path.exists() and path.stat().st_size == entry["bytes"]:
-            kept.add(entry["spool"])
-            for name, offset, length, fault in entry["patches"]:
-                done[name] = (entry["spool"], offset, length) if fault is None else tuple(fault)
-    for entry in os.scandir(spool_dir):
-        if entry.name.startswith("spool-") and entry.name not in kept:
-            os.unlink(entry.path)
+    for spool, entry in kept.items():
+        for name, offset, length, fault in entry["patches"]:
+            done[name] = (spool, offset, length) if fault is None else tuple(fault)
     if done:
         say(f"resuming: {len(done):,} patches were encoded by an earlier run")
     return done
+
+
+def spool_folder(request: PrepareRequest, archive: Archive, listed: dict[str, list[str]]) -> JobFolder:
+    """The stream phase's job folder, fingerprinted over the lists as given (before absent patches
+    are known)."""
+    return JobFolder(request.spool_dir, request.fingerprint(archive, listed), _JOURNAL_FILE, key="spool")
 
 
 # --- streaming -------------------------------------------------------------------------------------
@@ -298,6 +272,13 @@ class _Ring:
         self.refs = [0] * len(storage.maps)
         self.retired: set[int] = set()
         self.free_queue: queue.Queue | None = None
+
+    def hold(self, parts: Iterable[tuple[int, int, int]]) -> list[int]:
+        """Count one more holder of each block `parts` lie in; return those blocks."""
+        blocks = [] if self.mapped else sorted({part[0] for part in parts})
+        for block in blocks:
+            self.refs[block] += 1
+        return blocks
 
     def release(self, block: int) -> None:
         self.refs[block] -= 1
@@ -335,23 +316,33 @@ class _Spill:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        Path(self.path).unlink(missing_ok=True)
+
+
+@dataclass
+class _Sink:
+    """What `_stream` calls: `wants(name)` picks the members whose data is kept (its answer becomes
+    `Member.key`), `on_member` gets them, `after_block` runs once a block is parsed, `wait_for_work`
+    while the reader has nothing new."""
+
+    wants: Callable[[str], object]
+    on_member: Callable[[Member], None]
+    after_block: Callable[[int], None] = lambda block: None
+    wait_for_work: Callable[[], None] = lambda: None
 
 
 def _stream(
     path: str,
     filler: Filler | ProcessFiller,
     blocks: int,
-    wants: Callable[[str, str], bool],
-    on_member: Callable[[Member], None],
-    after_block: Callable[[int], None],
     ring: _Ring,
-    wait_for_work: Callable[[], None],
-    progress: Callable[[int], None],
-    stats: _Stats,
+    sink: _Sink,
+    progress: Callable[[int], None] = lambda count: None,
+    stats: _Stats | None = None,
 ) -> tuple[float, float, ArchiveFileError | None]:
-    """Parse every member of archive file `path`, calling `on_member`; `after_block(block)` once a
-    block is parsed. Returns the seconds spent reading and decompressing, and the error that ended
-    the stream early, if any."""
+    """Parse every member of archive file `path` into `sink`. Returns the seconds spent reading and
+    decompressing, and the error that ended the stream early, if any."""
+    stats = stats or _Stats()
     ring.free_queue = filler
     for block in range(blocks):
         filler.put(block)
@@ -362,7 +353,7 @@ def _stream(
             try:
                 item = filler.get(timeout=_POLL_SECONDS)
             except queue.Empty:
-                wait_for_work()
+                sink.wait_for_work()
                 continue
             if item is None:
                 parser.check_complete()
@@ -372,17 +363,17 @@ def _stream(
             block, length, offset = item
             started = time.perf_counter()
             parser.feed(block, length, offset)
-            for member in parser.members(wants):
-                on_member(member)
+            for member in parser.members(sink.wants):
+                sink.on_member(member)
             stats.parse += time.perf_counter() - started
             for done in parser.released:
                 ring.retire(done)
             parser.released.clear()
-            after_block(block)
+            sink.after_block(block)
             if ring.mapped:
                 filler.put(0)  # one more step of the file may be read ahead
             progress(length if ring.mapped else filler.bytes_read)
-            wait_for_work()
+            sink.wait_for_work()
     except ArchiveFileError as error:
         failure = error
     finally:
@@ -391,20 +382,406 @@ def _stream(
     return filler.read_seconds, filler.decompress_seconds, failure
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamJob:
     """Everything `stream_to_spool` needs to know."""
 
-    archive: Archive  # version, v2 metadata root; s1_dir for S1 in a folder
-    s2_path: str
-    s1_path: str | None  # an S1 archive file
+    request: PrepareRequest
+    archive: Archive  # version, v2 metadata root; s1_dir for S1 in a folder, s1_file for a file
     units: dict[str, tuple[int, int]]  # every listed patch -> (its shard or legacy part, its place there)
-    unit_patches: int  # patches per shard or part
-    record_format: RecordFormat
-    workers: int
-    skip_bad: bool
-    spool_dir: Path
     context: object  # multiprocessing context, None for workers == 1
+
+    @property
+    def s2_path(self) -> str:
+        return self.request.root
+
+    @property
+    def s1_path(self) -> str | None:
+        return self.archive.s1_file
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.request.spool_dir
+
+    @property
+    def workers(self) -> int:
+        return self.request.workers
+
+    @property
+    def skip_bad(self) -> bool:
+        return self.request.skip_bad
+
+    @property
+    def record_format(self) -> RecordFormat:
+        return self.request.record_format
+
+
+class _InProcess:
+    """An executor that runs each task at once, in this process (workers == 1)."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+@contextlib.contextmanager
+def _encoders(job: StreamJob, block_paths: list[str]) -> Iterator[ProcessPoolExecutor | _InProcess]:
+    """The worker processes that encode batches, all started (before any thread of ours runs: a
+    fork copies no running thread), and stopped at the end without waiting for their tasks."""
+    if job.context is None or job.workers == 1:
+        # The worker state in this process, but Ctrl-C keeps whatever handler the caller had.
+        previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+        try:
+            _init_worker(job.archive, job.record_format, str(job.spool_dir), block_paths)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        yield _InProcess()
+        return
+    executor = ProcessPoolExecutor(
+        max_workers=job.workers,
+        mp_context=job.context,
+        initializer=_init_worker,
+        initargs=(job.archive, job.record_format, str(job.spool_dir), block_paths),
+    )
+    try:
+        try:
+            for future in [executor.submit(os.getpid) for _ in range(job.workers)]:
+                future.result()
+        except BrokenProcessPool:
+            raise UserError("the worker processes could not start (out of memory?)") from None
+        yield executor
+    finally:
+        _stop_now(executor)
+
+
+def _stop_now(executor: ProcessPoolExecutor) -> None:
+    """Shut `executor` down, terminating workers busy with a batch (after an error or Ctrl-C, a
+    whole shard's work is not waited for)."""
+    executor.shutdown(wait=False, cancel_futures=True)
+    terminate = getattr(executor, "terminate_workers", None)  # Python 3.14 and later
+    if terminate is not None:
+        terminate()
+    else:  # earlier: the processes are only in a private field
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            if process.is_alive():
+                process.terminate()
+    executor.shutdown(wait=True)
+
+
+def _ring_blocks(job: StreamJob) -> int:
+    """Blocks for a shard being read, one waiting and one per worker (~180 kB a patch), within
+    MAX_RING_BYTES: with fewer, shards are handed over in parts and copied together afterwards."""
+    unit_blocks = -(-job.request.unit_patches * 180_000 // tarstream.BLOCK_BYTES) + 1
+    return min(
+        max(2 * job.workers + 4, (job.workers + 2) * unit_blocks + 3),
+        max(8, MAX_RING_BYTES // tarstream.BLOCK_BYTES),
+    )
+
+
+class SpoolStream:
+    """The scheduler of the stream phase: it takes the members of the S2 archive file as the parser
+    finds them, groups them by patch, hands complete patches to `executor` (shard by shard, in list
+    order; in parts when the ring runs short) and keeps the index of what the spool files hold.
+
+    `executor.submit(encode, task, batch, whole)` returns a future of what `_encode_batch` returns;
+    tests give a thread pool and a fake `encode`. `s1(name)` is the S1 argument of a patch (None
+    without an S1 archive file)."""
+
+    def __init__(
+        self,
+        job: StreamJob,
+        done: dict[str, tuple],
+        ring: _Ring,
+        blocks: int,
+        executor: ProcessPoolExecutor | _InProcess,
+        *,
+        say: Callable[[str], None],
+        progress: Callable[[str, int], None],
+        s1: Callable[[str], tuple] | None = None,
+        encode: Callable | None = None,
+    ) -> None:
+        self.job, self.ring, self.blocks, self.executor = job, ring, blocks, executor
+        self.encode = encode or _encode_batch  # looked up now: tests replace it
+        self.say, self.progress, self.s1 = say, progress, s1
+        self.index = SpoolIndex(resumed=len(done))
+        for name, place in done.items():
+            if len(place) == 3:
+                self.index.records[name] = place
+            else:
+                self.index.bad[name] = place
+        self.wanted = set(job.units.keys() - done.keys())
+        self.expected = frozenset(job.archive.file_suffixes)
+        self.pending: dict[str, dict[str, Ref]] = {}  # incomplete patches: file -> ref
+        # Where each file of an incomplete patch began, and where each complete patch was completed: a
+        # second copy of a file is named with both places rather than one copy chosen silently.
+        self.pending_at: dict[str, dict[str, int]] = {}
+        self.completed_at: dict[str, int] = {}
+        self.duplicated: dict[str, tuple[str, str]] = {}  # complete patches with a second copy (skip_bad)
+        self.in_block: dict[int, set[str]] = {}  # block -> incomplete patches with a file in it
+        # Complete patches not handed over yet, by shard (or legacy part), and per shard how many of its
+        # wanted patches are neither handed over nor bad: when all are ready the whole shard goes to one
+        # worker, which writes them in list order, and that spool file becomes the shard (renamed, not
+        # copied) when the file held every listed patch.
+        self.ready: dict[int, list[tuple]] = {}
+        self.ready_bytes = 0  # of the files of ready patches
+        self.open_count: dict[int, int] = {}
+        for name in self.wanted:
+            unit = job.units[name][0]
+            self.open_count[unit] = self.open_count.get(unit, 0) + 1
+        self.unit_sizes = dict(self.open_count) if not done else {}  # after a resume, no spool is whole
+        self.futures: dict[Future, list[int]] = {}  # batches in flight -> the blocks they hold
+        # Spool files of an earlier run are kept: number the new ones after them.
+        self.task = max(
+            (int(n[6:13]) for n in os.listdir(job.spool_dir) if n.startswith("spool-")), default=0
+        )
+        self.encoded = len(done)
+        self.stats = _Stats()
+        self.spill = _Spill(job.spool_dir / _SPILL_FILE)
+
+    # --- members in --------------------------------------------------------------------------------
+
+    def wants(self, name: str) -> tuple[str, str, str] | None:
+        found = _folder_and_file(name)
+        if found is not None and found[1] in self.wanted and found[2][len(found[1]) + 1 :] in self.expected:
+            return found
+        return None
+
+    def on_member(self, member: Member) -> None:
+        found = member.key or _folder_and_file(member.name)
+        folder = None
+        if found is not None:
+            folder = found[1]
+        elif member.kind == DIRECTORY:
+            folder = member.name.rstrip("/").rsplit("/", 1)[-1]
+        problem = safe_name(member.name) if member.name[:1] == "/" or ".." in member.name else None
+        if problem is not None:
+            self._unsafe(member, folder, problem)
+            return
+        if folder is None or folder not in self.job.units:
+            return
+        self.index.present.add(folder)
+        if found is None:
+            return
+        file = found[2]
+        if file[len(folder) + 1 :] not in self.expected:
+            return
+        if folder not in self.wanted:
+            if folder in self.completed_at:
+                self._second_copy(folder, file, member, f"before byte {self.completed_at[folder]:,}")
+            return
+        fault = self._member_fault(member)
+        if fault is not None:
+            self._bad(folder, file, fault)
+            return
+        refs = self.pending.setdefault(folder, {})
+        if file in refs:
+            self._second_copy(folder, file, member, f"at byte {self.pending_at[folder][file]:,}")
+            return
+        refs[file] = ("b", member.parts)
+        self.pending_at.setdefault(folder, {})[file] = member.offset
+        for block in self.ring.hold(member.parts):  # blocks are refilled: count who needs each
+            self.in_block.setdefault(block, set()).add(folder)
+        if len(refs) == len(self.expected):
+            self._complete(folder, member.offset)
+
+    def _member_fault(self, member: Member) -> str | None:
+        path = self.job.s2_path
+        if member.kind == LINK:
+            return f"is a link in {path}, not a file"
+        if member.kind != REGULAR:
+            return f"is not a regular file in {path}"
+        if member.size > MAX_BAND_FILE_BYTES:
+            return f"{member.size:,} bytes, more than the {MAX_BAND_FILE_BYTES:,} a band file can hold"
+        return None
+
+    def _unsafe(self, member: Member, folder: str | None, problem: str) -> None:
+        if not self.job.skip_bad:
+            raise ArchiveFileError(self.job.s2_path, f"member {member.name}", problem)
+        if folder in self.job.units:
+            self.index.present.add(folder)
+            self._bad(folder, member.name, f"{problem} in {self.job.s2_path}")
+        else:
+            self.say(f"{self.job.s2_path}: member {member.name}: {problem}; ignored")
+
+    def _complete(self, folder: str, offset: int) -> None:
+        refs = self.pending.pop(folder)
+        del self.pending_at[folder]
+        self.completed_at[folder] = offset
+        self.wanted.discard(folder)
+        for ref in refs.values():
+            for block in {part[0] for part in ref[1]} if ref[0] == "b" else ():
+                self.in_block.get(block, set()).discard(folder)
+        unit = self.job.units[folder][0]
+        group = self.ready.setdefault(unit, [])
+        group.append((folder, refs, None if self.s1 is None else self.s1(folder)))
+        self.ready_bytes += _ref_bytes(refs)
+        if len(group) == self.open_count[unit]:
+            self.dispatch(unit)
+
+    def _bad(self, name: str, file: str, reason: str) -> None:
+        if name not in self.wanted:
+            return
+        self.wanted.discard(name)
+        self.index.bad[name] = (file, reason)
+        self._unpin(name)
+        unit = self.job.units[name][0]
+        self.open_count[unit] -= 1
+        if self.ready.get(unit) and len(self.ready[unit]) == self.open_count[unit]:
+            self.dispatch(unit)
+
+    def _second_copy(self, folder: str, file: str, member: Member, first: str) -> None:
+        """A file of a patch met twice: `tar -x` would keep the second copy, we took the first; as
+        the copies may differ, the patch is bad (the whole job stops without skip_bad)."""
+        reason = (
+            f"is in {self.job.s2_path} twice: a copy {first} and another at byte {member.offset:,} of "
+            "its tar stream (tar -x would keep the second)"
+        )
+        if not self.job.skip_bad:
+            raise ArchiveFileError(self.job.s2_path, f"member {member.name}", reason)
+        if folder in self.wanted:
+            self._bad(folder, file, reason)
+        else:
+            self.duplicated.setdefault(folder, (file, reason))
+
+    def _unpin(self, name: str) -> None:
+        self.pending_at.pop(name, None)
+        for ref in self.pending.pop(name, {}).values():
+            if ref[0] == "b" and not self.ring.mapped:
+                for block in {part[0] for part in ref[1]}:
+                    self.in_block.get(block, set()).discard(name)
+                    self.ring.release(block)
+
+    # --- blocks ----------------------------------------------------------------------------------------
+
+    def after_block(self, block: int) -> None:
+        self._spill_retired()
+        self._relieve()
+        # One task waiting beside each worker's: the reader needs free blocks, workers need work.
+        while len(self.futures) > self.job.workers:
+            self.wait_for_work(block_until_one=True)
+
+    def _spill_retired(self) -> None:
+        """Blocks the parser is past that incomplete patches still point into (a tar whose patch
+        members are not contiguous): copy those files out so that the blocks can be refilled."""
+        if self.ring.mapped:
+            return
+        for block in list(self.ring.retired):
+            for name in list(self.in_block.pop(block, ())):
+                refs = self.pending[name]
+                for file, ref in list(refs.items()):
+                    if ref[0] == "b" and any(part[0] == block for part in ref[1]):
+                        maps = self.ring.ring.maps
+                        refs[file] = self.spill.put(b"".join(maps[b][o : o + n] for b, o, n in ref[1]))
+                        for other in {part[0] for part in ref[1]}:
+                            self.ring.release(other)
+                for other, names in self.in_block.items():  # still pointing into other blocks?
+                    if name in names and not any(
+                        ref[0] == "b" and any(part[0] == other for part in ref[1]) for ref in refs.values()
+                    ):
+                        names.discard(name)
+
+    def _relieve(self) -> None:
+        """When nearly every block is held by patches waiting for the rest of their shard (an archive
+        whose order is not the lists' order), hand those over as they are, largest groups first. A
+        mapped tar has no blocks to run out of, but waiting patches are bounded all the same: past
+        MAX_RING_BYTES the page cache might drop them before a worker reads them."""
+        while self.ready and (
+            self.ready_bytes > MAX_RING_BYTES
+            if self.ring.mapped
+            else len(self.ring.retired) >= self.blocks - 3
+        ):
+            self.dispatch(max(self.ready, key=lambda unit: len(self.ready[unit])))
+
+    # --- batches out -----------------------------------------------------------------------------------
+
+    def dispatch(self, unit: int) -> None:
+        """Hand the ready patches of `unit` to a worker, in list order."""
+        units = self.job.units
+        batch = sorted(self.ready.pop(unit), key=lambda patch: units[patch[0]][1])
+        self.ready_bytes -= sum(_ref_bytes(refs) for _, refs, _ in batch)
+        whole = len(batch) == self.open_count[unit] == self.unit_sizes.get(unit)
+        self.open_count[unit] -= len(batch)
+        # The patches' holds on their blocks pass to the batch, released when it is done.
+        used = (
+            []
+            if self.ring.mapped
+            else [part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]]
+        )
+        self.task += 1
+        future = self.executor.submit(self.encode, self.task, batch, whole)
+        self.futures[future] = used
+        if future.done():  # encoded in this process
+            self._collect([future])
+
+    def wait_for_work(self, block_until_one: bool = False) -> None:
+        """Take in the batches that are done (with `block_until_one`, wait for one at least)."""
+        self._relieve()
+        if self.futures:
+            timeout = None if block_until_one else 0
+            done_now, _ = wait(list(self.futures), timeout=timeout, return_when=FIRST_COMPLETED)
+            self._collect(done_now)
+
+    def _collect(self, futures: Iterable[Future]) -> None:
+        for future in futures:
+            used = self.futures.pop(future)
+            try:
+                spool, entries, encode, write = future.result()
+            except BrokenProcessPool:
+                raise UserError(
+                    "a worker process died unexpectedly (killed, or out of memory?); encoded patches "
+                    "are kept: run the same command again to resume"
+                ) from None
+            self.stats.encode += encode
+            self.stats.write += write
+            size = os.path.getsize(self.job.spool_dir / spool)
+            append_synced_line(
+                self.job.spool_dir / _JOURNAL_FILE, {"spool": spool, "bytes": size, "patches": entries}
+            )
+            for name, offset, length, fault in entries:
+                if fault is None:
+                    self.index.records[name] = (spool, offset, length)
+                else:
+                    self.index.bad[name] = tuple(fault)
+            for block in used:
+                self.ring.release(block)
+            self.encoded += len(entries)
+            self.progress("patches", self.encoded)
+
+    def drain(self) -> None:
+        """After the last member: hand over what is ready and wait for every batch."""
+        for unit in list(self.ready):
+            self.dispatch(unit)
+        while self.futures:
+            self.wait_for_work(block_until_one=True)
+
+    # --- the result ------------------------------------------------------------------------------------
+
+    def result(self, failure: ArchiveFileError | None) -> SpoolIndex:
+        """The index, with patches left incomplete by the end of the stream (or by `failure`) as bad."""
+        index = self.index
+        for name, fault in self.duplicated.items():  # encoded before their second copy came: left out
+            index.records.pop(name, None)
+            index.bad[name] = fault
+        if failure is not None:
+            if not self.job.skip_bad:
+                raise failure
+            self.say(f"{failure}; the patches not complete by then are skipped")
+            for name in sorted(self.wanted):
+                index.present.add(name)
+                index.bad[name] = (
+                    self.job.s2_path,
+                    f"not complete where the archive ends early ({failure.problem})",
+                )
+            return index
+        for name, refs in self.pending.items():
+            missing = sorted(f"{name}_{suffix}" for suffix in self.expected if f"{name}_{suffix}" not in refs)
+            reason = "missing metadata file" if missing[0].endswith(V1_METADATA_SUFFIX) else "missing band file"
+            index.bad[name] = (missing[0], reason)
+        return index
+
+    def sink(self) -> _Sink:
+        return _Sink(self.wants, self.on_member, self.after_block, self.wait_for_work)
 
 
 def stream_to_spool(
@@ -418,327 +795,44 @@ def stream_to_spool(
     docstring); `progress(kind, completed)` with kind "bytes" or "patches". `display` (a context
     manager: the progress bar) is entered once the worker processes exist, as its refresh thread
     must not run while they are forked."""
-    index = SpoolIndex(resumed=len(done))
-    for name, place in done.items():
-        if len(place) == 3:
-            index.records[name] = place
-        else:
-            index.bad[name] = place
     s1 = _s1_pass(job, say) if job.s1_path is not None else None
-    wanted = job.units.keys() - done.keys()
-    expected = frozenset(job.archive.file_suffixes)
-    pending: dict[str, dict[str, Ref]] = {}  # incomplete patches: file -> ref
-    # Where each file of an incomplete patch began, and where each complete patch was completed: a
-    # second copy of a file is named with both places rather than one copy chosen silently.
-    pending_at: dict[str, dict[str, int]] = {}
-    completed_at: dict[str, int] = {}
-    duplicated: dict[str, tuple[str, str]] = {}  # complete patches found to have a second copy (skip_bad)
-    in_block: dict[int, set[str]] = {}  # block -> incomplete patches with a file in it
-    # Complete patches not handed to a worker yet, by shard (or legacy part), and per shard how many of
-    # its wanted patches are neither handed over nor bad: when all are ready the whole shard goes to
-    # one worker, which writes them in list order, and that spool file becomes the shard (renamed,
-    # not copied) when the file held every listed patch.
-    ready: dict[int, list[tuple]] = {}
-    ready_bytes = [0]  # of the files of ready patches
-    open_count: dict[int, int] = {}
-    for name in wanted:
-        unit = job.units[name][0]
-        open_count[unit] = open_count.get(unit, 0) + 1
-    unit_sizes = dict(open_count) if not done else {}  # after a resume, no spool is a whole shard
-    stats = _Stats()
-    # Blocks for a shard being read, one waiting and one per worker (~180 kB a patch), within
-    # MAX_RING_BYTES: with fewer, shards are handed over in parts and copied together afterwards.
-    unit_blocks = -(-job.unit_patches * 180_000 // tarstream.BLOCK_BYTES) + 1
-    blocks = min(
-        max(2 * job.workers + 4, (job.workers + 2) * unit_blocks + 3),
-        max(8, MAX_RING_BYTES // tarstream.BLOCK_BYTES),
-    )
+    blocks = _ring_blocks(job)
     # An uncompressed tar is read in place (page cache, no copy); a compressed one through the ring.
     in_place = compression_of(job.s2_path) == "none"
-    ring = _Ring(MappedFile(job.s2_path) if in_place else BlockRing(blocks))
-    spill = _Spill(job.spool_dir / _SPILL_FILE)
-    futures: dict[Future, list[int]] = {}
-    # Spool files of an earlier run are kept: number the new ones after them.
-    task_counter = [
-        max((int(n[6:13]) for n in os.listdir(job.spool_dir) if n.startswith("spool-")), default=0)
-    ]
-    encoded = [len(done)]
-    executor = None
-    if job.context is not None and job.workers > 1:
-        executor = ProcessPoolExecutor(
-            max_workers=job.workers,
-            mp_context=job.context,
-            initializer=_init_worker,
-            initargs=(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths),
-        )
-    else:  # in this process: the worker state, but Ctrl-C keeps whatever handler the caller had
-        previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
-        try:
-            _init_worker(job.archive, job.record_format, str(job.spool_dir), ring.ring.paths)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    if executor is not None:  # start every worker now, before any thread of ours runs
-        try:
-            for future in [executor.submit(os.getpid) for _ in range(job.workers)]:
-                future.result()
-        except BrokenProcessPool:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise UserError("the worker processes could not start (out of memory?)") from None
-
-    def bad(name: str, file: str, reason: str) -> None:
-        if name in wanted:
-            wanted.discard(name)
-            index.bad[name] = (file, reason)
-            _unpin(name)
-            unit = job.units[name][0]
-            open_count[unit] -= 1
-            if ready.get(unit) and len(ready[unit]) == open_count[unit]:
-                dispatch(unit)
-
-    def second_copy(folder: str, file: str, member: Member, first: str) -> None:
-        """A file of a patch met twice: `tar -x` would keep the second copy, we took the first; as
-        the copies may differ, the patch is bad (the whole job stops without skip_bad)."""
-        reason = (
-            f"is in {job.s2_path} twice: a copy {first} and another at byte {member.offset:,} of its tar "
-            "stream (tar -x would keep the second)"
-        )
-        if not job.skip_bad:
-            raise ArchiveFileError(job.s2_path, f"member {member.name}", reason)
-        if folder in wanted:
-            bad(folder, file, reason)
-        else:
-            duplicated.setdefault(folder, (file, reason))
-
-    def _unpin(name: str) -> None:
-        pending_at.pop(name, None)
-        for ref in pending.pop(name, {}).values():
-            if ref[0] == "b" and not ring.mapped:
-                for block in {part[0] for part in ref[1]}:
-                    in_block.get(block, set()).discard(name)
-                    ring.release(block)
-
-    def wants(name: str) -> tuple[str, str, str] | None:
-        found = _folder_and_file(name)
-        if found is not None and found[1] in wanted and found[2][len(found[1]) + 1 :] in expected:
-            return found
-        return None
-
-    def expected_for(name: str) -> set[str]:
-        return {f"{name}_{suffix}" for suffix in expected}
-
-    def on_member(member: Member) -> None:
-        found = member.key or _folder_and_file(member.name)
-        folder = None
-        if found is not None:
-            folder = found[1]
-        elif member.kind == DIRECTORY:
-            folder = member.name.rstrip("/").rsplit("/", 1)[-1]
-        problem = safe_name(member.name) if member.name[:1] == "/" or ".." in member.name else None
-        if problem is not None:
-            if not job.skip_bad:
-                raise ArchiveFileError(job.s2_path, f"member {member.name}", problem)
-            if folder in job.units:
-                index.present.add(folder)
-                bad(folder, member.name, f"{problem} in {job.s2_path}")
-            else:
-                say(f"{job.s2_path}: member {member.name}: {problem}; ignored")
-            return
-        if folder is None or folder not in job.units:
-            return
-        index.present.add(folder)
-        if found is None:
-            return
-        file = found[2]
-        if file[len(folder) + 1 :] not in expected:
-            return
-        if folder not in wanted:
-            if folder in completed_at:
-                second_copy(folder, file, member, f"before byte {completed_at[folder]:,}")
-            return
-        if member.kind == LINK:
-            bad(folder, file, f"is a link in {job.s2_path}, not a file")
-            return
-        if member.kind != REGULAR:
-            bad(folder, file, f"is not a regular file in {job.s2_path}")
-            return
-        if member.size > MAX_BAND_FILE_BYTES:
-            bad(
-                folder,
-                file,
-                f"{member.size:,} bytes, more than the {MAX_BAND_FILE_BYTES:,} a band file can hold",
-            )
-            return
-        refs = pending.setdefault(folder, {})
-        if file in refs:
-            second_copy(folder, file, member, f"at byte {pending_at[folder][file]:,}")
-            return
-        refs[file] = ("b", member.parts)
-        pending_at.setdefault(folder, {})[file] = member.offset
-        if not ring.mapped:  # blocks are refilled: count who needs each
-            for block in {part[0] for part in member.parts}:
-                ring.refs[block] += 1
-                in_block.setdefault(block, set()).add(folder)
-        if len(refs) == len(expected):
-            del pending[folder]
-            del pending_at[folder]
-            completed_at[folder] = member.offset
-            wanted.discard(folder)
-            if not ring.mapped:
-                for ref in refs.values():
-                    if ref[0] == "b":
-                        for block in {part[0] for part in ref[1]}:
-                            in_block.get(block, set()).discard(folder)
-            unit = job.units[folder][0]
-            group = ready.setdefault(unit, [])
-            group.append((folder, refs, None if s1 is None else s1(folder)))
-            ready_bytes[0] += _ref_bytes(refs)
-            if len(group) == open_count[unit]:
-                dispatch(unit)
-
-    def spill_retired() -> None:
-        # Blocks the parser is past that incomplete patches still point into (a tar whose patch
-        # members are not contiguous): copy those files out so that the blocks can be refilled.
-        if ring.mapped:
-            return
-        for block in list(ring.retired):
-            for name in list(in_block.pop(block, ())):
-                refs = pending[name]
-                for file, ref in list(refs.items()):
-                    if ref[0] == "b" and any(part[0] == block for part in ref[1]):
-                        refs[file] = spill.put(b"".join(ring.ring.maps[b][o : o + n] for b, o, n in ref[1]))
-                        for other in {part[0] for part in ref[1]}:
-                            ring.release(other)
-                for other, names in in_block.items():  # still pointing into other blocks?
-                    if name in names and not any(
-                        ref[0] == "b" and any(part[0] == other for part in ref[1]) for ref in refs.values()
-                    ):
-                        names.discard(name)
-
-    def dispatch(unit: int) -> None:
-        """Hand the ready patches of `unit` to a worker, in list order."""
-        batch = sorted(ready.pop(unit), key=lambda patch: job.units[patch[0]][1])
-        ready_bytes[0] -= sum(_ref_bytes(refs) for _, refs, _ in batch)
-        whole = len(batch) == open_count[unit] == unit_sizes.get(unit)
-        open_count[unit] -= len(batch)
-        # The patches' holds on their blocks pass to the batch, released when it is done.
-        used = (
-            []
-            if ring.mapped
-            else [
-                part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]
-            ]
-        )
-        task_counter[0] += 1
-        if executor is None:
-            finish(_encode_batch(task_counter[0], batch, whole), used)
-        else:
-            futures[executor.submit(_encode_batch, task_counter[0], batch, whole)] = used
-
-    def relieve() -> None:
-        """When nearly every block is held by patches waiting for the rest of their shard (an archive
-        whose order is not the lists' order), hand those over as they are, largest groups first. A
-        mapped tar has no blocks to run out of, but waiting patches are bounded all the same: past
-        MAX_RING_BYTES the page cache might drop them before a worker reads them."""
-        while ready and (ready_bytes[0] > MAX_RING_BYTES if ring.mapped else len(ring.retired) >= blocks - 3):
-            dispatch(max(ready, key=lambda unit: len(ready[unit])))
-
-    def finish(result, used: list[int]) -> None:
-        spool, entries, encode, write = result
-        stats.encode += encode
-        stats.write += write
-        size = os.path.getsize(job.spool_dir / spool)
-        append_synced_line(job.spool_dir / _JOURNAL_FILE, {"spool": spool, "bytes": size, "patches": entries})
-        for name, offset, length, fault in entries:
-            if fault is None:
-                index.records[name] = (spool, offset, length)
-            else:
-                index.bad[name] = tuple(fault)
-        for block in used:
-            ring.release(block)
-        encoded[0] += len(entries)
-        progress("patches", encoded[0])
-
-    def wait_for_work(block_until_one: bool = False) -> None:
-        relieve()
-        if not futures:
-            return
-        done_now, _ = wait(list(futures), timeout=None if block_until_one else 0, return_when=FIRST_COMPLETED)
-        for future in done_now:
-            used = futures.pop(future)
-            try:
-                result = future.result()
-            except BrokenProcessPool:
-                raise UserError(
-                    "a worker process died unexpectedly (killed, or out of memory?); encoded patches "
-                    "are kept: run the same command again to resume"
-                ) from None
-            finish(result, used)
-
-    def after_block(block: int) -> None:
-        spill_retired()
-        relieve()
-        # One task waiting beside each worker's: the reader needs free blocks, workers need work.
-        while len(futures) > job.workers:
-            wait_for_work(block_until_one=True)
-
-    # The reader starts before the progress bar's thread (a fork copies no running thread). Inflating
-    # and decompressing run in a process of their own, reading a mapped tar in a thread.
-    if ring.mapped or job.context is None:
-        filler = Filler(job.s2_path, ring.ring)
-    else:
-        filler = ProcessFiller(job.s2_path, ring.ring, job.context)
+    storage = MappedFile(job.s2_path) if in_place else BlockRing(blocks)
+    stream = None
     try:
-        with display:
-            read_seconds, decompress_seconds, failure = _stream(
-                job.s2_path,
-                filler,
-                blocks,
-                wants,
-                on_member,
-                after_block,
-                ring,
-                wait_for_work,
-                lambda count: progress("bytes", count),
-                stats,
-            )
-            for unit in list(ready):
-                dispatch(unit)
-            while futures:
-                wait_for_work(block_until_one=True)
+        with _encoders(job, storage.paths) as executor:
+            ring = _Ring(storage)
+            stream = SpoolStream(job, done, ring, blocks, executor, say=say, progress=progress, s1=s1)
+            # The reader starts before the progress bar's thread (a fork copies no running thread).
+            # Inflating and decompressing run in a process of their own, a mapped tar in a thread.
+            if in_place or job.context is None:
+                filler = Filler(job.s2_path, storage)
+            else:
+                filler = ProcessFiller(job.s2_path, storage, job.context)
+            with display:
+                read, decompress, failure = _stream(
+                    job.s2_path,
+                    filler,
+                    blocks,
+                    ring,
+                    stream.sink(),
+                    lambda count: progress("bytes", count),
+                    stream.stats,
+                )
+                stream.drain()
     finally:
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
-            for process in list((getattr(executor, "_processes", None) or {}).values()):
-                if process.is_alive():
-                    process.terminate()
-            executor.shutdown(wait=True)
-        spill.close()
-        ring.ring.close()
-        (job.spool_dir / _SPILL_FILE).unlink(missing_ok=True)
-
-    for name, fault in duplicated.items():  # encoded before their second copy came: left out now
-        index.records.pop(name, None)
-        index.bad[name] = fault
-    if failure is not None:
-        if not job.skip_bad:
-            raise failure
-        say(f"{failure}; the patches not complete by then are skipped")
-        for name in sorted(wanted):
-            index.present.add(name)
-            index.bad[name] = (job.s2_path, f"not complete where the archive ends early ({failure.problem})")
-    else:
-        for name, refs in pending.items():
-            missing = sorted(expected_for(name) - refs.keys())
-            reason = (
-                "missing metadata file" if missing[0].endswith(V1_METADATA_SUFFIX) else "missing band file"
-            )
-            index.bad[name] = (missing[0], reason)
+        if stream is not None:
+            stream.spill.close()
+        storage.close()
+    index = stream.result(failure)
     index.seconds = {
-        "read": read_seconds,
-        "decompress": decompress_seconds,
-        "parse": stats.parse,
-        "encode": stats.encode,
-        "write": stats.write,
+        "read": read,
+        "decompress": decompress,
+        "parse": stream.stats.parse,
+        "encode": stream.stats.encode,
+        "write": stream.stats.write,
     }
     return index
 
@@ -831,18 +925,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
 
     say(f"indexing the Sentinel-1 archive {job.s1_path}")
     try:
-        *_, failure = _stream(
-            job.s1_path,
-            Filler(job.s1_path, ring.ring),
-            4,
-            wants,
-            on_member,
-            lambda block: None,
-            ring,
-            lambda: None,
-            lambda n: None,
-            _Stats(),
-        )
+        *_, failure = _stream(job.s1_path, Filler(job.s1_path, ring.ring), 4, ring, _Sink(wants, on_member))
     finally:
         ring.ring.close()
         if store is not None:
@@ -993,18 +1076,7 @@ def patches_in_file(
 
     def run() -> None:
         try:
-            *_, failure = _stream(
-                path,
-                Filler(path, ring.ring),
-                len(ring.ring.maps),
-                wants,
-                on_member,
-                lambda block: None,
-                ring,
-                lambda: None,
-                lambda n: None,
-                _Stats(),
-            )
+            *_, failure = _stream(path, Filler(path, ring.ring), len(ring.ring.maps), ring, _Sink(wants, on_member))
             if failure is not None:
                 raise failure
             for name, files in pending.items():

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from bigearthnet_tf.archive import Archive, BadPatchError, decode_patch_files
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.prepare_request import PrepareRequest
 from bigearthnet_tf.prepare_stream import copy_records
 from bigearthnet_tf.record_formats import RecordFormat
 from bigearthnet_tf.records import RecordWriter
@@ -64,12 +65,31 @@ class UnitResult:
 class WorkerJob:
     """What every unit of one run shares; sent once to each worker process."""
 
-    archive: Archive
-    record_format: RecordFormat
-    skip_bad: bool
-    work_dir: str  # temporaries, and the parts of formats written as one file per split
-    out: str  # the output folder (shards are renamed straight into it)
-    spool_dir: str  # the stream phase's spool (archive files only)
+    request: PrepareRequest
+    archive: Archive  # as opened (an archive file's S1 pairing lives in the spool)
+
+    @property
+    def record_format(self) -> RecordFormat:
+        return self.request.record_format
+
+    @property
+    def skip_bad(self) -> bool:
+        return self.request.skip_bad
+
+    @property
+    def work_dir(self) -> str:
+        """Temporaries, and the parts of formats written as one file per split."""
+        return str(self.request.work_dir)
+
+    @property
+    def out(self) -> str:
+        """The output folder: shards are renamed straight into it."""
+        return str(self.request.out)
+
+    @property
+    def spool_dir(self) -> str:
+        """The stream phase's spool (archive files only)."""
+        return str(self.request.spool_dir)
 
 
 # A worker process's job and patch counter, set once by `_init_worker` (a process pool can hand

@@ -9,7 +9,6 @@ sample-based (mean over samples), which is the ambiguity users complain about in
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bigearthnet_tf.console import plain_console
+from bigearthnet_tf.files import open_atomically
 from bigearthnet_tf.metrics import ClassRow, per_class_table
 
 if TYPE_CHECKING:
@@ -281,16 +281,6 @@ def _chart_subtitle(metrics: Mapping[str, float | str]) -> str:
 
 def save_figure_atomically(figure: Figure, path: Path) -> Path:
     """Render to a temporary file beside `path`, then rename: readers never see half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=150)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a chart is for sharing
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with open_atomically(path, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=150)
     return path

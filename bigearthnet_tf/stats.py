@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ import numpy as np
 from bigearthnet_tf.console import progress_bar, status_console
 from bigearthnet_tf.constants import DEFAULT_STATISTICS, checked_statistics
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import open_atomically
 from bigearthnet_tf.jsonfiles import read_json_object
 from bigearthnet_tf.layout import (
     INPUTS,
@@ -296,28 +296,12 @@ def save_statistics(stats: BandStatistics, path: str | os.PathLike, *, overwrite
         raise UserError(f"statistics file {path} is a folder; name a .json file")
     if path.exists() and not overwrite:
         raise UserError(f"statistics file {path} exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(statistics_document(stats), indent=2, allow_nan=False) + "\n"
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+        with open_atomically(path, exclusive=not overwrite) as stream:
             stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise UserError(
-                    f"statistics file {path} exists; pass overwrite=True (--overwrite) to replace it"
-                ) from None
-            except OSError:  # a file system without hard links: best effort, checked just above
-                os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    except FileExistsError:  # it appeared while we wrote
+        raise UserError(f"statistics file {path} exists; pass overwrite=True (--overwrite) to replace it") from None
     return path
 
 

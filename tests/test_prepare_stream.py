@@ -16,7 +16,7 @@ import pytest
 import zstandard
 from isal import igzip
 
-from bigearthnet_tf import prepare_stream, tarstream
+from bigearthnet_tf import prepare_request, prepare_stream, tarstream
 from bigearthnet_tf.archive import BadPatchError
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.prepare import MANIFEST_NAME, prepare
@@ -58,7 +58,7 @@ def _same_shards(expected: Path, actual: Path) -> None:
             assert rows[0] == rows[1]
         elif (expected / name).is_file():
             assert filecmp.cmp(expected / name, actual / name, shallow=False), name
-    assert not (actual / prepare_stream.SPOOL_DIR_NAME).exists()
+    assert not (actual / prepare_request.SPOOL_DIR_NAME).exists()
 
 
 def _skipped_rows(path: Path) -> list[tuple[str, str, str]]:
@@ -261,7 +261,7 @@ def _refused(root: Path, tmp_path: Path, lists, match: str, **options) -> None:
         prepare(root, out, lists, workers=1, show_progress=False, **options)
     assert "\n" not in str(caught.value)
     assert not list(out.glob("*.tfrecord")) and not (out / MANIFEST_NAME).exists()
-    assert not (out / prepare_stream.SPOOL_DIR_NAME).exists()
+    assert not (out / prepare_request.SPOOL_DIR_NAME).exists()
 
 
 def test_truncated_archive_one_line_then_skip_bad_writes_the_rest(v1_files, example_paths, tmp_path):
@@ -372,7 +372,7 @@ def test_resume_after_interruption(v1_files, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare(files[".tar.zst"], out, lists, shard_size=3, workers=1, show_progress=False)
-    assert (out / prepare_stream.SPOOL_DIR_NAME / "spool.jsonl").exists()
+    assert (out / prepare_request.SPOOL_DIR_NAME / "spool.jsonl").exists()
     calls.clear()
     monkeypatch.setattr(
         prepare_stream,
@@ -488,7 +488,7 @@ def test_sigkill_during_the_stream_then_resume(v1_files, tmp_path):
     arguments += ["--shard-size", "3", "--workers", "2"]
     command = [sys.executable, "-c", "from bigearthnet_tf.cli import main; main()", *arguments]
     process = subprocess.Popen(command, env=environment, start_new_session=True, stderr=subprocess.PIPE)
-    journal = out / prepare_stream.SPOOL_DIR_NAME / "spool.jsonl"
+    journal = out / prepare_request.SPOOL_DIR_NAME / "spool.jsonl"
     try:
         deadline = time.monotonic() + 120
         while not (journal.exists() and journal.read_text().count("\n") >= 2):  # both train shards
