@@ -37,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from bigearthnet_tf.checkpoints import checkpoint_listing, resolve_checkpoint
+from bigearthnet_tf.checkpoint_lookup import checkpoint_listing, resolve_checkpoint
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD, UPSAMPLING_KERNELS, LabelType
 from bigearthnet_tf.errors import ConfigError, UserError
 from bigearthnet_tf.files import write_text_atomically

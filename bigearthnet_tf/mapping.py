@@ -61,10 +61,9 @@ from bigearthnet_tf.inference import logits_function, sigmoid
 from bigearthnet_tf.layout import S1_INPUT
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.metrics import compute_metrics, write_eval_result
-from bigearthnet_tf.predictor import Predictor, load_predictor
+from bigearthnet_tf.predictor import Predictor, describe_thresholds, load_predictor
 from bigearthnet_tf.report import save_figure_atomically, save_per_class_chart
 from bigearthnet_tf.scenes import PIXEL_M, Scene, open_s1, open_scene
-from bigearthnet_tf.thresholds import describe_thresholds
 
 MAP_FILE = "map.json"
 PROBABILITIES_FILE = "probabilities.tif"

@@ -62,7 +62,7 @@ from bigearthnet_tf.patch_source import (
     default_read_threads,
     patch_locations,
 )
-from bigearthnet_tf.predictor import Predictor, load_predictor
+from bigearthnet_tf.predictor import Predictor, load_predictor, resolve_thresholds
 from bigearthnet_tf.thresholds import (
     MIN_POSITIVES,
     STORED,
@@ -70,7 +70,6 @@ from bigearthnet_tf.thresholds import (
     THRESHOLDS_FORMAT_VERSION,
     choose_thresholds,
     predicted_labels,
-    resolve_thresholds,
 )
 
 __all__ = ["PREDICTED_COLUMN", "PredictionResult", "predict", "tune_thresholds"]

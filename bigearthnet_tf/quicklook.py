@@ -27,11 +27,11 @@ from bigearthnet_tf.patch_source import (
     default_read_threads,
     locate_folders,
 )
-from bigearthnet_tf.predictor import load_predictor
+from bigearthnet_tf.predictor import load_predictor, resolve_thresholds
 from bigearthnet_tf.prepare_stream import open_archive_file, patches_in_file
 from bigearthnet_tf.report import save_figure_atomically
 from bigearthnet_tf.tarstream import is_archive_file
-from bigearthnet_tf.thresholds import predicted_labels, resolve_thresholds
+from bigearthnet_tf.thresholds import predicted_labels
 
 TRUE_COLOUR = ("B04", "B03", "B02")
 FALSE_COLOUR = ("B08", "B04", "B03")

@@ -6,7 +6,7 @@ unless chosen). `predict --choose-thresholds` stores `<base>.thresholds.json` be
 file: the checkpoint's checksums stay untouched); it records the SHA-256 of the weights it was chosen
 for, and `stored_thresholds` refuses it for other weights, in `predict`, `export` and `evaluate` alike.
 
-Which thresholds a loaded model uses (`resolve_thresholds`) is the same rule in every command
+Which thresholds a loaded model uses (`predictor.resolve_thresholds`) is the same rule in every command
 (`predict`, `show`, `map`, and `evaluate` through its config keys): `threshold` for every class (0.5
 unless given), unless thresholds are named: a file of class -> threshold (classes it leaves out take
 `threshold`), or `stored` for those stored beside the checkpoint (for an exported `.keras` model: those
@@ -24,16 +24,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bigearthnet_tf.constants import DEFAULT_THRESHOLD
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.jsonfiles import read_json_object
-
-if TYPE_CHECKING:
-    from bigearthnet_tf.predictor import Predictor
 
 THRESHOLDS_SUFFIX = ".thresholds.json"
 THRESHOLDS_FORMAT = "bigearthnet-tf-thresholds"
@@ -177,53 +173,3 @@ def predicted_labels(
     """Per row, the class names whose probability is >= their threshold, in class order."""
     chosen = np.asarray(probabilities) >= np.asarray(thresholds)
     return [[class_names[i] for i in np.flatnonzero(row)] for row in chosen]
-
-
-def resolve_thresholds(
-    predictor: Predictor,
-    *,
-    threshold: float | None = None,
-    thresholds_file: str | os.PathLike[str] | None = None,
-    console=None,
-) -> np.ndarray:
-    """The threshold of each class of a loaded model, by the rule of the module docstring; with
-    `console`, says which thresholds these are."""
-    values, description = describe_thresholds(predictor, threshold=threshold, thresholds_file=thresholds_file)
-    if console is not None:
-        console.print(f"thresholds: {description}", markup=False, soft_wrap=True)
-    return values
-
-
-def describe_thresholds(
-    predictor: Predictor,
-    *,
-    threshold: float | None = None,
-    thresholds_file: str | os.PathLike[str] | None = None,
-) -> tuple[np.ndarray, str]:
-    """`resolve_thresholds`' values, and a sentence that says where they come from."""
-    if threshold is not None and not (
-        isinstance(threshold, int | float) and not isinstance(threshold, bool) and 0 < threshold <= 1
-    ):
-        raise UserError(f"--threshold must be in (0, 1], got {threshold!r}")
-    base = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    description = f"{base:g} for every class"
-    per_class: dict[str, float] = {}
-    if thresholds_file is not None and os.fspath(thresholds_file) == STORED:
-        if predictor.thresholds_file.is_file():
-            per_class = stored_thresholds(predictor.source, predictor.model_sha256, predictor.class_names)
-            description = f"per class, stored in {predictor.thresholds_file}"
-        elif predictor.meta.thresholds:
-            per_class = dict(predictor.meta.thresholds)
-            description = f"per class, from the metadata of {predictor.source}"
-        else:
-            raise UserError(
-                f"--thresholds stored: {predictor.source} has no stored thresholds (choose them with "
-                "bigearthnet predict --choose-thresholds VALIDATION_RECORDS)"
-            )
-    elif thresholds_file is not None:
-        per_class = read_thresholds_file(thresholds_file, predictor.class_names)
-        description = f"per class, from {thresholds_file}"
-    if per_class and len(per_class) < len(predictor.class_names):
-        description += f" ({len(predictor.class_names) - len(per_class)} classes at {base:g})"
-    values = np.array([per_class.get(name, base) for name in predictor.class_names], dtype=np.float64)
-    return values, description

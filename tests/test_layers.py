@@ -112,6 +112,7 @@ FLOORS = {
         "stats",
         "thresholds",
         "metrics",
+        "checkpoint_lookup",
         "checkpoints",
         "config",
         "input_pipeline",
@@ -135,6 +136,7 @@ WITHOUT_TENSORFLOW = (
     "model_meta",
     "thresholds",
     "metrics",
+    "checkpoint_lookup",
     "config",
     "prepare",
     "cli",
@@ -159,11 +161,32 @@ def test_models_import_only_from_the_floors_below():
         assert {module for module in found if FLOOR_OF[module] > FLOOR_OF["models"]} == set(), path
 
 
-def _package_imports(module: str) -> set[str]:
+def test_no_import_circle():
+    """No module reaches itself through package imports, counting those inside functions and those
+    for type annotations only (a circle held open by `TYPE_CHECKING` is a circle a reader walks)."""
+    graph = {module: _package_imports(module, annotations=True) - {module} for module in set(FLOOR_OF) - {"models"}}
+    graph["models"] = set().union(
+        *(_package_imports(f"models/{path.stem}", annotations=True) for path in (PACKAGE / "models").glob("*.py"))
+    ) - {"models"}
+    circles = []
+
+    def walk(module: str, path: list[str]) -> None:
+        for found in sorted(graph[module]):
+            if found == path[0]:
+                circles.append(" -> ".join([*path, found]))
+            elif found not in path and found > path[0]:  # each circle once, from its least module
+                walk(found, [*path, found])
+
+    for module in sorted(graph):
+        walk(module, [module])
+    assert circles == []
+
+
+def _package_imports(module: str, annotations: bool = False) -> set[str]:
     """The package modules that `module` imports anywhere in its code (also inside functions), but
-    not for type annotations only (`if TYPE_CHECKING:`)."""
+    not for type annotations only (`if TYPE_CHECKING:`) unless `annotations`."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
-    annotations_only = {
+    annotations_only = set() if annotations else {
         id(inner)
         for node in ast.walk(tree)
         if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
@@ -192,3 +215,9 @@ def test_no_command_imports_another(command):
 @pytest.mark.parametrize(("runner", "runs"), sorted(RUN_COMMANDS.items()))
 def test_runners_import_only_the_commands_they_run(runner, runs):
     assert _package_imports(runner) & set(COMMANDS) == runs
+
+
+def test_the_config_resolves_model_file_without_the_model_loader():
+    """`model_file` is resolved by `checkpoint_lookup` (no Keras); `checkpoints` builds and loads models."""
+    assert "checkpoints" not in _package_imports("config")
+    assert "checkpoint_lookup" in _package_imports("config")
