@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import keras
 
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.layout import Modality
 
 NESTED_NETWORK = "network"
 
@@ -79,7 +80,7 @@ def copy_backbone(source: keras.Model, target: keras.Model, where: str) -> int:
 
 
 def load_backbone(
-    base: str | os.PathLike[str], num_classes: int, *, model_name: str, modality: str, **training_options
+    base: str | os.PathLike[str], num_classes: int, *, model_name: str, modality: Modality, **training_options
 ) -> keras.Model:
     """A new model of `num_classes` whose backbone comes from checkpoint `base` (its network options kept)."""
     from bigearthnet_tf import checkpoints

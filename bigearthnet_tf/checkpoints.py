@@ -83,7 +83,7 @@ from bigearthnet_tf.checkpoint_lookup import (  # noqa: F401
     read_metadata,
     resolve_checkpoint,
 )
-from bigearthnet_tf.constants import TF2_BICUBIC
+from bigearthnet_tf.constants import TF2_BICUBIC, LabelType
 from bigearthnet_tf.constants import class_names as class_names_of
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import (
@@ -93,6 +93,7 @@ from bigearthnet_tf.files import (
     write_text_atomically,
 )
 from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.locks import output_lock
 from bigearthnet_tf.model_meta import ModelMeta
 
@@ -183,8 +184,8 @@ def save_checkpoint(
     model,
     *,
     model_name: str,
-    label_type: str,
-    modality: str,
+    label_type: LabelType,
+    modality: Modality,
     iteration: int,
     optimizer=None,
     data_position: DataPosition | None = None,
@@ -325,8 +326,8 @@ def remove_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
 def load_checkpoint(
     base: str | os.PathLike[str],
     *,
-    label_type: str | None = None,
-    modality: str | None = None,
+    label_type: LabelType | None = None,
+    modality: Modality | None = None,
     model_name: str | None = None,
     statistics: Mapping[str, tuple[float, float]] | None = None,
     training_options: Mapping[str, Any] | None = None,
@@ -412,7 +413,7 @@ def library_versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_keras_file(path: Path, *, label_type: str | None, modality: str | None) -> LoadedCheckpoint:
+def _load_keras_file(path: Path, *, label_type: LabelType | None, modality: Modality | None) -> LoadedCheckpoint:
     """An exported `.keras` model, opened in safe mode (no arbitrary code), with what can be checked."""
     import keras
 

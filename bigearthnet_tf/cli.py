@@ -118,15 +118,18 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
+    from bigearthnet_tf.constants import parse_label_type
+
+    label_type = parse_label_type(args.label_type)
     if not lists_models_without_keras(args):
         from bigearthnet_tf.models import print_model_table
 
         names = args.names or None
-        print_model_table(label_type=args.label_type, as_json=args.json, names=names, parameters=args.parameters)
+        print_model_table(label_type=label_type, as_json=args.json, names=names, parameters=args.parameters)
         return
     from bigearthnet_tf.model_catalogue import builtin_rows, print_model_rows
 
-    print_model_rows(builtin_rows(args.names), args.label_type, as_json=args.json, parameters=False)
+    print_model_rows(builtin_rows(args.names), label_type, as_json=args.json, parameters=False)
 
 
 def lists_models_without_keras(args: argparse.Namespace) -> bool:

@@ -186,9 +186,9 @@ def parse_label_type(value: object) -> LabelType:
         raise UserError(f"unknown label_type {value!r}; expected one of {expected}") from None
 
 
-def class_names(label_type: str) -> tuple[str, ...]:
-    """The class names of a label type, in index order."""
-    return parse_label_type(label_type).classes
+def class_names(label_type: LabelType) -> tuple[str, ...]:
+    """The class names of a label type, in index order (`parse_label_type` a string first)."""
+    return LABEL_TYPES[label_type]
 
 
 def original_to_19(original_names) -> tuple[str, ...]:

@@ -90,6 +90,7 @@ import numpy as np
 import tensorflow as tf
 
 from bigearthnet_tf import constants
+from bigearthnet_tf.constants import LabelType
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import INPUTS, SENSORS, Modality, input_keys, label_key, parse_modality, sensors_of
 from bigearthnet_tf.record_formats import (
@@ -304,7 +305,7 @@ def _file_format(path: str, example: tf.train.Example, record_bytes: int) -> Rec
     return RecordFiles(fmt, frozenset(label_types), frozenset(modalities), name_key, record_bytes, (path,))
 
 
-def _missing_label_message(label_type: str, path: str, present: frozenset[str]) -> str:
+def _missing_label_message(label_type: LabelType, path: str, present: frozenset[str]) -> str:
     key = label_key(label_type)
     has = ", ".join(label_key(name) for name in sorted(present)) or "no label set"
     if label_type == constants.ORIGINAL:
@@ -317,7 +318,7 @@ def _missing_label_message(label_type: str, path: str, present: frozenset[str]) 
     return f"label_type {label_type!r} needs {key}, which {path} does not have (it has {has}; {hint})"
 
 
-def _missing_modality_message(modality: str, needs: Modality, path: str, fmt: RecordFormat) -> str:
+def _missing_modality_message(modality: Modality, needs: Modality, path: str, fmt: RecordFormat) -> str:
     keys = [stored.key for stored in fmt.stored_keys(needs)]
     if len(keys) > 3:
         keys = sorted(keys)
@@ -333,8 +334,8 @@ def _missing_modality_message(modality: str, needs: Modality, path: str, fmt: Re
 
 def detect_format(
     files: str | os.PathLike | Sequence[str | os.PathLike],
-    label_type: str | None = None,
-    modality: str | None = None,
+    label_type: LabelType | None = None,
+    modality: Modality | None = None,
     *,
     with_names: bool = False,
     skip_corrupt: bool = False,
@@ -348,10 +349,6 @@ def detect_format(
     one format. Empty files are ignored; a file whose first record is unreadable is an error unless
     ``skip_corrupt``.
     """
-    if label_type is not None:
-        constants.parse_label_type(label_type)
-    if modality is not None:
-        modality = parse_modality(modality)
     paths = list_files(files)
     manifests: dict[str, Manifest | None] = {}
     found_files: list[RecordFiles] = []
@@ -415,7 +412,7 @@ _PARSED_DTYPES = {Encoding.RAW: tf.string, Encoding.INT64_LIST: tf.int64, Encodi
 
 
 def feature_spec(
-    kind: str | RecordFormat, label_type: str | None, modality: str = "S2", name_key: str | None = None
+    kind: str | RecordFormat, label_type: LabelType | None, modality: Modality = Modality.S2, name_key: str | None = None
 ) -> dict[str, tf.io.FixedLenFeature]:
     """The ``tf.io.parse_example`` spec: only the keys that this label type and modality need.
 
@@ -423,7 +420,7 @@ def feature_spec(
     43-class labels, be read for the label type they do have.
     """
     spec: dict[str, tf.io.FixedLenFeature] = {}
-    for stored in parse_record_format(kind).stored_keys(parse_modality(modality)):
+    for stored in parse_record_format(kind).stored_keys(modality):
         shape = [] if stored.encoding is Encoding.RAW else [stored.values]
         spec[stored.key] = tf.io.FixedLenFeature(shape, _PARSED_DTYPES[stored.encoding])
     if label_type is not None:
@@ -449,7 +446,7 @@ def _stack_bands(features: Mapping[str, tf.Tensor], names: Sequence[str], size: 
 
 
 def decode_bands(
-    features: Mapping[str, tf.Tensor], kind: str | RecordFormat, modality: str = "S2"
+    features: Mapping[str, tf.Tensor], kind: str | RecordFormat, modality: Modality = Modality.S2
 ) -> dict[str, tf.Tensor]:
     """Parsed features of a batch -> the model input dict of the modality, float32, channels last."""
     fmt = parse_record_format(kind)
@@ -499,7 +496,7 @@ def _checked_payloads(
         return {key: tf.identity(value) for key, value in features.items()}
 
 
-def decode_labels(features: Mapping[str, tf.Tensor], label_type: str) -> tf.Tensor:
+def decode_labels(features: Mapping[str, tf.Tensor], label_type: LabelType) -> tf.Tensor:
     """The int64 multi-hot of ``label_type`` -> float32 (batch, classes), the dtype the loss takes."""
     return tf.cast(features[label_key(label_type)], tf.float32)
 
@@ -508,8 +505,8 @@ def parse_batch(
     serialized: tf.Tensor,
     *,
     kind: str | RecordFormat,
-    label_type: str | None,
-    modality: str = "S2",
+    label_type: LabelType | None,
+    modality: Modality = Modality.S2,
     name_key: str | None = None,
     paths: tf.Tensor | None = None,
     check_name_key: str | None = None,
@@ -736,10 +733,10 @@ def _check_positive(name: str, value: int | None, minimum: int, allow_none: bool
 
 def make_dataset(
     files: str | os.PathLike | Sequence[str | os.PathLike],
-    label_type: str | None,
+    label_type: LabelType | str | None,
     batch_size: int,
     *,
-    modality: str = "S2",
+    modality: Modality | str = Modality.S2,
     shuffle_buffer: int = 0,
     epochs: int | None = 1,
     seed: int = 42,
@@ -777,7 +774,9 @@ def make_dataset(
 
     Iterate inside :func:`corrupt_files_as_user_errors` to get a corrupt file as a UserError.
     """
-    parse_modality(modality)
+    # Where the caller's strings enter: parsed once, enums from here on.
+    modality = parse_modality(modality)
+    label_type = None if label_type is None else constants.parse_label_type(label_type)
     _check_positive("batch_size", batch_size, 1)
     _check_positive("epochs", epochs, 1, allow_none=True)
     _check_positive("shuffle_buffer", shuffle_buffer, 0)

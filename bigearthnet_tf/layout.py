@@ -22,7 +22,7 @@ from bigearthnet_tf.constants import (
     PATCH_SIZE,
     S1_BAND_NAMES,
     S2_BAND_NAMES,
-    parse_label_type,
+    LabelType,
 )
 from bigearthnet_tf.errors import ConfigError
 
@@ -79,9 +79,8 @@ def parse_modality(value: object) -> Modality:
         raise ConfigError(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}") from None
 
 
-def sensors_of(modality: str) -> tuple[Modality, ...]:
+def sensors_of(modality: Modality) -> tuple[Modality, ...]:
     """The sensors a modality reads: itself, or every sensor for MM."""
-    modality = parse_modality(modality)
     return SENSORS if modality == Modality.MM else (modality,)
 
 
@@ -94,9 +93,8 @@ def modality_of_sensors(sensors: Iterable[str]) -> Modality | None:
     return present[0] if len(present) == 1 else Modality.MM
 
 
-def input_keys(modality: str) -> tuple[str, ...]:
+def input_keys(modality: Modality) -> tuple[str, ...]:
     """The record inputs of a modality, in record order (MM: the S2 inputs, then S1)."""
-    modality = parse_modality(modality)
     return tuple(key for key, spec in INPUTS.items() if modality == Modality.MM or spec.modality == modality)
 
 
@@ -108,11 +106,11 @@ def modality_of(keys: Iterable[str]) -> Modality:
     return Modality.MM if has_s1 and has_s2 else Modality.S1 if has_s1 else Modality.S2
 
 
-def label_names_key(label_type: str) -> str:
+def label_names_key(label_type: LabelType) -> str:
     """The record key of a label type's class names, e.g. `BigEarthNet-19_labels` (the 2019 names)."""
-    return f"{parse_label_type(label_type)}_labels"
+    return f"{label_type}_labels"
 
 
-def label_key(label_type: str) -> str:
+def label_key(label_type: LabelType) -> str:
     """The record key of a label type's multi-hot vector, e.g. `BigEarthNet-19_labels_multi_hot`."""
     return f"{label_names_key(label_type)}_multi_hot"

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TextIO
 
+from bigearthnet_tf.constants import LabelType
+
 ENTRY_POINT_GROUP = "bigearthnet_tf.models"
 PLUGIN_ENV = "BIGEARTHNET_TF_MODEL_PLUGINS"
 BUILTIN_ORIGIN = "bigearthnet_tf"
@@ -76,7 +78,7 @@ def builtin_rows(names: Sequence[str] | None = None) -> list[dict]:
 
 
 def print_model_rows(
-    rows: list[dict], label_type: str, *, as_json: bool, parameters: bool, file: TextIO | None = None
+    rows: list[dict], label_type: LabelType, *, as_json: bool, parameters: bool, file: TextIO | None = None
 ) -> None:
     """The `bigearthnet models` table (rich) or JSON of `rows`."""
     from rich.table import Table

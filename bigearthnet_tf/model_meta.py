@@ -111,7 +111,7 @@ class ModelMeta:
 
     @classmethod
     def of_model(
-        cls, where: str, model_name: str, outputs: int, input_keys: tuple[str, ...], label_type: str | None
+        cls, where: str, model_name: str, outputs: int, input_keys: tuple[str, ...], label_type: LabelType | None
     ) -> ModelMeta:
         """What a model file without our metadata can tell: its classes by its output count (or the
         label type asked for), its bands by its input names (this library's orders)."""
@@ -157,8 +157,8 @@ class ModelMeta:
         self,
         where: str,
         *,
-        label_type: str | None = None,
-        modality: str | None = None,
+        label_type: LabelType | None = None,
+        modality: Modality | None = None,
         model_name: str | None = None,
     ) -> None:
         """Refuse a model whose label type, modality or architecture differ from what is asked."""

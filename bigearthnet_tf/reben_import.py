@@ -31,6 +31,7 @@ from bigearthnet_tf import checkpoints
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, PATCH_SIZE
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.jsonfiles import read_json_object
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.tensor_files import FLOAT_DTYPES, SafetensorsFile
 
 HUB_ORGANISATION = "BIFOLD-BigEarthNetv2-0"
@@ -57,7 +58,7 @@ class ImportedReBEN:
     repository: str
     timm_model_name: str
     version: str
-    modality: str
+    modality: Modality
 
 
 def import_reben(

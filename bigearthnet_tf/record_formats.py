@@ -144,15 +144,15 @@ class RecordFormat(ABC):
     def recognises(self, keys: Collection[str]) -> bool:
         """Whether a record with these keys is of this format."""
 
-    def stored_keys(self, modality: str) -> tuple[Stored, ...]:
+    def stored_keys(self, modality: Modality) -> tuple[Stored, ...]:
         """Every record key that holds the pixels of a modality, in record order."""
         return tuple(stored for key in input_keys(modality) for stored in self.stored(key))
 
-    def bands(self, modality: str) -> dict[str, list[str]]:
+    def bands(self, modality: Modality) -> dict[str, list[str]]:
         """Record key -> band names stored there (the manifest's `bands`)."""
         return {stored.key: list(stored.bands) for stored in self.stored_keys(modality)}
 
-    def shapes(self, modality: str) -> dict[str, list[int]]:
+    def shapes(self, modality: Modality) -> dict[str, list[int]]:
         """Record key -> array shape (the manifest's `shapes`)."""
         return {stored.key: list(stored.shape) for stored in self.stored_keys(modality)}
 

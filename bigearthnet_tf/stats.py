@@ -169,12 +169,12 @@ class BandStatistics:
         return {name: (band.mean, band.std) for name, band in self.bands.items()}
 
 
-def default_statistics(modality: str = "MM") -> dict[str, tuple[float, float]]:
+def default_statistics(modality: Modality | str = Modality.MM) -> dict[str, tuple[float, float]]:
     """The given statistics of the modality's bands: BigEarthNet v1 for S2, the 2021 ones for S1."""
     return {name: DEFAULT_STATISTICS[name] for name in MODALITY_BANDS[parse_modality(modality)]}
 
 
-def _input_groups(modality: str) -> dict[str, tuple[str, ...]]:
+def _input_groups(modality: Modality) -> dict[str, tuple[str, ...]]:
     """Model input key -> the band names of its channels, for the keys the modality reads."""
     return {key: INPUTS[key].bands for key in input_keys(modality)}
 
@@ -203,7 +203,7 @@ def _batch_moments(
 
 def compute_band_statistics(
     files: str | os.PathLike | Sequence[str | os.PathLike],
-    modality: str | None = "S2",
+    modality: Modality | str | None = Modality.S2,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     show_progress: bool = True,
@@ -227,7 +227,7 @@ def compute_band_statistics(
     if modality is None:
         present = input_pipeline.detect_format(paths).modalities
         modality = modality_of_sensors(present) or Modality.S2
-    parse_modality(modality)
+    modality = parse_modality(modality)  # where the caller's string enters
     groups = _input_groups(modality)
     total = input_pipeline.count_records(paths)
     dataset = input_pipeline.make_dataset(paths, None, batch_size, modality=modality, shuffle_buffer=0)
@@ -381,7 +381,7 @@ def write_band_statistics(
     files: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    modality: str | None = None,
+    modality: Modality | str | None = None,
     overwrite: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     show_progress: bool = True,

@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from bigearthnet_tf.checkpoints import iteration_of, new_checkpoint, save_checkpoint
-from bigearthnet_tf.constants import LABEL_TYPES, class_names
+from bigearthnet_tf.constants import LABEL_TYPES, LabelType, class_names, parse_label_type
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.models import build_model, get_model_spec, model_names
 from bigearthnet_tf.models.tf1_naming import BATCH_NORM_LEAVES, TF1Naming
@@ -196,7 +196,7 @@ class TF1ImportReport:
 
     checkpoint: str
     model_name: str
-    label_type: str
+    label_type: LabelType
     assigned: tuple[str, ...]  # variables that fit (copied into the model when the report is ok)
     ignored: tuple[str, ...]  # optimizer state and counters, skipped by name
     unmapped: tuple[str, ...]  # checkpoint variables with no place in the model
@@ -235,7 +235,7 @@ class TF1ImportError(UserError):
 
 
 def plan_tf1_import(
-    reader: CheckpointReader, prefix: str, model: keras.Model, model_name: str, label_type: str
+    reader: CheckpointReader, prefix: str, model: keras.Model, model_name: str, label_type: LabelType
 ) -> tuple[TF1ImportReport, dict[str, keras.Variable]]:
     """Compare the checkpoint with `model`; return the report and the name -> weight mapping."""
     naming = tf1_naming(model_name)
@@ -269,7 +269,7 @@ def plan_tf1_import(
 
 
 def import_tf1_checkpoint(
-    checkpoint_prefix: str | os.PathLike[str], model_name: str, label_type: str
+    checkpoint_prefix: str | os.PathLike[str], model_name: str, label_type: LabelType | str
 ) -> keras.Model:
     """Build `model_name` for `label_type` (modality S2) and fill it from a 2019 TF1 checkpoint.
 
@@ -278,6 +278,7 @@ def import_tf1_checkpoint(
     """
 
     tf1_naming(model_name)
+    label_type = parse_label_type(label_type)
     num_classes = len(class_names(label_type))
     prefix, reader = read_tf1_checkpoint(checkpoint_prefix)
     model = build_model(model_name, num_classes, modality=IMPORT_MODALITY)
@@ -306,7 +307,7 @@ def save_imported(
     out_base: str | os.PathLike[str],
     *,
     model_name: str | None = None,
-    label_type: str | None = None,
+    label_type: LabelType | str | None = None,
     iteration: int | None = None,
 ) -> Path:
     """Save an imported model as a checkpoint of ours (`checkpoints.save_checkpoint`); return its base.
@@ -317,6 +318,7 @@ def save_imported(
     """
 
     model_name = model_name or model.name
+    label_type = None if label_type is None else parse_label_type(label_type)
     tf1_naming(model_name)
     outputs = int(model.outputs[0].shape[-1])
     if label_type is None:
@@ -344,7 +346,7 @@ def save_imported(
 def convert_tf1_checkpoint(
     checkpoint_prefix: str | os.PathLike[str],
     model_name: str,
-    label_type: str,
+    label_type: LabelType | str,
     out_base: str | os.PathLike[str],
     *,
     overwrite: bool = False,
@@ -354,6 +356,7 @@ def convert_tf1_checkpoint(
     An existing checkpoint at `out_base` is replaced only with `overwrite`; a failed import writes nothing.
     """
 
+    label_type = parse_label_type(label_type)  # where the command line's string enters
     with new_checkpoint(out_base, overwrite):
         model = import_tf1_checkpoint(checkpoint_prefix, model_name, label_type)
         return save_imported(model, out_base, model_name=model_name, label_type=label_type)
@@ -365,7 +368,7 @@ def _truncated(items: tuple[str, ...] | list[str]) -> str:
     return f"{shown}, ... and {more} more" if more > 0 else shown
 
 
-def _label_type_hint(stored: Mapping[str, tuple[int, ...]], naming: TF1Naming, label_type: str) -> str:
+def _label_type_hint(stored: Mapping[str, tuple[int, ...]], naming: TF1Naming, label_type: LabelType) -> str:
     """A suggestion when the checkpoint's classifier has another label type's class count."""
     bias = stored.get(naming.name(f"{naming.classifier}/{naming.leaves['bias']}"))
     if not bias or bias[-1] == len(LABEL_TYPES[label_type]):

@@ -30,7 +30,7 @@ from types import MappingProxyType
 import keras
 
 from bigearthnet_tf.constants import BANDS_20M, BANDS_60M, S1_BAND_NAMES
-from bigearthnet_tf.layout import input_keys
+from bigearthnet_tf.layout import Modality, input_keys
 from bigearthnet_tf.models.preprocessing import (
     BANDS_10M_2019_ORDER,
     MM,
@@ -120,14 +120,14 @@ def _branch(x: keras.KerasTensor, blocks: tuple[ConvBlock, ...], config: KBranch
     return keras.layers.Dropout(BRANCH_FC_DROPOUT, name=f"{name}_fc_dropout")(x)
 
 
-def kbranch_input_keys(modality: str) -> tuple[str, ...]:
+def kbranch_input_keys(modality: Modality) -> tuple[str, ...]:
     """Input keys K-BranchCNN reads for `modality`."""
     return input_keys(modality)  # all of them: the 60 m bands too
 
 
 def build_kbranch(
     num_classes: int,
-    modality: str = S2,
+    modality: Modality = S2,
     statistics: Statistics | None = None,
     *,
     config: KBranchConfig = K_BRANCH_2019,

@@ -52,7 +52,7 @@ from keras import ops
 
 from bigearthnet_tf.constants import PATCH_SIZE
 from bigearthnet_tf.errors import ConfigError
-from bigearthnet_tf.layout import parse_modality
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.models.preprocessing import S2, STACKED_CHANNELS
 from bigearthnet_tf.models.registry import register_model
 
@@ -132,9 +132,9 @@ class PositionEmbedding(keras.layers.Layer):
         return {**super().get_config(), "stddev": self.stddev}
 
 
-def stacked_channels(modality: str) -> int:
+def stacked_channels(modality: Modality) -> int:
     """Channels of the stacked 120x120 image that single-image networks see for `modality`."""
-    return len(STACKED_CHANNELS[parse_modality(modality)])
+    return len(STACKED_CHANNELS[modality])
 
 
 def _check_rate(name: str, value: float) -> float:
@@ -195,7 +195,7 @@ def efficientnet_drop_path_rates(model: keras.Model, drop_path_rate: float) -> d
 
 def build_efficientnet_v2_s(
     num_classes: int,
-    modality: str = S2,
+    modality: Modality = S2,
     *,
     dropout: float = EFFICIENTNET_DROPOUT,
     drop_path_rate: float = EFFICIENTNET_DROP_PATH,
@@ -230,7 +230,7 @@ _CONVNEXT_IDENTITY = re.compile(r"^(.*_stage_(\d+)_block_(\d+))_identity$")
 
 def build_convnext_tiny(
     num_classes: int,
-    modality: str = S2,
+    modality: Modality = S2,
     *,
     dropout: float = CONVNEXT_DROPOUT,
     drop_path_rate: float = CONVNEXT_DROP_PATH,
@@ -291,7 +291,7 @@ VIT_VARIANTS: Mapping[str, ViTConfig] = MappingProxyType(
 
 def build_vit(
     num_classes: int,
-    modality: str = S2,
+    modality: Modality = S2,
     *,
     config: ViTConfig = VIT_VARIANTS["ViT-S8"],
     name: str = "ViT-S8",

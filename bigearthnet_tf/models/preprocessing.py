@@ -62,7 +62,7 @@ from bigearthnet_tf.constants import (
 )
 from bigearthnet_tf.errors import ConfigError
 from bigearthnet_tf.layout import INPUTS as LAYOUT_INPUTS
-from bigearthnet_tf.layout import Modality, parse_modality
+from bigearthnet_tf.layout import Modality
 
 S2, S1, MM = Modality.S2, Modality.S1, Modality.MM
 
@@ -307,16 +307,15 @@ def upsample(
     return BicubicResize(size, size, kernel=upsampling, name=name)(image)
 
 
-def stacked_input_keys(modality: str) -> tuple[str, ...]:
+def stacked_input_keys(modality: Modality) -> tuple[str, ...]:
     """Input keys a single-image model (ResNet, VGG, wrapped plug-ins) reads for `modality`."""
-    parse_modality(modality)
     keys = {S2: ("bands_10m", "bands_20m"), S1: ("bands_s1",)}
     return keys[S2] + keys[S1] if modality == MM else keys[modality]
 
 
 def stacked_image(
     inputs: Mapping[str, keras.KerasTensor],
-    modality: str,
+    modality: Modality,
     statistics: Statistics,
     upsampling: str = TF2_BICUBIC,
 ) -> keras.KerasTensor:

@@ -33,7 +33,7 @@ import keras
 
 from bigearthnet_tf.constants import BANDS_10M, BANDS_20M, PATCH_SIZE, S1_BAND_NAMES
 from bigearthnet_tf.errors import ConfigError
-from bigearthnet_tf.layout import parse_modality
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.models import timm_nets
 from bigearthnet_tf.models.modern import _check_rate
 from bigearthnet_tf.models.preprocessing import (
@@ -103,7 +103,7 @@ def check_band_order(band_order: str) -> str:
 
 
 def reben_image(
-    inputs: Mapping[str, keras.KerasTensor], modality: str, band_order: str, statistics: Statistics
+    inputs: Mapping[str, keras.KerasTensor], modality: Modality, band_order: str, statistics: Statistics
 ) -> keras.KerasTensor:
     """reBEN's network input from our raw bands: nearest upsampling, reBEN channel order, standardised."""
     parts, names = [], []
@@ -129,7 +129,7 @@ def reben_image(
 
 def build_reben(
     num_classes: int,
-    modality: str = MM,
+    modality: Modality = MM,
     statistics: Statistics | None = None,
     *,
     family: str = "resnet",
@@ -140,7 +140,6 @@ def build_reben(
     name: str = "reBEN-ResNet",
 ) -> keras.Model:
     """A reBEN model of `family` on our raw bands; outputs logits (batch, num_classes)."""
-    parse_modality(modality)
     check_band_order(band_order)
     dropout = _check_rate("dropout", dropout)
     drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)

@@ -54,7 +54,7 @@ from types import MappingProxyType, ModuleType
 import keras
 
 from bigearthnet_tf.errors import ConfigError, UserError
-from bigearthnet_tf.layout import parse_modality
+from bigearthnet_tf.layout import Modality, parse_modality
 from bigearthnet_tf.model_catalogue import BUILTIN_MODELS, BUILTIN_ORIGIN, ENTRY_POINT_GROUP, PLUGIN_ENV
 from bigearthnet_tf.models.preprocessing import (
     INPUTS,
@@ -131,7 +131,7 @@ def get_model_spec(name: str) -> ModelSpec:
 def build_model(
     name: str,
     num_classes: int,
-    modality: str = "S2",
+    modality: Modality | str = Modality.S2,
     statistics: Statistics | None = None,
     **options: float,
 ) -> keras.Model:
@@ -145,7 +145,7 @@ def build_model(
     spec = get_model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    parse_modality(modality)
+    modality = parse_modality(modality)  # where the caller's string enters: an enum from here on
     resolved = resolve_statistics(statistics)
     builder = _load_builder(spec)
     parameters = _parameters(builder)
@@ -324,7 +324,7 @@ def _reads_raw_bands(model: keras.layers.Layer) -> bool:
 
 
 def _raw_band_model(
-    result: object, spec: ModelSpec, num_classes: int, modality: str, statistics: Statistics
+    result: object, spec: ModelSpec, num_classes: int, modality: Modality, statistics: Statistics
 ) -> keras.Model:
     """`result` as a model taking the raw-band dict; single-image networks get the preprocessing layers."""
     if not isinstance(result, keras.layers.Layer):

@@ -29,6 +29,7 @@ from types import MappingProxyType
 
 import keras
 
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.models.preprocessing import (
     S2,
     TF1_BICUBIC,
@@ -120,7 +121,7 @@ def _bottleneck(
 
 def build_resnet(
     num_classes: int,
-    modality: str = S2,
+    modality: Modality = S2,
     statistics: Statistics | None = None,
     *,
     config: ResNetConfig = RESNET_VARIANTS["ResNet50"],

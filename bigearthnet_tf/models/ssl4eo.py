@@ -38,7 +38,7 @@ from keras import ops
 
 from bigearthnet_tf.constants import S1_BAND_NAMES
 from bigearthnet_tf.errors import ConfigError
-from bigearthnet_tf.layout import parse_modality
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.models import timm_nets
 from bigearthnet_tf.models.modern import _check_rate
 from bigearthnet_tf.models.preprocessing import (
@@ -64,7 +64,7 @@ ZERO_BAND = "B10"
 class InputProtocol:
     """What a family of weights expects as input: channels in order, and (mean, std) per channel."""
 
-    modality: str
+    modality: Modality
     channels: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -157,7 +157,7 @@ def protocol_image(
 
 def build_ssl4eo(
     num_classes: int,
-    modality: str = S2,
+    modality: Modality = S2,
     statistics: Statistics | None = None,
     *,
     architecture: Mapping | None = None,
@@ -173,7 +173,7 @@ def build_ssl4eo(
     `statistics` are not used: the protocol's own scaling is part of what the weights mean.
     """
     protocol = check_protocol(band_order)
-    if parse_modality(modality) != protocol.modality:
+    if modality != protocol.modality:
         raise ConfigError(
             f"model {name!r} with band_order {band_order!r} reads modality {protocol.modality}, not {modality}"
         )

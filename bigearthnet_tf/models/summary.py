@@ -9,7 +9,8 @@ from typing import TextIO
 
 import keras
 
-from bigearthnet_tf.constants import class_names
+from bigearthnet_tf.constants import LabelType, class_names, parse_label_type
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.model_catalogue import print_model_rows
 from bigearthnet_tf.models.preprocessing import S2, input_keys
 from bigearthnet_tf.models.registry import build_model, get_model_spec, model_names
@@ -30,8 +31,8 @@ def trainable_parameter_count(model: keras.Model) -> int:
 
 
 def model_table(
-    label_type: str = "BigEarthNet-19",
-    modality: str = S2,
+    label_type: LabelType = LabelType.BIGEARTHNET_19,
+    modality: Modality = S2,
     names: Sequence[str] | None = None,
     parameters: bool = False,
 ) -> list[dict]:
@@ -59,7 +60,7 @@ def model_table(
 
 
 def print_model_table(
-    label_type: str = "BigEarthNet-19",
+    label_type: LabelType | str = LabelType.BIGEARTHNET_19,
     as_json: bool = False,
     file: TextIO | None = None,
     names: Sequence[str] | None = None,
@@ -67,5 +68,6 @@ def print_model_table(
 ) -> None:
     """Print the registered models (a rich table, or JSON with `as_json`); building each to count its
     parameters takes a while, so that happens only with `parameters`."""
+    label_type = parse_label_type(label_type)  # where the command line's string enters
     rows = model_table(label_type, names=names, parameters=parameters)
     print_model_rows(rows, label_type, as_json=as_json, parameters=parameters, file=file)

@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 import keras
 
+from bigearthnet_tf.layout import Modality
 from bigearthnet_tf.models.preprocessing import (
     S2,
     TF1_BICUBIC,
@@ -59,7 +60,7 @@ VGG_VARIANTS: Mapping[str, VGGConfig] = MappingProxyType(
 
 def build_vgg(
     num_classes: int,
-    modality: str = S2,
+    modality: Modality = S2,
     statistics: Statistics | None = None,
     *,
     config: VGGConfig = VGG_VARIANTS["VGG16"],
