@@ -199,12 +199,10 @@ def _map(args: argparse.Namespace) -> None:
 
 def _bbox(text: str) -> tuple[float, float, float, float]:
     try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"expected WEST,SOUTH,EAST,NORTH in degrees, got {text!r}")
-    return values  # type: ignore[return-value]
+        west, south, east, north = (float(part) for part in text.split(","))
+    except ValueError:  # not numbers, or not four of them
+        raise argparse.ArgumentTypeError(f"expected WEST,SOUTH,EAST,NORTH in degrees, got {text!r}") from None
+    return west, south, east, north
 
 
 def _shard(text: str) -> tuple[int, int]:

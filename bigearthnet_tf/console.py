@@ -7,6 +7,7 @@ markup or highlighting applied to user text (a path with `[brackets]` prints as 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import IO
 
 from rich.console import Console
 from rich.progress import (
@@ -14,6 +15,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -22,7 +24,7 @@ from rich.text import Text
 _SPEED_STYLE = "progress.data.speed"
 
 
-def plain_console(*, file=None, stderr: bool = False, quiet: bool = False) -> Console:
+def plain_console(*, file: IO[str] | None = None, stderr: bool = False, quiet: bool = False) -> Console:
     """Every command's console: no highlighting, and no line breaks put into messages, so a long path
     stays whole (a terminal wraps long lines itself; a log keeps them on one line). Tables still fit
     the width."""
@@ -47,7 +49,7 @@ class RateColumn(ProgressColumn):
         super().__init__()
         self.unit = unit
 
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         done = task.completed - task.fields.get("resumed", 0)
         if not task.elapsed or done <= 0:
             return Text(f"-- {self.unit}/s", style=_SPEED_STYLE)
@@ -58,7 +60,7 @@ class AmountColumn(ProgressColumn):
     """Done / total and the rate over this run, in the task's `unit` field: `bytes` (shown in MB) or a
     count of things."""
 
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         unit = task.fields.get("unit", "")
         in_bytes = unit == "bytes"
         scale, shown = (1e6, "MB") if in_bytes else (1, unit)

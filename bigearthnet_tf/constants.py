@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -180,7 +180,7 @@ LABEL_TYPES = MappingProxyType({ORIGINAL: ORIGINAL_LABELS, BIGEARTHNET_19: BIGEA
 def parse_label_type(value: object) -> LabelType:
     """`value` as a LabelType; a UserError naming it and the choices otherwise."""
     try:
-        return LabelType(value)
+        return LabelType(value)  # type: ignore[arg-type]  # any JSON value; ValueError if not a name
     except ValueError:
         expected = ", ".join(LabelType)
         raise UserError(f"unknown label_type {value!r}; expected one of {expected}") from None
@@ -191,7 +191,7 @@ def class_names(label_type: LabelType) -> tuple[str, ...]:
     return LABEL_TYPES[label_type]
 
 
-def original_to_19(original_names) -> tuple[str, ...]:
+def original_to_19(original_names: Iterable[str]) -> tuple[str, ...]:
     """Map 43-class label names to the BigEarthNet-19 names they fall into, in 19-class order."""
     indices = {ORIGINAL_LABELS.index(name) for name in original_names}
     targets = sorted({ORIGINAL_TO_19[i] for i in indices if i in ORIGINAL_TO_19})
@@ -200,7 +200,7 @@ def original_to_19(original_names) -> tuple[str, ...]:
 
 # Band name -> (mean, std) on raw values: BigEarthNet v1 S2 statistics and the 2021 S1 statistics.
 DEFAULT_STATISTICS: Mapping[str, tuple[float, float]] = MappingProxyType(
-    {band.name: (band.mean, band.std) for band in (*S2_BANDS, *S1_BANDS)}
+    {band.name: (band.mean, band.std) for bands in (S2_BANDS, S1_BANDS) for band in bands}
 )
 _STATISTICS_ORDER = tuple(DEFAULT_STATISTICS)
 

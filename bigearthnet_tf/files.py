@@ -28,7 +28,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 TEMPORARY_MARK = ".tmp-"  # in the names of files and folders being written
 
@@ -82,7 +82,7 @@ def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
         os.close(fd)
 
 
-def append_synced_line(path: str | os.PathLike[str], entry: dict) -> None:
+def append_synced_line(path: str | os.PathLike[str], entry: dict[str, Any]) -> None:
     """Append `entry` as one JSON line to the journal `path` and wait until it is on the disk (a
     torn last line, from a kill mid-write, is for the reader to skip)."""
     with open(path, "a", encoding="utf-8") as journal:
@@ -105,7 +105,9 @@ def make_readable(path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def open_atomically(path: str | os.PathLike[str], mode: str = "w", *, exclusive: bool = False) -> Iterator[IO]:
+def open_atomically(
+    path: str | os.PathLike[str], mode: str = "w", *, exclusive: bool = False
+) -> Iterator[IO[Any]]:
     """A stream (`mode` "w" for text, "wb" for bytes) whose content becomes `path` when the block
     ends without an exception.
 
@@ -119,15 +121,21 @@ def open_atomically(path: str | os.PathLike[str], mode: str = "w", *, exclusive:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _replacing(path, "", exclusive) as (handle, _):
-        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
-        with os.fdopen(handle, mode, **text) as stream:
+        text = mode == "w"
+        with os.fdopen(
+            handle, mode, encoding="utf-8" if text else None, newline="" if text else None
+        ) as stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
 
 
 def replace_atomically(
-    target: str | os.PathLike[str], write: Callable[[str], object], suffix: str = "", *, exclusive: bool = False
+    target: str | os.PathLike[str],
+    write: Callable[[str], object],
+    suffix: str = "",
+    *,
+    exclusive: bool = False,
 ) -> Path:
     """`open_atomically` for writers that take a path (Keras, NumPy, ONNX): `write(temporary_path)`
     writes the new file, which is fsynced and moved onto `target`. `suffix` ends the temporary name,
@@ -246,7 +254,7 @@ def exchange(first: Path, second: Path) -> bool:
     raise OSError(error, os.strerror(error), os.fspath(second))
 
 
-def _load_renameat2():
+def _load_renameat2() -> Any:
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):

@@ -16,6 +16,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bigearthnet_tf import __version__
 from bigearthnet_tf.errors import UserError
@@ -25,7 +26,7 @@ from bigearthnet_tf.jsonfiles import json_digest
 JOB_FILE = "job.json"
 
 
-def fingerprint(arguments: dict) -> str:
+def fingerprint(arguments: dict[str, Any]) -> str:
     """The one fingerprint of a job: a digest of `arguments` (JSON values) and this program's version."""
     return json_digest({**arguments, "created_by": __version__})
 
@@ -42,9 +43,10 @@ class JobFolder:
     def recorded_fingerprint(self) -> str | None:
         """The fingerprint of the job that made the folder; None if there is none (yet)."""
         try:
-            return json.loads((self.path / JOB_FILE).read_text(encoding="utf-8")).get("fingerprint")
+            recorded = json.loads((self.path / JOB_FILE).read_text(encoding="utf-8")).get("fingerprint")
         except (OSError, ValueError, AttributeError):
             return None
+        return recorded if isinstance(recorded, str) else None
 
     def resumable(self) -> bool:
         """The folder was made by this same job."""
@@ -67,13 +69,13 @@ class JobFolder:
         # Written first: a folder without it holds nothing of value (a leftover of ours).
         write_text_atomically(self.path / JOB_FILE, json.dumps({"fingerprint": self.fingerprint}) + "\n")
 
-    def journal(self) -> dict[str, dict]:
-        """The journal's entries by key, in journal order (a later entry for a key replaces an earlier one)."""
+    def journal(self) -> dict[str, dict[str, Any]]:
+        """The journal's entries by key, in journal order (a later entry for a key replaces an earlier)."""
         try:
             lines = self.journal_path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             return {}
-        entries: dict[str, dict] = {}
+        entries: dict[str, dict[str, Any]] = {}
         for line in lines:
             try:
                 entry = json.loads(line)
@@ -82,12 +84,14 @@ class JobFolder:
             entries[entry[self.key]] = entry
         return entries
 
-    def record(self, entry: dict) -> None:
+    def record(self, entry: dict[str, Any]) -> None:
         """Journal a finished file (synced before this returns)."""
         append_synced_line(self.journal_path, entry)
 
     @staticmethod
-    def vouched(entries: dict[str, dict], path_of: Callable[[str], Path]) -> dict[str, dict]:
+    def vouched(
+        entries: dict[str, dict[str, Any]], path_of: Callable[[str], Path]
+    ) -> dict[str, dict[str, Any]]:
         """The entries whose file (at `path_of(key)`) exists with the size the journal recorded."""
         kept = {}
         for name, entry in entries.items():

@@ -74,7 +74,7 @@ S2_INPUTS: tuple[str, ...] = tuple(key for key, spec in INPUTS.items() if spec.m
 def parse_modality(value: object) -> Modality:
     """`value` as a Modality; ConfigError (a UserError) naming it and the choices otherwise."""
     try:
-        return Modality(value)
+        return Modality(value)  # type: ignore[arg-type]  # any JSON value; ValueError if not a name
     except ValueError:
         raise ConfigError(f"unknown modality {value!r}; expected one of {', '.join(MODALITIES)}") from None
 

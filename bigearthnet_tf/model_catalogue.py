@@ -68,7 +68,7 @@ def is_builtin(name: Any) -> bool:
     return isinstance(name, str) and name in BUILTIN_MODELS
 
 
-def builtin_rows(names: Sequence[str] | None = None) -> list[dict]:
+def builtin_rows(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """`bigearthnet models` rows (name, description, origin): of every built-in, or of `names` (each a
     built-in; the caller checks)."""
     return [
@@ -78,7 +78,7 @@ def builtin_rows(names: Sequence[str] | None = None) -> list[dict]:
 
 
 def print_model_rows(
-    rows: list[dict], label_type: LabelType, *, as_json: bool, parameters: bool, file: TextIO | None = None
+    rows: list[dict[str, Any]], label_type: LabelType, *, as_json: bool, parameters: bool, file: TextIO | None = None
 ) -> None:
     """The `bigearthnet models` table (rich) or JSON of `rows`."""
     from rich.table import Table

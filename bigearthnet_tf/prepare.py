@@ -103,7 +103,14 @@ from bigearthnet_tf.prepare_workers import WorkerJob, Workers, worker_context
 from bigearthnet_tf.record_formats import RecordFormat
 from bigearthnet_tf.tarstream import ArchiveFileError
 
-__all__ = ["prepare", "PrepareSummary", "SkippedPatch", "DEFAULT_SHARD_SIZE", "MANIFEST_NAME", "WORK_DIR_NAME"]
+__all__ = [
+    "prepare",
+    "PrepareSummary",
+    "SkippedPatch",
+    "DEFAULT_SHARD_SIZE",
+    "MANIFEST_NAME",
+    "WORK_DIR_NAME",
+]
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,10 @@ def _stream_phase(
         name: (i, place) for i, unit in enumerate(tentative.units) for place, name in enumerate(unit.names)
     }
     folder = spool_folder(request, archive, listed)
-    if not request.overwrite and folder.recorded_fingerprint() is tentative.folder.recorded_fingerprint() is None:
+    if (
+        not request.overwrite
+        and folder.recorded_fingerprint() is tentative.folder.recorded_fingerprint() is None
+    ):
         refuse_stale_outputs(tentative)  # now rather than after a whole pass over the archive
     done = open_spool(folder, request.overwrite, say)
     progress = progress_bar(console, amounts=True)
@@ -194,7 +204,10 @@ def _listed(request: PrepareRequest, say) -> tuple[Archive, dict[str, list[str]]
         return archive, *resolve_splits(archive, *request.split_arguments, say)
     archive = open_archive_file(request.root, request.version, request.s1_root)
     listed, _ = resolve_splits(
-        archive, *request.split_arguments, lambda message: None, missing_of=lambda splits: dict.fromkeys(splits, [])
+        archive,
+        *request.split_arguments,
+        lambda message: None,
+        missing_of=lambda splits: dict.fromkeys(splits, []),
     )
     return archive, listed, []
 
@@ -207,7 +220,8 @@ def _present(request: PrepareRequest, archive: Archive, index: SpoolIndex, say) 
             *request.split_arguments,
             say,
             missing_of=lambda splits: {
-                split: [name for name in names if name not in index.present] for split, names in splits.items()
+                split: [name for name in names if name not in index.present]
+                for split, names in splits.items()
             },
         )
     except UserError:  # listed patches the file does not hold: this job ends here
@@ -268,7 +282,9 @@ def _write_units(plan: Plan, context, console, say, stage_seconds: dict[str, flo
     return finished, resumed
 
 
-def _publish(plan: Plan, missing: list[SkippedPatch], finished: dict) -> tuple[dict[str, int], list[SkippedPatch]]:
+def _publish(
+    plan: Plan, missing: list[SkippedPatch], finished: dict
+) -> tuple[dict[str, int], list[SkippedPatch]]:
     """Write `skipped.csv` (with skip_bad) and the manifest, remove the job folders; return the
     patches written and the patches skipped per split, in list order."""
     # Tallies in list order, whatever order the workers finished in: missing folders first, then

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bigearthnet_tf import __version__
 from bigearthnet_tf.archive import Archive
-from bigearthnet_tf.constants import LABEL_TYPES
+from bigearthnet_tf.constants import LABEL_TYPES, LabelType
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.job_folder import JobFolder
 from bigearthnet_tf.layout import Modality, sensors_of
@@ -254,7 +254,7 @@ def manifest(plan: Plan, patches: dict[str, int], skipped: dict[str, int]) -> di
     """`dataset.json` of a finished job (its keys are documented in prepare.py)."""
     modality = Modality.MM if plan.archive.has_s1 else Modality.S2
     skip_bad = plan.request.skip_bad
-    label_types = list(plan.archive.label_types)
+    label_types = [LabelType(name) for name in plan.archive.label_types]
     return {
         "format": plan.record_format.name,
         "format_version": plan.record_format.format_version,

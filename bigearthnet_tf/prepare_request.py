@@ -7,6 +7,7 @@ The stream phase (`prepare_stream`), the plan and job folder (`prepare_job`) and
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +46,9 @@ class PrepareRequest:
     @classmethod
     def checked(
         cls,
-        root: str | os.PathLike,
-        out: str | os.PathLike,
-        split_files=None,
+        root: str | os.PathLike[str],
+        out: str | os.PathLike[str],
+        split_files: Sequence[str | os.PathLike[str]] | None = None,
         official_splits: bool = False,
         record_format: str | RecordFormat = "default",
         workers: int | None = None,
@@ -57,12 +58,14 @@ class PrepareRequest:
         skip_bad: bool = False,
         overwrite: bool = False,
         version: int | None = None,
-        s1_root: str | os.PathLike | None = None,
+        s1_root: str | os.PathLike[str] | None = None,
     ) -> PrepareRequest:
         """The request, or UserError naming the argument at fault."""
         fmt = parse_record_format(record_format)
         if workers is None:
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
         if shard_size is not None and not fmt.sharded:
@@ -111,7 +114,7 @@ class PrepareRequest:
         return self.record_format.unit_patches(self.shard_size)
 
     @property
-    def split_arguments(self) -> tuple:
+    def split_arguments(self) -> tuple[list[str] | None, bool, bool, bool, bool]:
         """The arguments of `prepare_splits.resolve_splits` that come from the request."""
         lists = None if self.split_files is None else list(self.split_files)
         return lists, self.official_splits, self.exclude_snow_cloud, self.include_snow_cloud, self.skip_bad
@@ -132,7 +135,7 @@ class PrepareRequest:
         )
 
 
-def source_identity(path: str | None) -> list | None:
+def source_identity(path: str | None) -> list[str | int] | None:
     """A folder's real path; for a file, also its size and modification time (a changed archive file
     is a new job)."""
     if path is None:

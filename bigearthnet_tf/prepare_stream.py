@@ -44,6 +44,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from bigearthnet_tf import tarstream
 from bigearthnet_tf.archive import (
@@ -300,7 +301,7 @@ class _Spill:
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
-        self._file = None
+        self._file: BinaryIO | None = None
         self.size = 0
 
     def put(self, data: bytes) -> Ref:
@@ -706,7 +707,9 @@ class SpoolStream:
         used = (
             []
             if self.ring.mapped
-            else [part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]]
+            else [
+                part[0] for _, refs, _ in batch for ref in refs.values() if ref[0] == "b" for part in ref[1]
+            ]
         )
         self.task += 1
         future = self.executor.submit(self.encode, self.task, batch, whole)
@@ -776,7 +779,9 @@ class SpoolStream:
             return index
         for name, refs in self.pending.items():
             missing = sorted(f"{name}_{suffix}" for suffix in self.expected if f"{name}_{suffix}" not in refs)
-            reason = "missing metadata file" if missing[0].endswith(V1_METADATA_SUFFIX) else "missing band file"
+            reason = (
+                "missing metadata file" if missing[0].endswith(V1_METADATA_SUFFIX) else "missing band file"
+            )
             index.bad[name] = (missing[0], reason)
         return index
 
@@ -1076,7 +1081,9 @@ def patches_in_file(
 
     def run() -> None:
         try:
-            *_, failure = _stream(path, Filler(path, ring.ring), len(ring.ring.maps), ring, _Sink(wants, on_member))
+            *_, failure = _stream(
+                path, Filler(path, ring.ring), len(ring.ring.maps), ring, _Sink(wants, on_member)
+            )
             if failure is not None:
                 raise failure
             for name, files in pending.items():

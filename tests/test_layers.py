@@ -87,7 +87,18 @@ def test_the_check_sees_tensorflow_when_it_is_loaded():
 
 # The floors of docs/ARCHITECTURE.md ("The house"): a module imports only from its floor and below.
 FLOORS = {
-    1: ("constants", "errors", "layout", "files", "jsonfiles", "locks", "console", "quiet", "model_catalogue", "job_folder"),
+    1: (
+        "constants",
+        "errors",
+        "layout",
+        "files",
+        "jsonfiles",
+        "locks",
+        "console",
+        "quiet",
+        "model_catalogue",
+        "job_folder",
+    ),
     2: (
         "tiff",
         "archive",
@@ -164,9 +175,14 @@ def test_models_import_only_from_the_floors_below():
 def test_no_import_circle():
     """No module reaches itself through package imports, counting those inside functions and those
     for type annotations only (a circle held open by `TYPE_CHECKING` is a circle a reader walks)."""
-    graph = {module: _package_imports(module, annotations=True) - {module} for module in set(FLOOR_OF) - {"models"}}
+    graph = {
+        module: _package_imports(module, annotations=True) - {module} for module in set(FLOOR_OF) - {"models"}
+    }
     graph["models"] = set().union(
-        *(_package_imports(f"models/{path.stem}", annotations=True) for path in (PACKAGE / "models").glob("*.py"))
+        *(
+            _package_imports(f"models/{path.stem}", annotations=True)
+            for path in (PACKAGE / "models").glob("*.py")
+        )
     ) - {"models"}
     circles = []
 
@@ -186,12 +202,16 @@ def _package_imports(module: str, annotations: bool = False) -> set[str]:
     """The package modules that `module` imports anywhere in its code (also inside functions), but
     not for type annotations only (`if TYPE_CHECKING:`) unless `annotations`."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
-    annotations_only = set() if annotations else {
-        id(inner)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
-        for inner in ast.walk(node)
-    }
+    annotations_only = (
+        set()
+        if annotations
+        else {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for inner in ast.walk(node)
+        }
+    )
     found = set()
     for node in ast.walk(tree):
         if id(node) in annotations_only:

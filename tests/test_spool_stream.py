@@ -58,7 +58,11 @@ def _names(count: int) -> list[str]:
 
 def _job(tmp_path, names: list[str], shard: int, workers: int = 2, skip_bad: bool = True):
     request = PrepareRequest.checked(
-        tmp_path / "BigEarthNet-v1.0.tar.gz", tmp_path / "out", workers=workers, shard_size=shard, skip_bad=skip_bad
+        tmp_path / "BigEarthNet-v1.0.tar.gz",
+        tmp_path / "out",
+        workers=workers,
+        shard_size=shard,
+        skip_bad=skip_bad,
     )
     request.spool_dir.mkdir(parents=True, exist_ok=True)
     archive = SimpleNamespace(file_suffixes=SUFFIXES, s1_file=None)
@@ -196,7 +200,9 @@ def test_resume_keeps_what_the_journal_vouches_for(tmp_path):
     and an unjournalled spool file. The rerun keeps the first, redoes the rest, numbers after them."""
     names = _names(6)
     job = _job(tmp_path, names, shard=3, workers=1)
-    folder = spool_folder(job.request, SimpleNamespace(version=1, s2_dir=job.s2_path, s1_file=None, s1_dir=None), {})
+    folder = spool_folder(
+        job.request, SimpleNamespace(version=1, s2_dir=job.s2_path, s1_file=None, s1_dir=None), {}
+    )
     assert open_spool(folder, overwrite=False, say=print) == {}  # a fresh folder, fingerprinted
     spool_dir = folder.path
     (spool_dir / "spool-0000001.tfrecord").write_bytes(b"r" * 3 * FILE_BYTES)
@@ -211,7 +217,9 @@ def test_resume_keeps_what_the_journal_vouches_for(tmp_path):
     (spool_dir / "spool.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"spool": "spo')
     said = []
     done = open_spool(folder, overwrite=False, say=said.append)
-    assert done == {name: ("spool-0000001.tfrecord", i * FILE_BYTES, FILE_BYTES) for i, name in enumerate(names[:3])}
+    assert done == {
+        name: ("spool-0000001.tfrecord", i * FILE_BYTES, FILE_BYTES) for i, name in enumerate(names[:3])
+    }
     assert sorted(path.name for path in spool_dir.glob("spool-*")) == ["spool-0000001.tfrecord"]
     assert said == ["resuming: 3 patches were encoded by an earlier run"]
 
@@ -225,7 +233,9 @@ def test_resume_keeps_what_the_journal_vouches_for(tmp_path):
     index = stream.result(None)
     assert index.resumed == 3 and set(index.records) == set(names)
     # Another job's spool folder is refused, and discarded with overwrite.
-    other = spool_folder(job.request, SimpleNamespace(version=2, s2_dir=job.s2_path, s1_file=None, s1_dir=None), {})
+    other = spool_folder(
+        job.request, SimpleNamespace(version=2, s2_dir=job.s2_path, s1_file=None, s1_dir=None), {}
+    )
     with pytest.raises(Exception, match="unfinished preparation with other arguments"):
         open_spool(other, overwrite=False, say=print)
     assert open_spool(other, overwrite=True, say=print) == {}
