@@ -37,6 +37,7 @@ from bigearthnet_tf.constants import (
     PATCH_SIZE,
     S1_BAND_NAMES,
     S2_BAND_NAMES,
+    LabelType,
 )
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.jsonfiles import read_json_object
@@ -305,8 +306,8 @@ class Manifest:
 
     path: Path
     format: RecordFormat
-    label_types: frozenset[str]
-    modalities: frozenset[str]  # sensors (layout.SENSORS)
+    label_types: frozenset[LabelType]
+    modalities: frozenset[Modality]  # sensors (layout.SENSORS)
     splits: dict[str, tuple[str, ...]]  # split -> its file names, in order
     record_bytes: dict[str, int]  # file name -> mean bytes per record of its split (0 when empty)
     patches: dict[str, int]  # split -> the records its files hold
@@ -357,5 +358,11 @@ def read_manifest(folder: str | os.PathLike) -> Manifest | None:
         split_files[split] = tuple(files)
         split_patches[split] = patches
     return Manifest(
-        path, fmt, frozenset(label_types), frozenset(modalities), split_files, record_bytes, split_patches
+        path,
+        fmt,
+        frozenset(LabelType(value) for value in label_types),  # where the file's strings enter
+        frozenset(Modality(value) for value in modalities),
+        split_files,
+        record_bytes,
+        split_patches,
     )

@@ -673,6 +673,9 @@ class TarParser:
         return b"".join(self._maps[block][begin:end] for block, begin, end in self._spans(start, length))
 
     def _parts(self, start: int, length: int) -> tuple[tuple[int, int, int], ...]:
+        if length == 0:  # an empty file may start where the data fed so far ends: no block holds it
+            block, _, fed = self._blocks[-1]
+            return ((block, fed, 0),)
         block, offset = self._locate(start)
         if offset + length <= self._fed_in(block):
             return ((block, offset, length),)

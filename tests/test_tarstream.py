@@ -1,0 +1,131 @@
+"""Tar archives read in one pass (`tarstream.py`): the header walker across blocks, the byte streams of
+.tar/.tar.gz/.tar.zst, and the faults it names. Archives here are made with Python's `tarfile`."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import pytest
+import zstandard
+
+from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.tarstream import (
+    REGULAR,
+    ArchiveFileError,
+    ArchiveStream,
+    TarParser,
+    compression_of,
+    is_archive_file,
+    safe_name,
+)
+
+FILES = {
+    "BigEarthNet-v1.0/P_1_1/P_1_1_B02.tif": b"a" * 700,
+    "BigEarthNet-v1.0/P_1_1/P_1_1_B03.tif": b"b" * 1300,
+    "BigEarthNet-v1.0/" + "long-folder-name/" * 8 + "P_2_2_B02.tif": b"c" * 5,  # a GNU long name
+}
+
+
+def _tar(files=FILES, format=tarfile.GNU_FORMAT) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=format) as archive:
+        archive.addfile(tarfile.TarInfo("BigEarthNet-v1.0/P_1_1"), None)  # no type set: a file of 0 bytes
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _parse(data: bytes, block_size: int, wants=lambda name: name):
+    """Feed `data` block by block as the reader does; return the members and each one's bytes."""
+    blocks = [data[i : i + block_size] for i in range(0, len(data), block_size)]
+    parser = TarParser("test.tar", blocks, 1 << 20)
+    found = []
+    for index, block in enumerate(blocks):
+        parser.feed(index, len(block), index * block_size)
+        for member in parser.members(wants):
+            content = b"".join(blocks[b][o : o + n] for b, o, n in member.parts)
+            found.append((member.name, member.kind, member.size, content))
+    parser.check_complete()
+    return found, parser
+
+
+@pytest.mark.parametrize("block_size", [512, 1024, 4096, 1 << 20])
+@pytest.mark.parametrize("format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_members_and_their_bytes_whatever_the_block_boundaries(block_size, format):
+    found, parser = _parse(_tar(format=format), block_size)
+    files = [(name, size, content) for name, kind, size, content in found if kind == REGULAR and size]
+    assert files == [(name, len(data), data) for name, data in FILES.items()]
+    assert parser.finished
+    assert sorted(parser.released) == list(range(len(parser.released)))  # each block once, in order
+
+
+def test_members_not_wanted_are_named_without_their_data():
+    found, _ = _parse(_tar(), 1024, wants=lambda name: name.endswith("B03.tif"))
+    contents = {name: content for name, _, _, content in found}
+    assert contents["BigEarthNet-v1.0/P_1_1/P_1_1_B03.tif"] == b"b" * 1300
+    assert contents["BigEarthNet-v1.0/P_1_1/P_1_1_B02.tif"] == b""
+
+
+def test_a_damaged_header_and_a_truncated_archive_are_named():
+    data = bytearray(_tar())
+    data[512 + 100] ^= 0xFF  # inside the second header's mode field
+    with pytest.raises(ArchiveFileError, match="header after member BigEarthNet-v1.0/P_1_1.*checksum"):
+        _parse(bytes(data), 4096)
+    with pytest.raises(ArchiveFileError, match="ends inside this member.*truncated|no end-of-archive marker"):
+        _parse(_tar()[:1536], 512)
+
+
+def test_names_that_would_escape_the_output_are_refused():
+    assert safe_name("BigEarthNet-v1.0/P/P_B02.tif") is None
+    assert safe_name("/etc/passwd") == "absolute member name"
+    assert safe_name("a/../../b") == "member name with '..'"
+    assert safe_name("a/..b/c") is None  # only a whole '..' component climbs
+
+
+def test_the_three_compressions_stream_the_same_bytes(tmp_path):
+    data = _tar()
+    paths = {
+        "none": tmp_path / "a.tar",
+        "gzip": tmp_path / "a.tar.gz",
+        "zstd": tmp_path / "a.tar.zst",
+    }
+    paths["none"].write_bytes(data)
+    paths["gzip"].write_bytes(gzip.compress(data[:2000]) + gzip.compress(data[2000:]))  # two members, as pigz
+    paths["zstd"].write_bytes(zstandard.ZstdCompressor().compress(data))
+    for kind, path in paths.items():
+        assert compression_of(path) == kind and is_archive_file(path)
+        stream = ArchiveStream(path)
+        read = bytearray()
+        buffer = bytearray(777)
+        while count := stream.readinto(buffer):
+            read += buffer[:count]
+        stream.close()
+        assert bytes(read) == data, kind
+    assert is_archive_file(tmp_path / "missing.tar.gz") and not is_archive_file(tmp_path)
+
+
+def test_a_corrupt_gzip_and_a_foreign_compression_are_one_line(tmp_path):
+    broken = tmp_path / "b.tar.gz"
+    compressed = bytearray(gzip.compress(_tar()))
+    compressed[40:60] = bytes(20)
+    broken.write_bytes(bytes(compressed))
+    stream = ArchiveStream(broken)
+    with pytest.raises(ArchiveFileError, match=str(broken)):
+        while stream.readinto(bytearray(1 << 16)):
+            pass
+    stream.close()
+    xz = tmp_path / "c.tar.xz"
+    xz.write_bytes(b"\xfd7zXZ\x00" + bytes(600))
+    with pytest.raises(UserError, match="c.tar.xz"):
+        compression_of(xz)
+
+
+def test_an_empty_wanted_file_where_a_block_ends():
+    """A zero-byte band file whose header fills a block exactly: its data starts in no block fed yet."""
+    data = _tar({"BigEarthNet-v1.0/P_1_1/P_1_1_B02.tif": b""}, format=tarfile.USTAR_FORMAT)
+    found, _ = _parse(data, 1024)  # the second header ends the first block
+    assert ("BigEarthNet-v1.0/P_1_1/P_1_1_B02.tif", REGULAR, 0, b"") in found
