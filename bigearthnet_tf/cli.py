@@ -7,6 +7,7 @@ start without loading TensorFlow. A `UserError` becomes one line on stderr and a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -251,8 +252,10 @@ def _import_torchgeo(args: argparse.Namespace) -> None:
         raise UserError("import torchgeo needs FILE, --weights NAME and --out BASE (or --list)")
     imported = import_torchgeo(args.file, args.weights, args.out, overwrite=args.overwrite)
     check = (
-        "the published file" if imported.is_published_file
-        else "SHA-256 matches its name" if imported.hash_checked
+        "the published file"
+        if imported.is_published_file
+        else "SHA-256 matches its name"
+        if imported.hash_checked
         else "no SHA-256 prefix in its name to check"
     )
     print(
@@ -311,18 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bigearthnet-tf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_and_training_commands(commands)
+    _add_map_command(commands)
+    _add_apply_commands(commands)
+    _add_import_commands(commands)
+    _add_look_commands(commands)
+    return parser
 
-    def command(name: str, summary: str, example: str, run, description: str = "", group=commands):
-        """A subcommand with a description, its defaults in --help, and an example."""
-        sub = group.add_parser(
-            name,
-            help=summary,
-            description=description or summary[0].upper() + summary[1:] + ".",
-            epilog=f"example: {example}",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
-        sub.set_defaults(run=run)
-        return sub
+
+def _command(group, name: str, summary: str, example: str, run, description: str = ""):
+    """A subcommand of `group` with a description, its defaults in --help, and an example."""
+    sub = group.add_parser(
+        name,
+        help=summary,
+        description=description or summary[0].upper() + summary[1:] + ".",
+        epilog=f"example: {example}",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub.set_defaults(run=run)
+    return sub
+
+
+def _add_data_and_training_commands(commands) -> None:
+    """The commands prepare, synth, examples, train, evaluate, config, models, stats."""
+    command = functools.partial(_command, commands)
 
     prep = command(
         "prepare",
@@ -421,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
 
+
+def _add_map_command(commands) -> None:
+    """The commands map."""
+    command = functools.partial(_command, commands)
+
     mapper = command(
         "map",
         "map land cover over whole Sentinel-2 scenes as georeferenced rasters",
@@ -493,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mapper.add_argument("--overwrite", action="store_true", help="redo scenes whose output exists")
 
+
+def _add_apply_commands(commands) -> None:
+    """The commands predict, export."""
+    command = functools.partial(_command, commands)
+
     predict = command(
         "predict",
         "apply a trained model to patch folders or an archive",
@@ -545,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="SavedModel folder, .onnx or .keras file")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
+
+def _add_import_commands(commands) -> None:
+    """The commands import tf1 / reben / torchgeo."""
     importer = commands.add_parser(
         "import",
         help="turn pretrained weights into a checkpoint of ours",
@@ -553,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: bigearthnet import reben hf://BIFOLD-BigEarthNetv2-0/resnet50-all-v0.2.0 --out r50",
     )
     sources = importer.add_subparsers(dest="source_kind", required=True, metavar="SOURCE_KIND")
+    command = functools.partial(_command, sources)
     tf1 = command(
         "tf1",
         "a 2019 TF1 checkpoint (model_file base name)",
@@ -560,7 +589,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--out imported/models/iteration-6000",
         _import_tf1,
         "Import a checkpoint of the 2019 BigEarthNet TF1 code (TF-Slim ResNet/VGG, K-BranchCNN).",
-        group=sources,
     )
     tf1.add_argument("checkpoint", help="the 2019 model_file base name, e.g. ResNet50/iteration-6000")
     tf1.add_argument("--model", required=True, help="registered model name, e.g. ResNet50 or K-BranchCNN")
@@ -573,7 +601,6 @@ def build_parser() -> argparse.ArgumentParser:
         "bigearthnet import reben hf://BIFOLD-BigEarthNetv2-0/resnet50-all-v0.2.0 --out reben/resnet50-all",
         _import_reben,
         "Import a reBEN model (BIFOLD-BigEarthNetv2-0 on the Hugging Face hub) into Keras.",
-        group=sources,
     )
     reben.add_argument(
         "source", help="a folder with config.json and model.safetensors, a hub cache folder, or hf://ORG/NAME"
@@ -595,13 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
         _import_torchgeo,
         "Import a TorchGeo backbone (timm ResNet state dict, read without PyTorch) as a backbone checkpoint "
         "for backbone_weights.",
-        group=sources,
     )
     torchgeo.add_argument("file", nargs="?", type=Path, help="the downloaded .pth file")
     torchgeo.add_argument("--weights", default=None, help="TorchGeo's name of the weights (see --list)")
     torchgeo.add_argument("--out", type=Path, default=None, help="base name of the backbone checkpoint")
     torchgeo.add_argument("--list", action="store_true", help="print the supported weights names and exit")
     torchgeo.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+
+
+def _add_look_commands(commands) -> None:
+    """The commands embed, inspect, show, demo."""
+    command = functools.partial(_command, commands)
 
     embedder = command(
         "embed",
@@ -660,7 +691,6 @@ def build_parser() -> argparse.ArgumentParser:
         "and evaluate a small model; an interrupted demo continues when run again with the same --out.",
     )
     demo.add_argument("--out", type=Path, default=None, help="output folder (default: a new one here)")
-    return parser
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

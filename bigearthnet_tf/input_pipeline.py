@@ -82,7 +82,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -412,7 +412,10 @@ _PARSED_DTYPES = {Encoding.RAW: tf.string, Encoding.INT64_LIST: tf.int64, Encodi
 
 
 def feature_spec(
-    kind: str | RecordFormat, label_type: LabelType | None, modality: Modality = Modality.S2, name_key: str | None = None
+    kind: str | RecordFormat,
+    label_type: LabelType | None,
+    modality: Modality = Modality.S2,
+    name_key: str | None = None,
 ) -> dict[str, tf.io.FixedLenFeature]:
     """The ``tf.io.parse_example`` spec: only the keys that this label type and modality need.
 
@@ -731,60 +734,44 @@ def _check_positive(name: str, value: int | None, minimum: int, allow_none: bool
         raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def make_dataset(
+@dataclass(frozen=True)
+class _ReadPlan:
+    """What one pipeline of `make_dataset` reads: its files (with their sizes, framed record counts and
+    the offset of their first record in the whole list), the subset mask over the whole list, the
+    records of one epoch, how it is sharded, its batch and its shuffle buffer."""
+
+    found: RecordFiles
+    paths: list[str]
+    sizes: list[int]
+    framed: list[int]
+    offsets: list[int]
+    keep: np.ndarray
+    subset: bool
+    policy: str
+    pipeline_id: int
+    num_pipelines: int
+    local_batch: int
+    epoch_records: int
+    buffer: int
+
+
+def _read_plan(
     files: str | os.PathLike | Sequence[str | os.PathLike],
-    label_type: LabelType | str | None,
+    label_type: LabelType | None,
+    modality: Modality,
     batch_size: int,
     *,
-    modality: Modality | str = Modality.S2,
-    shuffle_buffer: int = 0,
-    epochs: int | None = 1,
-    seed: int = 42,
-    drop_remainder: bool = False,
-    with_names: bool = False,
-    skip_corrupt: bool = False,
-    corrupt_counter: CorruptRecordCounter | None = None,
-    input_context: tf.distribute.InputContext | None = None,
-    skip_batches: int = 0,
-    shuffle_memory_mb: float = DEFAULT_SHUFFLE_MEMORY_MB,
-    cycle_length: int = DEFAULT_CYCLE_LENGTH,
-    fraction: float = 1.0,
-) -> tf.data.Dataset:
-    """Batched ``(inputs, labels)`` from TFRecord files of any of our formats or the 2019 scripts.
-
-    Args:
-        files: file paths, globs or folders (``<dir>/*.tfrecord``).
-        label_type: ``original`` or ``BigEarthNet-19``; ``None`` yields ``inputs`` alone (prediction).
-        batch_size: the global batch; with ``input_context``, this pipeline batches its per-replica share.
-        modality: ``S2``, ``S1`` or ``MM``; decides the keys of ``inputs``.
-        shuffle_buffer: records to shuffle over (0: no shuffle, files and records in a fixed order);
-            capped by ``shuffle_memory_mb``, see the module docstring.
-        epochs: passes over the data; ``None`` repeats forever.
-        seed: seeds file order and record shuffle of every epoch.
-        drop_remainder: drop the last, smaller batch.
-        with_names: add ``inputs["patch_name"]``.
-        skip_corrupt: skip (and count) unreadable records instead of failing on them.
-        corrupt_counter: with ``skip_corrupt``, adds up the skipped records.
-        input_context: from ``tf.distribute``; shards by file or by record (:func:`shard_policy`).
-        skip_batches: resume after that many batches of this pipeline (module docstring).
-        shuffle_memory_mb: memory budget of the record shuffle buffer.
-        cycle_length: files read at the same time.
-        fraction: read only this seeded share of the records (:func:`subset_mask`), the same records
-            every epoch; ``1.0`` reads all.
-
-    Iterate inside :func:`corrupt_files_as_user_errors` to get a corrupt file as a UserError.
-    """
-    # Where the caller's strings enter: parsed once, enums from here on.
-    modality = parse_modality(modality)
-    label_type = None if label_type is None else constants.parse_label_type(label_type)
-    _check_positive("batch_size", batch_size, 1)
-    _check_positive("epochs", epochs, 1, allow_none=True)
-    _check_positive("shuffle_buffer", shuffle_buffer, 0)
-    _check_positive("skip_batches", skip_batches, 0)
-    _check_positive("cycle_length", cycle_length, 1)
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-
+    with_names: bool,
+    skip_corrupt: bool,
+    input_context: tf.distribute.InputContext | None,
+    skip_batches: int,
+    fraction: float,
+    seed: int,
+    shuffle_buffer: int,
+    shuffle_memory_mb: float,
+    cycle_length: int,
+) -> _ReadPlan:
+    """Steps 1 and 2 of `make_dataset`, and the counts the later steps need."""
     # 1. List the files and check, before any reading, that they hold what was asked for.
     paths = list_files(files)
     found = detect_format(paths, label_type, modality, with_names=with_names, skip_corrupt=skip_corrupt)
@@ -841,14 +828,32 @@ def make_dataset(
         buffer,
     )
 
+    return _ReadPlan(
+        found, paths, sizes, framed, offsets, keep, subset, policy, pipeline_id, num_pipelines,
+        local_batch, epoch_records, buffer,
+    )  # fmt: skip
+
+
+def _epoch_reader(
+    plan: _ReadPlan,
+    seed: int,
+    cycle_length: int,
+    skip_corrupt: bool,
+    corrupt_counter: CorruptRecordCounter | None,
+) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """Steps 3 to 6 of `make_dataset`: epoch -> that epoch's serialized records."""
+    paths, buffer, policy, subset = plan.paths, plan.buffer, plan.policy, plan.subset
+    num_pipelines, pipeline_id = plan.num_pipelines, plan.pipeline_id
     paths_t = tf.constant(paths, tf.string)
-    sizes_t = tf.constant(sizes, tf.int64)
-    framed_t = tf.constant(framed, tf.int64)
-    offsets_t = tf.constant(offsets, tf.int64)
-    keep_t = tf.constant(keep, tf.bool)
+    sizes_t = tf.constant(plan.sizes, tf.int64)
+    framed_t = tf.constant(plan.framed, tf.int64)
+    offsets_t = tf.constant(plan.offsets, tf.int64)
+    keep_t = tf.constant(plan.keep, tf.bool)
 
     def read_file(path, size, framed_records, offset):
-        records = _verified_records(path, size, framed_records, skip_corrupt=skip_corrupt, counter=corrupt_counter)
+        records = _verified_records(
+            path, size, framed_records, skip_corrupt=skip_corrupt, counter=corrupt_counter
+        )
         if not subset:
             return records
         # Record i of this file is record offset + i of the whole list; keep it if the mask says so.
@@ -885,14 +890,82 @@ def make_dataset(
             records = (
                 records.batch(buffer)
                 .enumerate()
-                .map(lambda block, rows: _permuted(rows, tf.random.experimental.stateless_fold_in(block_seed, block)))
+                .map(
+                    lambda block, rows: _permuted(
+                        rows, tf.random.experimental.stateless_fold_in(block_seed, block)
+                    )
+                )
                 .unbatch()
             )
         return records
 
+    return epoch_records_dataset
+
+
+def make_dataset(
+    files: str | os.PathLike | Sequence[str | os.PathLike],
+    label_type: LabelType | str | None,
+    batch_size: int,
+    *,
+    modality: Modality | str = Modality.S2,
+    shuffle_buffer: int = 0,
+    epochs: int | None = 1,
+    seed: int = 42,
+    drop_remainder: bool = False,
+    with_names: bool = False,
+    skip_corrupt: bool = False,
+    corrupt_counter: CorruptRecordCounter | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    skip_batches: int = 0,
+    shuffle_memory_mb: float = DEFAULT_SHUFFLE_MEMORY_MB,
+    cycle_length: int = DEFAULT_CYCLE_LENGTH,
+    fraction: float = 1.0,
+) -> tf.data.Dataset:
+    """Batched ``(inputs, labels)`` from TFRecord files of any of our formats or the 2019 scripts.
+
+    Args:
+        files: file paths, globs or folders (``<dir>/*.tfrecord``).
+        label_type: ``original`` or ``BigEarthNet-19``; ``None`` yields ``inputs`` alone (prediction).
+        batch_size: the global batch; with ``input_context``, this pipeline batches its per-replica share.
+        modality: ``S2``, ``S1`` or ``MM``; decides the keys of ``inputs``.
+        shuffle_buffer: records to shuffle over (0: no shuffle, files and records in a fixed order);
+            capped by ``shuffle_memory_mb``, see the module docstring.
+        epochs: passes over the data; ``None`` repeats forever.
+        seed: seeds file order and record shuffle of every epoch.
+        drop_remainder: drop the last, smaller batch.
+        with_names: add ``inputs["patch_name"]``.
+        skip_corrupt: skip (and count) unreadable records instead of failing on them.
+        corrupt_counter: with ``skip_corrupt``, adds up the skipped records.
+        input_context: from ``tf.distribute``; shards by file or by record (:func:`shard_policy`).
+        skip_batches: resume after that many batches of this pipeline (module docstring).
+        shuffle_memory_mb: memory budget of the record shuffle buffer.
+        cycle_length: files read at the same time.
+        fraction: read only this seeded share of the records (:func:`subset_mask`), the same records
+            every epoch; ``1.0`` reads all.
+
+    Iterate inside :func:`corrupt_files_as_user_errors` to get a corrupt file as a UserError.
+    """
+    # Where the caller's strings enter: parsed once, enums from here on.
+    modality = parse_modality(modality)
+    label_type = None if label_type is None else constants.parse_label_type(label_type)
+    _check_positive("batch_size", batch_size, 1)
+    _check_positive("epochs", epochs, 1, allow_none=True)
+    _check_positive("shuffle_buffer", shuffle_buffer, 0)
+    _check_positive("skip_batches", skip_batches, 0)
+    _check_positive("cycle_length", cycle_length, 1)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+
+    plan = _read_plan(
+        files, label_type, modality, batch_size, with_names=with_names, skip_corrupt=skip_corrupt,
+        input_context=input_context, skip_batches=skip_batches, fraction=fraction, seed=seed,
+        shuffle_buffer=shuffle_buffer, shuffle_memory_mb=shuffle_memory_mb, cycle_length=cycle_length,
+    )  # fmt: skip
+    epoch_records_dataset = _epoch_reader(plan, seed, cycle_length, skip_corrupt, corrupt_counter)
+
     # 7. Repeat epochs, starting at the resume point; 8. skip the consumed part of the first epoch
     #    (read but not parsed).
-    start_epoch, skip_records = resume_position(skip_batches, local_batch, epoch_records)
+    start_epoch, skip_records = resume_position(skip_batches, plan.local_batch, plan.epoch_records)
     epoch_ids = (
         tf.data.Dataset.counter(start_epoch) if epochs is None else tf.data.Dataset.range(start_epoch, epochs)
     )
@@ -900,14 +973,14 @@ def make_dataset(
     if skip_records:
         records = records.skip(skip_records)
     # 9. Batch, then 10. parse and decode whole batches (one parse_example per batch).
-    batches = records.batch(local_batch, drop_remainder=drop_remainder)
+    batches = records.batch(plan.local_batch, drop_remainder=drop_remainder)
     parse = functools.partial(
         parse_batch,
-        kind=found.format,
+        kind=plan.found.format,
         label_type=label_type,
         modality=modality,
-        name_key=found.name_key if with_names else None,
-        check_name_key=found.name_key,
+        name_key=plan.found.name_key if with_names else None,
+        check_name_key=plan.found.name_key,
     )
     batches = batches.map(
         lambda serialized, paths: parse(serialized, paths=paths),

@@ -150,16 +150,9 @@ def predict(
         BadPatchError: a patch cannot be read and `skip_bad` is False; nothing is written.
         UserError: bad arguments, an existing `out` without `overwrite`, a model that cannot be loaded.
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if bool(patch_folders) == (archive is not None):
-        raise UserError("give either patch folders or --archive ROOT (not both, not neither)")
-    if archive is None and (split_files or official_splits or split):
-        raise UserError(
-            "--splits and --split name patches of an archive; give the archive with --archive ROOT"
-        )
+    _check_arguments(
+        batch_size, workers, patch_folders, archive, bool(split_files or official_splits or split)
+    )
     out_path = _check_out(out, overwrite)
     # Cheap checks of every path first: a mistake is reported before the model is loaded.
     if archive is not None:
@@ -217,19 +210,39 @@ def predict(
     result = PredictionResult(
         names, probabilities, predictor.class_names, thresholds, skipped, out_path, splits
     )
-    if out_path is None:
+    _emit(result, emit, console)
+    return result
+
+
+def _check_arguments(
+    batch_size: int, workers: int | None, patch_folders: Sequence, archive: object, names_a_split: bool
+) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if bool(patch_folders) == (archive is not None):
+        raise UserError("give either patch folders or --archive ROOT (not both, not neither)")
+    if archive is None and names_a_split:
+        raise UserError(
+            "--splits and --split name patches of an archive; give the archive with --archive ROOT"
+        )
+
+
+def _emit(result: PredictionResult, emit: bool, console) -> None:
+    """Write the predictions (to `result.out`, atomically, or to standard output) and say what was skipped."""
+    if result.out is None:
         if emit:
             _write_predictions(result, sys.stdout, ".csv")
     else:
-        with open_atomically(out_path) as stream:
-            _write_predictions(result, stream, out_path.suffix)
-    for _, reason in skipped:
+        with open_atomically(result.out) as stream:
+            _write_predictions(result, stream, result.out.suffix)
+    for _, reason in result.skipped:
         console.print(f"skipped {reason}", markup=False, highlight=False, soft_wrap=True)
-    if skipped:
-        console.print(f"skipped {len(skipped):,} unreadable patches", markup=False)
-    if out_path is not None:
-        console.print(f"predictions for {len(names):,} patches: {out_path}", markup=False)
-    return result
+    if result.skipped:
+        console.print(f"skipped {len(result.skipped):,} unreadable patches", markup=False)
+    if result.out is not None:
+        console.print(f"predictions for {len(result.names):,} patches: {result.out}", markup=False)
 
 
 # --------------------------------------------------------------------------------------------------

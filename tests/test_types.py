@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 12 s of one core; the full run (.ci/run) has it
 def test_mypy_passes_over_the_package():
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--cache-dir=/dev/null"],  # no cache left in the clone
