@@ -243,7 +243,7 @@ def save_checkpoint(
         "source": dict(source) if source is not None else None,
         "class_names": list(class_names),
         "input_keys": list(keys),
-        "band_order": {key: list(INPUTS[key][1]) for key in keys if key in INPUTS},
+        "band_order": {key: list(INPUTS[key].bands) for key in keys if key in INPUTS},
         "statistics": {band: list(value) for band, value in model_statistics(model).items()},
         "iteration": int(iteration),
         "data_position": data_position.to_dict() if data_position is not None else None,

@@ -92,7 +92,15 @@ import tensorflow as tf
 from bigearthnet_tf import constants
 from bigearthnet_tf.constants import LabelType
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.layout import INPUTS, SENSORS, Modality, input_keys, label_key, parse_modality, sensors_of
+from bigearthnet_tf.layout import (
+    INPUTS,
+    SENSORS,
+    Modality,
+    label_key,
+    modality_inputs,
+    parse_modality,
+    sensors_of,
+)
 from bigearthnet_tf.record_formats import (
     FORMAT_VERSION_KEY,
     NAME_KEYS,
@@ -454,7 +462,7 @@ def decode_bands(
     """Parsed features of a batch -> the model input dict of the modality, float32, channels last."""
     fmt = parse_record_format(kind)
     inputs: dict[str, tf.Tensor] = {}
-    for key in input_keys(modality):
+    for key in modality_inputs(modality):
         spec, stored = INPUTS[key], fmt.stored(key)
         if len(stored) == 1 and stored[0].encoding is Encoding.RAW:
             dtype = tf.as_dtype(np.dtype(spec.dtype))

@@ -93,7 +93,7 @@ def modality_of_sensors(sensors: Iterable[str]) -> Modality | None:
     return present[0] if len(present) == 1 else Modality.MM
 
 
-def input_keys(modality: Modality) -> tuple[str, ...]:
+def modality_inputs(modality: Modality) -> tuple[str, ...]:
     """The record inputs of a modality, in record order (MM: the S2 inputs, then S1)."""
     return tuple(key for key, spec in INPUTS.items() if modality == Modality.MM or spec.modality == modality)
 

@@ -47,9 +47,9 @@ from bigearthnet_tf.layout import (
     S2_INPUTS,
     SENSOR_BANDS,
     Modality,
-    input_keys,
     label_key,
     label_names_key,
+    modality_inputs,
 )
 from bigearthnet_tf.records import (
     Buffer,
@@ -147,7 +147,7 @@ class RecordFormat(ABC):
 
     def stored_keys(self, modality: Modality) -> tuple[Stored, ...]:
         """Every record key that holds the pixels of a modality, in record order."""
-        return tuple(stored for key in input_keys(modality) for stored in self.stored(key))
+        return tuple(stored for key in modality_inputs(modality) for stored in self.stored(key))
 
     def bands(self, modality: Modality) -> dict[str, list[str]]:
         """Record key -> band names stored there (the manifest's `bands`)."""

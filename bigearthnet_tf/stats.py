@@ -56,7 +56,7 @@ from bigearthnet_tf.layout import (
     MODALITIES,
     SENSOR_BANDS,
     Modality,
-    input_keys,
+    modality_inputs,
     modality_of_sensors,
     parse_modality,
     sensors_of,
@@ -176,7 +176,7 @@ def default_statistics(modality: Modality | str = Modality.MM) -> dict[str, tupl
 
 def _input_groups(modality: Modality) -> dict[str, tuple[str, ...]]:
     """Model input key -> the band names of its channels, for the keys the modality reads."""
-    return {key: INPUTS[key].bands for key in input_keys(modality)}
+    return {key: INPUTS[key].bands for key in modality_inputs(modality)}
 
 
 def _batch_moments(

@@ -49,7 +49,7 @@ def raw_inputs(keys, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     inputs = {}
     for key in keys:
-        side, bands = INPUTS[key]
+        side, bands = INPUTS[key].size, INPUTS[key].bands
         low, high = (-30.0, 5.0) if key == "bands_s1" else (0.0, 6000.0)
         inputs[key] = rng.uniform(low, high, (SAMPLES, side, side, len(bands))).astype(np.float32)
     return inputs
@@ -80,9 +80,9 @@ def check_metadata(metadata: dict, class_names, keys) -> None:
     assert metadata["format"] == "bigearthnet-tf-export" and metadata["outputs"] == "probabilities"
     assert metadata["class_names"] == list(class_names)
     assert metadata["input_keys"] == list(keys)
-    assert metadata["band_order"] == {key: list(INPUTS[key][1]) for key in keys}
+    assert metadata["band_order"] == {key: list(INPUTS[key].bands) for key in keys}
     for key in keys:
-        side, bands = INPUTS[key]
+        side, bands = INPUTS[key].size, INPUTS[key].bands
         assert metadata["inputs"][key] == {
             "shape": [None, side, side, len(bands)],
             "dtype": "float32",
@@ -195,7 +195,7 @@ def test_onnx_runs_in_onnxruntime(s2, tmp_path, model_name, modality, label_type
 
     properties = session.get_modelmeta().custom_metadata_map
     assert json.loads(properties["class_names"]) == list(class_names)
-    assert json.loads(properties["band_order"]) == {key: list(INPUTS[key][1]) for key in inputs}
+    assert json.loads(properties["band_order"]) == {key: list(INPUTS[key].bands) for key in inputs}
     assert properties["modality"] == modality and properties["outputs"] == "probabilities"
     check_metadata(json.loads(properties["bigearthnet_metadata"]), class_names, tuple(inputs))
     onnx.checker.check_model(onnx.load(str(out)))

@@ -17,7 +17,7 @@ import tensorflow as tf
 from bigearthnet_tf import constants
 from bigearthnet_tf import input_pipeline as ip
 from bigearthnet_tf.errors import UserError
-from bigearthnet_tf.layout import MODALITIES, S2_INPUTS, input_keys
+from bigearthnet_tf.layout import MODALITIES, S2_INPUTS, modality_inputs
 
 ORIGINAL, BEN19 = constants.ORIGINAL, constants.BIGEARTHNET_19
 VV_VALUE, VH_VALUE = -11.5, -23.25  # distinct constants: a swap of VV and VH cannot go unnoticed
@@ -213,7 +213,7 @@ def test_modalities_give_the_model_keys_and_never_swap_vv_and_vh(tmp_path, kind)
     encode = default_example if kind == "default" else legacy_example
     path = write_records(tmp_path / "s1.tfrecord", [encode(p, s1=True) for p in patches])
     for modality in MODALITIES:
-        keys = input_keys(modality)
+        keys = modality_inputs(modality)
         inputs, _ = collect(ip.make_dataset(path, BEN19, 2, modality=modality))
         assert tuple(inputs) == keys
     inputs, _ = collect(ip.make_dataset(path, BEN19, 3, modality="S1"))

@@ -12,9 +12,9 @@ from bigearthnet_tf.layout import (
     S2_INPUTS,
     SENSORS,
     Modality,
-    input_keys,
     label_key,
     label_names_key,
+    modality_inputs,
     modality_of,
     modality_of_sensors,
     parse_modality,
@@ -42,13 +42,13 @@ def test_the_one_table_of_inputs():
 
 
 def test_inputs_and_sensors_of_each_modality_in_record_order():
-    assert input_keys(Modality.S2) == S2_INPUTS
-    assert input_keys(Modality.S1) == (S1_INPUT,)
-    assert input_keys(Modality.MM) == (*S2_INPUTS, S1_INPUT)
+    assert modality_inputs(Modality.S2) == S2_INPUTS
+    assert modality_inputs(Modality.S1) == (S1_INPUT,)
+    assert modality_inputs(Modality.MM) == (*S2_INPUTS, S1_INPUT)
     assert SENSORS == (Modality.S2, Modality.S1)
     assert sensors_of(Modality.MM) == SENSORS and sensors_of(Modality.S1) == (Modality.S1,)
     for modality in Modality:
-        assert modality_of(input_keys(modality)) is modality
+        assert modality_of(modality_inputs(modality)) is modality
         assert modality_of_sensors(sensors_of(modality)) is modality
     assert modality_of_sensors([]) is None
 

@@ -135,7 +135,7 @@ def raw_bands(keys, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     out = {}
     for key in keys:
-        side, bands = INPUTS[key]
+        side, bands = INPUTS[key].size, INPUTS[key].bands
         low, high = (-30.0, 5.0) if key == "bands_s1" else (0.0, 10000.0)
         out[key] = rng.uniform(low, high, (batch, side, side, len(bands))).astype("float32")
     return out
@@ -415,7 +415,7 @@ def _constant_bands(keys):
     stats = {name: (band.mean, band.std) for name, band in BANDS_BY_NAME.items()} | S1_STATS
     out = {}
     for key in keys:
-        side, bands = INPUTS[key]
+        side, bands = INPUTS[key].size, INPUTS[key].bands
         planes = [np.full((side, side), stats[b][0] + codes[b] * stats[b][1]) for b in bands]
         out[key] = np.stack(planes, axis=-1)[None].astype("float32")
     return out, codes

@@ -100,7 +100,7 @@ def raw_bands(keys, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     out = {}
     for key in keys:
-        side, bands = INPUTS[key]
+        side, bands = INPUTS[key].size, INPUTS[key].bands
         low, high = (-30.0, 5.0) if key == "bands_s1" else (0.0, 10000.0)
         out[key] = rng.uniform(low, high, (batch, side, side, len(bands))).astype("float32")
     return out

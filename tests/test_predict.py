@@ -67,7 +67,7 @@ def direct_probabilities(model_base: Path, patches) -> np.ndarray:
     predictor = load_predictor(model_base)
     inputs = {}
     for key in predictor.input_keys:
-        bands = INPUTS[key][1]
+        bands = INPUTS[key].bands
         source = [p.s1_bands if key == "bands_s1" else p.bands for p in patches]
         inputs[key] = np.stack([np.stack([s[b] for b in bands], axis=-1) for s in source]).astype(np.float32)
     return sigmoid(np.asarray(predictor.model(inputs, training=False)))

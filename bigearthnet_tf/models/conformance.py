@@ -40,7 +40,7 @@ def raw_bands(keys: Sequence[str], batch: int = BATCH, seed: int = 0) -> dict[st
     rng = np.random.default_rng(seed)
     values = {}
     for key in keys:
-        side, bands = INPUTS[key]
+        side, bands = INPUTS[key].size, INPUTS[key].bands
         if key == "bands_s1":
             values[key] = rng.normal(-15.0, 4.0, (batch, side, side, len(bands))).astype(np.float32)
         else:

@@ -30,7 +30,7 @@ from types import MappingProxyType
 import keras
 
 from bigearthnet_tf.constants import BANDS_20M, BANDS_60M, S1_BAND_NAMES
-from bigearthnet_tf.layout import Modality, input_keys
+from bigearthnet_tf.layout import Modality, modality_inputs
 from bigearthnet_tf.models.preprocessing import (
     BANDS_10M_2019_ORDER,
     MM,
@@ -122,7 +122,7 @@ def _branch(x: keras.KerasTensor, blocks: tuple[ConvBlock, ...], config: KBranch
 
 def kbranch_input_keys(modality: Modality) -> tuple[str, ...]:
     """Input keys K-BranchCNN reads for `modality`."""
-    return input_keys(modality)  # all of them: the 60 m bands too
+    return modality_inputs(modality)  # all of them: the 60 m bands too
 
 
 def build_kbranch(

@@ -61,13 +61,11 @@ from bigearthnet_tf.constants import (
     checked_statistics,
 )
 from bigearthnet_tf.errors import ConfigError
-from bigearthnet_tf.layout import INPUTS as LAYOUT_INPUTS
-from bigearthnet_tf.layout import Modality
+from bigearthnet_tf.layout import INPUTS, Modality
 
 S2, S1, MM = Modality.S2, Modality.S1, Modality.MM
 
 # Input key -> (side in pixels, channel names in the stored order), from the one table of inputs.
-INPUTS = MappingProxyType({key: (spec.size, spec.bands) for key, spec in LAYOUT_INPUTS.items()})
 
 # The 2019 10 m channel order (B04, B03, B02, B08: red, green, blue, NIR), used by every model.
 BANDS_10M_2019_ORDER: tuple[str, ...] = RGB_NIR_SWIR_BANDS[: len(BANDS_10M)]
@@ -277,7 +275,7 @@ def raw_inputs(keys: Sequence[str]) -> dict[str, keras.KerasTensor]:
     """Keras inputs for the given keys of `INPUTS`, named by their key."""
     inputs = {}
     for key in keys:
-        side, bands = INPUTS[key]
+        side, bands = INPUTS[key].size, INPUTS[key].bands
         inputs[key] = keras.Input(shape=(side, side, len(bands)), dtype="float32", name=key)
     return inputs
 
@@ -291,7 +289,7 @@ def standardized(
 ) -> keras.KerasTensor:
     """The bands `output_bands` of input `key`, in that order, standardised with `statistics`."""
     layer = BandStandardization(
-        input_bands=INPUTS[key][1],
+        input_bands=INPUTS[key].bands,
         output_bands=output_bands,
         mean=[statistics[band][0] for band in output_bands],
         std=[statistics[band][1] for band in output_bands],

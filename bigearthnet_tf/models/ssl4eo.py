@@ -138,7 +138,7 @@ def protocol_image(
     parts, names = [], []
     for key in input_keys_of(protocol):
         parts.append(LinearResize(image_size, image_size, name=f"resize_{key}")(inputs[key]))
-        names += INPUTS[key][1]
+        names += INPUTS[key].bands
     stacked = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="stack_bands")(parts)
     present = [band for band in protocol.channels if band != ZERO_BAND]
     scaled = BandStandardization(
