@@ -62,9 +62,6 @@ __all__ = [
     "detect_version",
     "read_patch",
     "missing_patches",
-    "read_split_csv",
-    "split_name",
-    "find_split",
     "official_v1_splits",
     "snow_cloud_v1",
     "official_v2_splits",
@@ -82,7 +79,6 @@ V2_S1_FOLDER = "BigEarthNet-S1"
 V2_METADATA = "metadata.parquet"
 V2_SNOW_CLOUD_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
 MAX_METADATA_FILE_BYTES = 1 << 20  # a patch's JSON is about 1 KB
-MAX_SPLIT_FILE_BYTES = 256 << 20  # the official v1 train list is about 9 MB
 V2_COLUMNS = (
     "patch_id",
     "labels",
@@ -101,9 +97,6 @@ _V1_SPLIT_FILES = {"train": "train.csv.bz2", "val": "val.csv.bz2", "test": "test
 _V1_SNOW_FILE = "patches_with_seasonal_snow.csv.bz2"
 _V1_CLOUD_FILE = "patches_with_cloud_and_shadow.csv.bz2"
 _V1_S1_S2_TABLE = "s1_s2_name_country_season.csv.bz2"
-
-# The validation split is `val` in v1 file names and `validation` in the v2 parquet.
-SPLIT_ALIASES: Mapping[str, str] = {"val": "validation", "validation": "val"}
 
 # Pairing S1 to S2 by reading every S1 JSON costs ~15 us per folder; past this many folders the
 # official table of bigearthnet-common (2 s to load) is cheaper for the names it knows.
@@ -680,74 +673,6 @@ def read_raster(path: str, shape: tuple[int, int], dtype: np.dtype, name: str, f
         raise BadPatchError(name, os.path.basename(path), "missing band file") from None
     except OSError as error:
         raise BadPatchError(name, os.path.basename(path), f"cannot read: {error.strerror}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Split lists
-
-
-def read_split_lists(paths: Iterable[str | os.PathLike]) -> dict[str, list[str]]:
-    """Split name -> patch names of split list files (files naming the same split are joined)."""
-    splits: dict[str, list[str]] = {}
-    for path in paths:
-        splits.setdefault(split_name(path), []).extend(read_split_csv(path))
-    return splits
-
-
-def split_name(path: str | os.PathLike) -> str:
-    """The split a list file names: its base name without extension (`train.csv` -> `train`)."""
-    base = Path(path).name
-    if base.endswith(".bz2"):
-        base = base[: -len(".bz2")]
-    return Path(base).stem
-
-
-def find_split(name: str, available: Iterable[str]) -> str:
-    """The member of `available` called `name`, treating `val` and `validation` as one split."""
-    available = list(available)
-    if name in available:
-        return name
-    alias = SPLIT_ALIASES.get(name)
-    if alias in available:
-        return alias
-    raise UserError(f"no split {name!r}; available: {', '.join(available) or 'none'}")
-
-
-def read_split_csv(path: str | os.PathLike) -> list[str]:
-    """Patch names of a split list: one per line (first comma field), CRLF and blank lines tolerated."""
-    path = Path(path)
-    try:
-        raw = read_input_file(path, MAX_SPLIT_FILE_BYTES)
-        raw = bz2.decompress(raw) if path.suffix == ".bz2" else raw
-    except FileNotFoundError:
-        raise UserError(f"split file {path} does not exist") from None
-    except OSError as error:
-        raise UserError(f"split file {path} cannot be read: {error.strerror or error}") from None
-    except ValueError as error:
-        raise UserError(f"split file {path} cannot be read: {error}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a BOM appears when the list was saved by a spreadsheet
-    except UnicodeDecodeError as error:
-        raise UserError(f"split file {path} is not UTF-8 text: {error}") from None
-    names: list[str] = []
-    first_line: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        name = line.split(",", 1)[0].strip()
-        if not name:
-            continue
-        try:
-            check_patch_name(name)
-        except UserError as error:
-            raise UserError(f"{path}: line {number}: {error}") from None
-        if name in first_line:
-            raise UserError(
-                f"{path}: line {number}: patch {name} is listed twice (first on line {first_line[name]})"
-            )
-        first_line[name] = number
-        names.append(name)
-    if not names:
-        raise UserError(f"split file {path} lists no patches (one patch name per line)")
-    return names
 
 
 def _package_list(file_name: str) -> tuple[str, ...]:

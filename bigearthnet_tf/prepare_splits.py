@@ -1,4 +1,5 @@
-"""Which patches `prepare` writes, per split: split lists or the official splits, checked.
+"""Which patches each split holds: split lists (read here) or the official splits (each archive
+version's own, `Archive.official_splits`), checked. Every split rule lives in this module.
 
 A patch named by two lists, snow/cloud exclusions, listed patches absent from the archive and splits
 left empty are decided here, before anything is written; with `skip_bad` what is left out is
@@ -7,19 +8,19 @@ returned as `SkippedPatch` rows for `skipped.csv`.
 
 from __future__ import annotations
 
+import bz2
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigearthnet_tf.archive import (
-    SPLIT_ALIASES,
-    Archive,
-    BadPatchError,
-    read_split_csv,
-    split_name,
-)
+from bigearthnet_tf.archive import Archive, BadPatchError, check_patch_name
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.files import read_input_file
+
+MAX_SPLIT_FILE_BYTES = 256 << 20  # the official v1 train list is about 9 MB
+# The validation split is `val` in v1 file names and `validation` in the v2 parquet.
+SPLIT_ALIASES: Mapping[str, str] = {"val": "validation", "validation": "val"}
 
 
 @dataclass(frozen=True)
@@ -169,3 +170,70 @@ def _without_empty_splits(splits: dict[str, list[str]], say: Callable[[str], Non
     if len(empty) == len(splits):
         raise UserError("no patches left to prepare in any split")
     return {split: names for split, names in splits.items() if names}
+
+
+# --- split lists ---------------------------------------------------------------------------------
+
+
+def read_split_lists(paths: Iterable[str | os.PathLike]) -> dict[str, list[str]]:
+    """Split name -> patch names of split list files (files naming the same split are joined)."""
+    splits: dict[str, list[str]] = {}
+    for path in paths:
+        splits.setdefault(split_name(path), []).extend(read_split_csv(path))
+    return splits
+
+
+def split_name(path: str | os.PathLike) -> str:
+    """The split a list file names: its base name without extension (`train.csv` -> `train`)."""
+    base = Path(path).name
+    if base.endswith(".bz2"):
+        base = base[: -len(".bz2")]
+    return Path(base).stem
+
+
+def find_split(name: str, available: Iterable[str]) -> str:
+    """The member of `available` called `name`, treating `val` and `validation` as one split."""
+    available = list(available)
+    if name in available:
+        return name
+    alias = SPLIT_ALIASES.get(name)
+    if alias in available:
+        return alias
+    raise UserError(f"no split {name!r}; available: {', '.join(available) or 'none'}")
+
+
+def read_split_csv(path: str | os.PathLike) -> list[str]:
+    """Patch names of a split list: one per line (first comma field), CRLF and blank lines tolerated."""
+    path = Path(path)
+    try:
+        raw = read_input_file(path, MAX_SPLIT_FILE_BYTES)
+        raw = bz2.decompress(raw) if path.suffix == ".bz2" else raw
+    except FileNotFoundError:
+        raise UserError(f"split file {path} does not exist") from None
+    except OSError as error:
+        raise UserError(f"split file {path} cannot be read: {error.strerror or error}") from None
+    except ValueError as error:
+        raise UserError(f"split file {path} cannot be read: {error}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM appears when the list was saved by a spreadsheet
+    except UnicodeDecodeError as error:
+        raise UserError(f"split file {path} is not UTF-8 text: {error}") from None
+    names: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        name = line.split(",", 1)[0].strip()
+        if not name:
+            continue
+        try:
+            check_patch_name(name)
+        except UserError as error:
+            raise UserError(f"{path}: line {number}: {error}") from None
+        if name in first_line:
+            raise UserError(
+                f"{path}: line {number}: patch {name} is listed twice (first on line {first_line[name]})"
+            )
+        first_line[name] = number
+        names.append(name)
+    if not names:
+        raise UserError(f"split file {path} lists no patches (one patch name per line)")
+    return names

@@ -16,20 +16,18 @@ from bigearthnet_tf.archive import (
     BadPatchError,
     Patch,
     detect_version,
-    find_split,
     missing_patches,
     official_v1_splits,
     official_v2_splits,
     open_archive,
     read_patch,
-    read_split_csv,
     s1_pairs_v1,
     snow_cloud_v1,
     snow_cloud_v2,
-    split_name,
 )
 from bigearthnet_tf.constants import BANDS_BY_NAME, S2_BAND_NAMES
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.prepare_splits import find_split, read_split_csv, split_name
 from bigearthnet_tf.tiff import write_geotiff
 
 HOUR_BUG = "S2B_MSIL2A_20170924T93020_69_24"

@@ -45,7 +45,6 @@ from bigearthnet_tf.archive import (
     check_patch_name,
     official_v2_splits,
     open_archive,
-    read_split_csv,
     s1_pairs_v1,
     snow_cloud_v2,
     v2_product,
@@ -54,6 +53,7 @@ from bigearthnet_tf.archive import (
 from bigearthnet_tf.config import EVALUATE, KEY_NAMES, TRAIN, load_config, save_config
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, ORIGINAL_LABELS, S2_BAND_NAMES
 from bigearthnet_tf.errors import ConfigError, UserError
+from bigearthnet_tf.prepare_splits import read_split_csv
 from bigearthnet_tf.tiff import TiffError, read_band, write_geotiff
 
 _SCALE = float(os.environ.get("BIGEARTHNET_FUZZ_SCALE", "1"))

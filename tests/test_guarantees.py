@@ -16,8 +16,9 @@ import pytest
 import tifffile
 from helpers import cli, cli_error
 
-from bigearthnet_tf.archive import BadPatchError, open_archive, read_split_csv
+from bigearthnet_tf.archive import BadPatchError, open_archive
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.prepare_splits import read_split_csv
 from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES, read_band
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bigearthnet_tf import checkpoints
-from bigearthnet_tf.archive import BadPatchError, open_archive, read_split_csv
+from bigearthnet_tf.archive import BadPatchError, open_archive
 from bigearthnet_tf.cli import main
 from bigearthnet_tf.config import config_from_dict
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, S1_BAND_NAMES
@@ -25,6 +25,7 @@ from bigearthnet_tf.models import DEFAULT_STATISTICS, INPUTS
 from bigearthnet_tf.predict import PREDICTED_COLUMN, predict, tune_thresholds
 from bigearthnet_tf.predictor import load_predictor
 from bigearthnet_tf.prepare import prepare
+from bigearthnet_tf.prepare_splits import read_split_csv
 from bigearthnet_tf.thresholds import MIN_POSITIVES, choose_thresholds, thresholds_path
 
 MODEL = "K-BranchCNN-Tiny"

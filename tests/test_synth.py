@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import tifffile
 
-from bigearthnet_tf.archive import open_archive, read_split_csv
+from bigearthnet_tf.archive import open_archive
 from bigearthnet_tf.constants import (
     BANDS_BY_NAME,
     BIGEARTHNET_19_LABELS,
@@ -21,6 +21,7 @@ from bigearthnet_tf.constants import (
     S2_BANDS,
 )
 from bigearthnet_tf.errors import UserError
+from bigearthnet_tf.prepare_splits import read_split_csv
 from bigearthnet_tf.synth import CLASSES, add_example_patches, write_synthetic_archive
 
 V1_NAME = re.compile(r"^S2[AB]_MSIL2A_20(17|18)\d{4}T\d{5,6}_\d{1,2}_\d{1,2}$")
