@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bigearthnet_tf.archive import BadPatchError, detect_version, open_archive
+from bigearthnet_tf.archive_file import open_archive_file, patches_in_file
 from bigearthnet_tf.constants import (
     BIGEARTHNET_19,
     BIGEARTHNET_19_LABELS,
@@ -31,7 +32,6 @@ from bigearthnet_tf.constants import (
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import label_key
 from bigearthnet_tf.prepare_splits import resolve_splits
-from bigearthnet_tf.prepare_stream import open_archive_file, patches_in_file
 from bigearthnet_tf.record_formats import MANIFEST_NAME, read_manifest
 from bigearthnet_tf.report import save_figure_atomically
 from bigearthnet_tf.tarstream import is_archive_file

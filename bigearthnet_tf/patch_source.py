@@ -28,10 +28,10 @@ from bigearthnet_tf.archive import (
     read_s1_bands,
     read_s2_bands,
 )
+from bigearthnet_tf.archive_file import open_archive_file, patches_in_file
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import S1_INPUT
 from bigearthnet_tf.prepare_splits import read_split_lists
-from bigearthnet_tf.prepare_stream import open_archive_file, patches_in_file
 from bigearthnet_tf.tarstream import is_archive_file
 
 DEFAULT_BATCH_SIZE = 64  # patches per model call

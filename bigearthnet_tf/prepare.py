@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigearthnet_tf.archive import Archive, BadPatchError, open_archive
+from bigearthnet_tf.archive_file import open_archive_file
 from bigearthnet_tf.console import plain_console, progress_bar, status_console
 from bigearthnet_tf.console import say as say_on
 from bigearthnet_tf.errors import UserError
@@ -94,7 +95,6 @@ from bigearthnet_tf.prepare_splits import SkippedPatch, resolve_splits
 from bigearthnet_tf.prepare_stream import (
     SpoolIndex,
     StreamJob,
-    open_archive_file,
     open_spool,
     spool_folder,
     stream_to_spool,

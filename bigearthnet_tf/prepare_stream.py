@@ -35,11 +35,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
-import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -51,13 +49,10 @@ from bigearthnet_tf.archive import (
     V1_METADATA_SUFFIX,
     Archive,
     BadPatchError,
-    Patch,
-    archive_class,
     corresponding_s2,
     decode_patch_files,
-    v2_product,
-    v2_s1_product,
 )
+from bigearthnet_tf.archive_file import patch_file_of
 from bigearthnet_tf.constants import S1_BAND_NAMES
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.files import append_synced_line, write_text_atomically
@@ -70,17 +65,17 @@ from bigearthnet_tf.tarstream import (
     LINK,
     REGULAR,
     ArchiveFileError,
-    ArchiveStream,
     BlockRing,
     BlockViews,
     Filler,
+    HeldBlocks,
     MappedFile,
     Member,
+    MemberSink,
     ProcessFiller,
-    TarParser,
     compression_of,
-    is_archive_file,
     safe_name,
+    stream_members,
 )
 from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES
 
@@ -89,7 +84,6 @@ _S1_INDEX_FILE = "s1-index.json"
 _S1_STORE_FILE = "s1-store.bin"
 _SPILL_FILE = "spill.bin"
 MAX_RING_BYTES = 1 << 30  # shared memory for the decompressed stream, at most
-_POLL_SECONDS = 0.05
 
 # A file reference as workers get it: ("b", ((block, offset, length), ...)) in the block ring, or
 # ("f", path, offset, length) in a file (the uncompressed S1 tar, the S1 store, the spill file).
@@ -97,41 +91,6 @@ Ref = tuple
 
 
 # --- what the archive files hold -----------------------------------------------------------------
-
-
-def _folder_and_file(name: str) -> tuple[str, str, str] | None:
-    """(parent of the patch folder, patch folder, file) of a member path `.../<folder>/<folder>_x`."""
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if len(parts) < 2 or not parts[-1].startswith(parts[-2] + "_"):
-        return None
-    return (parts[-3] if len(parts) > 2 else "", parts[-2], parts[-1])
-
-
-def _layout_version(parent: str, folder: str, s1: bool) -> int:
-    """2 if the patch folder sits in its v2 product folder, else 1."""
-    try:
-        product = v2_s1_product(folder) if s1 else v2_product(folder)
-    except UserError:
-        return 1
-    return 2 if parent == product else 1
-
-
-def peek_version(path: str, *, s1: bool = False) -> int:
-    """The archive version (1 or 2) of an archive file, from the first patch file in it."""
-    stream = ArchiveStream(path)
-    try:
-        buffer = bytearray(4 << 20)
-        length = stream.readinto(buffer)
-    finally:
-        stream.close()
-    parser = TarParser(path, [bytes(buffer[:length])], MAX_BAND_FILE_BYTES)
-    parser.feed(0, length, 0)
-    for member in parser.members(lambda name: None):  # a damaged header here is named at once
-        found = _folder_and_file(member.name) if member.kind == REGULAR else None
-        if found is not None:
-            return _layout_version(found[0], found[1], s1)
-    kind = "Sentinel-1" if s1 else "Sentinel-2"
-    raise UserError(f"{path}: no BigEarthNet {kind} patch files at its start; is this a BigEarthNet archive?")
 
 
 # --- the result of the stream phase ---------------------------------------------------------------
@@ -149,7 +108,9 @@ class SpoolIndex:
 
 
 @dataclass
-class _Stats:
+class StreamStats:
+    """Seconds of the stream phase's own work: parsing here, encoding and writing summed over workers."""
+
     encode: float = 0.0
     write: float = 0.0
     parse: float = 0.0
@@ -263,39 +224,6 @@ def spool_folder(request: PrepareRequest, archive: Archive, listed: dict[str, li
 # --- streaming -------------------------------------------------------------------------------------
 
 
-class _Ring:
-    """The block ring with reference counts: a block goes back to the reader when neither a batch
-    in flight nor an incomplete patch points into it and the parser is past it."""
-
-    def __init__(self, storage: BlockRing | MappedFile) -> None:
-        self.ring = storage
-        self.mapped = isinstance(storage, MappedFile)  # never refilled: nothing to free or spill
-        self.refs = [0] * len(storage.maps)
-        self.retired: set[int] = set()
-        self.free_queue: queue.Queue | None = None
-
-    def hold(self, parts: Iterable[tuple[int, int, int]]) -> list[int]:
-        """Count one more holder of each block `parts` lie in; return those blocks."""
-        blocks = [] if self.mapped else sorted({part[0] for part in parts})
-        for block in blocks:
-            self.refs[block] += 1
-        return blocks
-
-    def release(self, block: int) -> None:
-        self.refs[block] -= 1
-        self._maybe_free(block)
-
-    def retire(self, block: int) -> None:
-        self.retired.add(block)
-        self._maybe_free(block)
-
-    def _maybe_free(self, block: int) -> None:
-        if block in self.retired and self.refs[block] == 0 and not self.mapped:
-            self.retired.discard(block)
-            if self.free_queue is not None:
-                self.free_queue.put(block)
-
-
 class _Spill:
     """Where the files of incomplete patches go when their block is needed again."""
 
@@ -318,69 +246,6 @@ class _Spill:
         if self._file is not None:
             self._file.close()
         Path(self.path).unlink(missing_ok=True)
-
-
-@dataclass
-class _Sink:
-    """What `_stream` calls: `wants(name)` picks the members whose data is kept (its answer becomes
-    `Member.key`), `on_member` gets them, `after_block` runs once a block is parsed, `wait_for_work`
-    while the reader has nothing new."""
-
-    wants: Callable[[str], object]
-    on_member: Callable[[Member], None]
-    after_block: Callable[[int], None] = lambda block: None
-    wait_for_work: Callable[[], None] = lambda: None
-
-
-def _stream(
-    path: str,
-    filler: Filler | ProcessFiller,
-    blocks: int,
-    ring: _Ring,
-    sink: _Sink,
-    progress: Callable[[int], None] = lambda count: None,
-    stats: _Stats | None = None,
-) -> tuple[float, float, ArchiveFileError | None]:
-    """Parse every member of archive file `path` into `sink`. Returns the seconds spent reading and
-    decompressing, and the error that ended the stream early, if any."""
-    stats = stats or _Stats()
-    ring.free_queue = filler
-    for block in range(blocks):
-        filler.put(block)
-    parser = TarParser(path, ring.ring.maps, MAX_BAND_FILE_BYTES)
-    failure: ArchiveFileError | None = None
-    try:
-        while True:
-            try:
-                item = filler.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                sink.wait_for_work()
-                continue
-            if item is None:
-                parser.check_complete()
-                break
-            if isinstance(item, BaseException):
-                raise item
-            block, length, offset = item
-            started = time.perf_counter()
-            parser.feed(block, length, offset)
-            for member in parser.members(sink.wants):
-                sink.on_member(member)
-            stats.parse += time.perf_counter() - started
-            for done in parser.released:
-                ring.retire(done)
-            parser.released.clear()
-            sink.after_block(block)
-            if ring.mapped:
-                filler.put(0)  # one more step of the file may be read ahead
-            progress(length if ring.mapped else filler.bytes_read)
-            sink.wait_for_work()
-    except ArchiveFileError as error:
-        failure = error
-    finally:
-        ring.free_queue = None  # blocks freed from now on are not read into again
-        filler.close()
-    return filler.read_seconds, filler.decompress_seconds, failure
 
 
 @dataclass(frozen=True)
@@ -493,7 +358,7 @@ class SpoolStream:
         self,
         job: StreamJob,
         done: dict[str, tuple],
-        ring: _Ring,
+        ring: HeldBlocks,
         blocks: int,
         executor: ProcessPoolExecutor | _InProcess,
         *,
@@ -537,19 +402,19 @@ class SpoolStream:
             (int(n[6:13]) for n in os.listdir(job.spool_dir) if n.startswith("spool-")), default=0
         )
         self.encoded = len(done)
-        self.stats = _Stats()
+        self.stats = StreamStats()
         self.spill = _Spill(job.spool_dir / _SPILL_FILE)
 
     # --- members in --------------------------------------------------------------------------------
 
     def wants(self, name: str) -> tuple[str, str, str] | None:
-        found = _folder_and_file(name)
+        found = patch_file_of(name)
         if found is not None and found[1] in self.wanted and found[2][len(found[1]) + 1 :] in self.expected:
             return found
         return None
 
     def on_member(self, member: Member) -> None:
-        found = member.key or _folder_and_file(member.name)
+        found = member.key or patch_file_of(member.name)
         folder = None
         if found is not None:
             folder = found[1]
@@ -785,8 +650,8 @@ class SpoolStream:
             index.bad[name] = (missing[0], reason)
         return index
 
-    def sink(self) -> _Sink:
-        return _Sink(self.wants, self.on_member, self.after_block, self.wait_for_work)
+    def sink(self) -> MemberSink:
+        return MemberSink(self.wants, self.on_member, self.after_block, self.wait_for_work)
 
 
 def stream_to_spool(
@@ -808,7 +673,7 @@ def stream_to_spool(
     stream = None
     try:
         with _encoders(job, storage.paths) as executor:
-            ring = _Ring(storage)
+            ring = HeldBlocks(storage)
             stream = SpoolStream(job, done, ring, blocks, executor, say=say, progress=progress, s1=s1)
             # The reader starts before the progress bar's thread (a fork copies no running thread).
             # Inflating and decompressing run in a process of their own, a mapped tar in a thread.
@@ -817,14 +682,14 @@ def stream_to_spool(
             else:
                 filler = ProcessFiller(job.s2_path, storage, job.context)
             with display:
-                read, decompress, failure = _stream(
+                read, decompress, stream.stats.parse, failure = stream_members(
                     job.s2_path,
                     filler,
                     blocks,
                     ring,
                     stream.sink(),
+                    MAX_BAND_FILE_BYTES,
                     lambda count: progress("bytes", count),
-                    stream.stats,
                 )
                 stream.drain()
     finally:
@@ -876,10 +741,10 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
     claims: dict[str, list[str]] = {}
     done_s1: dict[str, str] = {}  # complete S1 folders -> their S2 twin
     duplicated: dict[str, str] = {}  # S1 folders with a file met twice (skip_bad) -> why
-    ring = _Ring(BlockRing(4))
+    ring = HeldBlocks(BlockRing(4))
 
     def wants(name: str) -> tuple[str, str, str] | None:
-        found = _folder_and_file(name)
+        found = patch_file_of(name)
         if found is None:
             return None
         folder, file = found[1], found[2]
@@ -930,7 +795,10 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
 
     say(f"indexing the Sentinel-1 archive {job.s1_path}")
     try:
-        *_, failure = _stream(job.s1_path, Filler(job.s1_path, ring.ring), 4, ring, _Sink(wants, on_member))
+        filler = Filler(job.s1_path, ring.ring)
+        *_, failure = stream_members(
+            job.s1_path, filler, 4, ring, MemberSink(wants, on_member), MAX_BAND_FILE_BYTES
+        )
     finally:
         ring.ring.close()
         if store is not None:
@@ -997,124 +865,3 @@ def copy_records(target_fd: int, places: Iterable[tuple[str, int, int]], spool_d
 
 
 # --- patches of an archive file, one by one (predict, inspect, show) -----------------------------------
-
-
-def open_archive_file(
-    path: str | os.PathLike, version: int | None = None, s1_root: str | os.PathLike | None = None
-) -> Archive:
-    """The `Archive` of an archive file: its version (from its members), where the v2 metadata is
-    (beside the file), and the Sentinel-1 folder when S1 is a folder rather than a file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"archive file {path} does not exist or is not a file")
-    found = peek_version(path)
-    if version is not None and version != found:
-        raise UserError(f"{path} holds a v{found} archive, not v{version}")
-    kind = archive_class(found)
-    top = os.path.dirname(os.path.abspath(path))
-    if kind.metadata_file is not None and not os.path.isfile(os.path.join(top, kind.metadata_file)):
-        raise UserError(f"{path}: a v{found} archive needs {kind.metadata_file} beside it, in {top}")
-    s1_dir = s1_file = None
-    if s1_root is not None and not is_archive_file(s1_root):
-        s1_dir = kind.locate_s1(s1_root)
-    elif s1_root is not None:
-        s1_file = os.fspath(s1_root)
-        if peek_version(s1_file, s1=True) != found:
-            raise UserError(f"{s1_root} is not a Sentinel-1 archive of the same version (v{found}) as {path}")
-    return kind(root=top if kind.metadata_file else path, s2_dir=path, s1_dir=s1_dir, s1_file=s1_file)
-
-
-def patches_in_file(
-    archive: Archive, wanted: Collection[str] | None = None
-) -> Iterator[Patch | BadPatchError]:
-    """The patches of the archive file `archive.s2_dir` (those in `wanted`, or all), decoded as
-    `Archive.read_patch` decodes a folder's, in the file's order as each one completes; a patch that
-    cannot be decoded, or whose files are incomplete at the end, comes as its BadPatchError. Sentinel-1
-    comes from `archive.s1_dir` (a folder). A damaged or unsafe file raises ArchiveFileError.
-
-    The file is parsed in a thread a bounded number of patches ahead; stopping early (closing the
-    generator) stops it.
-    """
-    path = archive.s2_dir
-    expected = frozenset(archive.file_suffixes)
-    results: queue.Queue = queue.Queue(maxsize=_PATCHES_AHEAD)
-    stop = threading.Event()
-    done = object()
-
-    def hand_over(item) -> None:
-        while not stop.is_set():
-            try:
-                results.put(item, timeout=_POLL_SECONDS)
-                return
-            except queue.Full:
-                continue
-        raise _Stopped
-
-    def wants(name: str):
-        found = _folder_and_file(name)
-        if found is None or (wanted is not None and found[1] not in wanted):
-            return None
-        return found if found[2][len(found[1]) + 1 :] in expected else None
-
-    pending: dict[str, dict[str, bytes]] = {}
-    complete: set[str] = set()
-    ring = _Ring(BlockRing(4 + MAX_BAND_FILE_BYTES // tarstream.BLOCK_BYTES))
-
-    def on_member(member: Member) -> None:
-        problem = safe_name(member.name)
-        if problem is not None:
-            raise ArchiveFileError(path, f"member {member.name}", problem)
-        if not member.parts:
-            return
-        folder, file = member.key[1:]
-        files = pending.setdefault(folder, {})
-        if file in files or folder in complete:
-            raise ArchiveFileError(path, f"member {member.name}", f"{file} is in {path} twice")
-        files[file] = b"".join(ring.ring.maps[b][o : o + n] for b, o, n in member.parts)
-        if len(files) == len(expected):
-            del pending[folder]
-            complete.add(folder)
-            try:
-                hand_over(archive.with_s1(decode_patch_files(archive, folder, files)))
-            except BadPatchError as error:
-                hand_over(error)
-
-    def run() -> None:
-        try:
-            *_, failure = _stream(
-                path, Filler(path, ring.ring), len(ring.ring.maps), ring, _Sink(wants, on_member)
-            )
-            if failure is not None:
-                raise failure
-            for name, files in pending.items():
-                missing = sorted(f"{name}_{suffix}" for suffix in expected if f"{name}_{suffix}" not in files)
-                hand_over(BadPatchError(name, missing[0], f"missing from {path}"))
-            hand_over(done)
-        except _Stopped:
-            pass
-        except BaseException as error:  # handed to the consumer, raised there
-            with contextlib.suppress(_Stopped):
-                hand_over(error)
-        finally:
-            ring.ring.close()
-
-    thread = threading.Thread(target=run, name="archive-file-patches", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = results.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException) and not isinstance(item, BadPatchError):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-_PATCHES_AHEAD = 64  # decoded patches waiting for the consumer
-
-
-class _Stopped(Exception):
-    """The consumer of `patches_in_file` stopped early."""

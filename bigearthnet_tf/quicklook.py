@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bigearthnet_tf.archive import V2_METADATA, V2_S2_FOLDER, BadPatchError, open_archive, read_s2_bands
+from bigearthnet_tf.archive_file import open_archive_file, patches_in_file
 from bigearthnet_tf.constants import BANDS_10M, BIGEARTHNET_19, BIGEARTHNET_19_LABELS
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.inference import logits_function, logits_over_patches, sigmoid
@@ -28,7 +29,6 @@ from bigearthnet_tf.patch_source import (
     locate_folders,
 )
 from bigearthnet_tf.predictor import load_predictor, resolve_thresholds
-from bigearthnet_tf.prepare_stream import open_archive_file, patches_in_file
 from bigearthnet_tf.report import save_figure_atomically
 from bigearthnet_tf.tarstream import is_archive_file
 from bigearthnet_tf.thresholds import predicted_labels

@@ -28,7 +28,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from bigearthnet_tf.errors import UserError
@@ -53,6 +53,7 @@ _ZERO_RECORD = bytes(_RECORD)
 _TYPES = {b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"5": DIRECTORY, b"1": LINK, b"2": LINK}
 
 
+POLL_SECONDS = 0.05  # how long a waiting reader of blocks sleeps before it looks again
 MAX_ZSTD_WINDOW = 1 << 31  # bytes: zstd's largest window (--long=31)
 
 
@@ -727,3 +728,103 @@ def _pax_records(data: bytes, archive: str, last: str) -> dict[str, str]:
         if length <= 0:
             raise ArchiveFileError(archive, f"the pax header after {last}", "malformed record")
     return records
+
+
+# --- streaming the members of an archive file into a consumer -------------------------------------------
+
+
+class HeldBlocks:
+    """The block ring with reference counts: a block goes back to the reader when neither a batch
+    in flight nor an incomplete patch points into it and the parser is past it."""
+
+    def __init__(self, storage: BlockRing | MappedFile) -> None:
+        self.ring = storage
+        self.mapped = isinstance(storage, MappedFile)  # never refilled: nothing to free or spill
+        self.refs = [0] * len(storage.maps)
+        self.retired: set[int] = set()
+        self.free_queue: queue.Queue | None = None
+
+    def hold(self, parts: Iterable[tuple[int, int, int]]) -> list[int]:
+        """Count one more holder of each block `parts` lie in; return those blocks."""
+        blocks = [] if self.mapped else sorted({part[0] for part in parts})
+        for block in blocks:
+            self.refs[block] += 1
+        return blocks
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        self._maybe_free(block)
+
+    def retire(self, block: int) -> None:
+        self.retired.add(block)
+        self._maybe_free(block)
+
+    def _maybe_free(self, block: int) -> None:
+        if block in self.retired and self.refs[block] == 0 and not self.mapped:
+            self.retired.discard(block)
+            if self.free_queue is not None:
+                self.free_queue.put(block)
+
+
+@dataclass
+class MemberSink:
+    """What `stream_members` calls: `wants(name)` picks the members whose data is kept (its answer becomes
+    `Member.key`), `on_member` gets them, `after_block` runs once a block is parsed, `wait_for_work`
+    while the reader has nothing new."""
+
+    wants: Callable[[str], object]
+    on_member: Callable[[Member], None]
+    after_block: Callable[[int], None] = lambda block: None
+    wait_for_work: Callable[[], None] = lambda: None
+
+
+def stream_members(
+    path: str,
+    filler: Filler | ProcessFiller,
+    blocks: int,
+    ring: HeldBlocks,
+    sink: MemberSink,
+    max_member_bytes: int,
+    progress: Callable[[int], None] = lambda count: None,
+) -> tuple[float, float, float, ArchiveFileError | None]:
+    """Parse every member of archive file `path` into `sink` (data kept for wanted members of at most
+    `max_member_bytes`). Returns the seconds spent reading, decompressing and parsing, and the error
+    that ended the stream early, if any."""
+    parse = 0.0
+    ring.free_queue = filler
+    for block in range(blocks):
+        filler.put(block)
+    parser = TarParser(path, ring.ring.maps, max_member_bytes)
+    failure: ArchiveFileError | None = None
+    try:
+        while True:
+            try:
+                item = filler.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                sink.wait_for_work()
+                continue
+            if item is None:
+                parser.check_complete()
+                break
+            if isinstance(item, BaseException):
+                raise item
+            block, length, offset = item
+            started = time.perf_counter()
+            parser.feed(block, length, offset)
+            for member in parser.members(sink.wants):
+                sink.on_member(member)
+            parse += time.perf_counter() - started
+            for done in parser.released:
+                ring.retire(done)
+            parser.released.clear()
+            sink.after_block(block)
+            if ring.mapped:
+                filler.put(0)  # one more step of the file may be read ahead
+            progress(length if ring.mapped else filler.bytes_read)
+            sink.wait_for_work()
+    except ArchiveFileError as error:
+        failure = error
+    finally:
+        ring.free_queue = None  # blocks freed from now on are not read into again
+        filler.close()
+    return filler.read_seconds, filler.decompress_seconds, parse, failure

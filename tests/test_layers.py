@@ -107,6 +107,7 @@ FLOORS = {
         "records",
         "record_formats",
         "tarstream",
+        "archive_file",
         "prepare_request",
         "prepare_stream",
         "prepare_splits",

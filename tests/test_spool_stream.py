@@ -22,11 +22,10 @@ from bigearthnet_tf.prepare_stream import (
     SpoolStream,
     StreamJob,
     _InProcess,
-    _Ring,
     open_spool,
     spool_folder,
 )
-from bigearthnet_tf.tarstream import REGULAR, ArchiveFileError, Member
+from bigearthnet_tf.tarstream import REGULAR, ArchiveFileError, HeldBlocks, Member
 
 SUFFIXES = ("B02.tif", "B03.tif")  # two files a patch keep the bookkeeping readable
 FILE_BYTES = 8
@@ -71,7 +70,7 @@ def _job(tmp_path, names: list[str], shard: int, workers: int = 2, skip_bad: boo
 
 
 def _stream(job, blocks: int, executor, workers: FakeWorkers, done=None):
-    ring = _Ring(SimpleNamespace(maps=[bytearray(FILE_BYTES * 4) for _ in range(blocks)]))
+    ring = HeldBlocks(SimpleNamespace(maps=[bytearray(FILE_BYTES * 4) for _ in range(blocks)]))
     ring.free_queue = queue.Queue()  # the blocks handed back to the reader
     return SpoolStream(
         job, done or {}, ring, blocks, executor, say=lambda message: None, progress=lambda kind, n: None,
