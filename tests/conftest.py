@@ -18,14 +18,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import pytest
 
 
-def pytest_collection_modifyitems(config, items):
-    """Test files with slow tests run first, each file kept whole (its module fixtures are made once):
-    on several workers the long tests then start early while the many short ones fill in at the end,
-    rather than one worker finishing a minute-long test alone."""
-    with_slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in with_slow)
-
-
 @pytest.fixture(autouse=True)
 def _ctrl_c_handler_is_left_as_found():
     """A test that leaves SIGINT ignored in this process would make every later child ignore Ctrl-C
