@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> None:
             with open(path, "rb") as stream:
                 while stream.read(CHUNK):
                     pass
-        size = tar.stat().st_size
+        size, packed = tar.stat().st_size, gz.stat().st_size
         print(
-            f"{args.patches:,} patches: .tar {size / 1e6:,.0f} MB, .tar.gz (isal -1) {gz.stat().st_size / 1e6:,.0f} MB; "
+            f"{args.patches:,} patches: .tar {size / 1e6:,.0f} MB, .tar.gz (isal -1) {packed / 1e6:,.0f} MB; "
             f"{os.cpu_count()} cores here"
         )
         results = {"ours (isal, 1 thread)": time_ours(gz)}
