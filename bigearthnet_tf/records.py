@@ -24,6 +24,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
@@ -350,6 +351,27 @@ class RecordWriter:
 # --- reading frames back -------------------------------------------------------------------------
 
 _HEADER_BYTES = _LENGTH.size + _CRC.size
+FRAME_HEADER_BYTES = _HEADER_BYTES  # length and its checksum, before each record's data
+
+
+def _frame_headers(stream: BinaryIO, size: int, *, seek: bool) -> Iterator[tuple[int, int]]:
+    """Yield `(offset, data length)` per frame of an open TFRecord file of `size` bytes; ValueError
+    where the framing breaks. With `seek` the payloads are skipped, else the caller reads them."""
+    offset = 0
+    while offset < size:
+        header = stream.read(_HEADER_BYTES)
+        if len(header) < _HEADER_BYTES:
+            raise ValueError(f"truncated record header at byte {offset}")
+        (length,) = _LENGTH.unpack_from(header)
+        if masked_crc32c(header[: _LENGTH.size]) != _CRC.unpack_from(header, _LENGTH.size)[0]:
+            raise ValueError(f"bad length checksum at byte {offset}")
+        end = offset + _HEADER_BYTES + length + _CRC.size
+        if end > size:
+            raise ValueError(f"truncated record at byte {offset}")
+        yield offset, length
+        if seek:
+            stream.seek(end)
+        offset = end
 
 
 def read_frames(path: str | Path, *, with_data: bool) -> Iterator[tuple[int, bytes | None]]:
@@ -360,27 +382,14 @@ def read_frames(path: str | Path, *, with_data: bool) -> Iterator[tuple[int, byt
     """
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
-        offset = 0
-        while offset < size:
-            header = stream.read(_HEADER_BYTES)
-            if len(header) < _HEADER_BYTES:
-                raise ValueError(f"truncated record header at byte {offset}")
-            (length,) = _LENGTH.unpack_from(header)
-            if masked_crc32c(header[: _LENGTH.size]) != _CRC.unpack_from(header, _LENGTH.size)[0]:
-                raise ValueError(f"bad length checksum at byte {offset}")
-            end = offset + _HEADER_BYTES + length + _CRC.size
-            if end > size:
-                raise ValueError(f"truncated record at byte {offset}")
+        for offset, length in _frame_headers(stream, size, seek=not with_data):
             data = None
             if with_data:
                 data = stream.read(length)
                 (data_crc,) = _CRC.unpack(stream.read(_CRC.size))
                 if masked_crc32c(data) != data_crc:
                     raise ValueError(f"bad data checksum in the record at byte {offset}")
-            else:
-                stream.seek(end)
             yield offset, data
-            offset = end
 
 
 def count_frames(path: str | Path) -> tuple[int, str | None]:
@@ -394,3 +403,89 @@ def count_frames(path: str | Path) -> tuple[int, str | None]:
     except ValueError as error:
         return count + 1, str(error)
     return count, None
+
+
+def frame_index(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Where each record's data lies in a TFRecord file: ``(data offsets, data lengths, broken)``.
+
+    ``broken`` is the byte offset of the first frame whose header does not hold (truncated, bad length
+    checksum), or None; the frames before it are listed. Only the headers are read.
+    """
+    offsets: list[int] = []
+    lengths: list[int] = []
+    broken = None
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        frames = _frame_headers(stream, size, seek=True)
+        try:
+            for offset, length in frames:
+                offsets.append(offset + _HEADER_BYTES)
+                lengths.append(length)
+        except ValueError:
+            broken = offsets[-1] + lengths[-1] + _CRC.size if offsets else 0
+    return np.array(offsets, np.int64), np.array(lengths, np.int64), broken
+
+
+def data_checksum_holds(frame: bytes, length: int) -> bool:
+    """Whether `frame` (a record's data followed by its 4-byte masked CRC) is intact."""
+    data = np.frombuffer(frame, np.uint8, length)  # a read-only view: no copy for the CRC
+    return _mask(google_crc32c.value(data)) == _CRC.unpack_from(frame, length)[0]
+
+
+# --- reading Examples without TensorFlow -------------------------------------------------------------
+
+
+def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    byte = buffer[position]
+    if byte < 0x80:  # most tags and lengths of a record take one byte
+        return byte, position + 1
+    result = shift = 0
+    while True:
+        byte = buffer[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+
+
+def example_values(data: bytes | memoryview) -> dict[str, tuple[int, memoryview]]:
+    """The features of a serialized `Example`: key -> (kind, the list's first value or packed values).
+
+    Kind is the Feature field number (1 bytes, 2 float, 3 int64). For a bytes list the view is its
+    first value, for a packed list its packed bytes; views, not copies. ValueError where the bytes
+    are not an Example of this shape (or end early).
+    """
+    buffer = memoryview(data)
+    values: dict[str, tuple[int, memoryview]] = {}
+    try:
+        if not len(buffer):
+            return values
+        if buffer[0] != _TAG_FIELD_1[0]:
+            raise ValueError("not an Example: no features")
+        length, position = _read_varint(buffer, 1)
+        end = position + length
+        while position < end:
+            length, position = _read_varint(buffer, position + 1)  # a map entry
+            entry_end = position + length
+            if buffer[position] != _TAG_FIELD_1[0]:
+                raise ValueError("a feature without a key")
+            length, position = _read_varint(buffer, position + 1)
+            key = str(buffer[position : position + length], "utf-8")
+            position += length
+            if buffer[position] != _TAG_FIELD_2[0]:
+                raise ValueError(f"feature {key!r} without a value")
+            length, position = _read_varint(buffer, position + 1)
+            kind = buffer[position] >> 3
+            length, position = _read_varint(buffer, position + 1)
+            if length:  # an empty list holds no value
+                if buffer[position] != _TAG_FIELD_1[0]:  # one bytes value, or a packed list
+                    raise ValueError(f"feature {key!r} holds an unpacked list")
+                length, position = _read_varint(buffer, position + 1)
+                values[key] = (kind, buffer[position : position + length])
+            position = entry_end
+        if position != end or end > len(buffer):
+            raise ValueError("the features end early")
+    except IndexError:
+        raise ValueError("the record ends early") from None
+    return values
