@@ -15,9 +15,16 @@ Pure functions do one thing each and work eagerly as well as inside ``Dataset.ma
 then per epoch: shuffle file order, interleave-read with per-file verification, shard by record, shuffle
 records; then repeat epochs, skip (resume), batch, parse/decode, prefetch.
 
+Records whose inputs are raw buffers (the default format) take a faster route with the same order,
+batches and checks: the steps above move only where each record is (file index, data offset, data
+length, from each file's frame headers), and a :class:`~bigearthnet_tf.batch_reader.BatchReader` reads
+and decodes each batch in one call (see its module). The 2019 schema, and any read with
+``skip_corrupt``, go through ``TFRecordDataset`` and ``parse_batch``.
+
 Output: ``inputs`` is exactly the model input dict of the modality (``bands_10m`` (120, 120, 4),
 ``bands_20m`` (60, 60, 6), ``bands_60m`` (20, 20, 2) for S2; ``bands_s1`` (120, 120, 2) = VV, VH for S1;
-all four for MM), raw values as float32; ``labels`` is float32 multi-hot (batch, classes).
+all four for MM), raw values as float32 (or, with ``native_dtype``, raw buffers in their stored dtype:
+uint16 for S2); ``labels`` is float32 multi-hot (batch, classes).
 ``with_names=True`` adds ``inputs["patch_name"]`` (a string tensor, aligned with the labels).
 
 Shuffle memory
@@ -90,6 +97,7 @@ import numpy as np
 import tensorflow as tf
 
 from bigearthnet_tf import constants
+from bigearthnet_tf.batch_reader import BAD_RECORD_TAG, CORRUPT_TAG, PAYLOAD_TAG, BatchReader, reads_raw
 from bigearthnet_tf.constants import LabelType
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.layout import (
@@ -125,8 +133,8 @@ VERIFY_CHUNK_RECORDS = 16  # records per size check: cheap in CPU, ~2.5 MB held 
 TFRECORD_OVERHEAD_BYTES = 16  # per record: uint64 length, masked CRC of it, masked CRC of the data
 MIN_FILES_PER_PIPELINE = 4  # below this, sharding by file leaves pipelines badly unbalanced
 
-_CORRUPT_TAG = "corrupt or truncated TFRecord file:"
-_PAYLOAD_TAG = "record payload of the wrong size:"
+_CORRUPT_TAG = CORRUPT_TAG
+_PAYLOAD_TAG = PAYLOAD_TAG
 # What parse_example says when a list of a record (a band of the 2019 schema) has the wrong length.
 _LIST_LENGTH_PATTERN = re.compile(
     r"Key: (?P<key>[^,]+), Index: \d+\.\s+Number of (?P<kind>\w+) values != expected\.\s+"
@@ -135,6 +143,9 @@ _LIST_LENGTH_PATTERN = re.compile(
 _PAYLOAD_PATTERN = re.compile(
     r"\[" + re.escape(_PAYLOAD_TAG) + r"\] \[(?P<path>.*?)\] \[patch\] \[(?P<patch>.*?)\] \[(?P<key>\w+)\] "
     r"\[holds\] \[(?P<bytes>\d+)\] \[bytes, expected\] \[(?P<expected>\d+)\]"
+)
+_BAD_RECORD_PATTERN = re.compile(
+    r"\[" + re.escape(BAD_RECORD_TAG) + r"\] \[(?P<path>.*?)\] \[(?P<what>.*?)\]"
 )
 _CORRUPT_PATTERN = re.compile(
     r"\[" + re.escape(_CORRUPT_TAG) + r"\] \[(?P<path>.*?)\] \[readable bytes:\] \[(?P<read>\d+)\] "
@@ -443,10 +454,10 @@ def feature_spec(
     return spec
 
 
-def _decode_group(raw: tf.Tensor, dtype: tf.DType, size: int, channels: int) -> tf.Tensor:
-    """Raw little-endian bytes of a batch -> (batch, size, size, channels) float32."""
-    values = tf.io.decode_raw(raw, dtype, little_endian=True)
-    return tf.cast(tf.reshape(values, [-1, size, size, channels]), tf.float32)
+def _decode_group(raw: tf.Tensor, dtype: tf.DType, size: int, channels: int, native_dtype: bool) -> tf.Tensor:
+    """Raw little-endian bytes of a batch -> (batch, size, size, channels), float32 or ``dtype``."""
+    values = tf.reshape(tf.io.decode_raw(raw, dtype, little_endian=True), [-1, size, size, channels])
+    return values if native_dtype else tf.cast(values, tf.float32)
 
 
 def _stack_bands(features: Mapping[str, tf.Tensor], names: Sequence[str], size: int) -> tf.Tensor:
@@ -457,16 +468,22 @@ def _stack_bands(features: Mapping[str, tf.Tensor], names: Sequence[str], size: 
 
 
 def decode_bands(
-    features: Mapping[str, tf.Tensor], kind: str | RecordFormat, modality: Modality = Modality.S2
+    features: Mapping[str, tf.Tensor],
+    kind: str | RecordFormat,
+    modality: Modality = Modality.S2,
+    native_dtype: bool = False,
 ) -> dict[str, tf.Tensor]:
-    """Parsed features of a batch -> the model input dict of the modality, float32, channels last."""
+    """Parsed features of a batch -> the model input dict of the modality, channels last: float32,
+    or with ``native_dtype`` raw buffers in their stored dtype (lists are always float32)."""
     fmt = parse_record_format(kind)
     inputs: dict[str, tf.Tensor] = {}
     for key in modality_inputs(modality):
         spec, stored = INPUTS[key], fmt.stored(key)
         if len(stored) == 1 and stored[0].encoding is Encoding.RAW:
             dtype = tf.as_dtype(np.dtype(spec.dtype))
-            inputs[key] = _decode_group(features[stored[0].key], dtype, spec.size, len(spec.bands))
+            inputs[key] = _decode_group(
+                features[stored[0].key], dtype, spec.size, len(spec.bands), native_dtype
+            )
         else:
             inputs[key] = _stack_bands(features, [item.key for item in stored], spec.size)
     return inputs
@@ -521,6 +538,7 @@ def parse_batch(
     name_key: str | None = None,
     paths: tf.Tensor | None = None,
     check_name_key: str | None = None,
+    native_dtype: bool = False,
 ) -> tuple[dict[str, tf.Tensor], tf.Tensor] | dict[str, tf.Tensor]:
     """A batch (vector) of serialized Examples -> ``(inputs, labels)``, or ``inputs`` without a label type.
 
@@ -528,13 +546,14 @@ def parse_batch(
     ``paths`` (each record's file), every raw pixel payload's byte length is checked before it is
     decoded: a record whose checksums are valid but whose payload is not (a band of the wrong size,
     written by another tool) fails naming the file and the patch (``check_name_key`` holds the names).
+    ``native_dtype``: see :func:`decode_bands`.
     """
     fmt = parse_record_format(kind)
     spec = feature_spec(fmt, label_type, modality, name_key or check_name_key)
     features = tf.io.parse_example(serialized, spec)
     if paths is not None:
         features = _checked_payloads(features, fmt, paths, check_name_key or name_key)
-    inputs = decode_bands(features, fmt, modality)
+    inputs = decode_bands(features, fmt, modality, native_dtype)
     if name_key is not None:
         inputs["patch_name"] = features[name_key]
     if label_type is None:
@@ -629,6 +648,37 @@ def _verified_records(
     return chunks.unbatch()
 
 
+def _located_records(reader: BatchReader, file_id: tf.Tensor) -> tf.data.Dataset:
+    """(file index, data offset, data length) of each record of one file, from a scan of its frame
+    headers made when the file's turn comes (a corrupt file fails there, naming itself)."""
+    offsets, lengths = tf.numpy_function(reader.index, [file_id], [tf.int64, tf.int64], stateful=False)
+    return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(offsets), file_id), offsets, lengths))
+
+
+def _read_batch(
+    reader: BatchReader,
+    file_ids: tf.Tensor,
+    offsets: tf.Tensor,
+    lengths: tf.Tensor,
+    *,
+    label_type: LabelType | None,
+    with_names: bool,
+) -> tuple[dict[str, tf.Tensor], tf.Tensor] | dict[str, tf.Tensor]:
+    """A batch of located records -> what `parse_batch` gives for serialized ones."""
+    shapes = reader.output_shapes()
+    dtypes = [tf.as_dtype(dtype) for dtype in reader.dtypes] + [tf.float32] * (label_type is not None)
+    dtypes += [tf.string] * with_names
+    arrays = tf.numpy_function(reader.read, [file_ids, offsets, lengths], dtypes, stateful=False)
+    for array, shape in zip(arrays, shapes, strict=True):
+        array.set_shape(shape)
+    inputs = {group.key: array for group, array in zip(reader.groups, arrays, strict=False)}
+    if with_names:
+        inputs["patch_name"] = arrays[-1]
+    if label_type is None:
+        return inputs
+    return inputs, arrays[len(reader.groups)]
+
+
 @contextlib.contextmanager
 def corrupt_files_as_user_errors() -> Iterator[None]:
     """Turn the failed file check of :func:`make_dataset` (and a bare DataLossError) into a UserError.
@@ -651,6 +701,11 @@ def corrupt_files_as_user_errors() -> Iterator[None]:
                 f"a record holds {listed['got']} {listed['kind']} values under {listed['key']}, expected "
                 f"{listed['shape'] or 1}: a file of these records is damaged or of another schema; prepare "
                 "it again"
+            ) from None
+        bad = _BAD_RECORD_PATTERN.search(error.message or "")
+        if bad:
+            raise UserError(
+                f"{bad['path']}: {bad['what']}; the file is damaged or of another schema"
             ) from None
         match = _CORRUPT_PATTERN.search(error.message or "")
         if match:
@@ -761,6 +816,7 @@ class _ReadPlan:
     local_batch: int
     epoch_records: int
     buffer: int
+    reader: BatchReader | None  # reads the batches, for raw-buffer formats (not with skip_corrupt)
 
 
 def _read_plan(
@@ -778,6 +834,7 @@ def _read_plan(
     shuffle_buffer: int,
     shuffle_memory_mb: float,
     cycle_length: int,
+    native_dtype: bool,
 ) -> _ReadPlan:
     """Steps 1 and 2 of `make_dataset`, and the counts the later steps need."""
     # 1. List the files and check, before any reading, that they hold what was asked for.
@@ -836,9 +893,17 @@ def _read_plan(
         buffer,
     )
 
+    # Records whose inputs are raw buffers are read by a BatchReader; with skip_corrupt, TensorFlow's
+    # reader is kept for its way of ending a bad file quietly and counting what it skipped.
+    reader = None
+    if reads_raw(found.format, modality) and not skip_corrupt:
+        reader = BatchReader(
+            paths, found.format, modality, label_type, found.name_key, with_names=with_names,
+            native_dtype=native_dtype,
+        )  # fmt: skip
     return _ReadPlan(
         found, paths, sizes, framed, offsets, keep, subset, policy, pipeline_id, num_pipelines,
-        local_batch, epoch_records, buffer,
+        local_batch, epoch_records, buffer, reader,
     )  # fmt: skip
 
 
@@ -857,11 +922,16 @@ def _epoch_reader(
     framed_t = tf.constant(plan.framed, tf.int64)
     offsets_t = tf.constant(plan.offsets, tf.int64)
     keep_t = tf.constant(plan.keep, tf.bool)
+    ids_t = tf.range(len(paths), dtype=tf.int64)
+    reader = plan.reader
 
-    def read_file(path, size, framed_records, offset):
-        records = _verified_records(
-            path, size, framed_records, skip_corrupt=skip_corrupt, counter=corrupt_counter
-        )
+    def read_file(path, size, framed_records, offset, file_id):
+        if reader is not None:
+            records = _located_records(reader, file_id)
+        else:
+            records = _verified_records(
+                path, size, framed_records, skip_corrupt=skip_corrupt, counter=corrupt_counter
+            )
         if not subset:
             return records
         # Record i of this file is record offset + i of the whole list; keep it if the mask says so.
@@ -876,7 +946,7 @@ def _epoch_reader(
         if buffer:
             order = tf.random.experimental.stateless_shuffle(order, seed=epoch_seed)
         file_list = tf.data.Dataset.from_tensor_slices(
-            tuple(tf.gather(column, order) for column in (paths_t, sizes_t, framed_t, offsets_t))
+            tuple(tf.gather(column, order) for column in (paths_t, sizes_t, framed_t, offsets_t, ids_t))
         )
         # 4. Read: interleave records of several files (mixing them before the buffer), each file
         #    verified so that a corrupt one is named. deterministic=True keeps seeded runs repeatable.
@@ -928,6 +998,7 @@ def make_dataset(
     shuffle_memory_mb: float = DEFAULT_SHUFFLE_MEMORY_MB,
     cycle_length: int = DEFAULT_CYCLE_LENGTH,
     fraction: float = 1.0,
+    native_dtype: bool = False,
 ) -> tf.data.Dataset:
     """Batched ``(inputs, labels)`` from TFRecord files of any of our formats or the 2019 scripts.
 
@@ -950,6 +1021,10 @@ def make_dataset(
         cycle_length: files read at the same time.
         fraction: read only this seeded share of the records (:func:`subset_mask`), the same records
             every epoch; ``1.0`` reads all.
+        native_dtype: deliver inputs stored as raw buffers in their stored dtype (uint16 for S2,
+            float32 for S1) instead of float32. A Keras model converts them to its float32 inputs
+            inside its step, so on an accelerator the conversion runs there and half the S2 bytes
+            cross to it; the values are the same (uint16 is exact in float32).
 
     Iterate inside :func:`corrupt_files_as_user_errors` to get a corrupt file as a UserError.
     """
@@ -968,6 +1043,7 @@ def make_dataset(
         files, label_type, modality, batch_size, with_names=with_names, skip_corrupt=skip_corrupt,
         input_context=input_context, skip_batches=skip_batches, fraction=fraction, seed=seed,
         shuffle_buffer=shuffle_buffer, shuffle_memory_mb=shuffle_memory_mb, cycle_length=cycle_length,
+        native_dtype=native_dtype,
     )  # fmt: skip
     epoch_records_dataset = _epoch_reader(plan, seed, cycle_length, skip_corrupt, corrupt_counter)
 
@@ -984,17 +1060,23 @@ def make_dataset(
     batches = records.batch(plan.local_batch, drop_remainder=drop_remainder)
     parse = functools.partial(
         parse_batch,
+        native_dtype=native_dtype,
         kind=plan.found.format,
         label_type=label_type,
         modality=modality,
         name_key=plan.found.name_key if with_names else None,
         check_name_key=plan.found.name_key,
     )
-    batches = batches.map(
-        lambda serialized, paths: parse(serialized, paths=paths),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    if plan.reader is not None:
+        # One Python call per batch; a second call in parallel would only contend for the GIL.
+        read = functools.partial(_read_batch, plan.reader, label_type=label_type, with_names=with_names)
+        batches = batches.map(read, num_parallel_calls=1, deterministic=True)
+    else:
+        batches = batches.map(
+            lambda serialized, paths: parse(serialized, paths=paths),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     if input_context is not None:
         # We shard ourselves; stop tf.distribute from sharding the already-sharded pipeline again.
         options = tf.data.Options()

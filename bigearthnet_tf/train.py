@@ -533,6 +533,7 @@ def training_batches(
             input_context=context,
             skip_batches=iterations_done * batches_per_iteration,
             fraction=config.training_fraction,
+            native_dtype=True,  # the model converts, on the accelerator where there is one
         )
 
     return strategy.distribute_datasets_from_function(dataset_for)

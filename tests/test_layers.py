@@ -81,6 +81,7 @@ def test_commands_that_need_no_tensorflow_do_not_load_it(tmp_path):
     assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
+@pytest.mark.slow  # also run by the full suite; the fast tier keeps a quicker test of the same module
 def test_the_check_sees_tensorflow_when_it_is_loaded():
     assert "tensorflow" in _loaded_after_import(["input_pipeline"])
 
@@ -128,6 +129,7 @@ FLOORS = {
         "checkpoints",
         "config",
         "input_pipeline",
+        "batch_reader",
         "inference",
         "predictor",
         "report",
