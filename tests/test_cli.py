@@ -83,6 +83,7 @@ def test_resume_flag_equals_resume_auto(records, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["resume"] == "auto"
 
 
+@pytest.mark.slow  # also run by the full suite; the fast tier keeps a quicker test of the same module
 def test_test_run_trains_and_evaluates_a_few_batches_and_keeps_nothing(
     records, tmp_path, capsys, monkeypatch
 ):
@@ -375,6 +376,7 @@ def test_show_writes_quick_looks_with_labels(example_paths, records, tmp_path, c
     assert composite(bands, FALSE_COLOUR).shape == (120, 120, 3)
 
 
+@pytest.mark.slow  # also run by the full suite; the fast tier keeps a quicker test of the same module
 def test_tensorboard_reads_the_training_logs(records, tmp_path):
     """The README's `tensorboard --logdir out_dir/logs`: TensorBoard's own reader finds the scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -172,6 +172,7 @@ def test_threshold_matches_sklearn(threshold):
         )
     )
 )
+@pytest.mark.slow  # also run by the full suite; the fast tier keeps a quicker test of the same module
 def test_small_matrices_match_sklearn(case):
     y_true, probabilities = case
     assert_matches_sklearn(y_true, probabilities)
