@@ -139,14 +139,15 @@ class BatchReader:
         for row, (file_index, offset, length) in enumerate(located):
             path = self.paths[file_index]
             values = self._record(file_index, path, offset, length)
-            name = self._name(values)
+            stored_name = self._name(values, path, offset)
+            name = stored_name.decode("utf-8", "replace")
             for group, out in zip(self.groups, groups, strict=True):
                 payload = self._payload(values, group, path, name)
                 out[row] = np.frombuffer(payload, group.stored.dtype).reshape(group.stored.shape)
             if self.label_key is not None:
                 labels[row] = self._labels(values, path, name)
             if self.with_names:
-                names[row] = name.encode()
+                names[row] = stored_name
         result = groups
         if self.label_key is not None:
             result.append(labels)
@@ -177,9 +178,17 @@ class BatchReader:
                 f"[{BAD_RECORD_TAG}] [{path}] [record at byte {header_offset}: {error}]"
             ) from None
 
-    def _name(self, values: Fields) -> str:
+    def _name(self, values: Fields, path: str, offset: int) -> bytes:
+        """The patch name as stored (bytes, as TensorFlow's parser gives it); "?" for errors if absent."""
         found = values.get(self.name_key) if self.name_key else None
-        return str(found[1], "utf-8", "replace") if found else "?"
+        if found is not None:
+            return bytes(found[1])
+        if self.with_names:
+            raise ValueError(
+                f"[{BAD_RECORD_TAG}] [{path}] [the record at byte {offset - FRAME_HEADER_BYTES} has no "
+                f"{self.name_key}]"
+            )
+        return b"?"
 
     def _payload(self, values: Fields, group: _Group, path: str, name: str) -> memoryview:
         found = values.get(group.stored.key)
