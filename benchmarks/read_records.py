@@ -173,7 +173,7 @@ def check_same_batches(sets, database, patches, batch_size) -> None:
     """Both readers give the same first batch (our records are in the shards' interleaved order)."""
     for modality in (Modality.S2, Modality.MM):
         inputs, labels = next(ours(sets[modality], modality, batch_size, False))
-        theirs = dict(zip(*zip(*[(p.name, p) for p in patches], strict=True), strict=True))
+        theirs = {patch.name: patch for patch in patches}
         names = make_dataset(sets[modality], LABEL_TYPE, batch_size, modality=modality, with_names=True)
         order = [theirs[n.decode()] for n in next(iter(names))[0]["patch_name"].numpy()]
         reference, reference_labels = next(lmdb_batches(database, order, modality, batch_size))

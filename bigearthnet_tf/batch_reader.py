@@ -58,6 +58,11 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def _readable(name: bytes) -> str:
+    """A stored patch name for a message (decoded only there: the hot path keeps the bytes)."""
+    return name.decode("utf-8", "replace")
+
+
 def reads_raw(fmt: RecordFormat, modality: Modality) -> bool:
     """Whether every input of `modality` is one raw buffer in `fmt` (what a BatchReader reads)."""
     return all(
@@ -92,10 +97,10 @@ class BatchReader:
         native_dtype: bool = False,
     ) -> None:
         self.paths = list(paths)
+        stored = [fmt.stored(key)[0] for key in modality_inputs(modality)]  # one raw buffer each
         self.groups = [
-            _Group(key, stored, stored.nbytes)
-            for key in modality_inputs(modality)
-            for stored in fmt.stored(key)
+            _Group(key, group, group.nbytes)
+            for key, group in zip(modality_inputs(modality), stored, strict=True)
         ]
         self.label_key = None if label_type is None else label_key(label_type)
         self.classes = 0 if label_type is None else len(constants.class_names(label_type))
@@ -108,14 +113,18 @@ class BatchReader:
 
     # --- what the pipeline asks ---------------------------------------------------------------
 
-    def output_shapes(self) -> list[list[int | None]]:
-        """Shapes of what `read` returns, batch dimension unknown, in its order."""
-        shapes: list[list[int | None]] = [[None, *group.stored.shape] for group in self.groups]
+    def outputs(self) -> list[tuple[np.dtype, list[int | None]]]:
+        """Dtype and shape (batch dimension unknown) of each array `read` returns, in its order; the
+        names are bytes objects."""
+        outputs: list[tuple[np.dtype, list[int | None]]] = [
+            (dtype, [None, *group.stored.shape])
+            for group, dtype in zip(self.groups, self.dtypes, strict=True)
+        ]
         if self.label_key is not None:
-            shapes.append([None, self.classes])
+            outputs.append((np.dtype(np.float32), [None, self.classes]))
         if self.with_names:
-            shapes.append([None])
-        return shapes
+            outputs.append((np.dtype(object), [None]))
+        return outputs
 
     def index(self, file_index: np.int64) -> tuple[np.ndarray, np.ndarray]:
         """Data offsets and lengths of the records of one file; a corrupt file raises ValueError."""
@@ -139,15 +148,14 @@ class BatchReader:
         for row, (file_index, offset, length) in enumerate(located):
             path = self.paths[file_index]
             values = self._record(file_index, path, offset, length)
-            stored_name = self._name(values, path, offset)
-            name = stored_name.decode("utf-8", "replace")
+            name = self._name(values, path, offset)
             for group, out in zip(self.groups, groups, strict=True):
                 payload = self._payload(values, group, path, name)
                 out[row] = np.frombuffer(payload, group.stored.dtype).reshape(group.stored.shape)
             if self.label_key is not None:
                 labels[row] = self._labels(values, path, name)
             if self.with_names:
-                names[row] = stored_name
+                names[row] = name
         result = groups
         if self.label_key is not None:
             result.append(labels)
@@ -190,24 +198,24 @@ class BatchReader:
             )
         return b"?"
 
-    def _payload(self, values: Fields, group: _Group, path: str, name: str) -> memoryview:
+    def _payload(self, values: Fields, group: _Group, path: str, name: bytes) -> memoryview:
         found = values.get(group.stored.key)
         if found is not None and len(found[1]) == group.nbytes:
             return found[1]
         held = 0 if found is None else len(found[1])
         raise ValueError(
-            f"[{PAYLOAD_TAG}] [{path}] [patch] [{name}] [{group.stored.key}] [holds] [{held}] "
+            f"[{PAYLOAD_TAG}] [{path}] [patch] [{_readable(name)}] [{group.stored.key}] [holds] [{held}] "
             f"[bytes, expected] [{group.nbytes}]"
         )
 
-    def _labels(self, values: Fields, path: str, name: str) -> np.ndarray:
+    def _labels(self, values: Fields, path: str, name: bytes) -> np.ndarray:
         found = values.get(self.label_key) if self.label_key else None
         packed = np.frombuffer(found[1], np.uint8) if found and found[0] == _INT64_KIND else None
         if packed is not None and len(packed) == self.classes and packed.max(initial=0) < _ONE_BYTE_VARINT:
             return packed  # 0/1 multi-hot: one varint byte per class
         held = "nothing" if found is None else f"{len(found[1])} bytes of kind {found[0]}"
         raise ValueError(
-            f"[{BAD_RECORD_TAG}] [{path}] [patch {name}: {self.label_key} holds {held}, expected "
+            f"[{BAD_RECORD_TAG}] [{path}] [patch {_readable(name)}: {self.label_key} holds {held}, expected "
             f"{self.classes} values of 0 or 1]"
         )
 

@@ -133,22 +133,20 @@ VERIFY_CHUNK_RECORDS = 16  # records per size check: cheap in CPU, ~2.5 MB held 
 TFRECORD_OVERHEAD_BYTES = 16  # per record: uint64 length, masked CRC of it, masked CRC of the data
 MIN_FILES_PER_PIPELINE = 4  # below this, sharding by file leaves pipelines badly unbalanced
 
-_CORRUPT_TAG = CORRUPT_TAG
-_PAYLOAD_TAG = PAYLOAD_TAG
 # What parse_example says when a list of a record (a band of the 2019 schema) has the wrong length.
 _LIST_LENGTH_PATTERN = re.compile(
     r"Key: (?P<key>[^,]+), Index: \d+\.\s+Number of (?P<kind>\w+) values != expected\.\s+"
     r"Values size: (?P<got>\d+) but output shape: \[(?P<shape>[\d, ]*)\]"
 )
 _PAYLOAD_PATTERN = re.compile(
-    r"\[" + re.escape(_PAYLOAD_TAG) + r"\] \[(?P<path>.*?)\] \[patch\] \[(?P<patch>.*?)\] \[(?P<key>\w+)\] "
+    r"\[" + re.escape(PAYLOAD_TAG) + r"\] \[(?P<path>.*?)\] \[patch\] \[(?P<patch>.*?)\] \[(?P<key>\w+)\] "
     r"\[holds\] \[(?P<bytes>\d+)\] \[bytes, expected\] \[(?P<expected>\d+)\]"
 )
 _BAD_RECORD_PATTERN = re.compile(
     r"\[" + re.escape(BAD_RECORD_TAG) + r"\] \[(?P<path>.*?)\] \[(?P<what>.*?)\]"
 )
 _CORRUPT_PATTERN = re.compile(
-    r"\[" + re.escape(_CORRUPT_TAG) + r"\] \[(?P<path>.*?)\] \[readable bytes:\] \[(?P<read>\d+)\] "
+    r"\[" + re.escape(CORRUPT_TAG) + r"\] \[(?P<path>.*?)\] \[readable bytes:\] \[(?P<read>\d+)\] "
     r"\[of\] \[(?P<size>\d+)\]"
 )
 
@@ -507,7 +505,7 @@ def _checked_payloads(
             tf.debugging.Assert(
                 tf.size(wrong) == 0,
                 [
-                    _PAYLOAD_TAG,
+                    PAYLOAD_TAG,
                     tf.gather(paths, first),
                     "patch",
                     tf.gather(names, first),
@@ -613,7 +611,7 @@ def _verified_records(
         complete = tf.logical_or(count > 0, tf.equal(read_bytes, size))
         if not skip_corrupt:
             check = tf.debugging.Assert(
-                complete, [_CORRUPT_TAG, path, "readable bytes:", read_bytes, "of", size]
+                complete, [CORRUPT_TAG, path, "readable bytes:", read_bytes, "of", size]
             )
         else:
 
@@ -656,25 +654,18 @@ def _located_records(reader: BatchReader, file_id: tf.Tensor) -> tf.data.Dataset
 
 
 def _read_batch(
-    reader: BatchReader,
-    file_ids: tf.Tensor,
-    offsets: tf.Tensor,
-    lengths: tf.Tensor,
-    *,
-    label_type: LabelType | None,
-    with_names: bool,
+    reader: BatchReader, file_ids: tf.Tensor, offsets: tf.Tensor, lengths: tf.Tensor
 ) -> tuple[dict[str, tf.Tensor], tf.Tensor] | dict[str, tf.Tensor]:
     """A batch of located records -> what `parse_batch` gives for serialized ones."""
-    shapes = reader.output_shapes()
-    dtypes = [tf.as_dtype(dtype) for dtype in reader.dtypes] + [tf.float32] * (label_type is not None)
-    dtypes += [tf.string] * with_names
+    outputs = reader.outputs()
+    dtypes = [tf.string if dtype.kind == "O" else tf.as_dtype(dtype) for dtype, _ in outputs]
     arrays = tf.numpy_function(reader.read, [file_ids, offsets, lengths], dtypes, stateful=False)
-    for array, shape in zip(arrays, shapes, strict=True):
+    for array, (_, shape) in zip(arrays, outputs, strict=True):
         array.set_shape(shape)
     inputs = {group.key: array for group, array in zip(reader.groups, arrays, strict=False)}
-    if with_names:
+    if reader.with_names:
         inputs["patch_name"] = arrays[-1]
-    if label_type is None:
+    if reader.label_key is None:
         return inputs
     return inputs, arrays[len(reader.groups)]
 
@@ -1058,20 +1049,21 @@ def make_dataset(
         records = records.skip(skip_records)
     # 9. Batch, then 10. parse and decode whole batches (one parse_example per batch).
     batches = records.batch(plan.local_batch, drop_remainder=drop_remainder)
-    parse = functools.partial(
-        parse_batch,
-        native_dtype=native_dtype,
-        kind=plan.found.format,
-        label_type=label_type,
-        modality=modality,
-        name_key=plan.found.name_key if with_names else None,
-        check_name_key=plan.found.name_key,
-    )
     if plan.reader is not None:
         # One Python call per batch; a second call in parallel would only contend for the GIL.
-        read = functools.partial(_read_batch, plan.reader, label_type=label_type, with_names=with_names)
-        batches = batches.map(read, num_parallel_calls=1, deterministic=True)
+        batches = batches.map(
+            functools.partial(_read_batch, plan.reader), num_parallel_calls=1, deterministic=True
+        )
     else:
+        parse = functools.partial(
+            parse_batch,
+            native_dtype=native_dtype,
+            kind=plan.found.format,
+            label_type=label_type,
+            modality=modality,
+            name_key=plan.found.name_key if with_names else None,
+            check_name_key=plan.found.name_key,
+        )
         batches = batches.map(
             lambda serialized, paths: parse(serialized, paths=paths),
             num_parallel_calls=tf.data.AUTOTUNE,
