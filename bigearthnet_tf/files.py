@@ -57,21 +57,25 @@ def open_input_file(path: str | os.PathLike[str]) -> int:
 def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
     """The bytes of the regular file `path`, if it holds at most `max_bytes`; InputFileError otherwise.
 
-    Opened by `open_input_file`, then read with as few system calls as possible into a buffer of its
-    exact size.
+    `open_input_file`'s checks with fewer system calls (prepare reads 13 small files per patch):
+    one fstat gives both the file type and the size, and the descriptor stays non-blocking, which
+    regular files ignore (open(2)).
     """
-    fd = open_input_file(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
-        if info.st_size > max_bytes:
+        if not stat.S_ISREG(info.st_mode):
+            raise InputFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+        size = info.st_size
+        if size > max_bytes:
             raise InputFileError(
                 errno.EFBIG,
-                f"{info.st_size:,} bytes, more than the {max_bytes:,} such a file can hold",
+                f"{size:,} bytes, more than the {max_bytes:,} such a file can hold",
                 os.fspath(path),
             )
-        buffer = bytearray(info.st_size)
-        done = os.readv(fd, [buffer]) if info.st_size else 0
-        while done < info.st_size:  # short reads are legal (network file systems); finish the job
+        buffer = bytearray(size)  # writable: arrays viewing it may be normalised in place
+        done = os.readv(fd, [buffer]) if size else 0
+        while done < size:  # short reads are legal (network file systems); finish the job
             got = os.readv(fd, [memoryview(buffer)[done:]])
             if got == 0:
                 del buffer[done:]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import math
 import os
 from abc import ABC, abstractmethod
@@ -52,7 +53,6 @@ from bigearthnet_tf.layout import (
     modality_inputs,
 )
 from bigearthnet_tf.records import (
-    Buffer,
     Serialized,
     bytes_list,
     example,
@@ -178,6 +178,9 @@ class RecordFormat(ABC):
         return tuple(self.unit_files(split, count)) if self.sharded else (split + _TFRECORD_SUFFIX,)
 
 
+_FORMAT_VERSION_FEATURE = (FORMAT_VERSION_KEY, b"".join(int64_list([FORMAT_VERSION])))
+
+
 class DefaultFormat(RecordFormat):
     """Raw little-endian pixel bytes grouped by resolution, sharded (`format_version` 1)."""
 
@@ -191,10 +194,7 @@ class DefaultFormat(RecordFormat):
         `original_labels_multi_hot` (v1 only), `BigEarthNet-19_labels`, `BigEarthNet-19_labels_multi_hot`,
         then with Sentinel-1 `bands_s1` (float32 little-endian (120, 120, 2): VV, VH) and `patch_name_s1`.
         """
-        features = [
-            (FORMAT_VERSION_KEY, int64_list([FORMAT_VERSION])),
-            (PATCH_NAME, bytes_list([patch.name])),
-        ]
+        features = [_FORMAT_VERSION_FEATURE, (PATCH_NAME, bytes_list([patch.name]))]
         for key in S2_INPUTS:
             features.append((key, raw_bytes(_stack(patch.bands, INPUTS[key]))))
         features.extend(_label_features(patch))
@@ -250,17 +250,26 @@ class LegacyFormat(RecordFormat):
         return any(name in keys for name in (*S2_BAND_NAMES, *S1_BAND_NAMES))
 
 
-def _label_features(patch: Patch) -> list[tuple[str, list[Buffer] | bytes]]:
+def _label_features(patch: Patch) -> tuple[tuple[str, bytes], ...]:
     """Both label key pairs (the 43-class pair only when the patch has 43-class labels, i.e. v1)."""
+    return _encoded_labels(patch.labels_43, patch.labels_19)
+
+
+# Patches share a few thousand label sets, so each is encoded once per process.
+@functools.lru_cache(maxsize=4096)
+def _encoded_labels(
+    labels_43: tuple[str, ...] | None, labels_19: tuple[str, ...]
+) -> tuple[tuple[str, bytes], ...]:
     features = []
-    if patch.labels_43 is not None:
-        features.append((ORIGINAL_LABELS_KEY, bytes_list(patch.labels_43)))
-        features.append((ORIGINAL_MULTI_HOT_KEY, int64_list(multi_hot(patch.labels_43, ORIGINAL_LABELS))))
-    features.append((BIGEARTHNET_19_LABELS_KEY, bytes_list(patch.labels_19)))
-    features.append(
-        (BIGEARTHNET_19_MULTI_HOT_KEY, int64_list(multi_hot(patch.labels_19, BIGEARTHNET_19_LABELS)))
+    if labels_43 is not None:
+        features.append((ORIGINAL_LABELS_KEY, bytes_list(labels_43)))
+        features.append((ORIGINAL_MULTI_HOT_KEY, int64_list(multi_hot(labels_43, ORIGINAL_LABELS))))
+    features.append((BIGEARTHNET_19_LABELS_KEY, bytes_list(labels_19)))
+    features.append((BIGEARTHNET_19_MULTI_HOT_KEY, int64_list(multi_hot(labels_19, BIGEARTHNET_19_LABELS))))
+    # Small lists are one bytes buffer each (records._SMALL_PAYLOAD); joined, they are immutable.
+    return tuple(
+        (key, b"".join(feature) if isinstance(feature, list) else feature) for key, feature in features
     )
-    return features
 
 
 def _stack(bands: dict[str, np.ndarray], spec) -> np.ndarray:

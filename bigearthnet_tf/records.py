@@ -20,6 +20,7 @@ messages, features and frames.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -218,8 +219,7 @@ def example(features: Iterable[tuple[str, list[Buffer] | bytes]]) -> Serialized:
     for key, feature in features:
         parts = [feature] if isinstance(feature, bytes) else feature
         feature_size = sum(len(part) if isinstance(part, bytes) else part.size for part in parts)
-        key_bytes = key.encode("utf-8")
-        key_field = _TAG_FIELD_1 + _varint(len(key_bytes)) + key_bytes
+        key_field = _key_field(key)
         value_head = _TAG_FIELD_2 + _varint(feature_size)
         entry_size = len(key_field) + len(value_head) + feature_size
         pending += _TAG_FIELD_1 + _varint(entry_size) + key_field + value_head
@@ -239,6 +239,13 @@ def example(features: Iterable[tuple[str, list[Buffer] | bytes]]) -> Serialized:
     else:
         buffers.insert(0, head)
     return Serialized(buffers, size + len(head))
+
+
+@functools.lru_cache(maxsize=256)
+def _key_field(key: str) -> bytes:
+    """A feature map entry's key field (records reuse a handful of keys)."""
+    key_bytes = key.encode("utf-8")
+    return _TAG_FIELD_1 + _varint(len(key_bytes)) + key_bytes
 
 
 def encode_example(features: Iterable[tuple[str, bytes]]) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 
 import numpy as np
@@ -86,6 +87,59 @@ def test_strips_out_of_order_in_the_file_are_reassembled(tmp_path, no_fallback):
     struct.pack_into("<I", data, offsets_tag.valueoffset, len(data) - first_count)
     path = _write(tmp_path / "moved.tif", data)
     np.testing.assert_array_equal(read_band(path, (120, 120), np.uint16), values)
+
+
+# The directory walk is remembered per kind of file; a file that matches an earlier one in size
+# and header but not in a byte the walk read must be walked (and judged) again.
+def _strip_tags(data):
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as handle:
+        page = handle.pages[0]
+        return page.tags[273].valueoffset, page.tags[279].valueoffset, list(page.dataoffsets)
+
+
+def test_a_file_with_the_layout_of_an_earlier_one_gives_its_own_pixels(no_fallback):
+    first = np.arange(120 * 120, dtype=np.uint16).reshape(120, 120)
+    second = first[::-1].copy()
+    data = [encode_geotiff(values, ulx=0, uly=0, pixel_size=10, epsg=32633) for values in (first, second)]
+    assert len(data[0]) == len(data[1]) and data[0][:8] == data[1][:8]
+    for _ in range(2):
+        np.testing.assert_array_equal(tiff.decode_band(data[0], (120, 120), np.uint16), first)
+        np.testing.assert_array_equal(tiff.decode_band(data[1], (120, 120), np.uint16), second)
+
+
+def test_a_strip_table_unlike_the_remembered_one_is_read_again(no_fallback):
+    values = np.arange(120 * 120, dtype=np.uint16).reshape(120, 120)
+    good = encode_geotiff(values, ulx=0, uly=0, pixel_size=10, epsg=32633)
+    offsets_at, counts_at, offsets = _strip_tags(good)
+    np.testing.assert_array_equal(tiff.decode_band(good, (120, 120), np.uint16), values)
+    # Same size and header: strips 0 and 1 swapped in the table (and in the file) read back in order.
+    swapped = bytearray(good)
+    strip = offsets[1] - offsets[0]
+    swapped[offsets[0] : offsets[0] + strip], swapped[offsets[1] : offsets[1] + strip] = (
+        good[offsets[1] : offsets[1] + strip],
+        good[offsets[0] : offsets[0] + strip],
+    )
+    struct.pack_into("<II", swapped, offsets_at, offsets[1], offsets[0])
+    np.testing.assert_array_equal(tiff.decode_band(swapped, (120, 120), np.uint16), values)
+    # A byte count too small for its strip is refused, though all else matches the file before.
+    short = bytearray(good)
+    struct.pack_into("<I", short, counts_at, 100)
+    with pytest.raises(TiffError, match="strip 0 holds 100 bytes"):
+        tiff.decode_band(short, (120, 120), np.uint16)
+    np.testing.assert_array_equal(tiff.decode_band(good, (120, 120), np.uint16), values)
+
+
+def test_a_directory_entry_unlike_the_remembered_one_is_judged_again(example_paths, no_fallback):
+    data = sorted(example_paths.s2.glob("*/*_B02.tif"))[0].read_bytes()
+    expected = tiff.decode_band(data, (120, 120), np.uint16)
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    wider = bytearray(data)
+    struct.pack_into("<H", wider, ifd + 2 + 8, 121)  # the first entry, ImageWidth, holds 121
+    with pytest.raises(TiffError, match="raster is 120x121 pixels, expected 120x120"):
+        tiff.decode_band(wider, (120, 120), np.uint16)
+    with pytest.raises(TiffError, match="raster is 120x120 pixels, expected 60x60"):
+        tiff.decode_band(data, (60, 60), np.uint16)
+    np.testing.assert_array_equal(tiff.decode_band(data, (120, 120), np.uint16), expected)
 
 
 def _write(path, data):
