@@ -52,6 +52,7 @@ _TWO_BYTE_LIMIT = 1 << 14
 # Packed lists up to this many bytes are copied into the record's small bytes; longer ones stay
 # separate buffers.
 _SMALL_PAYLOAD = 256
+_ONE_BYTE_VARINTS = tuple(bytes([value]) for value in range(_ONE_BYTE_LIMIT))
 
 
 # --- protobuf primitives -------------------------------------------------------------------------
@@ -59,6 +60,8 @@ _SMALL_PAYLOAD = 256
 
 def _varint(value: int) -> bytes:
     """One non-negative integer as a protobuf varint (lengths and single values)."""
+    if value < _ONE_BYTE_LIMIT:
+        return _ONE_BYTE_VARINTS[value]
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
@@ -215,24 +218,31 @@ def example(features: Iterable[tuple[str, list[Buffer] | bytes]]) -> Serialized:
     """
     buffers: list[Buffer] = []
     pending = bytearray()  # small bytes not yet appended to `buffers`
-    size = 0
+    size = 0  # of the payloads in `buffers`
     for key, feature in features:
-        parts = [feature] if isinstance(feature, bytes) else feature
-        feature_size = sum(len(part) if isinstance(part, bytes) else part.size for part in parts)
+        if isinstance(feature, bytes):
+            feature_size = len(feature)
+        else:
+            feature_size = sum(len(part) if isinstance(part, bytes) else part.size for part in feature)
         key_field = _key_field(key)
         value_head = _TAG_FIELD_2 + _varint(feature_size)
-        entry_size = len(key_field) + len(value_head) + feature_size
-        pending += _TAG_FIELD_1 + _varint(entry_size) + key_field + value_head
-        size += entry_size + len(_TAG_FIELD_1) + len(_varint(entry_size))
-        for part in parts:
+        pending += (
+            _TAG_FIELD_1 + _varint(len(key_field) + len(value_head) + feature_size) + key_field + value_head
+        )
+        if isinstance(feature, bytes):
+            pending += feature
+            continue
+        for part in feature:
             if isinstance(part, bytes):
                 pending += part
             else:
                 buffers.append(bytes(pending))
                 pending.clear()
                 buffers.append(part)
+                size += part.size
     if pending:
         buffers.append(bytes(pending))
+    size += sum(len(buffer) for buffer in buffers if isinstance(buffer, bytes))
     head = _TAG_FIELD_1 + _varint(size)
     if buffers and isinstance(buffers[0], bytes):
         buffers[0] = head + buffers[0]

@@ -23,6 +23,7 @@ import io
 import mmap
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -312,8 +313,14 @@ class MappedFile:
         self.maps = [mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)]
         self.read_seconds = 0.0
         self._scratch: bytearray | None = None
+        self._null: int | None = None
+        if sys.platform.startswith("linux"):  # sendfile to any file (here /dev/null): Linux only
+            self._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
+        if self._null is not None:
+            os.close(self._null)
+            self._null = None
         for block in self.maps:
             try:
                 block.close()
@@ -327,15 +334,25 @@ class MappedFile:
     def fill(self, start: int, end: int) -> None:
         """Bring bytes [start, end) into the page cache; return when they are there.
 
-        Read with `preadv` into a scratch buffer: it waits for the disk without holding the GIL (a
-        page fault on the map would hold it and stall the parsing thread), at the cost of one copy
-        from the page cache."""
+        Waited for in a system call that does not hold the GIL (a page fault on the map would hold
+        it and stall the parsing thread): `sendfile` to /dev/null, which reads the pages in and
+        copies nothing (a fifth of the CPU of a read), else `preadv` into a scratch buffer."""
         started = time.perf_counter()
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_WILLNEED)
-        if self._scratch is None:
-            self._scratch = bytearray(BLOCK_BYTES)
         position = start
+        if self._null is not None:
+            try:
+                while position < end:
+                    count = os.sendfile(self._null, self._fd, position, end - position)
+                    if count <= 0:
+                        break
+                    position += count
+            except OSError:  # not on this system or file system: read instead
+                os.close(self._null)
+                self._null = None
+        if position < end and self._scratch is None:
+            self._scratch = bytearray(BLOCK_BYTES)
         while position < end:  # one call a step: the GIL is taken back once a step, not once a piece
             count = os.preadv(self._fd, [memoryview(self._scratch)[: end - position]], position)
             if count <= 0:
