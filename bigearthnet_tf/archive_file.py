@@ -43,7 +43,9 @@ from bigearthnet_tf.tiff import MAX_BAND_FILE_BYTES
 
 def patch_file_of(name: str) -> tuple[str, str, str] | None:
     """(parent of the patch folder, patch folder, file) of a member path `.../<folder>/<folder>_x`."""
-    parts = [part for part in name.split("/") if part not in ("", ".")]
+    parts = name.split("/")
+    if "" in parts or "." in parts:  # `./x`, `a//b`, a folder's trailing slash
+        parts = [part for part in parts if part not in ("", ".")]
     if len(parts) < 2 or not parts[-1].startswith(parts[-2] + "_"):
         return None
     return (parts[-3] if len(parts) > 2 else "", parts[-2], parts[-1])

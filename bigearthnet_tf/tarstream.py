@@ -552,6 +552,31 @@ def _checksum_problem(header: bytes) -> str | None:
     return f"bad header checksum (stored {stored}, computed {unsigned})"
 
 
+def _checksum_holds(header: bytes) -> bool:
+    """Whether a header's checksum field holds the unsigned sum of its bytes (the field counted as
+    spaces), as every tar writer today stores it; `_checksum_problem` judges the rest."""
+    field = header[148:156]
+    try:
+        stored = int(field.split(b"\0", 1)[0].strip() or b"x", 8)
+    except ValueError:
+        return False
+    # The field's own bytes from Adler-32's running sum (1 + sum), as in `_byte_sum`.
+    return stored == _byte_sum(header) - (zlib.adler32(field) & 0xFFFF) + 1 + 8 * 32
+
+
+def _octal_size(header: bytes) -> int:
+    """The size field as the octal number nearly every header holds; -1 for anything else (GNU
+    base-256, or not a number), which `_size` reads or refuses with its message."""
+    field = header[124:136]
+    if field[0] & 0x80:
+        return -1
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        return -1
+
+
 def _number(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
         value = int.from_bytes(field[1:], "big")
@@ -623,45 +648,65 @@ class TarParser:
         `wants(name)` returns a key (anything true) for a regular file whose data will be read; the
         member then carries that key and the places of its data.
         """
+        # The walk runs block by block, with the block's map and bounds in locals: 13 members a patch
+        # pass through here, so the per-header work is kept to what the checks need.
         while not self.finished and self._position + _RECORD <= self._end:
             block, offset = self._locate(self._position)
-            header = self._maps[block][offset : offset + _RECORD]  # never straddles two blocks
-            if header == _ZERO_RECORD:
-                self.finished = True  # end-of-archive marker (its second zero record is not needed)
-                break
-            problem = _checksum_problem(header)
-            if problem is not None:
-                raise ArchiveFileError(self.archive, self._after(), problem)
-            size = _size(header[124:136], self.archive, self._after())
-            flag = header[156:157]
-            data_start = self._position + _RECORD
-            if flag in _EXTENSIONS:
-                if size > 1 << 20:
-                    raise ArchiveFileError(self.archive, self._after(), "oversized extended header")
-                if data_start + size > self._end:
-                    break  # wait for its data
-                data = self._bytes(data_start, size)
-                if flag == b"L":
-                    self._long_name = _text(data)
-                elif flag == b"x":
-                    self._pax = _pax_records(data, self.archive, self._after())
+            base = self._position - offset  # stream offset of the block's first byte
+            fed = self._fed_in(block)
+            data = self._maps[block]
+            if offset + _RECORD > fed:
+                raise AssertionError(f"the header at stream offset {self._position} straddles two blocks")
+            while offset + _RECORD <= fed:
+                header = data[offset : offset + _RECORD]  # never straddles two blocks
+                if header == _ZERO_RECORD:
+                    self.finished = True  # end-of-archive marker (its second zero record is not needed)
+                    break
+                if not _checksum_holds(header):
+                    problem = _checksum_problem(header)  # None for old tars that summed signed bytes
+                    if problem is not None:
+                        raise ArchiveFileError(self.archive, self._after(), problem)
+                size = _octal_size(header)
+                if size < 0:
+                    size = _size(header[124:136], self.archive, self._after())
+                flag = header[156:157]
+                data_start = base + offset + _RECORD
+                if flag in _EXTENSIONS:
+                    if size > 1 << 20:
+                        raise ArchiveFileError(self.archive, self._after(), "oversized extended header")
+                    if data_start + size > self._end:
+                        self._release()
+                        return  # wait for its data
+                    extension = self._bytes(data_start, size)
+                    if flag == b"L":
+                        self._long_name = _text(extension)
+                    elif flag == b"x":
+                        self._pax = _pax_records(extension, self.archive, self._after())
+                    self._position = data_start + -(-size // _RECORD) * _RECORD
+                    offset = self._position - base
+                    continue
+                name = self._member_name(header)
+                if "size" in self._pax:
+                    size = _size(self._pax["size"], self.archive, self._after(), pax=True)
+                kind = _TYPES.get(flag, OTHER)
+                key = wants(name) if kind == REGULAR and size <= self.max_member_bytes else None
+                if key and data_start + size > self._end:
+                    self._waiting = name
+                    self._release()
+                    return  # its data is not all in yet; skipped data may run past what is fed
+                self._waiting = None
+                if not key:
+                    parts: tuple[tuple[int, int, int], ...] = ()
+                elif size and data_start + size <= base + fed:
+                    parts = ((block, offset + _RECORD, size),)
+                else:
+                    parts = self._parts(data_start, size)
                 self._position = data_start + -(-size // _RECORD) * _RECORD
-                continue
-            name = self._member_name(header)
-            if "size" in self._pax:
-                size = _size(self._pax["size"], self.archive, self._after(), pax=True)
-            kind = _TYPES.get(flag, OTHER)
-            key = wants(name) if kind == REGULAR and size <= self.max_member_bytes else None
-            if key and data_start + size > self._end:
-                self._waiting = name
-                break  # its data is not all in yet; skipped data may run past what is fed
-            self._waiting = None
-            parts = self._parts(data_start, size) if key else ()
-            self._position = data_start + -(-size // _RECORD) * _RECORD
-            if self._long_name is not None or self._pax:
-                self._long_name, self._pax = None, {}
-            self._last_name = name
-            yield Member(name, kind, size, parts, data_start, key)
+                offset = self._position - base
+                if self._long_name is not None or self._pax:
+                    self._long_name, self._pax = None, {}
+                self._last_name = name
+                yield Member(name, kind, size, parts, data_start, key)
         self._release()
 
     def _after(self) -> str:
