@@ -79,6 +79,59 @@ def test_a_damaged_header_and_a_truncated_archive_are_named():
         _parse(_tar()[:1536], 512)
 
 
+def _with_header(data: bytes, index: int, edit) -> bytes:
+    """`data` with header `index` (counted in 512-byte records) changed by `edit(header)` and its
+    checksum stored again as tar writes it (the unsigned sum, the field counted as spaces)."""
+    data = bytearray(data)
+    header = bytearray(data[index * 512 : (index + 1) * 512])
+    edit(header)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    data[index * 512 : (index + 1) * 512] = header
+    return bytes(data)
+
+
+def test_sizes_in_gnu_base_256_and_old_signed_checksums_are_read():
+    data = _tar()
+    # The second header (P_1_1_B02.tif, 700 bytes) with its size in base-256, as GNU tar writes 8 GiB and more.
+    base_256 = _with_header(
+        data, 1, lambda header: header.__setitem__(slice(124, 136), b"\x80" + (700).to_bytes(11, "big"))
+    )
+    files = {
+        name: content for name, kind, size, content in _parse(base_256, 1024)[0] if kind == REGULAR and size
+    }
+    assert files["BigEarthNet-v1.0/P_1_1/P_1_1_B02.tif"] == b"a" * 700
+
+    # Old tars summed the header as signed bytes: a name byte >= 128 makes the two sums differ.
+    def signed(header: bytearray) -> None:
+        header[40] = 0xE9  # inside the name field, past its NUL: the name stays the same
+        header[148:156] = b" " * 8
+        total = sum(byte - 256 if byte >= 128 else byte for byte in header)
+        header[148:156] = b"%06o\0 " % total
+
+    data_signed = bytearray(data)
+    header = bytearray(data[512:1024])
+    signed(header)
+    data_signed[512:1024] = header
+    files = {
+        name: content
+        for name, kind, size, content in _parse(bytes(data_signed), 4096)[0]
+        if kind == REGULAR and size
+    }
+    assert files["BigEarthNet-v1.0/P_1_1/P_1_1_B02.tif"] == b"a" * 700
+
+
+@pytest.mark.parametrize(
+    "field, message",
+    [(b"abc" + b"\0" * 9, "size field 'abc' is not a size"), (b"\xff" * 12, "size field .* is not a size")],
+    ids=["not-octal", "negative-base-256"],
+)
+def test_a_size_field_that_is_not_a_size_is_named(field, message):
+    data = _with_header(_tar(), 1, lambda header: header.__setitem__(slice(124, 124 + len(field)), field))
+    with pytest.raises(ArchiveFileError, match=f"header after member BigEarthNet-v1.0/P_1_1.*{message}"):
+        _parse(data, 4096)
+
+
 def test_names_that_would_escape_the_output_are_refused():
     assert safe_name("BigEarthNet-v1.0/P/P_B02.tif") is None
     assert safe_name("/etc/passwd") == "absolute member name"
