@@ -50,6 +50,7 @@ except ImportError:  # run from a checkout without installing the package
 from bigearthnet_tf.constants import BIGEARTHNET_19_LABELS, ORIGINAL_LABELS, S2_BAND_NAMES, original_to_19
 from bigearthnet_tf.examples import example_archive
 
+OUR_CPU_TARGET_US = 250  # issue 22: CPU per patch of everything but inflating
 SPLIT_FRACTIONS = (("train", 0.6), ("val", 0.2), ("test", 0.2))
 METADATA_SUFFIX = "_labels_metadata.json"
 
@@ -346,9 +347,13 @@ def archive_files(base: Path, patches: int, workers: int, synthetic: int) -> Non
         verdict = (
             "" if target is None else f" (target >= {target:,.0f}: {'met' if rate >= target else 'missed'})"
         )
+        # Ours: all but inflating, whose CPU is taken as its time in the reader process (one thread
+        # inflating, busy the whole time).
+        ours = (cpu - summary.stage_seconds.get("decompress", 0.0)) / patches * 1e6
         print(
             f"  prepare from {label}: {rate:,.0f} patches/s{verdict}; "
-            f"{cpu / patches * 1e6:,.0f} CPU-us/patch; {stages}"
+            f"{cpu / patches * 1e6:,.0f} CPU-us/patch, ours (all but inflating) {ours:,.0f} "
+            f"(target <= {OUR_CPU_TARGET_US}: {'met' if ours <= OUR_CPU_TARGET_US else 'missed'}); {stages}"
         )
         shutil.rmtree(out)
         return rate

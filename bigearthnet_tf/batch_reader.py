@@ -18,9 +18,13 @@ tagged messages that `input_pipeline.corrupt_files_as_user_errors` turns into on
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +48,55 @@ _INT64_KIND = 3
 _ONE_BYTE_VARINT = 0x80
 
 
+class _Calls:
+    """The calls TensorFlow's threads make into the readers of this process, for a clean exit.
+
+    A tf.data thread that enters Python once the interpreter is finalizing is ended by Python on
+    the spot, and the pipeline then waits for its call forever: a script that ends with a live
+    iterator of a BatchReader pipeline would hang at exit. So at exit (`quiesce`, before
+    finalizing) every new call fails at once, and the exit waits until none is running and none
+    came for a moment: the pipeline's buffers are then full of those errors and its threads idle.
+    """
+
+    QUIET_SECONDS = 0.1
+    MAX_WAIT_SECONDS = 3.0
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.running = 0
+        self.last = 0.0  # time.monotonic() of the last call's start or end; 0.0: none yet
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        with self._lock:
+            if self.closing:
+                raise RuntimeError("the interpreter is exiting")
+            self.running += 1
+            self.last = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= 1
+                self.last = time.monotonic()
+
+    def quiesce(self) -> None:
+        with self._lock:
+            self.closing = True
+        if not self.last:
+            return
+        deadline = time.monotonic() + self.MAX_WAIT_SECONDS
+        while time.monotonic() < deadline and (
+            self.running or time.monotonic() - self.last < self.QUIET_SECONDS
+        ):
+            time.sleep(0.01)  # releases the GIL: calls in flight finish, new ones fail
+
+
+_CALLS = _Calls()
+atexit.register(_CALLS.quiesce)
+
+
 def corrupt_message(path: str, readable: int, size: int) -> str:
     """The tagged message of a corrupt file (`input_pipeline` parses it; the TensorFlow route's
     assertion prints the same fields)."""
@@ -52,10 +105,51 @@ def corrupt_message(path: str, readable: int, size: int) -> str:
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
     """An uninitialised array whose data starts on a `TENSOR_ALIGNMENT` boundary."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + TENSOR_ALIGNMENT, np.uint8)
+    return _aligned_view(np.empty(_nbytes(shape, dtype) + TENSOR_ALIGNMENT, np.uint8), shape, dtype)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype | type) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def _aligned_view(raw: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     start = -raw.ctypes.data % TENSOR_ALIGNMENT
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + _nbytes(shape, dtype)].view(dtype).reshape(shape)
+
+
+# sys.getrefcount of a pooled buffer that nothing else refers to: the pool's list, the loop
+# variable and getrefcount's own argument.
+_UNREFERENCED = 3
+
+
+class BatchArrays:
+    """Aligned batch arrays whose memory is used again once nothing refers to it.
+
+    A batch of S1+S2 float32 is ~28 MB; fresh memory for every batch costs the kernel zeroing it
+    (~35 CPU-us per S2 sample here, more than copying the pixels in). A batch handed to TensorFlow
+    without a copy stays referenced by its tensor, and every numpy view of it refers to the buffer
+    it was cut from (numpy's `base`), so a buffer whose reference count is back to the pool's own is
+    free: no tensor, array or memoryview can still reach it. Up to `per_size` buffers are kept per
+    batch size; with more batches in flight, new ones are allocated as before.
+    """
+
+    def __init__(self, per_size: int = 8) -> None:
+        self.per_size = per_size
+        self._buffers: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()  # two readers must not take the same free buffer
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
+        size = _nbytes(shape, dtype) + TENSOR_ALIGNMENT
+        with self._lock:
+            buffers = self._buffers.setdefault(size, [])
+            for raw in buffers:
+                if sys.getrefcount(raw) == _UNREFERENCED:
+                    break
+            else:
+                raw = np.empty(size, np.uint8)
+                if len(buffers) < self.per_size:
+                    buffers.append(raw)
+            return _aligned_view(raw, shape, dtype)  # referring to `raw` marks it taken
 
 
 def _readable(name: bytes) -> str:
@@ -110,6 +204,8 @@ class BatchReader:
         self.dtypes = [np.dtype(g.stored.dtype if native_dtype else np.float32) for g in self.groups]
         self._files: dict[int, int] = {}  # file index -> open descriptor, oldest first
         self._lock = threading.Lock()
+        self._scratch = threading.local()  # `_frame_buffer`
+        self._arrays = BatchArrays()
 
     # --- what the pipeline asks ---------------------------------------------------------------
 
@@ -128,21 +224,26 @@ class BatchReader:
 
     def index(self, file_index: np.int64) -> tuple[np.ndarray, np.ndarray]:
         """Data offsets and lengths of the records of one file; a corrupt file raises ValueError."""
-        path = self.paths[int(file_index)]
-        offsets, lengths, broken = frame_index(path)
-        if broken is not None:
-            raise ValueError(corrupt_message(path, broken, os.path.getsize(path)))
-        return offsets, lengths
+        with _CALLS.call():
+            path = self.paths[int(file_index)]
+            offsets, lengths, broken = frame_index(path)
+            if broken is not None:
+                raise ValueError(corrupt_message(path, broken, os.path.getsize(path)))
+            return offsets, lengths
 
     def read(self, file_indices: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
         """One batch: each input group as (batch, size, size, channels) in `dtypes`, then the float32
         multi-hot labels (with a label type), then the patch names (with a name key)."""
+        with _CALLS.call():
+            return self._read(file_indices, offsets, lengths)
+
+    def _read(self, file_indices: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
         count = len(file_indices)
         groups = [
-            aligned_empty((count, *group.stored.shape), dtype)
+            self._arrays.empty((count, *group.stored.shape), dtype)
             for group, dtype in zip(self.groups, self.dtypes, strict=True)
         ]
-        labels = aligned_empty((count, self.classes))
+        labels = self._arrays.empty((count, self.classes))
         names = np.empty(count, object)
         located = zip(file_indices.tolist(), offsets.tolist(), lengths.tolist(), strict=True)
         for row, (file_index, offset, length) in enumerate(located):
@@ -174,8 +275,17 @@ class BatchReader:
                 descriptor = self._files[file_index] = os.open(self.paths[file_index], os.O_RDONLY)
             return descriptor
 
+    def _frame_buffer(self, size: int) -> memoryview:
+        """This thread's buffer for one record, reused: a new 200 kB bytes object per record (as
+        `os.pread` makes) costs more than reading into it; the batch copies out of it."""
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = self._scratch.buffer = bytearray(max(size, 2 * len(buffer or b"")))
+        return memoryview(buffer)[:size]
+
     def _record(self, file_index: int, path: str, offset: int, length: int) -> Fields:
-        frame = os.pread(self._descriptor(file_index), length + CHECKSUM_BYTES, offset)
+        buffer = self._frame_buffer(length + CHECKSUM_BYTES)
+        frame = buffer[: os.preadv(self._descriptor(file_index), [buffer], offset)]
         header_offset = offset - FRAME_HEADER_BYTES
         if len(frame) < length + CHECKSUM_BYTES or not data_checksum_holds(frame, length):
             raise ValueError(corrupt_message(path, header_offset, os.path.getsize(path)))

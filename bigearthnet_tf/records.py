@@ -443,7 +443,7 @@ def frame_index(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
     return np.array(offsets, np.int64), np.array(lengths, np.int64), broken
 
 
-def data_checksum_holds(frame: bytes, length: int) -> bool:
+def data_checksum_holds(frame: bytes | memoryview, length: int) -> bool:
     """Whether `frame` (a record's data followed by its 4-byte masked CRC) is intact."""
     data = np.frombuffer(frame, np.uint8, length)  # a read-only view: no copy for the CRC
     return _mask(google_crc32c.value(data)) == _CRC.unpack_from(frame, length)[0]

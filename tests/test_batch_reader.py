@@ -190,3 +190,74 @@ def test_open_files_stay_bounded(mm_files, monkeypatch):
     assert names[0] == b"S2A_TEST_5_0"
     reader.close()
     assert not reader._files
+
+
+def test_batch_memory_is_used_again_only_once_nothing_refers_to_it(mm_files):
+    reader = batch_reader.BatchReader(mm_files, DEFAULT, Modality.S1, None, "patch_name", with_names=False)
+    offsets, lengths = reader.index(np.int64(0))
+    files = np.zeros(len(offsets), np.int64)
+    first = reader.read(files, offsets, lengths)[0]
+    kept = first.copy()
+    view = first[2:, 10:20]  # a view outlives the array it was taken from
+    del first
+    for _ in range(3):
+        second = reader.read(files[::-1].copy(), offsets[::-1].copy(), lengths[::-1].copy())[0]
+        np.testing.assert_array_equal(view, kept[2:, 10:20])  # never written over
+        np.testing.assert_array_equal(second, kept[::-1])
+        assert second.ctypes.data % batch_reader.TENSOR_ALIGNMENT == 0
+    del view, second
+    pooled = {
+        buffer.ctypes.data + (-buffer.ctypes.data % batch_reader.TENSOR_ALIGNMENT)
+        for buffers in reader._arrays._buffers.values()
+        for buffer in buffers
+    }
+    # Nothing refers to those buffers any more: the next batch is written into one of them.
+    third = reader.read(files, offsets, lengths)[0]
+    assert third.ctypes.data in pooled
+    np.testing.assert_array_equal(third, kept)
+
+
+def test_batches_held_by_tensorflow_are_not_written_over(mm_files):
+    dataset = ip.make_dataset(mm_files, BIGEARTHNET_19, 4, modality=Modality.MM, epochs=3, shuffle_buffer=0)
+    held = list(dataset)  # tensors made from the batch arrays without a copy, all alive at once
+    again = list(dataset.as_numpy_iterator())
+    assert len(held) == len(again) == 16
+    for (inputs, labels), (expected, expected_labels) in zip(held, again, strict=True):
+        for key, values in expected.items():
+            np.testing.assert_array_equal(inputs[key].numpy(), values)
+        np.testing.assert_array_equal(labels.numpy(), expected_labels)
+
+
+# A script that ends while an iterator of the BatchReader route is live: tf.data's threads keep
+# calling into Python, and a call made once the interpreter is finalizing would hang the exit
+# (about one run in three did, before `batch_reader._Calls.quiesce`).
+_EXIT_WITH_A_LIVE_ITERATOR = """
+import sys
+from bigearthnet_tf.input_pipeline import make_dataset
+batches = iter(make_dataset(sys.argv[1:], "BigEarthNet-19", 2, modality="MM", epochs=1))
+next(batches)
+print("read", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_ending_with_a_live_iterator_exits(mm_files):
+    import subprocess
+    import sys
+
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _EXIT_WITH_A_LIVE_ITERATOR, *mm_files],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for _ in range(4)
+    ]
+    try:
+        outcomes = [(run.wait(timeout=60), run.stdout.read()) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    assert outcomes == [(0, "read\n")] * 4
