@@ -103,16 +103,12 @@ def corrupt_message(path: str, readable: int, size: int) -> str:
     return f"[{CORRUPT_TAG}] [{path}] [readable bytes:] [{readable}] [of] [{size}]"
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """An uninitialised array whose data starts on a `TENSOR_ALIGNMENT` boundary."""
-    return _aligned_view(np.empty(_nbytes(shape, dtype) + TENSOR_ALIGNMENT, np.uint8), shape, dtype)
-
-
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype | type) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def _aligned_view(raw: np.ndarray, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An array of `shape` in `raw` whose data starts on a `TENSOR_ALIGNMENT` boundary."""
     start = -raw.ctypes.data % TENSOR_ALIGNMENT
     return raw[start : start + _nbytes(shape, dtype)].view(dtype).reshape(shape)
 

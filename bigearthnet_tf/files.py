@@ -40,13 +40,12 @@ class InputFileError(OSError):
 def open_input_file(path: str | os.PathLike[str]) -> int:
     """A read-only descriptor of the regular file `path`; InputFileError for anything else.
 
-    Every input a command opens itself goes through here: opened without blocking (a FIFO would wait
-    for a writer forever), checked with fstat, then switched back to blocking reads.
+    Every input a command opens itself goes through here (or `read_input_file`): opened without
+    blocking (a FIFO would wait for a writer forever), checked with fstat, then switched back to
+    blocking reads.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd, _ = _open_regular(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InputFileError(errno.EINVAL, "not a regular file", os.fspath(path))
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -54,18 +53,28 @@ def open_input_file(path: str | os.PathLike[str]) -> int:
     return fd
 
 
-def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
-    """The bytes of the regular file `path`, if it holds at most `max_bytes`; InputFileError otherwise.
-
-    `open_input_file`'s checks with fewer system calls (prepare reads 13 small files per patch):
-    one fstat gives both the file type and the size, and the descriptor stays non-blocking, which
-    regular files ignore (open(2)).
-    """
+def _open_regular(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """A non-blocking read-only descriptor of the regular file `path` and its fstat."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InputFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def read_input_file(path: str | os.PathLike[str], max_bytes: int) -> bytearray:
+    """The bytes of the regular file `path`, if it holds at most `max_bytes`; InputFileError otherwise.
+
+    `open_input_file`'s checks with fewer system calls (prepare reads 13 small files per patch): its
+    one fstat gives the size too, and the descriptor stays non-blocking, which regular files ignore
+    (open(2)).
+    """
+    fd, info = _open_regular(path)
+    try:
         size = info.st_size
         if size > max_bytes:
             raise InputFileError(

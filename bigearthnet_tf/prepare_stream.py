@@ -424,20 +424,17 @@ class SpoolStream:
         if problem is not None:
             self._unsafe(member, folder, problem)
             return
-        if member.key is None:  # else `wants` found the folder wanted and the file one of a patch's
-            if folder is None or folder not in self.job.units:
-                return
-            self.index.present.add(folder)
-            if found is None:
-                return
-            if found[2][len(folder) + 1 :] not in self.expected:
+        # A member with a key: `wants` found its folder wanted and the file one of a patch's.
+        if member.key is None and (folder is None or folder not in self.job.units):
+            return
+        self.index.present.add(folder)
+        if member.key is None:
+            if found is None or found[2][len(folder) + 1 :] not in self.expected:
                 return
             if folder not in self.wanted:
                 if folder in self.completed_at:
                     self._second_copy(folder, found[2], member, f"before byte {self.completed_at[folder]:,}")
                 return
-        else:
-            self.index.present.add(folder)
         file = found[2]
         fault = self._member_fault(member)
         if fault is not None:

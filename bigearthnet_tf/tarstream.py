@@ -564,19 +564,6 @@ def _checksum_holds(header: bytes) -> bool:
     return stored == _byte_sum(header) - (zlib.adler32(field) & 0xFFFF) + 1 + 8 * 32
 
 
-def _octal_size(header: bytes) -> int:
-    """The size field as the octal number nearly every header holds; -1 for anything else (GNU
-    base-256, or not a number), which `_size` reads or refuses with its message."""
-    field = header[124:136]
-    if field[0] & 0x80:
-        return -1
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        return -1
-
-
 def _number(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
         value = int.from_bytes(field[1:], "big")
@@ -666,7 +653,10 @@ class TarParser:
                     problem = _checksum_problem(header)  # None for old tars that summed signed bytes
                     if problem is not None:
                         raise ArchiveFileError(self.archive, self._after(), problem)
-                size = _octal_size(header)
+                try:  # the size field read at once; `_size` names what is not a size
+                    size = _number(header[124:136])
+                except ValueError:
+                    size = -1
                 if size < 0:
                     size = _size(header[124:136], self.archive, self._after())
                 flag = header[156:157]
