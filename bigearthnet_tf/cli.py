@@ -68,6 +68,7 @@ def _prepare(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         version=args.version,
         s1_root=args.s1_root,
+        inflate_threads=args.inflate_threads,
     )
 
 
@@ -755,6 +756,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     add_split_arguments(parser)
     parser.add_argument("--format", choices=tuple(FORMATS), default="default", help="record format")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument(
+        "--inflate-threads",
+        type=int,
+        default=None,
+        help="threads inflating a .tar.gz file (default: all cores; 1: one thread, memory bounded)",
+    )
     parser.add_argument(
         "--shard-size", type=int, default=None, help="patches per shard, default format (default: 512)"
     )

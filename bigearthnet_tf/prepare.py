@@ -320,6 +320,7 @@ def prepare(
     version: int | None = None,
     s1_root: str | os.PathLike | None = None,
     *,
+    inflate_threads: int | None = None,
     show_progress: bool = True,
 ) -> PrepareSummary:
     """Convert the patches of the given splits into TFRecord files in `out` (see the module docstring).
@@ -344,6 +345,10 @@ def prepare(
         overwrite: replace existing outputs of these splits.
         version: archive version 1 or 2; detected when None.
         s1_root: Sentinel-1 archive root; adds VV and VH to every record.
+        inflate_threads: threads inflating a `.tar.gz` archive file (rapidgzip); default: all usable
+            cores. 1 inflates with one isal thread, in memory bounded whatever the file holds (the
+            parallel inflater refuses files that inflate more than 64:1 instead). With `workers` 1
+            the file is read in this process, by one isal thread.
         show_progress: print the progress bar and the summary.
 
     Raises:
@@ -353,7 +358,7 @@ def prepare(
     started = time.perf_counter()
     request = PrepareRequest.checked(
         root, out, split_files, official_splits, record_format, workers, shard_size,
-        exclude_snow_cloud, include_snow_cloud, skip_bad, overwrite, version, s1_root,
+        exclude_snow_cloud, include_snow_cloud, skip_bad, overwrite, version, s1_root, inflate_threads,
     )  # fmt: skip
     console = status_console(show_progress)
 

@@ -25,6 +25,11 @@ SPOOL_DIR_NAME = ".prepare-spool"  # the stream phase's (archive files only)
 DEFAULT_SHARD_SIZE = 512
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class PrepareRequest:
     """The arguments of `prepare` (see its docstring), checked; built by `PrepareRequest.checked`."""
@@ -33,6 +38,7 @@ class PrepareRequest:
     out: Path
     record_format: RecordFormat
     workers: int
+    inflate_threads: int  # threads inflating a .tar.gz (1: one isal thread, memory bounded)
     shard_size: int | None  # None for formats written as one file per split
     skip_bad: bool
     overwrite: bool
@@ -59,15 +65,16 @@ class PrepareRequest:
         overwrite: bool = False,
         version: int | None = None,
         s1_root: str | os.PathLike[str] | None = None,
+        inflate_threads: int | None = None,
     ) -> PrepareRequest:
         """The request, or UserError naming the argument at fault."""
         fmt = parse_record_format(record_format)
-        if workers is None:
-            workers = (
-                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            )
+        workers = usable_cores() if workers is None else workers
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
+        inflate_threads = usable_cores() if inflate_threads is None else inflate_threads
+        if inflate_threads < 1:
+            raise UserError(f"--inflate-threads must be at least 1, got {inflate_threads}")
         if shard_size is not None and not fmt.sharded:
             raise UserError(f"--shard-size applies to sharded formats only; {fmt} writes one file per split")
         shard_size = DEFAULT_SHARD_SIZE if shard_size is None and fmt.sharded else shard_size
@@ -84,6 +91,7 @@ class PrepareRequest:
             out=Path(out),
             record_format=fmt,
             workers=workers,
+            inflate_threads=inflate_threads,
             shard_size=shard_size,
             skip_bad=skip_bad,
             overwrite=overwrite,

@@ -680,7 +680,7 @@ def stream_to_spool(
             if in_place or job.context is None:
                 filler = Filler(job.s2_path, storage)
             else:
-                filler = ProcessFiller(job.s2_path, storage, job.context)
+                filler = ProcessFiller(job.s2_path, storage, job.context, job.request.inflate_threads)
             with display:
                 read, decompress, stream.stats.parse, failure = stream_members(
                     job.s2_path,

@@ -7,6 +7,7 @@ import csv
 import filecmp
 import io
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -109,6 +110,19 @@ def test_archive_file_gives_the_folder_shards(v1_files, tmp_path, suffix, record
     assert set(summary.stage_seconds) == {"read", "decompress", "parse", "encode", "write"}
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["patches"] == 6 and manifest["format"] == record_format
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_tar_gz_gives_the_folder_shards_with_any_inflate_threads(v1_files, tmp_path, threads):
+    """One isal thread, or rapidgzip on two threads in the reader process: the same shards."""
+    base, lists, files, _ = v1_files
+    out = tmp_path / "out"
+    prepare(
+        files[".tar.gz"], out, lists, shard_size=3, workers=2, inflate_threads=threads, show_progress=False
+    )
+    _same_shards(base / "folder-default", out)
+    with pytest.raises(UserError, match="^--inflate-threads must be at least 1, got 0$"):
+        prepare(files[".tar.gz"], tmp_path / "zero", lists, inflate_threads=0, show_progress=False)
 
 
 def _count_copies(monkeypatch) -> list:
@@ -421,6 +435,22 @@ def test_command_line(v1_files, tmp_path):
     last = done.stderr.strip().splitlines()[-1]  # after the progress bars, one line says what is wrong
     assert "bad.tar: member BigEarthNet-v1.0/" in last and "the archive ends inside this member" in last
     assert "Traceback" not in done.stderr and not list((tmp_path / "bad-out").glob("*.tfrecord"))
+    # The parallel inflater in the reader process, on a .tar.gz cut in half: one line as well.
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(files[".tar.gz"].read_bytes()[: files[".tar.gz"].stat().st_size // 2])
+    done = subprocess.run(
+        ["bigearthnet", "prepare", "-r", str(cut), "-o", str(tmp_path / "cut-out"), "-n", *map(str, lists)]
+        + ["--workers", "2", "--inflate-threads", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    lines = [
+        line for line in done.stderr.strip().splitlines() if "patches/s" not in line and "MB/s" not in line
+    ]
+    assert len(lines) == 1 and "cut.tar.gz: " in lines[0], done.stderr
+    assert re.search("ends early|ends inside|end-of-archive", lines[0]), lines[0]
 
 
 def test_s2_file_with_s1_folder_and_the_reverse(synthetic_v1_s1, tmp_path):

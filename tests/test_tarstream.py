@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gzip
 import io
+import random
 import tarfile
 
 import pytest
 import zstandard
 
+from bigearthnet_tf import tarstream
 from bigearthnet_tf.errors import UserError
 from bigearthnet_tf.tarstream import (
     REGULAR,
@@ -139,6 +141,24 @@ def test_names_that_would_escape_the_output_are_refused():
     assert safe_name("a/..b/c") is None  # only a whole '..' component climbs
 
 
+def _read_all(stream: ArchiveStream, size: int = 777) -> bytes:
+    read = bytearray()
+    buffer = bytearray(size)
+    try:
+        while count := stream.readinto(buffer):
+            read += buffer[:count]
+    finally:
+        stream.close()
+    return bytes(read)
+
+
+def _pixels_like(size: int) -> bytes:
+    """Noise beside runs of zeros, big enough for several of rapidgzip's chunks; cut in half, its gzip
+    ends without an error from rapidgzip (not every stream does)."""
+    rng = random.Random(3)
+    return b"".join(rng.randbytes(1000) + bytes(3000) for _ in range(size // 4000))
+
+
 def test_the_three_compressions_stream_the_same_bytes(tmp_path):
     data = _tar()
     paths = {
@@ -151,14 +171,75 @@ def test_the_three_compressions_stream_the_same_bytes(tmp_path):
     paths["zstd"].write_bytes(zstandard.ZstdCompressor().compress(data))
     for kind, path in paths.items():
         assert compression_of(path) == kind and is_archive_file(path)
-        stream = ArchiveStream(path)
-        read = bytearray()
-        buffer = bytearray(777)
-        while count := stream.readinto(buffer):
-            read += buffer[:count]
-        stream.close()
-        assert bytes(read) == data, kind
+        assert _read_all(ArchiveStream(path)) == data, kind
+    parallel = ArchiveStream(paths["gzip"], inflate_threads=2)
+    assert parallel.parallel
+    assert _read_all(parallel) == data
     assert is_archive_file(tmp_path / "missing.tar.gz") and not is_archive_file(tmp_path)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_the_parallel_inflater_gives_isal_s_bytes_and_counts_the_file(tmp_path, members):
+    data = _pixels_like(12 << 20)
+    step = -(-len(data) // members)
+    path = tmp_path / "a.tar.gz"
+    path.write_bytes(b"".join(gzip.compress(data[i : i + step], 1) for i in range(0, len(data), step)))
+    stream = ArchiveStream(path, inflate_threads=2)
+    read = bytearray()
+    buffer = bytearray(1 << 20)
+    while count := stream.readinto(buffer):
+        read += buffer[:count]
+    assert stream.parallel and stream.bytes_read == path.stat().st_size  # the progress bar's count
+    stream.close()
+    assert bytes(read) == data == _read_all(ArchiveStream(path, inflate_threads=1))
+
+
+def test_without_rapidgzip_gzip_is_inflated_by_one_isal_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(tarstream, "_has_rapidgzip", lambda: False)
+    path = tmp_path / "a.tar.gz"
+    path.write_bytes(gzip.compress(_tar()))
+    stream = ArchiveStream(path, inflate_threads=4)
+    assert not stream.parallel
+    assert _read_all(stream) == _tar()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("keep", [0.5, 0.97, 0.9999])
+def test_a_gzip_file_cut_short_is_named_by_either_inflater(tmp_path, threads, keep):
+    """rapidgzip ends a cut stream as if it were whole (here: cut in half); the stream must not."""
+    compressed = gzip.compress(_pixels_like(6 << 20), 1)
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(compressed[: int(len(compressed) * keep)])
+    with pytest.raises(
+        ArchiveFileError, match=r"cut\.tar\.gz: compressed byte [\d,]+: .*(ends early|corrupt gzip)"
+    ) as caught:
+        _read_all(ArchiveStream(cut, inflate_threads=threads), 1 << 20)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("where", [40, 0.33, -6])
+def test_corrupt_gzip_from_the_parallel_inflater_is_one_plain_line(tmp_path, where):
+    compressed = bytearray(gzip.compress(_pixels_like(6 << 20), 1))
+    start = where if isinstance(where, int) else int(len(compressed) * where)
+    compressed[start : start + 20 if start > 0 else None] = bytes(20 if start > 0 else -start)
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(bytes(compressed))
+    with pytest.raises(
+        ArchiveFileError, match=r"bad\.tar\.gz: compressed byte [\d,]+: corrupt gzip data \("
+    ) as caught:
+        _read_all(ArchiveStream(bad, inflate_threads=2), 1 << 20)
+    message = str(caught.value)
+    assert "\n" not in message and "Thread" not in message and "[" not in message  # no rapidgzip internals
+
+
+def test_the_parallel_inflater_refuses_a_gzip_bomb(tmp_path, monkeypatch):
+    """It holds inflated chunks in memory, so a file inflating far beyond any archive's ratio is refused."""
+    monkeypatch.setattr(tarstream._ParallelGzipReader, "RATIO_JUDGED_AFTER", 8 << 20)
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(gzip.compress(bytes(64 << 20), 9))  # ~1000:1
+    with pytest.raises(ArchiveFileError, match=r"bomb\.tar\.gz: .*inflates more than 64 times its size"):
+        _read_all(ArchiveStream(bomb, inflate_threads=2), 1 << 20)
+    assert len(_read_all(ArchiveStream(bomb, inflate_threads=1), 1 << 20)) == 64 << 20  # streamed
 
 
 def test_a_corrupt_gzip_and_a_foreign_compression_are_one_line(tmp_path):
