@@ -12,7 +12,8 @@ warm page cache, times reading the whole decompressed stream through `tarstream.
   of a cut file and of the inflate ratio (`prepare`'s default: all usable cores).
 
 It prints the decompressed MB/s, the same in patches/s, and the CPU per patch. Then, on paper, the
-`prepare` throughput of a 16- and a 64-core machine: one isal thread caps it whatever the core count;
+`prepare` throughput of a 16- and a 64-core machine (on this 2-core one, `prepare` itself is measured:
+see benchmarks/README.md): one isal thread caps it whatever the core count;
 with the parallel inflater, cores go to inflating and to our own per-patch work (`--own-cpu-us`:
 everything but inflating, measured by `benchmarks/prepare.py` as the `.tar` route's CPU per patch),
 split to balance the two, up to what the one-core tar header walk allows (`--parser-us`). The
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             f"on paper, prepare from one .tar.gz, with {args.own_cpu_us:,.0f} CPU-us/patch of our own work "
             f"and {args.parser_us:,.0f} of the header walk:"
         )
-        for cores in (2, 16, 64):
+        for cores in (16, 64):  # on 2 cores the split into whole cores is too coarse: measure there
             one_thread, parallel = projection(cores, per_thread, single, args.own_cpu_us, args.parser_us)
             print(
                 f"  {cores} cores: one isal thread {one_thread:,.0f} patches/s; "
