@@ -345,10 +345,9 @@ def prepare(
         overwrite: replace existing outputs of these splits.
         version: archive version 1 or 2; detected when None.
         s1_root: Sentinel-1 archive root; adds VV and VH to every record.
-        inflate_threads: threads inflating a `.tar.gz` archive file (rapidgzip); default: all usable
-            cores. 1 inflates with one isal thread, in memory bounded whatever the file holds (the
-            parallel inflater refuses files that inflate more than 64:1 instead). With `workers` 1
-            the file is read in this process, by one isal thread.
+        inflate_threads: threads inflating a `.tar.gz` archive file, S2 or S1 (rapidgzip); default:
+            all usable cores. 1 inflates with one isal thread, in memory bounded whatever the file
+            holds (the parallel inflater refuses files that inflate more than 64:1 instead).
         show_progress: print the progress bar and the summary.
 
     Raises:

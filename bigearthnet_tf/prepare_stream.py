@@ -678,7 +678,7 @@ def stream_to_spool(
             # The reader starts before the progress bar's thread (a fork copies no running thread).
             # Inflating and decompressing run in a process of their own, a mapped tar in a thread.
             if in_place or job.context is None:
-                filler = Filler(job.s2_path, storage)
+                filler = Filler(job.s2_path, storage, job.request.inflate_threads)
             else:
                 filler = ProcessFiller(job.s2_path, storage, job.context, job.request.inflate_threads)
             with display:
@@ -795,7 +795,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
 
     say(f"indexing the Sentinel-1 archive {job.s1_path}")
     try:
-        filler = Filler(job.s1_path, ring.ring)
+        filler = Filler(job.s1_path, ring.ring, job.request.inflate_threads)
         *_, failure = stream_members(
             job.s1_path, filler, 4, ring, MemberSink(wants, on_member), MAX_BAND_FILE_BYTES
         )

@@ -460,8 +460,8 @@ class Filler:
     exception that ended the stream. `bytes_read`, `read_seconds`, `decompress_seconds` say how far
     and how long. This one is a thread: enough when reading holds the GIL only briefly."""
 
-    def __init__(self, path: str, ring: BlockRing | MappedFile) -> None:
-        self._stream = ArchiveStream(path)
+    def __init__(self, path: str, ring: BlockRing | MappedFile, inflate_threads: int = 1) -> None:
+        self._stream = ArchiveStream(path, inflate_threads)  # rapidgzip inflates without the GIL
         self._ring = ring
         self._free: queue.Queue = queue.Queue()
         self._filled: queue.Queue = queue.Queue()

@@ -209,13 +209,23 @@ def test_v2_with_s1_in_two_archive_files(synthetic_v2, tmp_path):
     _same_shards(expected, tmp_path / "files2")
 
 
-def test_v1_s1_archive_file_pairs_through_its_json(synthetic_v1_s1, tmp_path):
+@pytest.mark.parametrize("workers,threads", [(2, 2), (1, 2), (2, 1)])
+def test_v1_s1_archive_file_pairs_through_its_json(synthetic_v1_s1, tmp_path, workers, threads):
+    """Both .tar.gz files inflated by rapidgzip (in the reader process or in a thread) or by isal."""
     lists = sorted(synthetic_v1_s1.glob("*.csv"))
     expected = tmp_path / "folders"
     prepare(synthetic_v1_s1, expected, lists, s1_root=synthetic_v1_s1, workers=1, show_progress=False)
     s2 = _pack(synthetic_v1_s1 / "BigEarthNet-v1.0", "BigEarthNet-v1.0", tmp_path / "s2.tar.gz")
     s1 = _pack(synthetic_v1_s1 / "BigEarthNet-S1-v1.0", "BigEarthNet-S1-v1.0", tmp_path / "s1.tar.gz")
-    prepare(s2, tmp_path / "files", lists, s1_root=s1, workers=2, show_progress=False)
+    prepare(
+        s2,
+        tmp_path / "files",
+        lists,
+        s1_root=s1,
+        workers=workers,
+        inflate_threads=threads,
+        show_progress=False,
+    )
     _same_shards(expected, tmp_path / "files")
 
 
