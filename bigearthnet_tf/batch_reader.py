@@ -45,7 +45,6 @@ CHECKSUM_BYTES = 4
 TENSOR_ALIGNMENT = 64
 MAX_OPEN_FILES = 64  # a pipeline reads a few files at a time (its cycle length); bounds descriptors
 _INT64_KIND = 3
-_ONE_BYTE_VARINT = 0x80
 
 
 class _Calls:
@@ -316,9 +315,9 @@ class BatchReader:
 
     def _labels(self, values: Fields, path: str, name: bytes) -> np.ndarray:
         found = values.get(self.label_key) if self.label_key else None
-        packed = np.frombuffer(found[1], np.uint8) if found and found[0] == _INT64_KIND else None
-        if packed is not None and len(packed) == self.classes and packed.max(initial=0) < _ONE_BYTE_VARINT:
-            return packed  # 0/1 multi-hot: one varint byte per class
+        # 0/1 multi-hot: one varint byte per class, each below 0x80 (an ASCII test: a tenth of numpy's max)
+        if found and found[0] == _INT64_KIND and len(found[1]) == self.classes and bytes(found[1]).isascii():
+            return np.frombuffer(found[1], np.uint8)
         held = "nothing" if found is None else f"{len(found[1])} bytes of kind {found[0]}"
         raise ValueError(
             f"[{BAD_RECORD_TAG}] [{path}] [patch {_readable(name)}: {self.label_key} holds {held}, expected "

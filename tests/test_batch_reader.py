@@ -135,7 +135,11 @@ def _rewrite_field(patch, key: str, change) -> bytes:
     return encode_example(features)
 
 
-def test_labels_that_are_not_multi_hot_name_the_file(tmp_path):
+@pytest.mark.parametrize(
+    "values",
+    [[200] * 19, [200] + [0] * 17],  # 38 bytes; 19 bytes of which one is not a one-byte varint (18 values)
+)
+def test_labels_that_are_not_multi_hot_name_the_file(tmp_path, values):
     patch = make_patches(1, seed=4)[0]
     source = write_records(tmp_path / "labels.tfrecord", [patch, patch])
     data = DEFAULT.encode(patch)
@@ -147,7 +151,7 @@ def test_labels_that_are_not_multi_hot_name_the_file(tmp_path):
         (
             name,
             (
-                tf.train.Feature(int64_list=tf.train.Int64List(value=[200] * 19)) if name == key else f
+                tf.train.Feature(int64_list=tf.train.Int64List(value=values)) if name == key else f
             ).SerializeToString(),
         )
         for name, f in parsed.items()
