@@ -632,8 +632,7 @@ class SpoolStream:
             index.records.pop(name, None)
             index.bad[name] = fault
         if failure is not None:
-            if not self.job.skip_bad:
-                raise failure
+            _raise_unless_skippable(failure, self.job.skip_bad)
             self.say(f"{failure}; the patches not complete by then are skipped")
             for name in sorted(self.wanted):
                 index.present.add(name)
@@ -705,6 +704,21 @@ def stream_to_spool(
         "write": stream.stats.write,
     }
     return index
+
+
+def _raise_unless_skippable(failure: ArchiveFileError, skip_bad: bool) -> None:
+    """Raise the error that ended an archive file's stream, unless `skip_bad` may keep what came
+    before it: not after corrupt compressed data, which leaves all of it unverified."""
+    if not skip_bad:
+        raise failure
+    if failure.unverified:
+        raise ArchiveFileError(
+            failure.archive,
+            failure.where,
+            f"{failure.problem}; what was inflated before it is not verified either (the checksum comes "
+            "at the end), so --skip-bad keeps nothing of this file: download it again",
+            unverified=True,
+        )
 
 
 def _ref_bytes(refs: dict[str, Ref]) -> int:
@@ -804,8 +818,7 @@ def _s1_pass(job: StreamJob, say: Callable[[str], None]) -> Callable[[str], tupl
         if store is not None:
             store.close()
     if failure is not None:
-        if not job.skip_bad:
-            raise failure
+        _raise_unless_skippable(failure, job.skip_bad)
         say(f"{failure}; Sentinel-1 patches after that point are missing")
     ambiguous = {name: folders for name, folders in claims.items() if len(folders) > 1}
     serial = {

@@ -63,14 +63,19 @@ MAX_ZSTD_WINDOW = 1 << 31  # bytes: zstd's largest window (--long=31)
 
 
 class ArchiveFileError(UserError):
-    """A damaged or unsafe archive file; the message is `<archive>: <where>: <problem>`."""
+    """A damaged or unsafe archive file; the message is `<archive>: <where>: <problem>`.
 
-    def __init__(self, archive: str, where: str, problem: str) -> None:
+    `unverified`: the compressed data is corrupt, so what was inflated before the fault is not
+    verified either (gzip's CRC and zstd's checksum come at the end of a member or frame); a cut file
+    or a bad tar header leaves what came before as good as any.
+    """
+
+    def __init__(self, archive: str, where: str, problem: str, unverified: bool = False) -> None:
         super().__init__(f"{archive}: {where}: {problem}")
-        self.archive, self.where, self.problem = archive, where, problem
+        self.archive, self.where, self.problem, self.unverified = archive, where, problem, unverified
 
     def __reduce__(self):
-        return (type(self), (self.archive, self.where, self.problem))
+        return (type(self), (self.archive, self.where, self.problem, self.unverified))
 
 
 def is_archive_file(path: str | os.PathLike) -> bool:
@@ -187,7 +192,9 @@ class ArchiveStream:
             )
         # rapidgzip's messages start with "[Class][Thread id]" tags and go on about its internals
         text = re.sub(r"^(\[[^]]*\])+\s*", "", text).split("!", 1)[0].split("\n", 1)[0][:160]
-        return ArchiveFileError(self.path, where, f"corrupt {self.compression} data ({text})")
+        return ArchiveFileError(
+            self.path, where, f"corrupt {self.compression} data ({text})", unverified=True
+        )
 
     def close(self) -> None:
         if self._reader is not self._file:

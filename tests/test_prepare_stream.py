@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import gzip
 import io
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -282,7 +284,7 @@ def _one_split(tmp_path: Path, names: list[str]) -> list[Path]:
 def _refused(root: Path, tmp_path: Path, lists, match: str, **options) -> None:
     out = tmp_path / "refused"
     with pytest.raises(UserError, match=match) as caught:
-        prepare(root, out, lists, workers=1, show_progress=False, **options)
+        prepare(root, out, lists, **{"workers": 1, "show_progress": False, **options})
     assert "\n" not in str(caught.value)
     assert not list(out.glob("*.tfrecord")) and not (out / MANIFEST_NAME).exists()
     assert not (out / prepare_request.SPOOL_DIR_NAME).exists()
@@ -318,6 +320,52 @@ def test_corrupt_compressed_block(v1_files, tmp_path, suffix, match):
     bad = tmp_path / f"bad{suffix}"
     bad.write_bytes(bytes(data))
     _refused(bad, tmp_path, _one_split(tmp_path, names), rf"bad{suffix.replace('.', '[.]')}: .*({match})")
+
+
+@pytest.mark.parametrize("suffix,threads", [(".tar.gz", 1), (".tar.gz", 2), (".tar.zst", 1)])
+def test_corrupt_compressed_data_is_refused_even_with_skip_bad(v1_files, tmp_path, suffix, threads):
+    """A flipped byte in stored data inflates without a fault until the checksum at the end: every
+    patch before it was read from unverified bytes, so --skip-bad may keep none of them."""
+    _, _, files, names = v1_files
+    # The six patches, then 8 MB of noise: the flip lies past every patch and past the 4 MB read to
+    # tell the archive's version, so without this rule all six patches would be kept.
+    buffer = io.BytesIO()
+    with tarfile.open(files[".tar"]) as source, tarfile.open(fileobj=buffer, mode="w") as target:
+        for member in source.getmembers():
+            target.addfile(member, source.extractfile(member) if member.isfile() else None)
+        noise = random.Random(5).randbytes(8 << 20)
+        info = tarfile.TarInfo("BigEarthNet-v1.0/zz-notes.bin")
+        info.size = len(noise)
+        target.addfile(info, io.BytesIO(noise))
+    raw = buffer.getvalue()
+    if suffix == ".tar.gz":
+        data = bytearray(gzip.compress(raw, 0))  # stored blocks
+    else:
+        data = bytearray(zstandard.ZstdCompressor(level=1, write_checksum=True).compress(raw))
+    data[len(data) * 3 // 4] ^= 0x01
+    bad = tmp_path / f"flipped{suffix}"
+    bad.write_bytes(bytes(data))
+    lists = _one_split(tmp_path, names)
+    match = rf"flipped{suffix.replace('.', '[.]')}: .*corrupt .* data .*--skip-bad keeps nothing of this file"
+    _refused(bad, tmp_path, lists, match, skip_bad=True, workers=2, inflate_threads=threads)
+
+
+def test_corrupt_data_in_the_sentinel_1_file_is_refused_even_with_skip_bad(synthetic_v1_s1, tmp_path):
+    """The S1 index pass keeps the twins it met before a fault only where their bytes were verified."""
+    lists = sorted(synthetic_v1_s1.glob("*.csv"))
+    s1_folder = tmp_path / "s1"
+    shutil.copytree(synthetic_v1_s1 / "BigEarthNet-S1-v1.0", s1_folder)
+    (s1_folder / "zz-notes.bin").write_bytes(random.Random(6).randbytes(8 << 20))  # after every patch
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(s1_folder, arcname="BigEarthNet-S1-v1.0")  # members sorted: the notes come last
+    data = bytearray(gzip.compress(buffer.getvalue(), 0))
+    data[len(data) * 3 // 4] ^= 0x01
+    s1 = tmp_path / "flipped-s1.tar.gz"
+    s1.write_bytes(bytes(data))
+    s2 = _pack(synthetic_v1_s1 / "BigEarthNet-v1.0", "BigEarthNet-v1.0", tmp_path / "s2.tar.gz")
+    match = r"flipped-s1\.tar\.gz: .*corrupt gzip data .*--skip-bad keeps nothing of this file"
+    _refused(s2, tmp_path, lists, match, s1_root=s1, skip_bad=True)
 
 
 def test_bad_header_checksum(example_paths, tmp_path):
