@@ -658,10 +658,11 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def _size(field: bytes | str, archive: str, where: str, pax: bool = False) -> int:
+def _size(field: bytes | str, archive: str, where: Callable[[], str], pax: bool = False) -> int:
     """A member's size from its header field (octal, GNU base-256) or pax record (decimal); every
-    value that is not a size of zero or more is an ArchiveFileError, so that no header can send the
-    parser backwards (a loop) or past the end of the stream."""
+    value that is not a size of zero or more is an ArchiveFileError (at `where()`, named only then:
+    the walk reads a size per header), so that no header can send the parser backwards (a loop) or
+    past the end of the stream."""
     try:
         size = int(field) if pax and str(field).strip().isdigit() else (-1 if pax else _number(field))
     except ValueError:
@@ -669,7 +670,7 @@ def _size(field: bytes | str, archive: str, where: str, pax: bool = False) -> in
     if size < 0:
         kind = "pax size record" if pax else "size field"
         text = field.decode("ascii", "replace").strip("\0 ") if isinstance(field, bytes) else field
-        raise ArchiveFileError(archive, where, f"{kind} {text[:40]!r} is not a size")
+        raise ArchiveFileError(archive, where(), f"{kind} {text[:40]!r} is not a size")
     return size
 
 
@@ -739,12 +740,7 @@ class TarParser:
                     problem = _checksum_problem(header)  # None for old tars that summed signed bytes
                     if problem is not None:
                         raise ArchiveFileError(self.archive, self._after(), problem)
-                try:  # the size field read at once; `_size` names what is not a size
-                    size = _number(header[124:136])
-                except ValueError:
-                    size = -1
-                if size < 0:
-                    size = _size(header[124:136], self.archive, self._after())
+                size = _size(header[124:136], self.archive, self._after)
                 flag = header[156:157]
                 data_start = base + offset + _RECORD
                 if flag in _EXTENSIONS:
@@ -763,7 +759,7 @@ class TarParser:
                     continue
                 name = self._member_name(header)
                 if "size" in self._pax:
-                    size = _size(self._pax["size"], self.archive, self._after(), pax=True)
+                    size = _size(self._pax["size"], self.archive, self._after, pax=True)
                 kind = _TYPES.get(flag, OTHER)
                 key = wants(name) if kind == REGULAR and size <= self.max_member_bytes else None
                 if key and data_start + size > self._end:
